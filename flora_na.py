@@ -1,0 +1,443 @@
+"""FLoRA-NA: nearly accurate aggregation of LoRA factors in federated fine-tuning.
+
+Each client u trains LoRA factors B_u (d x r) and A_u (r x k) and the server wants the ideal
+update M = sum_u p_u B_u A_u, but it may only send back one rank-r pair. FedIT sends
+(sum_u p_u B_u)(sum_u p_u A_u), which is not M; FLoRA-NA sends B_hat = sum_u P_u B_u and
+A_hat = sum_u Q_u A_u with coefficient vectors P, Q chosen on the server to minimise the
+divergence ||M - B_hat A_hat||_F, at no extra communication.
+
+Paper: Nguyen et al., "Communication-Efficient and Accurate Approach for Aggregation in
+Federated Low-Rank Adaptation", arXiv 2509.26399 (https://arxiv.org/abs/2509.26399).
+
+Map of this file (read top to bottom):
+  1. LoRA factors in and out of a peft model
+  2. aggregators: FedIT, FFA-LoRA, FedSA-LoRA, FedEx-LoRA, FLoRA, FlexLoRA, LoRA-FAIR
+  3. the FLoRA-NA solver (pure torch; copy this section alone) and the AGGREGATORS registry
+  4. client training
+  5. partitioning data across clients
+
+Shapes: L adapted layers of one shape, U clients, rank r, B_u is (d, r), A_u is (r, k), so
+B_u @ A_u has the (out, in) layout of nn.Linear.weight. p is (U,), p_u = n_u / sum n.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------
+# 1. LoRA factors in and out of a peft model
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_layers(model) -> dict[str, torch.nn.Module]:
+    """Every peft LoRA layer of `model` (active adapter "default"), by module name."""
+    return {name: m for name, m in model.named_modules()
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+
+
+def group_by_shape(names_to_shape: dict[str, tuple]) -> dict[tuple, list[str]]:
+    """Layer names grouped by (d, k), in a fixed order, so one group stacks into (L, ...)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, shape in names_to_shape.items():
+        groups.setdefault(tuple(shape), []).append(name)
+    return groups
+
+
+def read_factors(model) -> dict[str, tuple[Tensor, Tensor]]:
+    """{layer name: (A (r, k), B (d, r))} copied out of the model, float32 on the CPU."""
+    return {name: (m.lora_A["default"].weight.detach().float().cpu().clone(),
+                   m.lora_B["default"].weight.detach().float().cpu().clone())
+            for name, m in lora_layers(model).items()}
+
+
+@torch.no_grad()
+def write_factors(model, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Load {layer name: (A, B)} into the model's LoRA layers (shapes must match)."""
+    for name, m in lora_layers(model).items():
+        A, B = factors[name]
+        m.lora_A["default"].weight.copy_(A)
+        m.lora_B["default"].weight.copy_(B)
+
+
+@torch.no_grad()
+def add_to_base(model, deltas: dict[str, Tensor]) -> None:
+    """W <- W + scaling * delta for each named layer: what FedEx-LoRA and FLoRA fold into the
+    frozen weights. delta has the (out, in) layout of nn.Linear.weight, like B @ A."""
+    for name, m in lora_layers(model).items():
+        if name in deltas:
+            W = m.get_base_layer().weight
+            W.add_((m.scaling["default"] * deltas[name]).to(W.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Aggregators. One signature: f(A, B, p, **options) -> Aggregate, where A is a list of U
+#    tensors (L, r_u, k) and B a list of U tensors (L, d, r_u) for L layers of one shape.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Aggregate:
+    """What the server sends back for L layers of one shape."""
+    A: Tensor | None                 # (L, r', k) new global A; None: clients restart LoRA
+    B: Tensor | None                 # (L, d, r') new global B; None: clients restart LoRA
+    base_delta: Tensor | None        # (L, d, k) folded into frozen W (times LoRA scaling)
+    bytes_up: int                    # all clients -> server, this round
+    bytes_down: int                  # server -> all clients, this round
+    client_B: list[Tensor] | None = None   # per-client B kept locally (FedSA-LoRA)
+    info: dict = field(default_factory=dict)  # e.g. FLoRA-NA's P, Q and divergences
+
+
+def _nbytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _check_clients(A: Sequence[Tensor], B: Sequence[Tensor], p: Tensor, same_rank: bool,
+                   method: str) -> Tensor:
+    """Validate a list-of-clients input; returns p normalised to sum to one, float64."""
+    if len(A) == 0 or len(A) != len(B):
+        raise ValueError(f"{method}: need the same number (>= 1) of A and B factors, "
+                         f"got {len(A)} and {len(B)}")
+    for u, (a, b) in enumerate(zip(A, B)):
+        if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
+            raise ValueError(f"{method}: client {u} has A {tuple(a.shape)} and B "
+                             f"{tuple(b.shape)}; expected A (L, r, k) and B (L, d, r)")
+        if a.shape[0] != A[0].shape[0] or a.shape[2] != A[0].shape[2] or b.shape[1] != B[0].shape[1]:
+            raise ValueError(f"{method}: client {u}'s layer shapes differ from client 0's")
+    ranks = [a.shape[1] for a in A]
+    if same_rank and len(set(ranks)) > 1:
+        raise ValueError(f"{method} needs equal client ranks, got {ranks}")
+    return _check_weights(p, len(A), method)
+
+
+def _weighted(p: Tensor, X: Sequence[Tensor]) -> Tensor:
+    """sum_u p_u X_u, computed in float64 and returned in X's dtype."""
+    out = sum(w * x.double() for w, x in zip(p.tolist(), X))
+    return out.to(X[0].dtype)
+
+
+def fedit(A, B, p, **_) -> Aggregate:
+    """FedIT: average A and B separately (the naive, inexact aggregation)."""
+    p = _check_clients(A, B, p, True, "fedit")
+    A_bar, B_bar = _weighted(p, A), _weighted(p, B)   # (L, r, k), (L, d, r)
+    return Aggregate(A_bar, B_bar, None, _nbytes(*A, *B), len(A) * _nbytes(A_bar, B_bar))
+
+
+def ffa(A, B, p, **_) -> Aggregate:
+    """FFA-LoRA: A stays frozen at a shared init, only B is trained and averaged; exact."""
+    p = _check_clients(A, B, p, True, "ffa")
+    if any(not torch.equal(a, A[0]) for a in A):
+        raise ValueError("ffa: clients' A differ; FFA-LoRA keeps A frozen at a shared init")
+    B_bar = _weighted(p, B)
+    return Aggregate(A[0], B_bar, None, _nbytes(*B), len(B) * _nbytes(B_bar))
+
+
+def fedsa(A, B, p, **_) -> Aggregate:
+    """FedSA-LoRA: share and average A only; each client keeps its own B. The global model
+    (for evaluation) uses the average B, which is never sent."""
+    p = _check_clients(A, B, p, True, "fedsa")
+    A_bar = _weighted(p, A)
+    return Aggregate(A_bar, _weighted(p, B), None, _nbytes(*A), len(A) * _nbytes(A_bar),
+                     client_B=[b.clone() for b in B])
+
+
+def ideal_update(A, B, p) -> Tensor:
+    """M = sum_u p_u B_u A_u, dense (L, d, k): only for methods that need it and for tests."""
+    return _weighted(p, [b.double() @ a.double() for a, b in zip(A, B)]).to(A[0].dtype)
+
+
+def fedex(A, B, p, **_) -> Aggregate:
+    """FedEx-LoRA: average A and B and fold the residual M - B_bar A_bar into the frozen W,
+    which makes the update exact at the cost of a d x k download per client."""
+    p = _check_clients(A, B, p, True, "fedex")
+    A_bar, B_bar = _weighted(p, A), _weighted(p, B)
+    residual = ideal_update(A, B, p) - B_bar @ A_bar                 # (L, d, k) = W layout
+    return Aggregate(A_bar, B_bar, residual, _nbytes(*A, *B),
+                     len(A) * _nbytes(A_bar, B_bar, residual))
+
+
+def flora(A, B, p, **_) -> Aggregate:
+    """FLoRA: stack B* = [B_1 .. B_U], A* = [p_1 A_1; ..; p_U A_U] so B* A* = M exactly; each
+    client downloads the stack, merges it into W, and restarts LoRA. Ranks may differ."""
+    p = _check_clients(A, B, p, False, "flora")
+    B_star = torch.cat(list(B), dim=2)                                 # (L, d, sum r_u)
+    A_star = torch.cat([w * a for w, a in zip(p.tolist(), A)], dim=1)  # (L, sum r_u, k)
+    return Aggregate(None, None, B_star @ A_star, _nbytes(*A, *B),
+                     len(A) * _nbytes(A_star, B_star))
+
+
+def flexlora(A, B, p, rank: int | None = None, **_) -> Aggregate:
+    """FlexLoRA: truncated SVD of M, redistributed as rank-r factors (r = the largest client
+    rank unless given); a client of rank r_u keeps the leading r_u components."""
+    p = _check_clients(A, B, p, False, "flexlora")
+    r = rank or max(a.shape[1] for a in A)
+    B_stack = torch.cat([w * b.double() for w, b in zip(p.tolist(), B)], dim=2)  # (L, d, R)
+    A_stack = torch.cat([a.double() for a in A], dim=1)                          # (L, R, k)
+    U_, S, V = lowrank_svd(B_stack, A_stack)          # M = U_ diag(S) V^T, never formed
+    B_r, A_r = _split_svd(U_, S, V, r)
+    B_r, A_r = B_r.to(B[0].dtype), A_r.to(A[0].dtype)
+    down = sum(_nbytes(A_r[:, :a.shape[1]], B_r[:, :, :a.shape[1]]) for a in A)
+    return Aggregate(A_r, B_r, None, _nbytes(*A, *B), down)
+
+
+def lora_fair(A, B, p, fair_lambda: float = 1e-3, **_) -> Aggregate:
+    """LoRA-FAIR: average, then correct B on the server so (B_bar + dB) A_bar ~ M:
+    B' = argmin ||M - B' A_bar||^2 + lam ||B' - B_bar||^2, a ridge regression in r x r."""
+    p = _check_clients(A, B, p, True, "lora_fair")
+    A_bar, B_bar = _weighted(p, A).double(), _weighted(p, B).double()
+    MAt = sum(w * b.double() @ (a.double() @ A_bar.mT) for w, a, b in zip(p.tolist(), A, B))
+    G = A_bar @ A_bar.mT                                              # (L, r, r)
+    lam = fair_lambda * G.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)[:, None, None]
+    eye = torch.eye(G.shape[-1], dtype=G.dtype)
+    # B' (G + lam I) = M A_bar^T + lam B_bar, solved as a linear system for B'^T
+    B_new = torch.linalg.solve(G + lam * eye, (MAt + lam * B_bar).mT).mT
+    A_bar, B_new = A_bar.to(A[0].dtype), B_new.to(B[0].dtype)
+    return Aggregate(A_bar, B_new, None, _nbytes(*A, *B), len(A) * _nbytes(A_bar, B_new))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The FLoRA-NA solver. Pure torch, self-contained: copy from here to the registry.
+#    Everything is expressed through r x r Gram blocks, so no d x k matrix is ever formed:
+#      ||M - B_hat A_hat||^2 = ||M||^2 - 2 <M, B_hat A_hat> + ||B_hat A_hat||^2
+#    with G_B[u, v] = B_u^T B_v and G_A[u, v] = A_u A_v^T, each (r, r).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FloraNAResult:
+    """Coefficients, aggregated factors and per-layer divergences ||M - B_hat A_hat||_F."""
+    P: Tensor                        # (L, U) coefficients of B: B_hat = sum_u P_u B_u
+    Q: Tensor                        # (L, U) coefficients of A: A_hat = sum_u Q_u A_u
+    A_hat: Tensor                    # (L, r, k)
+    B_hat: Tensor                    # (L, d, r)
+    divergence: Tensor               # (L,) ||M - B_hat A_hat||_F
+    divergence_naive: Tensor         # (L,) ||M - (sum p B)(sum p A)||_F  (FedIT)
+    divergence_bound: Tensor | None  # (L,) best any rank-r product can do (Eckart-Young)
+    norm_M: Tensor                   # (L,) ||M||_F, to report divergences relative to M
+    iterations: int
+
+
+def _check_factors(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
+    """Validate solver inputs A (L, U, r, k), B (L, U, d, r), p (U,); return p / sum(p)."""
+    if A.dim() != 4 or B.dim() != 4:
+        raise ValueError(f"expected A (L, U, r, k) and B (L, U, d, r), got {tuple(A.shape)} "
+                         f"and {tuple(B.shape)}")
+    if A.shape[:2] != B.shape[:2] or A.shape[2] != B.shape[3]:
+        raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} disagree in layers, "
+                         f"clients or rank")
+    if A.shape[1] == 0 or A.shape[2] == 0:
+        raise ValueError(f"no clients or zero rank: A has shape {tuple(A.shape)}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise ValueError("A or B contains NaN or Inf")
+    return _check_weights(p, A.shape[1], "solve_flora_na")
+
+
+def _check_weights(p: Tensor, U: int, method: str) -> Tensor:
+    """p as float64 summing to one; ValueError for the wrong size, negatives, NaN, all zero."""
+    p = torch.as_tensor(p, dtype=torch.float64).flatten()
+    if U == 0:
+        raise ValueError(f"{method}: no clients")
+    if p.numel() != U:
+        raise ValueError(f"{method}: {p.numel()} weights for {U} clients")
+    if not torch.isfinite(p).all() or (p < 0).any():
+        raise ValueError(f"{method}: weights must be finite and >= 0, got {p.tolist()}")
+    if p.sum() <= 0:
+        raise ValueError(f"{method}: weights sum to zero")
+    return p / p.sum()
+
+
+def gram_blocks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """G_A[l, u, v] = A_u A_v^T and G_B[l, u, v] = B_u^T B_v in float64, each (L, U, U, r, r).
+    One batched matmul each: O(L U^2 r^2 (d + k)), the only step that touches d and k."""
+    L, U, r, k = A.shape
+    A_flat = A.double().reshape(L, U * r, k)                              # (L, U r, k)
+    B_flat = B.double().permute(0, 2, 1, 3).reshape(L, B.shape[2], U * r)  # (L, d, U r)
+    G_A = (A_flat @ A_flat.mT).view(L, U, r, U, r).permute(0, 1, 3, 2, 4)
+    G_B = (B_flat.mT @ B_flat).view(L, U, r, U, r).permute(0, 1, 3, 2, 4)
+    return G_A, G_B
+
+
+def _squared_divergence(G_A, G_B, p, P, Q) -> Tensor:
+    """||M - B_hat A_hat||_F^2 per layer (L,) from Gram blocks; P, Q (L, U) or (U,)."""
+    P, Q = P.expand(G_A.shape[0], -1), Q.expand(G_A.shape[0], -1)
+    norm_M2 = torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)           # ||M||^2
+    S_B = torch.einsum("la,lc,lacij->lij", P, P, G_B)                      # B_hat^T B_hat
+    S_A = torch.einsum("lb,ld,lbdij->lij", Q, Q, G_A)                      # A_hat A_hat^T
+    X = torch.einsum("la,luaij->luij", P, G_B)                             # B_u^T B_hat
+    Y = torch.einsum("lb,lbuij->luij", Q, G_A)                             # A_hat A_u^T
+    cross = torch.einsum("u,luij,luji->l", p, X, Y)                        # <M, B_hat A_hat>
+    return norm_M2 - 2 * cross + torch.einsum("lij,lji->l", S_B, S_A)
+
+
+def divergence(A: Tensor, B: Tensor, p: Tensor, P: Tensor, Q: Tensor) -> Tensor:
+    """||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F per layer (L,), computed in Gram space."""
+    p = _check_factors(A, B, p).to(A.device)
+    G_A, G_B = gram_blocks(A, B)
+    P, Q = (torch.as_tensor(c, dtype=torch.float64, device=A.device) for c in (P, Q))
+    return _squared_divergence(G_A, G_B, p, P, Q).clamp_min(0).sqrt()
+
+
+def lowrank_svd(B_stack: Tensor, A_stack: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of B_stack @ A_stack, (L, d, R) @ (L, R, k), without forming it: QR of each
+    factor, SVD of the small core. Returns U (L, d, m), S (L, m), V (L, k, m)."""
+    Q_b, R_b = torch.linalg.qr(B_stack.double())                  # (L, d, m_b), (L, m_b, R)
+    Q_a, R_a = torch.linalg.qr(A_stack.double().mT)               # (L, k, m_a), (L, m_a, R)
+    U_c, S, V_cT = torch.linalg.svd(R_b @ R_a.mT, full_matrices=False)
+    return Q_b @ U_c, S, Q_a @ V_cT.mT
+
+
+def _split_svd(U_: Tensor, S: Tensor, V: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Best rank-r factors (B (L, d, r), A (L, r, k)) from a thin SVD; the singular values
+    are split evenly (sqrt S on each side) so neither factor dwarfs the other."""
+    m = min(r, S.shape[-1])
+    root = S[:, :m].sqrt()
+    B_r = torch.zeros(U_.shape[0], U_.shape[1], r, dtype=U_.dtype, device=U_.device)
+    A_r = torch.zeros(V.shape[0], r, V.shape[1], dtype=V.dtype, device=V.device)
+    B_r[:, :, :m] = U_[:, :, :m] * root[:, None, :]
+    A_r[:, :m, :] = (V[:, :, :m] * root[:, None, :]).mT
+    return B_r, A_r
+
+
+def divergence_bound(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
+    """min over rank-r X of ||M - X||_F per layer (L,): the Eckart-Young tail of M's
+    singular values, from a QR of the stacked factors M = [p_u B_u]_u [A_u]_u."""
+    p = _check_factors(A, B, p).to(A.device)
+    L, U, r, k = A.shape
+    B_stack = (B.double() * p[None, :, None, None]).permute(0, 2, 1, 3).reshape(L, -1, U * r)
+    _, S, _ = lowrank_svd(B_stack, A.double().reshape(L, U * r, k))
+    return S[:, r:].square().sum(-1).sqrt()
+
+
+def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
+    """Exact alternating minimisation. For fixed Q the objective is P^T H P - 2 g^T P + c,
+    a convex quadratic; each half-step minimises it plus prox * ||P - P_prev||^2 so the
+    divergence can only go down, and stays well posed when H is singular (B = 0, identical
+    clients). Returns P, Q (L, U) and the number of iterations run."""
+    L, U = G_A.shape[:2]
+    P = p.expand(L, U).clone()                                        # start at FedIT
+    Q = p.expand(L, U).clone()
+    eye = torch.eye(U, dtype=G_A.dtype, device=G_A.device)
+    norm_M2 = torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)
+
+    def prox_step(H, g, x):
+        """argmin_x' x'^T H x' - 2 g^T x' + prox_l ||x' - x||^2, per layer (or tied)."""
+        if tie_layers:
+            H, g, x = H.sum(0, keepdim=True), g.sum(0, keepdim=True), x[:1]
+        lam = prox * H.diagonal(dim1=1, dim2=2).mean(-1)
+        lam = torch.where(lam > 0, lam, torch.ones_like(lam))[:, None, None]  # H = 0: stay
+        x_new = torch.linalg.solve(H + lam * eye, (g + lam[..., 0] * x).unsqueeze(-1))[..., 0]
+        return x_new.expand(L, U)
+
+    total = (lambda f: f.sum(0, keepdim=True)) if tie_layers else (lambda f: f)
+    f_prev = total(_squared_divergence(G_A, G_B, p, P, Q))
+    for it in range(1, max_iter + 1):
+        S_A = torch.einsum("lb,ld,lbdij->lij", Q, Q, G_A)                  # A_hat A_hat^T
+        H = torch.einsum("lacij,lji->lac", G_B, S_A)                       # (L, U, U)
+        Y = torch.einsum("lb,lbuij->luij", Q, G_A)                         # A_hat A_u^T
+        g = torch.einsum("u,luaij,luji->la", p, G_B, Y)                    # (L, U)
+        P = prox_step(H, g, P)
+        S_B = torch.einsum("la,lc,lacij->lij", P, P, G_B)                  # B_hat^T B_hat
+        H = torch.einsum("lij,lbdji->lbd", S_B, G_A)
+        X = torch.einsum("la,luaij->luij", P, G_B)                         # B_u^T B_hat
+        g = torch.einsum("u,luij,lbuji->lb", p, X, G_A)
+        Q = prox_step(H, g, Q)
+        f = total(torch.einsum("lb,lbd,ld->l", Q, H, Q) - 2 * (g * Q).sum(-1) + norm_M2)
+        if ((f_prev - f) <= tol * total(norm_M2)).all():
+            break
+        f_prev = f
+    return P, Q, it
+
+
+def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: float):
+    """The paper's choice: AdamW on (P, Q), here on the Gram-space objective, keeping the
+    best iterate per layer (the FedIT start included) so it is never worse than FedIT."""
+    L, U = G_A.shape[:2]
+    n = 1 if tie_layers else L
+    P = p.expand(n, U).clone().requires_grad_(True)
+    Q = p.expand(n, U).clone().requires_grad_(True)
+    opt = torch.optim.AdamW([P, Q], lr=lr, weight_decay=weight_decay)
+    scale = torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A).clamp_min(1e-300)
+    total = (lambda f: f.sum(0, keepdim=True)) if tie_layers else (lambda f: f)
+    best_f = torch.full((n,), math.inf, dtype=G_A.dtype, device=G_A.device)
+    best_P, best_Q = P.detach().clone(), Q.detach().clone()
+    for step in range(steps + 1):
+        f = _squared_divergence(G_A, G_B, p, P, Q)                        # (L,)
+        with torch.no_grad():                          # keep the best iterate (per layer)
+            better = total(f) < best_f
+            best_f = torch.where(better, total(f), best_f)
+            best_P[better], best_Q[better] = P[better], Q[better]
+        if step == steps:
+            break
+        opt.zero_grad()
+        (f / scale).sum().backward()                   # relative objective: same lr per layer
+        opt.step()
+    return best_P.expand(L, U), best_Q.expand(L, U), steps
+
+
+def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
+                   tie_layers: bool = False, max_iter: int = 200, tol: float = 1e-12,
+                   prox: float = 1e-6, steps: int = 200, lr: float = 1e-2,
+                   weight_decay: float = 1e-2, bound: bool = True) -> FloraNAResult:
+    """Choose P, Q minimising ||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F for each layer.
+
+    A (L, U, r, k), B (L, U, d, r) for L layers of one shape; p (U,) client weights (n_u is
+    fine: they are normalised). solver="als" (exact alternating minimisation, default) or
+    "adamw" (the paper's optimiser, lr and steps as given). tie_layers=True shares one
+    (P, Q) across the L layers, as the authors' released code does. Device and dtype follow
+    A and B; the small systems are solved in float64. Never forms a d x k matrix.
+    """
+    p = _check_factors(A, B, p).to(A.device)
+    G_A, G_B = gram_blocks(A, B)
+    if solver == "als":
+        P, Q, iters = _als(G_A, G_B, p, tie_layers, max_iter, tol, prox)
+    elif solver == "adamw":
+        P, Q, iters = _adamw(G_A, G_B, p, tie_layers, steps, lr, weight_decay)
+    else:
+        raise ValueError(f"unknown solver {solver!r}: use 'als' or 'adamw'")
+    f = _squared_divergence(G_A, G_B, p, P, Q)
+    f_naive = _squared_divergence(G_A, G_B, p, p, p)
+    total = (lambda x: x.sum(0, keepdim=True)) if tie_layers else (lambda x: x)
+    worse = (total(f) > total(f_naive))[:, None]   # round-off must never lose to FedIT
+    P, Q = torch.where(worse, p, P), torch.where(worse, p, Q)
+    f = torch.where(worse[:, 0], f_naive, f)
+    # (P, Q) and (cP, Q / c) give the same product. Clients go on training B_hat and A_hat,
+    # and the gradient of each factor scales with the other, so pick c that keeps the
+    # factors' norms in the same proportion as FedIT's (sum p B, sum p A): the next round
+    # then trains at the scale the clients had, with the sign that agrees with FedIT's B.
+    tr_B = torch.einsum("luvii->luv", G_B)                               # <B_u, B_v>_F
+    tr_A = torch.einsum("luvii->luv", G_A)
+    inner = lambda T, x, y: total(torch.einsum("lu,luv,lv->l", x.expand(P.shape),
+                                                T, y.expand(P.shape)))
+    c = (inner(tr_A, Q, Q) * inner(tr_B, p, p) / (inner(tr_B, P, P) * inner(tr_A, p, p)))
+    c = c.sqrt().sqrt()                       # c^2 = (|A_hat| |B_bar|) / (|B_hat| |A_bar|)
+    c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
+    c = (c * torch.where(inner(tr_B, P, p) < 0, -1.0, 1.0))[:, None]
+    P, Q = P * c, Q / c
+    A_hat = torch.einsum("lu,lurk->lrk", Q, A.double()).to(A.dtype)
+    B_hat = torch.einsum("lu,ludr->ldr", P, B.double()).to(B.dtype)
+    return FloraNAResult(
+        P=P, Q=Q, A_hat=A_hat, B_hat=B_hat,
+        divergence=f.clamp_min(0).sqrt(), divergence_naive=f_naive.clamp_min(0).sqrt(),
+        divergence_bound=divergence_bound(A, B, p) if bound else None,
+        norm_M=torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A).clamp_min(0).sqrt(),
+        iterations=iters)
+
+
+# --- end of the copyable solver ---------------------------------------------------------------
+
+
+def flora_na(A, B, p, **solver_options) -> Aggregate:
+    """FLoRA-NA: send B_hat = sum P_u B_u and A_hat = sum Q_u A_u, same bytes as FedIT."""
+    p = _check_clients(A, B, p, True, "flora_na")
+    res = solve_flora_na(torch.stack(list(A), 1), torch.stack(list(B), 1), p, **solver_options)
+    return Aggregate(res.A_hat, res.B_hat, None, _nbytes(*A, *B),
+                     len(A) * _nbytes(res.A_hat, res.B_hat), info={"result": res})
+
+
+AGGREGATORS: dict[str, Callable[..., Aggregate]] = {
+    "fedit": fedit, "ffa": ffa, "fedsa": fedsa, "fedex": fedex, "flora": flora,
+    "flexlora": flexlora, "lora_fair": lora_fair, "flora_na": flora_na,
+}

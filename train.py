@@ -257,7 +257,8 @@ def evaluate_generation(args: Args, model, tokenizer, examples, device) -> dict:
                                        if args.task == "gsm8k" else
                                        tasks.mbpp_prompt(x["text"], x["test_list"]))
                    for x in chunk]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True,  # as encode_causal: the
+                        add_special_tokens=False).to(device)         # template adds specials
         gen = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],

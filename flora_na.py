@@ -191,7 +191,7 @@ def lora_fair(A, B, p, fair_lambda: float = 1e-3, **_) -> Aggregate:
     MAt = sum(w * b.double() @ (a.double() @ A_bar.mT) for w, a, b in zip(p.tolist(), A, B))
     G = A_bar @ A_bar.mT                                              # (L, r, r)
     lam = fair_lambda * G.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)[:, None, None]
-    eye = torch.eye(G.shape[-1], dtype=G.dtype)
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     # B' (G + lam I) = M A_bar^T + lam B_bar, solved as a linear system for B'^T
     B_new = torch.linalg.solve(G + lam * eye, (MAt + lam * B_bar).mT).mT
     A_bar, B_new = A_bar.to(A[0].dtype), B_new.to(B[0].dtype)
@@ -547,9 +547,9 @@ def update_divergence(A, B, p, agg: Aggregate) -> Tensor:
 
 
 def server_aggregate(client_factors: list[dict[str, tuple[Tensor, Tensor]]], p: Tensor,
-                     aggregator: str, **options) -> dict:
+                     aggregator: str, device: str | torch.device = "cpu", **options) -> dict:
     """One server step over every adapted layer. client_factors[u] = {layer: (A, B)}.
-    Layers are grouped by shape and each group is aggregated in one batched call.
+    Layers are grouped by shape and each group is aggregated in one batched call on `device`.
     Returns {"factors": {layer: (A, B)} or None per layer (restart), "base_delta": {layer: Δ},
     "client_B": [{layer: B}] or None, "bytes_up", "bytes_down", "divergence": per-layer
     dicts of naive / aggregator / bound / norm_M}."""
@@ -562,8 +562,9 @@ def server_aggregate(client_factors: list[dict[str, tuple[Tensor, Tensor]]], p: 
     out = {"factors": {}, "base_delta": {}, "client_B": None, "bytes_up": 0, "bytes_down": 0,
            "divergence": {}}
     for _, group in group_by_shape(shapes).items():
-        A = [torch.stack([cf[n][0] for n in group]) for cf in client_factors]  # U x (L, r, k)
-        B = [torch.stack([cf[n][1] for n in group]) for cf in client_factors]  # U x (L, d, r)
+        # U clients' factors of this group: U x (L, r, k) and U x (L, d, r)
+        A = [torch.stack([cf[n][0] for n in group]).to(device) for cf in client_factors]
+        B = [torch.stack([cf[n][1] for n in group]).to(device) for cf in client_factors]
         agg = AGGREGATORS[aggregator](A, B, p, **options)
         out["bytes_up"] += agg.bytes_up
         out["bytes_down"] += agg.bytes_down
@@ -573,13 +574,13 @@ def server_aggregate(client_factors: list[dict[str, tuple[Tensor, Tensor]]], p: 
         norm_M = divergence(A4, B4, p, torch.zeros_like(p), torch.zeros_like(p))
         chosen = update_divergence(A, B, p, agg)
         for i, n in enumerate(group):
-            out["factors"][n] = None if agg.A is None else (agg.A[i], agg.B[i])
+            out["factors"][n] = None if agg.A is None else (agg.A[i].cpu(), agg.B[i].cpu())
             if agg.base_delta is not None:
-                out["base_delta"][n] = agg.base_delta[i]
+                out["base_delta"][n] = agg.base_delta[i].cpu()
             if agg.client_B is not None:
                 out["client_B"] = out["client_B"] or [{} for _ in client_factors]
                 for u, b in enumerate(agg.client_B):
-                    out["client_B"][u][n] = b[i]
+                    out["client_B"][u][n] = b[i].cpu()
             out["divergence"][n] = {"naive": naive[i].item(), aggregator: chosen[i].item(),
                                     "bound": bound[i].item(), "norm_M": norm_M[i].item()}
     return out

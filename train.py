@@ -304,7 +304,7 @@ def run_aggregator(args: Args, name: str, data: TaskData, parts: list[list[int]]
     layers = fl.lora_layers(model)
     state_path = os.path.join(run_dir, "state.pt")
     if args.resume and os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location="cpu")
         with torch.no_grad():
             for n, W in state["base"].items():
                 layers[n].get_base_layer().weight.copy_(W)
@@ -334,7 +334,7 @@ def run_aggregator(args: Args, name: str, data: TaskData, parts: list[list[int]]
             heads.append(fl.head_state(model))
         t1 = time.perf_counter()
         p = n_u[chosen] / n_u[chosen].sum()
-        server = fl.server_aggregate(uploads, p, name, **options)
+        server = fl.server_aggregate(uploads, p, name, device=device, **options)
         if args.track_solvers:
             server["solvers"] = _solver_divergences(uploads, p)
         t2 = time.perf_counter()

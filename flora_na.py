@@ -569,9 +569,11 @@ def server_aggregate(client_factors: list[dict[str, tuple[Tensor, Tensor]]], p: 
         out["bytes_up"] += agg.bytes_up
         out["bytes_down"] += agg.bytes_down
         A4, B4 = torch.stack(A, 1), torch.stack(B, 1)                          # (L, U, ...)
-        naive = divergence(A4, B4, p, p, p)
+        G_A, G_B = gram_blocks(A4, B4)
+        pd = p.to(G_A.device)
+        naive = _squared_divergence(G_A, G_B, pd, pd, pd).clamp_min(0).sqrt()
+        norm_M = _squared_divergence(G_A, G_B, pd, 0 * pd, 0 * pd).clamp_min(0).sqrt()
         bound = divergence_bound(A4, B4, p)
-        norm_M = divergence(A4, B4, p, torch.zeros_like(p), torch.zeros_like(p))
         chosen = update_divergence(A, B, p, agg)
         for i, n in enumerate(group):
             out["factors"][n] = None if agg.A is None else (agg.A[i].cpu(), agg.B[i].cpu())

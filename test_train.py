@@ -1,0 +1,835 @@
+"""Tests for train.py, the federated harness: every aggregator end to end on a tiny BERT (GLUE)
+and a tiny Llama (GSM8K, MBPP), FedIT with one client against centralised training, partition
+properties, resume against an uninterrupted run, saved adapters against the in-memory model,
+errors before any training, and the command line in a subprocess.
+
+Models are built from configs (hidden size 32, 2 layers) with tokenizers whose vocabularies are
+the words of the synthetic examples, and data is written in the exact original file formats, so nothing is
+downloaded and the whole file runs in a few minutes on two CPU cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from hypothesis import given, strategies as st
+
+import flora_na as fl
+import tasks
+import train
+
+HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("FLORA_DATA", "/work/shared/data"))
+TIMING = ("client_seconds", "server_seconds")
+
+# --- synthetic data in the original formats
+
+POSITIVE = "good great fine lovely superb charming moving witty".split()
+NEGATIVE = "bad awful dull boring bleak poor tedious lame".split()
+FILLER = "the movie film story is was a very quite and plot acting ,".split()
+
+
+def sst2_rows(n: int, seed: int) -> list[tuple[str, int]]:
+    """Sentences whose label is the sentiment of their adjectives, in shuffled word order."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = [rng.choice(POSITIVE if label else NEGATIVE) for _ in range(rng.randint(1, 3))]
+        words += [rng.choice(FILLER) for _ in range(rng.randint(2, 6))]
+        rng.shuffle(words)
+        rows.append((" ".join(words) + " ", label))   # SST-2 lines end in a space before \t
+    return rows
+
+
+def write_sst2(root: Path, n_train: int = 40, n_dev: int = 12) -> Path:
+    """glue_data/SST-2/{train,dev}.tsv: a `sentence\\tlabel` header, then one row per line."""
+    folder = root / "glue_data" / "SST-2"
+    folder.mkdir(parents=True)
+    for split, n, seed in (("train", n_train, 0), ("dev", n_dev, 1)):
+        lines = ["sentence\tlabel"] + [f"{s}\t{y}" for s, y in sst2_rows(n, seed)]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def gsm8k_rows(n: int, seed: int) -> list[dict]:
+    """GSM8K rows: a question and a worked answer with <<calculator>> marks and "#### N"."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        rows.append({"question": f"Tom has {a} apples and buys {b} more. How many apples does "
+                                 f"Tom have now?",
+                     "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n"
+                               f"#### {a + b}"})
+    return rows
+
+
+def mbpp_row(task_id: int, k: int) -> dict:
+    """One MBPP row as mbpp.jsonl stores it (code with Windows line endings)."""
+    return {"text": f"Write a function to add {k} to a number.",
+            "code": f"def add_{k}(x):\r\n  return x + {k}",
+            "task_id": task_id,
+            "test_setup_code": "",
+            "test_list": [f"assert add_{k}(1) == {1 + k}", f"assert add_{k}(0) == {k}"],
+            "challenge_test_list": []}
+
+
+def write_generation(root: Path) -> Path:
+    """gsm8k/{train,test}.jsonl and mbpp/mbpp.jsonl (all four MBPP splits by task id)."""
+    (root / "gsm8k").mkdir(parents=True)
+    for split, n, seed in (("train", 12, 0), ("test", 4, 1)):
+        with open(root / "gsm8k" / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in gsm8k_rows(n, seed))
+    (root / "mbpp").mkdir()
+    ids = [1, 2] + list(range(11, 15)) + [511, 512] + list(range(601, 613))   # prompt/test/val/train
+    with open(root / "mbpp" / "mbpp.jsonl", "w") as f:
+        f.writelines(json.dumps(mbpp_row(t, k)) + "\n" for k, t in enumerate(ids))
+    return root
+
+
+# --- tiny models, built once per session
+
+
+def build_bert(folder: Path) -> Path:
+    """A 2-layer BERT (hidden 32) without a head, as MiniLM is, and a WordPiece tokenizer whose
+    vocabulary holds the words of the synthetic SST-2 sentences."""
+    words = sorted(set(POSITIVE + NEGATIVE + FILLER))
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(special + words) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(special) + len(words), hidden_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_llama(folder: Path, texts: list[str]) -> Path:
+    """A 2-layer Llama (hidden 32, GQA 4/2 heads) with a word-level tokenizer trained on texts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = ["<unk>", "<pad>", "<s>", "</s>"]
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=special))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+        eos_token="</s>")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def generation_texts() -> list[str]:
+    """Every prompt and target the Llama tokenizer must cover."""
+    texts = []
+    for r in gsm8k_rows(12, 0) + gsm8k_rows(4, 1):
+        texts += [tasks.gsm8k_prompt(r["question"]), tasks.gsm8k_target(r["answer"])]
+    for k in range(40):
+        r = mbpp_row(0, k)
+        texts += [tasks.mbpp_prompt(r["text"], r["test_list"]), tasks.mbpp_target(r["code"])]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> Path:
+    return build_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return build_llama(tmp_path_factory.mktemp("models") / "tiny-llama", generation_texts())
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory) -> Path:
+    return write_sst2(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="session")
+def gen_dir(tmp_path_factory) -> Path:
+    return write_generation(tmp_path_factory.mktemp("gen"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads():
+    """main() sets torch's thread count; give the other test modules theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def bert_args(out: Path, bert: Path, data: Path, **kw) -> train.Args:
+    """A tiny federated SST-2 run: 3 clients, 2 rounds of 2 steps, rank 2."""
+    base = dict(task="sst2", model=str(bert), data_dir=str(data), out=str(out),
+                aggregator="fedit", clients=3, rounds=2, local_steps=2, batch_size=4, rank=2,
+                lr=5e-3, max_length=16, eval_every=1, eval_batch_size=8, solver_steps=20,
+                device="cpu", threads=1)
+    return train.Args(**{**base, **kw})
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def tensors_equal(x, y) -> bool:
+    """Exact equality of nested dicts/lists/tuples of tensors (and plain values)."""
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(
+            tensors_equal(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return len(x) == len(y) and all(tensors_equal(a, b) for a, b in zip(x, y))
+    return x == y
+
+
+def load_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "state.pt", weights_only=False)
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The saved adapter's weights, plus base_layers.safetensors where the run changed W."""
+    from safetensors.torch import load_file
+    out = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    if (run_dir / "base_layers.safetensors").exists():
+        out.update({"base:" + k: v for k, v in
+                    load_file(run_dir / "base_layers.safetensors").items()})
+    return out
+
+
+def glue_logits(model, tokenizer, examples) -> torch.Tensor:
+    """Logits of a sequence classifier on examples, in eval mode."""
+    model.eval()
+    batch = tasks.collate_glue(tokenizer, examples, 16)
+    batch.pop("labels")
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def fresh_classifier(path: Path, num_labels: int = 2):
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels)
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every aggregator, end to end on the tiny BERT (GLUE SST-2)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory, bert_dir, glue_dir):
+    """One 2-round run of every aggregator; the in-memory global model's logits on the dev
+    set are recorded when each aggregator saves its adapter."""
+    out = tmp_path_factory.mktemp("runs") / "all"
+    args = bert_args(out, bert_dir, glue_dir, aggregator=",".join(fl.AGGREGATORS))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert_dir)
+    dev = tasks.load_glue("sst2", glue_dir, "dev")
+    logits, save = {}, train.save_global
+
+    def spy(model, state, run_dir):
+        logits[os.path.basename(run_dir)] = glue_logits(model, tokenizer, dev)
+        save(model, state, run_dir)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "save_global", spy)
+        log = train.main(args)
+    return {"args": args, "out": out, "log": log, "logits": logits, "dev": dev,
+            "tokenizer": tokenizer}
+
+
+def test_every_aggregator_runs_and_writes_its_run_dir(bert_run):
+    out, args = bert_run["out"], bert_run["args"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["aggregator"] == args.aggregator and config["rounds"] == 2
+    assert config["model"] == args.model and "resume" not in config
+    rows = rows_of(out)
+    assert rows == bert_run["log"]
+    assert [(r["aggregator"], r["round"]) for r in rows] == [
+        (a, t) for a in fl.AGGREGATORS for t in (1, 2)]
+    for name in fl.AGGREGATORS:
+        r1, r2 = (r for r in rows if r["aggregator"] == name)
+        for r in (r1, r2):
+            assert {"round", "metrics", "train_loss", "divergence", "bytes_up", "bytes_down",
+                    "client_seconds", "server_seconds", "clients"} <= r.keys()
+            assert r["clients"] == [0, 1, 2]
+            assert finite(r["train_loss"]) and r["train_loss"] > 0
+            assert finite(r["client_seconds"]) and finite(r["server_seconds"])
+            assert r["metrics"]["n_eval"] == 12 and 0 <= r["metrics"]["accuracy"] <= 1
+            mean = r["divergence"]["relative_mean"]
+            assert {"naive", name, "bound"} <= mean.keys()
+            assert all(finite(v) and v >= 0 for v in mean.values())
+            per_layer = r["divergence"]["relative_per_layer"]
+            assert len(per_layer) == 2 * 2          # query and value of 2 layers
+        # cumulative communication: the same bytes every round with every client taking part
+        assert r1["bytes_up"] > 0 and r1["bytes_down"] > 0
+        assert (r2["bytes_up"], r2["bytes_down"]) == (2 * r1["bytes_up"], 2 * r1["bytes_down"])
+        run_dir = out / name
+        assert (run_dir / "adapter" / "adapter_config.json").is_file()
+        assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+        assert (run_dir / "state.pt").is_file()
+        assert (run_dir / "base_layers.safetensors").is_file() == (name in ("fedex", "flora"))
+        if name == "fedsa":                          # personal models: shared A, own B
+            assert 0 <= r2["personal_metrics"]["accuracy"] <= 1
+    # what each aggregator is known to achieve, as the harness records it
+    last = {r["aggregator"]: r for r in rows if r["round"] == 2}
+    bytes_of = {n: (r["bytes_up"], r["bytes_down"]) for n, r in last.items()}
+    assert bytes_of["flora_na"] == bytes_of["fedit"]          # no extra communication
+    assert bytes_of["fedex"][1] > bytes_of["fedit"][1]        # a dense residual per client
+    for name, r in last.items():
+        for layer in r["divergence"]["relative_per_layer"].values():
+            if name in ("fedex", "flora", "ffa"):                # exact aggregators
+                assert layer[name] < 1e-5
+            if name in ("flora_na", "lora_fair", "fedex", "flora", "flexlora"):
+                assert layer[name] <= layer["naive"] * (1 + 1e-6) + 1e-9
+            if name == "flexlora":                               # the Eckart-Young optimum
+                assert layer[name] == pytest.approx(layer["bound"], rel=1e-3, abs=1e-7)
+            if name == "fedit":
+                assert layer["fedit"] == pytest.approx(layer["naive"], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", list(fl.AGGREGATORS))
+def test_saved_adapter_reloads_to_the_same_predictions(bert_run, bert_dir, name):
+    """load_global(run_dir, fresh base) == the in-memory global model at the end of the run,
+    in logits and in the dev metric of the last metrics.jsonl row."""
+    run_dir = bert_run["out"] / name
+    model = train.load_global(str(run_dir), fresh_classifier(bert_dir))
+    logits = glue_logits(model, bert_run["tokenizer"], bert_run["dev"])
+    torch.testing.assert_close(logits, bert_run["logits"][name], rtol=1e-5, atol=1e-6)
+    data = train.load_task(bert_run["args"])
+    metrics = train.evaluate(bert_run["args"], model, bert_run["tokenizer"], data)
+    last = [r for r in bert_run["log"] if r["aggregator"] == name][-1]
+    assert metrics == last["metrics"]
+    if name in ("fedex", "flora"):   # the changed base weights matter: without them, other logits
+        plain = peft.PeftModel.from_pretrained(
+            fresh_classifier(bert_dir), str(run_dir / "adapter"))
+        assert not torch.allclose(glue_logits(plain, bert_run["tokenizer"], bert_run["dev"]),
+                                  logits, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# FedIT with one client is centralised training, step for step
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fedit_one_client_equals_centralised_training(tmp_path, bert_dir, glue_dir):
+    """clients=1: FedIT's average is the identity, so R rounds of S local steps must equal
+    R calls of local_train on the same batches with the same dropout seeds, bit for bit."""
+    args = bert_args(tmp_path / "run", bert_dir, glue_dir, clients=1, rounds=3, local_steps=3,
+                     lora_dropout=0.1)
+    log = train.main(args)
+    state = load_state(tmp_path / "run" / "fedit")
+
+    model, tokenizer = train.load_model(args, torch.device("cpu"))
+    data = train.load_task(args)
+    batcher = train.Batcher(args, tokenizer)
+    everything = list(range(len(data.train)))
+    losses = []
+    for rnd in range(args.rounds):
+        torch.manual_seed(train._seed(args.seed, rnd, 0, 1))      # train.py's dropout seed
+        batches = train.client_batches(args, batcher, data, everything, rnd, 0)
+        losses.append(fl.local_train(model, batches, lr=args.lr, optimizer=args.optimizer))
+    assert [r["train_loss"] for r in log] == losses
+    assert tensors_equal(state["factors"], fl.read_factors(model))
+    assert tensors_equal(state["head"], fl.head_state(model))
+    # and the factors really moved (B starts at zero), so the comparison is not vacuous
+    assert all(B.abs().max() > 0 for _, B in state["factors"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: a run killed mid-round and resumed equals an uninterrupted one
+# ---------------------------------------------------------------------------------------------
+
+RESUMED = ("fedit", "flora", "fedsa")   # plain factors; base weights changed; per-client state
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL in the middle of a round."""
+
+
+def resume_args(out: Path, bert_dir: Path, glue_dir: Path, **kw) -> train.Args:
+    """3 rounds, 2 of 3 clients per round (so FedSA's per-client B matter), eval every 2."""
+    return bert_args(out, bert_dir, glue_dir, aggregator=",".join(RESUMED), rounds=3,
+                     participation=0.67, eval_every=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, bert_dir, glue_dir) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    train.main(resume_args(out, bert_dir, glue_dir))
+    return out
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.mark.parametrize("killed_in", RESUMED)
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, bert_dir, glue_dir,
+                                            uninterrupted, killed_in):
+    """Kill the run inside round 2 of one aggregator (after round 1's state was written),
+    then --resume: metrics.jsonl (but timings) and every saved tensor are identical."""
+    out = tmp_path / "run"
+    args = resume_args(out, bert_dir, glue_dir)
+    calls, aggregate = [], fl.server_aggregate
+
+    def dies_in_round_2(uploads, p, aggregator, **options):
+        calls.append(aggregator)
+        if aggregator == killed_in and calls.count(aggregator) == 2:
+            raise Killed
+        return aggregate(uploads, p, aggregator, **options)
+
+    monkeypatch.setattr(fl, "server_aggregate", dies_in_round_2)
+    with pytest.raises(Killed):
+        train.main(args)
+    monkeypatch.setattr(fl, "server_aggregate", aggregate)
+    assert load_state(out / killed_in)["round"] == 1
+    done = RESUMED[:RESUMED.index(killed_in)]
+    assert [(r["aggregator"], r["round"]) for r in rows_of(out)] == [
+        (a, t) for a in done for t in (1, 2, 3)] + [(killed_in, 1)]
+
+    log = train.main(resume_args(out, bert_dir, glue_dir, resume=True))
+    expected = rows_of(uninterrupted)
+    assert without_timing(rows_of(out)) == without_timing(expected) == without_timing(log)
+    assert [r["metrics"] is None for r in expected] == [True, False, False] * len(RESUMED)
+    for name in RESUMED:
+        assert tensors_equal(adapter_tensors(out / name), adapter_tensors(uninterrupted / name))
+        a, b = load_state(out / name), load_state(uninterrupted / name)
+        for key in ("round", "factors", "head", "base", "client_B", "bytes_up", "bytes_down"):
+            assert tensors_equal(a[key], b[key]), (name, key)
+    assert load_state(out / "fedsa")["client_B"] is not None
+    assert load_state(out / "flora")["base"]
+
+
+def test_resume_of_a_finished_run_changes_nothing(bert_dir, glue_dir, uninterrupted):
+    rows = rows_of(uninterrupted)
+    saved = {name: adapter_tensors(uninterrupted / name) for name in RESUMED}
+    train.main(resume_args(uninterrupted, bert_dir, glue_dir, resume=True))
+    assert rows_of(uninterrupted) == rows          # timings too: no round was run again
+    for name in RESUMED:
+        assert tensors_equal(adapter_tensors(uninterrupted / name), saved[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitioning data across clients, and who takes part in a round
+# ---------------------------------------------------------------------------------------------
+
+ALPHAS = [None, 0.05, 0.5, 5.0, 100.0]
+
+
+def check_partition(parts, n: int, n_clients: int, min_size: int) -> None:
+    """Every example in exactly one client, each client's indices sorted, min_size each."""
+    assert len(parts) == n_clients
+    flat = [i for part in parts for i in part]
+    assert sorted(flat) == list(range(n))
+    assert all(part == sorted(part) for part in parts)
+    assert min(map(len, parts)) >= min_size
+
+
+@given(st.data(), st.integers(1, 8), st.sampled_from(ALPHAS), st.integers(0, 2**31),
+       st.integers(1, 3))
+def test_partition_puts_every_example_in_exactly_one_client(data, n_clients, alpha, seed,
+                                                            min_size):
+    labels = data.draw(st.lists(st.integers(0, 3), min_size=n_clients * min_size, max_size=60))
+    try:
+        parts = fl.partition(labels, n_clients, alpha, seed, min_size=min_size)
+    except ValueError as err:                     # a too-skewed Dirichlet may give up, loudly
+        assert alpha is not None and "100 draws" in str(err)
+        return
+    check_partition(parts, len(labels), n_clients, min_size)
+    assert parts == fl.partition(labels, n_clients, alpha, seed, min_size=min_size)
+    if alpha is None:                                # IID: an even split
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@given(st.data(), st.integers(1, 6), st.sampled_from(ALPHAS), st.integers(0, 2**31))
+def test_partition_of_float_labels(data, n_clients, alpha, seed):
+    """STS-B scores (floats in [0, 5], possibly all equal) are binned, then split."""
+    labels = data.draw(st.lists(st.floats(0, 5, allow_nan=False), min_size=n_clients,
+                                max_size=50))
+    try:
+        parts = fl.partition(labels, n_clients, alpha, seed)
+    except ValueError as err:
+        assert alpha is not None and "100 draws" in str(err)
+        return
+    check_partition(parts, len(labels), n_clients, 1)
+
+
+def purity(group: list[bool], parts) -> float:
+    """Fraction of examples in their client's majority group: 1 when no client mixes groups,
+    about 0.5-0.6 for a random split into two."""
+    return sum(max(sum(group[i] for i in part), sum(not group[i] for i in part))
+               for part in parts) / len(group)
+
+
+def mean_purity(group: list[bool], partitions) -> float:
+    partitions = list(partitions)
+    return sum(purity(group, parts) for parts in partitions) / len(partitions)
+
+
+# ten distinct small values, then ten distinct large ones: two bins, or twenty classes
+SHORT, LONG = [20 + i for i in range(10)], [200 + i for i in range(10)]
+IS_LONG = [False] * 10 + [True] * 10
+
+
+def test_float_labels_are_binned_before_the_dirichlet_split():
+    """With a tiny alpha a label bin goes (nearly) whole to one client, and min_size=1 with
+    2 clients forces the two bins apart: clients are nearly pure. Twenty distinct classes
+    instead would be scattered at random (purity ~0.6)."""
+    scores = [n / 50 for n in SHORT + LONG]                     # STS-B-like, 0.4 .. 4.2
+    assert mean_purity(IS_LONG, (fl.partition(scores, 2, 0.01, s) for s in range(10))) > 0.85
+    as_classes = [int(n) for n in SHORT + LONG]
+    assert mean_purity(IS_LONG, (fl.partition(as_classes, 2, 0.01, s) for s in range(10))) < 0.7
+
+
+def mean_tv(labels: list[int], parts) -> float:
+    """Mean total-variation distance of client label distributions from the global one."""
+    y = torch.tensor(labels)
+    glob = torch.bincount(y, minlength=4).double() / len(y)
+    tv = [0.5 * (torch.bincount(y[part], minlength=4).double() / len(part) - glob).abs().sum()
+          for part in parts]
+    return float(sum(tv) / len(tv))
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks():
+    labels = [i % 4 for i in range(400)]
+    skew = {alpha: sum(mean_tv(labels, fl.partition(labels, 10, alpha, seed))
+                       for seed in range(10)) / 10
+            for alpha in (None, 100.0, 1.0, 0.1)}
+    assert skew[0.1] > skew[1.0] > skew[100.0]
+    assert skew[0.1] > 0.4 and skew[100.0] < 0.15 and skew[None] < 0.15
+
+
+def test_tiny_alpha_is_at_least_as_skewed():
+    """Smaller alpha, more skew, down to the pathological end people use for "one class per
+    client" (1e-3, 1e-4): the Dirichlet draw must not underflow into an even (IID) share."""
+    labels = [i % 4 for i in range(400)]
+    skew = {alpha: sum(mean_tv(labels, fl.partition(labels, 2, alpha, seed))
+                       for seed in range(10)) / 10
+            for alpha in (1e-2, 1e-3, 1e-4)}
+    assert skew[1e-3] >= skew[1e-2] - 0.02 and skew[1e-4] >= skew[1e-3] - 0.02, skew
+
+
+@pytest.mark.parametrize("alpha", [None, 0.3, 10.0])
+def test_partition_min_size(alpha):
+    labels = [i % 3 for i in range(60)]
+    for seed in range(5):
+        check_partition(fl.partition(labels, 4, alpha, seed, min_size=10), 60, 4, 10)
+
+
+@pytest.mark.parametrize("labels, n_clients, alpha, min_size, match", [
+    ([0, 1, 0], 0, None, 1, "at least one client"),
+    ([0, 1, 0], 4, None, 1, "3 examples cannot give 4 clients 1 each"),
+    ([0, 1, 0, 1], 2, 0.5, 3, "4 examples cannot give 2 clients 3 each"),
+    ([0, 1, 0, 1], 2, 0.0, 1, "alpha must be > 0, got 0.0"),
+    ([0, 1, 0, 1], 2, -1.0, 1, "alpha must be > 0, got -1.0"),
+    ([0] * 16, 4, 0.01, 4, "fewer than 4 examples in 100 draws"),   # needs ~even shares
+])
+def test_partition_bad_input(labels, n_clients, alpha, min_size, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        fl.partition(labels, n_clients, alpha, 0, min_size=min_size)
+
+
+@given(st.integers(1, 50), st.floats(0.01, 1.0), st.integers(0, 1000), st.integers(0, 2**31))
+def test_participants(n_clients, fraction, round_, seed):
+    chosen = fl.participants(n_clients, fraction, round_, seed)
+    assert chosen == sorted(set(chosen)) and set(chosen) <= set(range(n_clients))
+    assert len(chosen) == max(1, round(fraction * n_clients))
+    assert chosen == fl.participants(n_clients, fraction, round_, seed)
+
+
+def test_participants_change_between_rounds_and_check_the_fraction():
+    assert len({tuple(fl.participants(20, 0.25, t, 0)) for t in range(10)}) > 1
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="participation must be in"):
+            fl.participants(10, bad, 0, 0)
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "mbpp"])
+def test_generation_tasks_split_on_answer_length_bins(tmp_path, monkeypatch, task):
+    """--dirichlet-alpha is documented as over "answer length bins for GSM8K/MBPP": as for
+    STS-B scores, answers of distinct lengths fall into a few length bins before the split,
+    so with a tiny alpha each of two clients gets one length group (short or long)."""
+    root = tmp_path / "data"
+    (root / "gsm8k").mkdir(parents=True)
+    (root / "mbpp").mkdir()
+    gsm = [{"question": "q", "answer": "x" * (n - 5) + " #### 1"} for n in SHORT + LONG]
+    for split in ("train", "test"):
+        (root / "gsm8k" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm))
+    rows = [{**mbpp_row(601 + i, 1), "code": "y" * n} for i, n in enumerate(SHORT + LONG)]
+    rows += [mbpp_row(11, 1)]
+    (root / "mbpp" / "mbpp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    parts, partition = [], fl.partition
+
+    class Stop(Exception):
+        pass
+
+    def spy(*a, **k):                         # record main's own partition, then stop
+        parts.append(partition(*a, **k))
+        raise Stop
+
+    monkeypatch.setattr(fl, "partition", spy)
+    for seed in range(10):
+        args = train.Args(task=task, data_dir=str(root), clients=2, dirichlet_alpha=0.01,
+                          seed=seed, out=str(tmp_path / "out"))
+        with pytest.raises(Stop):
+            train.main(args)
+    assert len(parts) == 10
+    assert mean_purity(IS_LONG, parts) > 0.85
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error before any training
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail loudly if a client starts training: every error below must come before."""
+    def trains(*a, **k):
+        raise AssertionError("training started before the bad input was reported")
+    monkeypatch.setattr(fl, "local_train", trains)
+
+
+BAD = {  # name: (Args changes, exception, message pattern); {tmp} is the test's tmp_path
+    "unknown task": (dict(task="sst3"), ValueError, "unknown task 'sst3'; choose from"),
+    "unknown aggregator": (dict(aggregator="fedit,fedavg"), ValueError,
+                           r"unknown aggregator\(s\) \['fedavg'\]; choose from fedit"),
+    "no aggregator": (dict(aggregator=" , "), ValueError, "unknown aggregator"),
+    "missing data dir": (dict(data_dir="{tmp}/nowhere"), FileNotFoundError,
+                         "--data-dir '{tmp}/nowhere' is not a folder"),
+    "missing train file": (dict(data_dir="{tmp}"), FileNotFoundError,
+                           "expected the file {tmp}/SST-2/train.tsv"),
+    "missing target modules": (dict(target_modules="foo"), ValueError,
+                               r"no Linear modules named \['foo'\]"),
+    "rank too large": (dict(rank=33), ValueError, "LoRA rank 33 must be in 1..32"),
+    "rank zero": (dict(rank=0), ValueError, "--rank must be >= 1, got 0"),
+    "no clients": (dict(clients=0), ValueError, "--clients must be >= 1, got 0"),
+    "no rounds": (dict(rounds=0), ValueError, "--rounds must be >= 1, got 0"),
+    "more clients than examples": (dict(clients=41), ValueError,
+                                   "41 clients but only 40 training examples"),
+    "capped below the clients": (dict(clients=5, max_train_examples=4), ValueError,
+                                 "5 clients but only 4 training examples"),
+    "negative alpha": (dict(dirichlet_alpha=-0.5), ValueError, "--dirichlet-alpha must be >= 0"),
+    "participation": (dict(participation=1.5), ValueError, r"--participation must be in \(0, 1\]"),
+    "solver": (dict(solver="lbfgs"), ValueError, "--solver must be als or adamw, got 'lbfgs'"),
+    "optimizer": (dict(optimizer="adam"), ValueError, r"optimizer\b.*'adam'"),
+    "missing model": (dict(model="{tmp}/no-model"), SystemExit,
+                      "error: could not load model '{tmp}/no-model'"),
+}
+
+
+def fill(value, **paths):
+    return value.format(**paths) if isinstance(value, str) else value
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_fails_before_training(tmp_path, no_training, bert_dir, glue_dir, case):
+    changes, error, pattern = BAD[case]
+    changes = {k: fill(v, tmp=tmp_path) for k, v in changes.items()}
+    args = bert_args(tmp_path / "run", bert_dir, glue_dir, **changes)
+    with pytest.raises(error, match=fill(pattern, tmp=re.escape(str(tmp_path)))):
+        train.main(args)
+
+
+def test_missing_dev_file_is_named(tmp_path, no_training, bert_dir):
+    folder = tmp_path / "glue_data" / "SST-2"
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_text("sentence\tlabel\ngood \t1\nbad \t0\n")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(folder / "dev.tsv"))):
+        train.main(bert_args(tmp_path / "run", bert_dir, tmp_path, clients=2))
+
+
+@pytest.mark.parametrize("task, missing", [("gsm8k", "gsm8k/test.jsonl"),
+                                           ("mbpp", "mbpp/mbpp.jsonl")])
+def test_missing_generation_file_is_named(tmp_path, no_training, llama_dir, gen_dir, task,
+                                          missing):
+    shutil.copytree(gen_dir, tmp_path / "data")
+    (tmp_path / "data" / missing).unlink()
+    args = train.Args(task=task, model=str(llama_dir), data_dir=str(tmp_path / "data"),
+                      out=str(tmp_path / "run"), clients=2)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "data" / missing))):
+        train.main(args)
+
+
+def test_existing_run_dir_needs_resume(tmp_path, no_training, bert_dir, glue_dir):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(
+        {k: v for k, v in vars(bert_args(tmp_path / "run", bert_dir, glue_dir)).items()
+         if k not in ("resume", "device")}))
+    with pytest.raises(FileExistsError, match="already holds a run: pass --resume"):
+        train.main(bert_args(tmp_path / "run", bert_dir, glue_dir))
+    with pytest.raises(ValueError, match=r"--resume with a different config.*'rounds': \(2, 5\)"):
+        train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, rounds=5, resume=True))
+
+
+@pytest.mark.parametrize("case", ["missing target modules", "rank too large", "optimizer",
+                                  "missing model"])
+def test_bad_input_leaves_out_free_for_the_corrected_run(tmp_path, bert_dir, glue_dir, case):
+    """A rejected command must not claim --out: rerunning it with the option fixed (same --out,
+    no --resume) has to work, not fail with "already holds a run"."""
+    changes = {k: fill(v, tmp=tmp_path) for k, v in BAD[case][0].items()}
+    with pytest.raises(BAD[case][1]):
+        train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, rounds=1, **changes))
+    train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, rounds=1))
+    assert [r["round"] for r in rows_of(tmp_path / "run")] == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The real GLUE files, when present
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (DATA / "glue" / "SST-2" / "train.tsv").is_file(),
+                    reason=f"no real GLUE SST-2 under {DATA}")
+def test_load_task_from_the_real_glue_files():
+    args = train.Args(task="sst2", data_dir=str(DATA), max_train_examples=64,
+                      max_eval_examples=16)
+    data = train.load_task(args)
+    assert len(data.train) == 64 and list(data.evals) == ["dev"] and len(data.evals["dev"]) == 16
+    assert data.labels == [e.label for e in data.train] and set(data.labels) == {0, 1}
+    assert all(e.text_a.strip() and e.text_b is None for e in data.train + data.evals["dev"])
+    assert train.load_task(args) == data                      # the cap is a seeded subset
+    other = train.load_task(train.Args(task="sst2", data_dir=str(DATA), max_train_examples=64,
+                                       max_eval_examples=16, seed=1))
+    assert other.train != data.train
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny Llama on GSM8K and MBPP, every aggregator
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task, metric, n_train", [("gsm8k", "accuracy", 12),
+                                                   ("mbpp", "pass@1", 12)])
+def test_every_aggregator_on_generation_tasks(tmp_path, llama_dir, gen_dir, task, metric,
+                                              n_train):
+    args = train.Args(task=task, model=str(llama_dir), data_dir=str(gen_dir),
+                      out=str(tmp_path / "run"), aggregator=",".join(fl.AGGREGATORS),
+                      clients=2, rounds=2, local_steps=2, batch_size=2, rank=2, lr=5e-3,
+                      max_length=64, eval_every=5, max_new_tokens=8, max_eval_examples=2,
+                      solver_steps=20, device="cpu", threads=1)
+    data = train.load_task(args)
+    assert len(data.train) == n_train and len(data.evals["test"]) == 2
+    if task == "mbpp":                       # the train and test splits by task id
+        assert all(601 <= x["task_id"] <= 974 for x in data.train)
+        assert all(11 <= x["task_id"] <= 510 for x in data.evals["test"])
+    rows = train.main(args)
+    assert rows == rows_of(tmp_path / "run")
+    assert [(r["aggregator"], r["round"]) for r in rows] == [
+        (a, t) for a in fl.AGGREGATORS for t in (1, 2)]
+    for r in rows:
+        assert finite(r["train_loss"]) and r["train_loss"] > 0
+        assert all(finite(v) for v in r["divergence"]["relative_mean"].values())
+        if r["round"] == 1:
+            assert r["metrics"] is None                    # eval_every 5: only after the last
+        else:
+            assert r["metrics"]["n_eval"] == 2 and 0 <= r["metrics"][metric] <= 1
+        if r["aggregator"] == "fedsa" and r["round"] == 2:
+            assert 0 <= r["personal_metrics"][metric] <= 1
+    for name in fl.AGGREGATORS:
+        assert (tmp_path / "run" / name / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_generation_batches_train_on_the_target_only(tmp_path, llama_dir, gen_dir):
+    """The causal-LM batches of client_batches: prompt tokens masked, the target and EOS kept."""
+    args = train.Args(task="gsm8k", model=str(llama_dir), data_dir=str(gen_dir),
+                      local_steps=2, batch_size=3, max_length=64)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    data = train.load_task(args)
+    batches = list(train.client_batches(args, train.Batcher(args, tokenizer), data, [0, 4, 7],
+                                        round_=0, u=0))
+    assert len(batches) == 2
+    for batch in batches:
+        assert batch["input_ids"].shape == batch["labels"].shape == (3, batch["labels"].shape[1])
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            kept = ids[labels != -100].tolist()
+            assert kept and kept[-1] == tokenizer.eos_token_id
+            assert "####" in tokenizer.decode(kept)
+            assert (labels[mask == 0] == -100).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, in a subprocess
+# ---------------------------------------------------------------------------------------------
+
+
+def run_train(*argv: str, check: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "FLORA_DATA"}
+    return subprocess.run([sys.executable, str(HERE / "train.py"), *argv], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=300, check=check)
+
+
+def test_command_line_smoke(tmp_path, bert_dir, glue_dir):
+    out = tmp_path / "run"
+    proc = run_train("--task", "sst2", "--model", str(bert_dir), "--data-dir", str(glue_dir),
+                     "--aggregator", "fedit,flora_na", "--clients", "2", "--rounds", "2",
+                     "--local-steps", "1", "--batch-size", "4", "--rank", "2",
+                     "--max-length", "16", "--eval-every", "1", "--threads", "1",
+                     "--device", "cpu", "--no-tie-layers", "--out", str(out), check=True)
+    rows = rows_of(out)
+    assert [(r["aggregator"], r["round"]) for r in rows] == [
+        ("fedit", 1), ("fedit", 2), ("flora_na", 1), ("flora_na", 2)]
+    assert json.loads((out / "config.json").read_text())["clients"] == 2
+    lines = [line for line in proc.stdout.splitlines() if " | round " in line]
+    assert len(lines) == 4 and lines[0].startswith("fedit | round 1/2 | loss ")
+    assert "accuracy" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_command_line_help_and_errors(tmp_path):
+    procs = {argv: subprocess.Popen([sys.executable, str(HERE / "train.py"), *argv], cwd=HERE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in [("--help",), ("--bogus",),
+                          ("--aggregator", "fedavg", "--data-dir", str(tmp_path)),
+                          ("--data-dir", str(tmp_path / "nowhere"))]}
+    res = {argv: (p.wait(timeout=300), *p.communicate()) for argv, p in procs.items()}
+    code, stdout, _ = res[("--help",)]
+    assert code == 0
+    for f in dataclasses.fields(train.Args):      # every option, with its help text
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in stdout, flag
+    assert "--no-resume" in stdout and "LoRA rank r" in stdout
+    code, _, stderr = res[("--bogus",)]                       # argparse: usage, then error
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == "train.py: error: unrecognized arguments: --bogus"
+    for argv, message in [(("--aggregator", "fedavg", "--data-dir", str(tmp_path)),
+                           "error: unknown aggregator(s) ['fedavg']"),
+                          (("--data-dir", str(tmp_path / "nowhere")),
+                           f"error: --data-dir '{tmp_path / 'nowhere'}' is not a folder")]:
+        code, stdout, stderr = res[argv]
+        assert code == 1 and stdout == ""
+        assert len(stderr.strip().splitlines()) == 1 and stderr.startswith(message), stderr
+
+
+def test_parse_args_round_trip(monkeypatch):
+    monkeypatch.delenv("FLORA_DATA", raising=False)
+    assert train.parse_args([]) == train.Args()
+    args = train.parse_args(["--clients", "3", "--lr", "0.02", "--tie-layers", "--no-resume",
+                             "--max-train-examples", "7", "--target-modules", "q,v"])
+    assert (args.clients, args.lr, args.tie_layers, args.resume) == (3, 0.02, True, False)
+    assert (args.max_train_examples, args.target_modules) == (7, "q,v")

@@ -615,13 +615,13 @@ def partition(labels: Sequence, n_clients: int, alpha: float | None, seed: int,
     if y.is_floating_point():                                       # regression: bin scores
         lo, hi = y.min(), y.max()
         y = ((y - lo) / (hi - lo + 1e-12) * n_bins).long().clamp(max=n_bins - 1)
-    dirichlet = torch.distributions.Dirichlet(torch.full((n_clients,), float(alpha)))
+    concentration = torch.full((n_clients,), float(alpha), dtype=torch.float64)
     for _ in range(100):
         clients = [[] for _ in range(n_clients)]
         for c in torch.unique(y).tolist():
             idx = torch.nonzero(y == c).flatten()
             idx = idx[torch.randperm(len(idx), generator=g)].tolist()
-            share = _dirichlet(dirichlet, g)                        # (n_clients,)
+            share = _dirichlet(concentration, g)                    # (n_clients,)
             cuts = (torch.cumsum(share, 0) * len(idx)).round().long().tolist()
             for u, (a, b) in enumerate(zip([0] + cuts[:-1], cuts)):
                 clients[u] += idx[a:b]
@@ -631,12 +631,15 @@ def partition(labels: Sequence, n_clients: int, alpha: float | None, seed: int,
                      f"examples in 100 draws; use fewer clients or a larger alpha")
 
 
-def _dirichlet(dist: torch.distributions.Dirichlet, g: torch.Generator) -> Tensor:
-    """One Dirichlet draw seeded from `g` (torch's sampler takes no generator, so the
-    global RNG is forked, seeded from g, and restored)."""
+def _dirichlet(alpha: Tensor, g: torch.Generator) -> Tensor:
+    """One Dirichlet draw seeded from `g`, sampled in log space: Gamma(a) = Gamma(a + 1) U^(1/a)
+    with U uniform, so log Gamma(a) never underflows and a tiny alpha stays skewed (torch's
+    float32 sampler returns the uniform share once every Gamma draw underflows to 0)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-        return dist.sample()
+        log_gamma = (torch.distributions.Gamma(alpha + 1, torch.ones_like(alpha)).sample().log()
+                     + torch.rand_like(alpha).log() / alpha)
+    return torch.softmax(log_gamma, 0)
 
 
 def participants(n_clients: int, fraction: float, round_: int, seed: int) -> list[int]:

@@ -134,7 +134,7 @@ def load_task(args: Args) -> TaskData:
     if args.task == "gsm8k":
         train = cap(tasks.load_gsm8k(args.data_dir, "train"), args.max_train_examples)
         evals = {"test": cap(tasks.load_gsm8k(args.data_dir, "test"), args.max_eval_examples)}
-        return TaskData(train, [len(x["answer"]) for x in train], evals)
+        return TaskData(train, [float(len(x["answer"])) for x in train], evals)
     if args.task == "mbpp":
         train = cap(tasks.load_mbpp(args.data_dir, "train"), args.max_train_examples)
         evals = {"test": cap(tasks.load_mbpp(args.data_dir, "test"), args.max_eval_examples)}
@@ -142,8 +142,10 @@ def load_task(args: Args) -> TaskData:
     raise ValueError(f"unknown task {args.task!r}; choose from {', '.join(GLUE + GENERATION)}")
 
 
-def load_model(args: Args, device: torch.device):
-    """The base model with LoRA attached (seeded, so every aggregator starts identically)."""
+def load_model(args: Args, device: torch.device, weights: bool = True):
+    """The base model with LoRA attached (seeded, so every aggregator starts identically).
+    weights=False builds it from its config on the meta device: a cheap check of the model,
+    the LoRA targets and the rank before anything is written or trained."""
     import transformers
     transformers.logging.set_verbosity_error()
     path = tasks.resolve_model(args.model)
@@ -151,13 +153,15 @@ def load_model(args: Args, device: torch.device):
     torch.manual_seed(args.seed)
     try:
         if args.task in GENERATION:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            task_type = "CAUSAL_LM"
+            auto, kw, task_type = transformers.AutoModelForCausalLM, {}, "CAUSAL_LM"
         else:
-            n = tasks.GLUE_TASKS[args.task].num_labels
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=n, dtype=dtype)
-            task_type = "SEQ_CLS"
+            auto, task_type = transformers.AutoModelForSequenceClassification, "SEQ_CLS"
+            kw = {"num_labels": tasks.GLUE_TASKS[args.task].num_labels}
+        if weights:
+            model = auto.from_pretrained(path, dtype=dtype, **kw)
+        else:
+            with torch.device("meta"):
+                model = auto.from_config(transformers.AutoConfig.from_pretrained(path, **kw))
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise SystemExit(f"error: could not load model {args.model!r} ({path}): it is not a "
@@ -169,6 +173,8 @@ def load_model(args: Args, device: torch.device):
         model.config.pad_token_id = tokenizer.pad_token_id
     targets = args.target_modules.split(",") if args.target_modules else None
     model = fl.add_lora(model, args.rank, args.lora_alpha, args.lora_dropout, targets, task_type)
+    if not weights:
+        return model, tokenizer
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -483,13 +489,15 @@ def check_args(args: Args) -> list[str]:
         raise ValueError(f"--participation must be in (0, 1], got {args.participation}")
     if args.solver not in ("als", "adamw"):
         raise ValueError(f"--solver must be als or adamw, got {args.solver!r}")
+    if args.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"--optimizer must be adamw or sgd, got {args.optimizer!r}")
     return names
 
 
 def _check_config(args: Args) -> None:
     """Refuse to mix runs: a resumed run must have the same config; a new one an empty dir."""
     path = os.path.join(args.out, "config.json")
-    config = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "device")}
+    config = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "device", "out")}
     if os.path.exists(path):
         if not args.resume:
             raise FileExistsError(f"{args.out} already holds a run: pass --resume to continue "
@@ -512,6 +520,7 @@ def main(args: Args) -> list[dict]:
         raise ValueError(f"{args.clients} clients but only {len(data.train)} training examples")
     alpha = args.dirichlet_alpha or None
     parts = fl.partition(data.labels, args.clients, alpha, args.seed, min_size=1)
+    load_model(args, device, weights=False)      # model, LoRA targets, rank: before --out
     _check_config(args)
     log: list[dict] = []
     mpath = os.path.join(args.out, "metrics.jsonl")

@@ -107,6 +107,8 @@ def _check_clients(A: Sequence[Tensor], B: Sequence[Tensor], p: Tensor, same_ran
                              f"{tuple(b.shape)}; expected A (L, r, k) and B (L, d, r)")
         if a.shape[0] != A[0].shape[0] or a.shape[2] != A[0].shape[2] or b.shape[1] != B[0].shape[1]:
             raise ValueError(f"{method}: client {u}'s layer shapes differ from client 0's")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"{method}: client {u}'s A or B contains NaN or Inf")
     ranks = [a.shape[1] for a in A]
     if same_rank and len(set(ranks)) > 1:
         raise ValueError(f"{method} needs equal client ranks, got {ranks}")
@@ -173,7 +175,9 @@ def flexlora(A, B, p, rank: int | None = None, **_) -> Aggregate:
     """FlexLoRA: truncated SVD of M, redistributed as rank-r factors (r = the largest client
     rank unless given); a client of rank r_u keeps the leading r_u components."""
     p = _check_clients(A, B, p, False, "flexlora")
-    r = rank or max(a.shape[1] for a in A)
+    r = max(a.shape[1] for a in A) if rank is None else rank
+    if r < 1:
+        raise ValueError(f"flexlora: rank must be >= 1, got {r}")
     B_stack = torch.cat([w * b.double() for w, b in zip(p.tolist(), B)], dim=2)  # (L, d, R)
     A_stack = torch.cat([a.double() for a in A], dim=1)                          # (L, R, k)
     U_, S, V = lowrank_svd(B_stack, A_stack)          # M = U_ diag(S) V^T, never formed
@@ -255,15 +259,20 @@ def gram_blocks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     L, U, r, k = A.shape
     A_flat = A.double().reshape(L, U * r, k)                              # (L, U r, k)
     B_flat = B.double().permute(0, 2, 1, 3).reshape(L, B.shape[2], U * r)  # (L, d, U r)
-    G_A = (A_flat @ A_flat.mT).view(L, U, r, U, r).permute(0, 1, 3, 2, 4)
-    G_B = (B_flat.mT @ B_flat).view(L, U, r, U, r).permute(0, 1, 3, 2, 4)
+    G_A = (A_flat @ A_flat.mT).view(L, U, r, U, r).permute(0, 1, 3, 2, 4).contiguous()
+    G_B = (B_flat.mT @ B_flat).view(L, U, r, U, r).permute(0, 1, 3, 2, 4).contiguous()
     return G_A, G_B
 
 
-def _squared_divergence(G_A, G_B, p, P, Q) -> Tensor:
+def _norm_M2(G_A, G_B, p) -> Tensor:
+    """||M||_F^2 per layer (L,): sum_uv p_u p_v tr(B_u^T B_v A_v A_u^T)."""
+    return torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)
+
+
+def _squared_divergence(G_A, G_B, p, P, Q, norm_M2=None) -> Tensor:
     """||M - B_hat A_hat||_F^2 per layer (L,) from Gram blocks; P, Q (L, U) or (U,)."""
     P, Q = P.expand(G_A.shape[0], -1), Q.expand(G_A.shape[0], -1)
-    norm_M2 = torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)           # ||M||^2
+    norm_M2 = _norm_M2(G_A, G_B, p) if norm_M2 is None else norm_M2
     S_B = torch.einsum("la,lc,lacij->lij", P, P, G_B)                      # B_hat^T B_hat
     S_A = torch.einsum("lb,ld,lbdij->lij", Q, Q, G_A)                      # A_hat A_hat^T
     X = torch.einsum("la,luaij->luij", P, G_B)                             # B_u^T B_hat
@@ -307,20 +316,52 @@ def divergence_bound(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
     p = _check_factors(A, B, p).to(A.device)
     L, U, r, k = A.shape
     B_stack = (B.double() * p[None, :, None, None]).permute(0, 2, 1, 3).reshape(L, -1, U * r)
-    _, S, _ = lowrank_svd(B_stack, A.double().reshape(L, U * r, k))
+    _, R_b = torch.linalg.qr(B_stack, mode="r")      # only the singular values are needed,
+    _, R_a = torch.linalg.qr(A.double().reshape(L, U * r, k).mT, mode="r")   # so skip Q
+    S = torch.linalg.svdvals(R_b @ R_a.mT)           # singular values of M, descending
     return S[:, r:].square().sum(-1).sqrt()
+
+
+def _lm_step(G_A, G_B, p, P, Q, f, damping, total):
+    """One Levenberg-Marquardt step on the residual M - B_hat A_hat in the 2U unknowns
+    (P, Q) jointly, from Gram blocks; kept only where it lowers f (per layer, or in total
+    when tied). Returns P, Q, f and the damping, lowered after a success, raised after not."""
+    L, U = P.shape
+    S_A = torch.einsum("lb,ld,lbdij->lij", Q, Q, G_A)                  # A_hat A_hat^T
+    S_B = torch.einsum("la,lc,lacij->lij", P, P, G_B)                  # B_hat^T B_hat
+    X = torch.einsum("la,luaij->luij", P, G_B)                         # B_u^T B_hat
+    Y = torch.einsum("lb,lbuij->luij", Q, G_A)                         # A_hat A_u^T
+    H_P = torch.einsum("lacij,lji->lac", G_B, S_A)                     # <B_a A_hat, B_c A_hat>
+    H_Q = torch.einsum("lij,lbdji->lbd", S_B, G_A)                     # <B_hat A_b, B_hat A_d>
+    C = torch.einsum("luij,lvij->luv", X, Y)                           # <B_u A_hat, B_hat A_v>
+    g_P = torch.einsum("u,luaij,luji->la", p, G_B, Y) - torch.einsum("lac,lc->la", H_P, P)
+    g_Q = torch.einsum("u,luij,lbuji->lb", p, X, G_A) - torch.einsum("lbd,ld->lb", H_Q, Q)
+    JJ = total(torch.cat([torch.cat([H_P, C], 2), torch.cat([C.mT, H_Q], 2)], 1))  # J^T J
+    Jr = total(torch.cat([g_P, g_Q], 1))                                           # J^T r
+    scale = JJ.diagonal(dim1=1, dim2=2).mean(-1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    eye = torch.eye(2 * U, dtype=JJ.dtype, device=JJ.device)
+    step = torch.linalg.solve(JJ + (damping * scale)[:, None, None] * eye, Jr.unsqueeze(-1))
+    step = step[..., 0].expand(L, 2 * U)                               # (L, 2U)
+    P_new, Q_new = P + step[:, :U], Q + step[:, U:]
+    f_new = total(_squared_divergence(G_A, G_B, p, P_new, Q_new))
+    better = f_new < f
+    damping = torch.where(better, damping / 3, damping * 4).clamp(1e-12, 1e12)
+    return (torch.where(better[:, None], P_new, P), torch.where(better[:, None], Q_new, Q),
+            torch.where(better, f_new, f), damping)
 
 
 def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
     """Exact alternating minimisation. For fixed Q the objective is P^T H P - 2 g^T P + c,
     a convex quadratic; each half-step minimises it plus prox * ||P - P_prev||^2 so the
     divergence can only go down, and stays well posed when H is singular (B = 0, identical
-    clients). Returns P, Q (L, U) and the number of iterations run."""
+    clients). After each sweep a joint Levenberg-Marquardt step (kept only if it helps) moves
+    P and Q together. Returns P, Q (L, U) and the number of iterations run."""
     L, U = G_A.shape[:2]
     P = p.expand(L, U).clone()                                        # start at FedIT
     Q = p.expand(L, U).clone()
     eye = torch.eye(U, dtype=G_A.dtype, device=G_A.device)
-    norm_M2 = torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)
+    norm_M2 = _norm_M2(G_A, G_B, p)
 
     def prox_step(H, g, x):
         """argmin_x' x'^T H x' - 2 g^T x' + prox_l ||x' - x||^2, per layer (or tied)."""
@@ -333,6 +374,7 @@ def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
 
     total = (lambda f: f.sum(0, keepdim=True)) if tie_layers else (lambda f: f)
     f_prev = total(_squared_divergence(G_A, G_B, p, P, Q))
+    damping = torch.full_like(f_prev, 1e-3)
     for it in range(1, max_iter + 1):
         S_A = torch.einsum("lb,ld,lbdij->lij", Q, Q, G_A)                  # A_hat A_hat^T
         H = torch.einsum("lacij,lji->lac", G_B, S_A)                       # (L, U, U)
@@ -345,6 +387,14 @@ def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
         g = torch.einsum("u,luij,lbuji->lb", p, X, G_A)
         Q = prox_step(H, g, Q)
         f = total(torch.einsum("lb,lbd,ld->l", Q, H, Q) - 2 * (g * Q).sum(-1) + norm_M2)
+        # Alternating steps alone can crawl for thousands of sweeps along a narrow valley
+        # (a "swamp") where the optimum needs P and Q to move together: also try a joint
+        # Levenberg-Marquardt step, up to 3 times with rising damping.
+        for _ in range(3):
+            P, Q, f_new, damping = _lm_step(G_A, G_B, p, P, Q, f, damping, total)
+            moved, f = (f_new < f).any(), f_new
+            if moved:
+                break
         if ((f_prev - f) <= tol * total(norm_M2)).all():
             break
         f_prev = f
@@ -359,12 +409,13 @@ def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: f
     P = p.expand(n, U).clone().requires_grad_(True)
     Q = p.expand(n, U).clone().requires_grad_(True)
     opt = torch.optim.AdamW([P, Q], lr=lr, weight_decay=weight_decay)
-    scale = torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A).clamp_min(1e-300)
+    norm_M2 = _norm_M2(G_A, G_B, p)
+    scale = norm_M2.clamp_min(1e-300)
     total = (lambda f: f.sum(0, keepdim=True)) if tie_layers else (lambda f: f)
     best_f = torch.full((n,), math.inf, dtype=G_A.dtype, device=G_A.device)
     best_P, best_Q = P.detach().clone(), Q.detach().clone()
     for step in range(steps + 1):
-        f = _squared_divergence(G_A, G_B, p, P, Q)                        # (L,)
+        f = _squared_divergence(G_A, G_B, p, P, Q, norm_M2)               # (L,)
         with torch.no_grad():                          # keep the best iterate (per layer)
             better = total(f) < best_f
             best_f = torch.where(better, total(f), best_f)
@@ -400,6 +451,7 @@ def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
     f = _squared_divergence(G_A, G_B, p, P, Q)
     f_naive = _squared_divergence(G_A, G_B, p, p, p)
     total = (lambda x: x.sum(0, keepdim=True)) if tie_layers else (lambda x: x)
+    f, f_naive = f.clamp_min(0), f_naive.clamp_min(0)
     worse = (total(f) > total(f_naive))[:, None]   # round-off must never lose to FedIT
     P, Q = torch.where(worse, p, P), torch.where(worse, p, Q)
     f = torch.where(worse[:, 0], f_naive, f)
@@ -422,7 +474,7 @@ def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
         P=P, Q=Q, A_hat=A_hat, B_hat=B_hat,
         divergence=f.clamp_min(0).sqrt(), divergence_naive=f_naive.clamp_min(0).sqrt(),
         divergence_bound=divergence_bound(A, B, p) if bound else None,
-        norm_M=torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A).clamp_min(0).sqrt(),
+        norm_M=_norm_M2(G_A, G_B, p).clamp_min(0).sqrt(),
         iterations=iters)
 
 
@@ -572,7 +624,7 @@ def server_aggregate(client_factors: list[dict[str, tuple[Tensor, Tensor]]], p: 
         G_A, G_B = gram_blocks(A4, B4)
         pd = p.to(G_A.device)
         naive = _squared_divergence(G_A, G_B, pd, pd, pd).clamp_min(0).sqrt()
-        norm_M = _squared_divergence(G_A, G_B, pd, 0 * pd, 0 * pd).clamp_min(0).sqrt()
+        norm_M = _norm_M2(G_A, G_B, pd).clamp_min(0).sqrt()
         bound = divergence_bound(A4, B4, p)
         chosen = update_divergence(A, B, p, agg)
         for i, n in enumerate(group):

@@ -1,0 +1,345 @@
+#!/usr/bin/env bash
+# Rebuild the evidence for FLoRA-NA (arXiv 2509.26399) from scratch, stage by stage:
+#
+#   1 tests              python -m pytest -q
+#   2 divergence study   one federated SST-2 run (FedIT) that also records what FLoRA-NA's
+#                        ALS and AdamW solvers and the rank-r bound would reach, every round
+#   3 GLUE table         all 8 aggregators x {sst2, mrpc, rte, stsb} x 3 seeds, Dirichlet 0.5,
+#                        plus a centralised reference (1 client, IID, same examples seen)
+#   4 sensitivity        FLoRA-NA vs FedIT across Dirichlet alpha and client counts (SST-2)
+#   5 solver benchmark   bench_solver.py at LLaMA-2-7B adapter shapes
+#   6 generation         a small federated GSM8K run (SmolLM2-135M; FULL: LLaMA-2-7B)
+#   7 report             python report.py -> results/REPORT.md, PNGs, README results section
+#
+# Usage:
+#   bash reproduce.sh                    # QUICK: about an hour on a 2-core CPU
+#   bash reproduce.sh --only 2,3         # some stages (also: STAGES=2,3 bash reproduce.sh);
+#                                        # the report (7) runs after any selection
+#   bash reproduce.sh --skip 1,6         # all but some (also: SKIP=1,6)
+#   MODE=FULL bash reproduce.sh          # paper scale for a GPU (RoBERTa-large, LLaMA-2-7B)
+#   DRY_RUN=1 MODE=FULL bash reproduce.sh  # print the paper-scale commands, run nothing
+#   TINY=1 bash reproduce.sh             # plumbing check in minutes, into results/tiny/
+#
+# Every training run has its own --out under $RESULTS/runs/<stage>/ and is started with
+# --resume, so re-running this script continues killed runs and skips finished ones.
+# Environment: FLORA_DATA (data root, default ../shared/data), JOBS (parallel runs, default:
+# CPU cores in QUICK, 1 in FULL), THREADS (torch threads per run: 1 in QUICK, all in FULL),
+# PYTHON, PYTEST_ARGS, ROBERTA and LLAMA (local folders for the FULL models, no Hub needed),
+# RESULTS (output folder), README=0 (leave README.md alone). After changing a budget, delete
+# the affected results/runs/<stage>/ folders: train.py refuses to resume with another config.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# --- options --------------------------------------------------------------------------------
+
+MODE=${MODE:-QUICK}
+TINY=${TINY:-0}
+DRY_RUN=${DRY_RUN:-0}
+ONLY=${STAGES:-}
+SKIP=${SKIP:-}
+while (($#)); do
+    case $1 in
+        --only) ONLY=$2; shift 2 ;;
+        --only=*) ONLY=${1#*=}; shift ;;
+        --skip) SKIP=$2; shift 2 ;;
+        --skip=*) SKIP=${1#*=}; shift ;;
+        --mode) MODE=$2; shift 2 ;;
+        --mode=*) MODE=${1#*=}; shift ;;
+        --tiny) TINY=1; shift ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        --no-report) SKIP="${SKIP:+$SKIP,}7"; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "reproduce.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
+    esac
+done
+MODE=${MODE^^}
+[[ $MODE == QUICK || $MODE == FULL ]] || { echo "MODE must be QUICK or FULL, got $MODE" >&2; exit 2; }
+
+PY=${PYTHON:-python}
+DATA=${FLORA_DATA:-../shared/data}
+CORES=$(nproc 2>/dev/null || echo 2)
+if [[ $MODE == FULL ]]; then
+    JOBS=${JOBS:-1}; THREADS=${THREADS:-0}; RESULTS=${RESULTS:-results/full}
+else
+    # Two single-thread runs side by side beat one two-thread run on 2 cores, and stay fast
+    # when other processes load the machine (a 2-thread torch run slowed ~10x under load).
+    JOBS=${JOBS:-$CORES}; THREADS=${THREADS:-1}; RESULTS=${RESULTS:-results}
+fi
+[[ $TINY == 1 ]] && RESULTS=results/tiny
+RUNS=$RESULTS/runs
+export OMP_NUM_THREADS=${THREADS/#0/$CORES} TOKENIZERS_PARALLELISM=false
+
+# --- budgets --------------------------------------------------------------------------------
+# QUICK was sized from measured CPU time on this 2-core Xeon (one torch thread per run, so two
+# runs share the 2 cores): MiniLM-L6 with LoRA r 8, batch 8, 64 tokens ~0.25 s per step (SST-2's
+# short sentences ~0.17 s); one 8-aggregator GLUE run of 8 rounds x 3 clients x 4 steps took
+# 261 CPU-s on SST-2 and 421 CPU-s on MRPC with dev evaluation every 2 rounds (evaluation, FedSA's
+# per-client evaluation and model loading were about half of it, hence every 4 rounds below);
+# SmolLM2-135M, batch 4 x 256 tokens: ~7 CPU-s per step. Expected times assume the 2 cores are
+# free; under load they stretch accordingly.
+if [[ $MODE == FULL ]]; then
+    # Paper scale (PAPER.md): RoBERTa-large, 3 clients, Dirichlet 0.5, 600 rounds x 10 local
+    # SGD steps, batch 128, lr 0.02, max length 128, LoRA r 8 alpha 12, query/value.
+    GLUE_MODEL=(--model "${ROBERTA:-roberta-large}")
+    GLUE_TRAIN=(--rounds 600 --local-steps 10 --batch-size 128 --optimizer sgd --lr 0.02
+                --max-length 128 --rank 8 --lora-alpha 12 --eval-every 10)
+    GLUE_CLIENTS=3; SEEDS="0 1 2"; CENTRAL_STEPS=30
+    DIV_CLIENTS=10; DIV_TRAIN=("${GLUE_TRAIN[@]}")
+    SENS_TRAIN=("${GLUE_TRAIN[@]}"); SENS_SEEDS="0"
+    # GSM8K: the paper's LLaMA-2-7B setting; these hyperparameters are ours (PAPER.md lists none).
+    GEN_MODEL=(--model "${LLAMA:-meta-llama/Llama-2-7b-hf}" --bf16 --gradient-checkpointing)
+    GEN_TRAIN=(--clients 10 --rounds 20 --local-steps 10 --batch-size 16 --lr 3e-4 --rank 16
+               --lora-alpha 32 --max-length 512 --eval-every 20 --eval-batch-size 32
+               --max-new-tokens 256)
+    GEN_AGGS="fedit fedsa flora_na"
+    BENCH_ARGS=()
+    # GPU times are estimates from FLOPs (~0.35 s per RoBERTa-large step of 128 x 128 tokens
+    # in fp32/TF32 on an H100), not measurements.
+    T1="~10 min"; T2="~6 GPU-h"; T3="~7 GPU-days (96 aggregator runs of ~1.75 h)"
+    T4="~2.5 GPU-days"; T5="~1 min"; T6="~4 GPU-h"
+else
+    GLUE_MODEL=(--model minilm)
+    # 3 clients (the authors' default), 8 rounds x 4 local AdamW steps of batch 8 at lr 5e-3
+    # (at 1e-3 no federated run left the majority class within this budget), 64 tokens;
+    # 2000 training examples, dev sets capped at 200, evaluated at rounds 4 and 8.
+    GLUE_TRAIN=(--rounds 8 --local-steps 4 --batch-size 8 --lr 5e-3 --max-length 64
+                --max-train-examples 2000 --max-eval-examples 200 --eval-every 4)
+    GLUE_CLIENTS=3; SEEDS="0 1 2"; CENTRAL_STEPS=12   # 1 client x 12 steps = 3 clients x 4
+    DIV_CLIENTS=10
+    DIV_TRAIN=(--rounds 15 --local-steps 5 --batch-size 8 --lr 5e-3 --max-length 64
+               --max-train-examples 4000 --max-eval-examples 400 --eval-every 5)
+    SENS_TRAIN=("${GLUE_TRAIN[@]}"); SENS_SEEDS="0"
+    GEN_MODEL=(--model smollm2)
+    GEN_TRAIN=(--clients 3 --rounds 2 --local-steps 3 --batch-size 4 --lr 2e-4 --max-length 256
+               --max-train-examples 600 --max-eval-examples 30 --eval-every 2
+               --eval-batch-size 30 --max-new-tokens 192)
+    GEN_AGGS="fedit flora_na"
+    BENCH_ARGS=()
+    T1="~2 min"; T2="~3 min"; T3="~33 min"; T4="~6 min"; T5="~4 min"; T6="~4 min"
+fi
+if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningless
+    GLUE_TRAIN=(--rounds 2 --local-steps 1 --batch-size 4 --lr 5e-3 --max-length 32
+                --max-train-examples 120 --max-eval-examples 24 --eval-every 1)
+    SEEDS="0 1"; CENTRAL_STEPS=3
+    DIV_TRAIN=(--rounds 3 --local-steps 1 --batch-size 4 --max-length 32
+               --max-train-examples 200 --max-eval-examples 24 --eval-every 3)
+    SENS_TRAIN=("${GLUE_TRAIN[@]}" --max-train-examples 400); SENS_SEEDS="0"  # 120 too few at alpha 0.1
+    GEN_TRAIN=(--clients 2 --rounds 1 --local-steps 1 --batch-size 2 --lr 2e-4 --max-length 96
+               --max-train-examples 40 --max-eval-examples 2 --eval-every 1
+               --eval-batch-size 2 --max-new-tokens 24)
+    BENCH_ARGS=(--quick)
+    T1="~2 min"; T2="~1 min"; T3="~6 min"; T4="~2 min"; T5="~1 min"; T6="~2 min"
+fi
+COMMON=(--data-dir "$DATA" --threads "$THREADS" --resume)
+GLUE_TASKS="rte mrpc stsb sst2"   # longest runs first
+AGGREGATORS="fedit,ffa,fedsa,fedex,flora,flexlora,lora_fair,flora_na"
+
+# --- helpers --------------------------------------------------------------------------------
+
+wanted() {   # wanted N: is stage N selected?
+    if [[ -n $ONLY && ",$ONLY," != *",$1,"* && $1 != 7 ]]; then return 1; fi
+    [[ ",$SKIP," != *",$1,"* ]]
+}
+
+banner() {   # banner N "title" "expected time"
+    printf '\n==============================================================================\n'
+    printf ' Stage %s: %s   [%s, expected %s on %s]\n' "$1" "$2" "$MODE$([[ $TINY == 1 ]] && echo ' TINY')" \
+        "$3" "$([[ $MODE == FULL ]] && echo 'one GPU' || echo 'a 2-core CPU')"
+    printf '==============================================================================\n'
+}
+
+quote() {   # the command as one shell-ready line (quotes only where needed)
+    local a
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_./,=:+@-]+$ ]]; then printf '%s ' "$a"; else printf '%q ' "$a"; fi
+    done
+}
+
+run() {   # run OUT_DIR CMD...: one logged run, skipped if it already finished with this command
+    local out=$1; shift
+    local cmd; cmd=$(quote "$@")
+    if [[ $DRY_RUN == 1 ]]; then echo "$cmd"; return 0; fi
+    if [[ -f $out/DONE && $(cat "$out/DONE") == "$cmd" ]]; then
+        echo "  done already: $out"; return 0
+    fi
+    mkdir -p "$out"
+    echo "  start $(date +%H:%M:%S)  $out   (log: $out/log.txt)"
+    local t0=$SECONDS pid
+    "$@" >>"$out/log.txt" 2>&1 &       # in the background, so a signal can reach it
+    pid=$!
+    trap 'kill "$pid" 2>/dev/null' INT TERM
+    if wait "$pid"; then
+        echo "$cmd" >"$out/DONE"
+        echo "  done  $(date +%H:%M:%S)  $out   ($((SECONDS - t0)) s)"
+    else
+        local rc=$?
+        if ((rc > 128)); then
+            echo "  stopped $out (signal $((rc - 128))); the next run of this script resumes it" >&2
+        else
+            echo "  FAILED (exit $rc) $out; last lines of $out/log.txt:" >&2
+            tail -n 15 "$out/log.txt" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 15 | sed 's/^/    /' >&2
+        fi
+        return "$rc"
+    fi
+}
+
+# A pool of at most JOBS runs at a time; failures are collected in a file, not lost.
+POOL_FAILS=""
+pool_start() {
+    POOL_FAILS=$(mktemp)
+    trap 'kill $(jobs -p) 2>/dev/null; wait; exit 130' INT TERM   # stop this stage's runs
+}
+pool_run() {   # pool_run OUT_DIR CMD...
+    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n 2>/dev/null || true; done
+    ( run "$@" || echo "$1" >>"$POOL_FAILS" ) &
+}
+pool_wait() {   # wait for every run; fail if any failed
+    wait
+    if [[ -s $POOL_FAILS ]]; then
+        echo "  $(wc -l <"$POOL_FAILS") run(s) failed:" >&2; sed 's/^/    /' "$POOL_FAILS" >&2
+        rm -f "$POOL_FAILS"; return 1
+    fi
+    rm -f "$POOL_FAILS"
+}
+trap 'echo "reproduce.sh: interrupted" >&2; exit 130' INT TERM
+
+TRAIN=("$PY" train.py)
+
+# --- stages ---------------------------------------------------------------------------------
+
+stage_1() {
+    banner 1 "tests" "$T1"
+    # shellcheck disable=SC2086
+    if [[ $DRY_RUN == 1 ]]; then echo "$PY -m pytest -q ${PYTEST_ARGS:-}"; return 0; fi
+    $PY -m pytest -q ${PYTEST_ARGS:-}
+}
+
+stage_2() {
+    banner 2 "divergence study: FedIT on SST-2, $DIV_CLIENTS clients, Dirichlet 0.5, every solver tracked" "$T2"
+    pool_start
+    pool_run "$RUNS/divergence/sst2" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator fedit \
+        --clients "$DIV_CLIENTS" --dirichlet-alpha 0.5 --seed 0 --track-solvers \
+        "${DIV_TRAIN[@]}" "${COMMON[@]}" --out "$RUNS/divergence/sst2"
+    pool_wait
+}
+
+stage_3() {
+    banner 3 "GLUE table: 8 aggregators x {$GLUE_TASKS} x seeds {$SEEDS}, $GLUE_CLIENTS clients, Dirichlet 0.5, + centralised" "$T3"
+    pool_start
+    local task seed out
+    for seed in $SEEDS; do           # seed by seed, so an interrupted stage still covers every
+        for task in $GLUE_TASKS; do  # task; the long pair tasks first balances the pool better
+            out=$RUNS/glue/${task}_seed$seed
+            pool_run "$out" "${TRAIN[@]}" --task "$task" "${GLUE_MODEL[@]}" --aggregator "$AGGREGATORS" \
+                --clients "$GLUE_CLIENTS" --dirichlet-alpha 0.5 --seed "$seed" \
+                "${GLUE_TRAIN[@]}" "${COMMON[@]}" --out "$out"
+        done
+        for task in $GLUE_TASKS; do
+            # centralised reference: one client holding all the data (IID), as many examples
+            # per round as all federated clients together (local steps x clients)
+            out=$RUNS/glue/${task}_centralised_seed$seed
+            pool_run "$out" "${TRAIN[@]}" --task "$task" "${GLUE_MODEL[@]}" --aggregator fedit \
+                --clients 1 --dirichlet-alpha 0 --seed "$seed" \
+                "${GLUE_TRAIN[@]}" --local-steps "$CENTRAL_STEPS" "${COMMON[@]}" --out "$out"
+        done
+    done
+    pool_wait
+}
+
+stage_4() {
+    banner 4 "sensitivity: FLoRA-NA vs FedIT on SST-2, alpha {0.1,0.5,1.0} x 10 clients, clients {3,10,20} x alpha 0.5" "$T4"
+    pool_start
+    local seed alpha clients
+    for seed in $SENS_SEEDS; do
+        for setting in "0.5 20" "0.1 10" "0.5 10" "1.0 10" "0.5 3"; do   # longest first
+            read -r alpha clients <<<"$setting"
+            local out=$RUNS/sensitivity/alpha${alpha}_clients${clients}_seed$seed
+            pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator fedit,flora_na \
+                --clients "$clients" --dirichlet-alpha "$alpha" --seed "$seed" \
+                "${SENS_TRAIN[@]}" "${COMMON[@]}" --out "$out"
+        done
+    done
+    pool_wait
+}
+
+stage_5() {
+    banner 5 "solver benchmark (bench_solver.py, LLaMA-2-7B adapter shapes)" "$T5"
+    local out=$RUNS/bench/bench_solver.json
+    local extra=()
+    # pass our thread count when the benchmark knows the option
+    if $PY bench_solver.py --help 2>/dev/null | grep -q -- '--threads'; then
+        extra=(--threads "$THREADS")
+    fi
+    if [[ $DRY_RUN == 1 ]]; then quote "$PY" bench_solver.py "${BENCH_ARGS[@]}" "${extra[@]}" --out "$out"; echo; return 0; fi
+    mkdir -p "$(dirname "$out")"
+    $PY bench_solver.py "${BENCH_ARGS[@]}" "${extra[@]}" --out "$out" 2>&1 | tee "$RUNS/bench/log.txt"
+}
+
+stage_6() {
+    banner 6 "generation: federated GSM8K ($(
+        [[ $MODE == FULL ]] && echo LLaMA-2-7B || echo SmolLM2-135M); aggregators {$GEN_AGGS})" "$T6"
+    pool_start
+    local agg
+    for agg in $GEN_AGGS; do         # one process per aggregator, so they run side by side
+        local out=$RUNS/generation/gsm8k_$agg
+        pool_run "$out" "${TRAIN[@]}" --task gsm8k "${GEN_MODEL[@]}" --aggregator "$agg" \
+            --dirichlet-alpha 0.5 --seed 0 "${GEN_TRAIN[@]}" "${COMMON[@]}" --out "$out"
+    done
+    pool_wait
+    [[ $DRY_RUN == 1 ]] && return 0
+    for agg in $GEN_AGGS; do         # accuracy with the size of the evaluated subset
+        $PY - "$RUNS/generation/gsm8k_$agg/metrics.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+last = [r for r in rows if r["metrics"]][-1]
+m = last["metrics"]
+print(f"  GSM8K {last['aggregator']}: accuracy {m['accuracy']:.3f} = "
+      f"{round(m['accuracy'] * m['n_eval'])}/{m['n_eval']} test problems after round {last['round']}")
+EOF
+    done
+}
+
+stage_7() {
+    banner 7 "report: $RESULTS/REPORT.md and figures" "~30 s"
+    local readme=()
+    # README's results section is only rewritten from a real run kept inside this repository
+    # (never from TINY plumbing numbers, nor from RESULTS=/somewhere/else); README=0 turns it off
+    if [[ $TINY != 1 && ${README:-1} != 0 && $RESULTS != /* && $RESULTS != ..* ]]; then
+        readme=(--readme README.md)
+    fi
+    if [[ $DRY_RUN == 1 ]]; then quote "$PY" report.py "$RESULTS" "${readme[@]}"; echo; return 0; fi
+    $PY report.py "$RESULTS" "${readme[@]}"
+}
+
+# --- main -----------------------------------------------------------------------------------
+
+NAMES=([1]=tests [2]=divergence [3]=glue [4]=sensitivity [5]=bench [6]=generation [7]=report)
+echo "reproduce.sh: MODE=$MODE TINY=$TINY results in $RESULTS/, data from $DATA," \
+     "$JOBS parallel run(s) x $THREADS thread(s) (0 = all), $(date '+%F %T')"
+if [[ $DRY_RUN != 1 ]]; then
+    mkdir -p "$RUNS"
+    printf '{"mode": "%s", "tiny": %s, "started": "%s", "jobs": %s, "threads": %s, "only": "%s", "skip": "%s"}\n' \
+        "$MODE" "$([[ $TINY == 1 ]] && echo true || echo false)" "$(date '+%F %T')" "$JOBS" \
+        "$THREADS" "$ONLY" "$SKIP" >"$RESULTS/pipeline.json"
+fi
+FAILED=()
+for n in 1 2 3 4 5 6 7; do
+    wanted "$n" || continue
+    t0=$SECONDS
+    set +e
+    ( set -e; "stage_$n" )          # a subshell, so errexit holds inside the stage
+    rc=$?
+    set -e
+    status=$([[ $rc == 0 ]] && echo ok || echo "failed($rc)")
+    ((rc == 0)) || FAILED+=("$n")
+    if [[ $DRY_RUN != 1 ]]; then
+        printf '%s\t%s\t%s\t%s\t%s\n' "$n" "${NAMES[$n]}" "$status" "$((SECONDS - t0))" \
+            "$(date '+%F %T')" >>"$RESULTS/stage_times.tsv"
+    fi
+    echo "stage $n (${NAMES[$n]}): $status in $((SECONDS - t0)) s"
+done
+if ((${#FAILED[@]})); then
+    echo "reproduce.sh: stage(s) ${FAILED[*]} failed; their logs are under $RUNS/" >&2
+    exit 1
+fi
+echo "reproduce.sh: all selected stages finished; see $RESULTS/REPORT.md"

@@ -322,7 +322,7 @@ def divergence_bound(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
     return S[:, r:].square().sum(-1).sqrt()
 
 
-def _lm_step(G_A, G_B, p, P, Q, f, damping, total):
+def _lm_step(G_A, G_B, p, P, Q, f, damping, total, norm_M2):
     """One Levenberg-Marquardt step on the residual M - B_hat A_hat in the 2U unknowns
     (P, Q) jointly, from Gram blocks; kept only where it lowers f (per layer, or in total
     when tied). Returns P, Q, f and the damping, lowered after a success, raised after not."""
@@ -344,7 +344,7 @@ def _lm_step(G_A, G_B, p, P, Q, f, damping, total):
     step = torch.linalg.solve(JJ + (damping * scale)[:, None, None] * eye, Jr.unsqueeze(-1))
     step = step[..., 0].expand(L, 2 * U)                               # (L, 2U)
     P_new, Q_new = P + step[:, :U], Q + step[:, U:]
-    f_new = total(_squared_divergence(G_A, G_B, p, P_new, Q_new))
+    f_new = total(_squared_divergence(G_A, G_B, p, P_new, Q_new, norm_M2))
     better = f_new < f
     damping = torch.where(better, damping / 3, damping * 4).clamp(1e-12, 1e12)
     return (torch.where(better[:, None], P_new, P), torch.where(better[:, None], Q_new, Q),
@@ -373,7 +373,7 @@ def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
         return x_new.expand(L, U)
 
     total = (lambda f: f.sum(0, keepdim=True)) if tie_layers else (lambda f: f)
-    f_prev = total(_squared_divergence(G_A, G_B, p, P, Q))
+    f_prev = total(_squared_divergence(G_A, G_B, p, P, Q, norm_M2))
     damping = torch.full_like(f_prev, 1e-3)
     for it in range(1, max_iter + 1):
         S_A = torch.einsum("lb,ld,lbdij->lij", Q, Q, G_A)                  # A_hat A_hat^T
@@ -391,7 +391,7 @@ def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
         # (a "swamp") where the optimum needs P and Q to move together: also try a joint
         # Levenberg-Marquardt step, up to 3 times with rising damping.
         for _ in range(3):
-            P, Q, f_new, damping = _lm_step(G_A, G_B, p, P, Q, f, damping, total)
+            P, Q, f_new, damping = _lm_step(G_A, G_B, p, P, Q, f, damping, total, norm_M2)
             moved, f = (f_new < f).any(), f_new
             if moved:
                 break
@@ -504,13 +504,29 @@ DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"],
                    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
                    "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
+# Non-LoRA modules trained in full (and averaged with p_u like the classifier) for sequence
+# classification. RoBERTa's `classifier` already holds a dense + tanh layer before its output
+# projection; BERT keeps that layer apart as `pooler`, which peft would leave frozen. Training
+# it gives both families the same head. (It matters: MiniLM's pretrained pooler outputs are
+# ~0.05 in size, so with a frozen pooler a regression head cannot reach STS-B's 0-5 scale.)
+DEFAULT_HEAD_MODULES = {"bert": ["pooler"]}
+
 
 def add_lora(model, rank: int, alpha: float, dropout: float = 0.05,
-             target_modules: Sequence[str] | None = None, task_type: str = "SEQ_CLS"):
+             target_modules: Sequence[str] | None = None, task_type: str = "SEQ_CLS",
+             head_modules: Sequence[str] | None = None):
     """Wrap a transformers model with peft LoRA (A kaiming-uniform, B zero, scaling alpha/r).
+    For SEQ_CLS, peft trains the classifier in full; head_modules (default per family, see
+    DEFAULT_HEAD_MODULES; [] for none) are trained in full too.
     Raises ValueError, before any training, for a bad rank or missing target modules."""
     from peft import LoraConfig, get_peft_model
     model_type = getattr(model.config, "model_type", "")
+    if head_modules is None:
+        head_modules = DEFAULT_HEAD_MODULES.get(model_type, []) if task_type == "SEQ_CLS" else []
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    if any(h not in names for h in head_modules):
+        raise ValueError(f"model ({model_type}) has no module named "
+                         f"{[h for h in head_modules if h not in names]} to train in full")
     targets = list(target_modules or DEFAULT_TARGETS.get(model_type, []))
     if not targets:
         raise ValueError(f"no default LoRA targets for model type {model_type!r}; "
@@ -525,7 +541,7 @@ def add_lora(model, rank: int, alpha: float, dropout: float = 0.05,
         smallest = min(min(m.in_features, m.out_features) for m in hits.values())
         raise ValueError(f"LoRA rank {rank} must be in 1..{smallest} (the smallest adapted layer)")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        task_type=task_type)
+                        task_type=task_type, modules_to_save=list(head_modules) or None)
     return get_peft_model(model, config)
 
 

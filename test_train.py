@@ -331,6 +331,18 @@ def test_saved_adapter_reloads_to_the_same_predictions(bert_run, bert_dir, name)
                                   logits, rtol=1e-5, atol=1e-6)
 
 
+def test_bert_trains_its_pooler_with_the_classifier(tmp_path, bert_dir, glue_dir):
+    """BERT's pooler (dense + tanh) is what RoBERTa keeps inside `classifier`: by default it is
+    trained in full and averaged with the classifier; --head-modules none leaves it frozen."""
+    def head_modules(**kw):
+        args = bert_args(tmp_path / "run", bert_dir, glue_dir, **kw)
+        model, _ = train.load_model(args, torch.device("cpu"))
+        return {n.split(".modules_to_save")[0].removeprefix("base_model.model.")
+                for n in fl.head_state(model)}
+    assert head_modules() == {"bert.pooler", "classifier"}
+    assert head_modules(head_modules="none") == {"classifier"}
+
+
 # ---------------------------------------------------------------------------------------------
 # FedIT with one client is centralised training, step for step
 # ---------------------------------------------------------------------------------------------
@@ -627,6 +639,8 @@ BAD = {  # name: (Args changes, exception, message pattern); {tmp} is the test's
                            "expected the file {tmp}/SST-2/train.tsv"),
     "missing target modules": (dict(target_modules="foo"), ValueError,
                                r"no Linear modules named \['foo'\]"),
+    "missing head module": (dict(head_modules="poolr"), ValueError,
+                            r"no module named \['poolr'\] to train in full"),
     "rank too large": (dict(rank=33), ValueError, "LoRA rank 33 must be in 1..32"),
     "rank zero": (dict(rank=0), ValueError, "--rank must be >= 1, got 0"),
     "no clients": (dict(clients=0), ValueError, "--clients must be >= 1, got 0"),

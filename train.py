@@ -56,6 +56,9 @@ class Args:
     target_modules: str | None = _help("comma-separated LoRA targets (default per family: "
                                        "query,value for BERT/RoBERTa, q_proj,v_proj for Llama)",
                                        default=None)
+    head_modules: str | None = _help("comma-separated non-LoRA modules trained in full and "
+                                     "averaged like the classifier (default per family: pooler "
+                                     "for BERT, none otherwise; 'none' for none)", default=None)
     dirichlet_alpha: float = _help("Dirichlet alpha over labels (score bins for STS-B, answer "
                                    "length bins for GSM8K/MBPP); 0 means IID", default=0.5)
     participation: float = _help("fraction of clients sampled each round", default=1.0)
@@ -172,7 +175,10 @@ def load_model(args: Args, device: torch.device, weights: bool = True):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     targets = args.target_modules.split(",") if args.target_modules else None
-    model = fl.add_lora(model, args.rank, args.lora_alpha, args.lora_dropout, targets, task_type)
+    heads = (None if args.head_modules is None else
+             [] if args.head_modules == "none" else args.head_modules.split(","))
+    model = fl.add_lora(model, args.rank, args.lora_alpha, args.lora_dropout, targets, task_type,
+                        heads)
     if not weights:
         return model, tokenizer
     if args.gradient_checkpointing:
@@ -291,11 +297,6 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp, path)
 
 
-def _average(states: list[dict[str, torch.Tensor]], p: torch.Tensor) -> dict:
-    return {k: sum(w * s[k].double() for w, s in zip(p.tolist(), states)).float()
-            for k in states[0]}
-
-
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f}MB"
 
@@ -344,7 +345,8 @@ def run_aggregator(args: Args, name: str, data: TaskData, parts: list[list[int]]
         if args.track_solvers:
             server["solvers"] = _solver_divergences(uploads, p)
         t2 = time.perf_counter()
-        state["head"] = _average(heads, p)                     # the head: averaged by p_u
+        # the head (and any other trainable non-LoRA parameter): averaged by p_u
+        state["head"] = {k: fl._weighted(p, [h[k] for h in heads]) for k in heads[0]}
         if server["base_delta"]:
             fl.add_to_base(model, {n: d.to(device) for n, d in server["base_delta"].items()})
             state["base"] = {n: layers[n].get_base_layer().weight.detach().cpu().clone()

@@ -409,6 +409,11 @@ def test_reported_divergence_is_that_of_the_returned_factors(data):
 
 @given(data=st.data())
 def test_permuting_clients_permutes_P_and_Q(data):
+    """Relabelling the clients gives an equally good answer whose coefficients belong to the
+    same clients: un-permuted, they reach the same divergence on the original problem.
+    (P and Q themselves are compared only where the optimum is well conditioned: along a
+    flat valley, summation order alone moves them by far more than round-off, with the same
+    divergence; hypothesis found such a case with 4 clients of rank 1.)"""
     A, B, p = data.draw(factors(max_U=8))
     perm = torch.tensor(data.draw(st.permutations(range(A.shape[1]))))
     res = solve_flora_na(A, B, p)
@@ -416,10 +421,22 @@ def test_permuting_clients_permutes_P_and_Q(data):
     atol = gram_atol(A, B, p, res.P, res.Q).max().item()
     torch.testing.assert_close(res_perm.divergence, res.divergence, atol=atol, rtol=0)
     torch.testing.assert_close(res_perm.divergence_naive, res.divergence_naive, atol=atol, rtol=0)
-    torch.testing.assert_close(res_perm.P, res.P[:, perm], atol=1e-6 * res.P.abs().max().item(),
-                               rtol=1e-6)
-    torch.testing.assert_close(res_perm.Q, res.Q[:, perm], atol=1e-6 * res.Q.abs().max().item(),
-                               rtol=1e-6)
+    back = torch.argsort(perm)                      # res_perm's coefficients, client order
+    P, Q = res_perm.P[:, back], res_perm.Q[:, back]
+    torch.testing.assert_close(divergence(A, B, p, P, Q), res.divergence, atol=atol, rtol=0)
+
+
+def test_permuting_well_conditioned_clients_permutes_P_and_Q():
+    """Distinct, well-conditioned clients: a unique optimum, so P and Q permute exactly."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(2, 5, 4, 30, generator=g, dtype=torch.float64)
+    B = torch.randn(2, 5, 40, 4, generator=g, dtype=torch.float64)
+    p = torch.tensor([0.1, 0.3, 0.15, 0.25, 0.2], dtype=torch.float64)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    res = solve_flora_na(A, B, p, max_iter=2000, tol=0)
+    res_perm = solve_flora_na(A[:, perm], B[:, perm], p[perm], max_iter=2000, tol=0)
+    torch.testing.assert_close(res_perm.P, res.P[:, perm], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(res_perm.Q, res.Q[:, perm], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("options", SOLVERS, ids=["als", "adamw"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import math
 import os
@@ -348,6 +349,17 @@ def _mean_curve(curves: list[Curve], x: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+def head_mb(runs: list[Run]) -> float | None:
+    """Size in MB of the trained non-LoRA head (classifier, and BERT's pooler) as a client
+    sends it, read from a saved adapter: what every method also averages each round."""
+    from safetensors import safe_open
+    for run in runs:
+        for f in sorted(glob.glob(os.path.join(run.path, "*", "adapter", "adapter_model.safetensors"))):
+            with safe_open(f, "pt") as st:
+                return sum(st.get_tensor(k).nbytes for k in st.keys() if "lora_" not in k) / 2**20
+    return None
+
+
 def glue_section(results: str, out_dir: str) -> tuple[str, dict]:
     """Best-over-rounds and final dev metric, mean ± std over seeds, and communication."""
     runs = load_runs(results, "glue")
@@ -404,12 +416,15 @@ def glue_section(results: str, out_dir: str) -> tuple[str, dict]:
     md.append(best_md)
     md.append("\n**Final-round dev metric:**\n")
     md.append(final_md)
+    head = head_mb(runs)
+    head_text = (f"the trained head (classifier and BERT pooler, {head:.2f} MB per client each "
+                 f"way), averaged alike by every method, is not counted" if head is not None else
+                 "the trained head, averaged alike by every method, is not counted")
     md.append("\nBold: the best federated global model per column. MB / round: LoRA factors "
               "sent by all clients to the server plus the server's reply, per round, as "
-              "train.py counts them (the classification head, averaged alike by every method, "
-              "is not counted); FedEx-LoRA sends the full residual down, FLoRA the stacked "
-              "factors. FedSA-LoRA (personalised): each client's own B with the shared A, "
-              "averaged over clients — not a single global model.\n")
+              f"train.py counts them ({head_text}); FedEx-LoRA sends the full residual down, "
+              "FLoRA the stacked factors. FedSA-LoRA (personalised): each client's own B with "
+              "the shared A, averaged over clients — not a single global model.\n")
 
     md.append(_glue_verdict(tasks_, curves, best, final))
     md.append(_glue_figures(tasks_, curves, out_dir))

@@ -343,6 +343,24 @@ def test_bert_trains_its_pooler_with_the_classifier(tmp_path, bert_dir, glue_dir
     assert head_modules(head_modules="none") == {"classifier"}
 
 
+def test_report_tables_a_real_run_directory(bert_run, tmp_path):
+    """report.py (which writes the README's numbers) on a real run directory: every
+    aggregator gets a GLUE row with its final metric, the head's size is read from the saved
+    adapter, and the PNGs are written."""
+    import report
+    results = tmp_path / "results"
+    shutil.copytree(bert_run["out"], results / "runs" / "glue" / "sst2_seed0")
+    md = report.build_report(str(results), str(tmp_path))
+    for name in fl.AGGREGATORS:
+        final = [r for r in bert_run["log"] if r["aggregator"] == name][-1]["metrics"]["accuracy"]
+        rows = [line for line in md.splitlines()
+                if line.startswith(f"| {report.AGG_NAMES[name]} |")]
+        assert len(rows) == 2 and f"{final:.3f}" in rows[1]    # best, then final-round table
+    head = report.head_mb([report.Run(str(results / "runs" / "glue" / "sst2_seed0"), {}, [])])
+    assert head > 0 and f"{head:.2f} MB per client each way" in md
+    assert (tmp_path / "glue_metric_vs_round.png").stat().st_size > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # FedIT with one client is centralised training, step for step
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ generation, how it was run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import glob
 import json
@@ -360,6 +361,26 @@ def head_mb(runs: list[Run]) -> float | None:
     return None
 
 
+def majority_baseline(run: Run) -> float | None:
+    """The main metric of always predicting the commonest label of this run's dev subset: what
+    a model that learned nothing scores (0 correlation for STS-B). None without the data."""
+    import tasks
+    import train
+    task = run.config["task"]
+    if task not in tasks.GLUE_TASKS:
+        return None
+    fields = {f.name for f in dataclasses.fields(train.Args)}
+    try:
+        data = train.load_task(train.Args(**{k: v for k, v in run.config.items() if k in fields}))
+    except (OSError, ValueError, SystemExit):          # the data is not at hand here
+        return None
+    labels = [e.label for e in next(iter(data.evals.values()))]
+    if isinstance(labels[0], float):
+        return 0.0
+    top = max(set(labels), key=labels.count)
+    return metric_value(tasks.glue_metrics(task, [top] * len(labels), labels), main_metric(task))
+
+
 def glue_section(results: str, out_dir: str) -> tuple[str, dict]:
     """Best-over-rounds and final dev metric, mean ± std over seeds, and communication."""
     runs = load_runs(results, "glue")
@@ -385,6 +406,11 @@ def glue_section(results: str, out_dir: str) -> tuple[str, dict]:
     md.append("\n" + (f"\n**Unfinished runs** (missing or partly done aggregators; the tables "
                       f"use what exists): {'; '.join(partial)}\n" if partial else ""))
     heads = [f"{TASK_NAMES.get(t, t)} ({main_metric(t)})" for t in tasks_]
+    majority: dict[str, list[float]] = {}                # per task, one value per seed
+    for r in runs:
+        m = majority_baseline(r) if r.config.get("clients", 1) > 1 else None
+        if m is not None:
+            majority.setdefault(r.config["task"], []).append(m)
 
     def block(what: str) -> tuple[str, dict]:
         means = {t: {a: mean_std([getattr(c, what) for c in curves[t][a]])[0]
@@ -407,6 +433,10 @@ def glue_section(results: str, out_dir: str) -> tuple[str, dict]:
             cells.append("—" if a in ("fedsa (personalised)", "centralised") or not mb
                          else f"{sum(mb) / len(mb):.2f}")
             rows.append([AGG_NAMES.get(a, a)] + cells)
+        if majority:
+            rows.append(["majority class (constant prediction)"]
+                        + [fmt_ms(majority[t], n_seeds) if t in majority else "—" for t in tasks_]
+                        + ["—", "—"])
         return table(["aggregator"] + heads + ["task average", "MB / round (up + down)"],
                      rows), means
 
@@ -426,12 +456,12 @@ def glue_section(results: str, out_dir: str) -> tuple[str, dict]:
               "FLoRA the stacked factors. FedSA-LoRA (personalised): each client's own B with "
               "the shared A, averaged over clients — not a single global model.\n")
 
-    md.append(_glue_verdict(tasks_, curves, best, final))
+    md.append(_glue_verdict(tasks_, curves, best, final, majority))
     md.append(_glue_figures(tasks_, curves, out_dir))
     return "\n".join(md), {"glue_best": best, "glue_final": final}
 
 
-def _glue_verdict(tasks_, curves, best, final) -> str:
+def _glue_verdict(tasks_, curves, best, final, majority=None) -> str:
     """Plain sentences: FLoRA-NA against FedIT, and whether federated training learned."""
     lines = []
     federated = lambda t: {a: v for a, v in best[t].items()          # noqa: E731
@@ -473,6 +503,16 @@ def _glue_verdict(tasks_, curves, best, final) -> str:
         lines.append(f"- On {', '.join(flat)} every federated aggregator scores exactly the same: "
                      f"the global models most likely still predict a constant (the majority "
                      f"class), so this budget cannot rank the aggregators there.")
+    near = [f"{TASK_NAMES.get(t, t)} (best federated {max(federated(t).values()):.3f}, "
+            f"centralised {best[t]['centralised']:.3f}, majority {mean_std(majority[t])[0]:.3f})"
+            if "centralised" in best[t] else
+            f"{TASK_NAMES.get(t, t)} ({max(federated(t).values()):.3f} vs majority "
+            f"{mean_std(majority[t])[0]:.3f})"
+            for t in tasks_ if t in (majority or {}) and federated(t)
+            and max(federated(t).values()) - mean_std(majority[t])[0] < 0.02]
+    if near:
+        lines.append(f"- Within 0.02 of the majority-class baseline, so not learned at this "
+                     f"budget and not a ranking of the aggregators: {'; '.join(near)}.")
     central = [t for t in tasks_ if "centralised" in curves[t] and federated(t)]
     if central:
         gaps = [f"{TASK_NAMES.get(t, t)} {best[t]['centralised']:.3f} vs "

@@ -359,6 +359,9 @@ def test_report_tables_a_real_run_directory(bert_run, tmp_path):
     head = report.head_mb([report.Run(str(results / "runs" / "glue" / "sst2_seed0"), {}, [])])
     assert head > 0 and f"{head:.2f} MB per client each way" in md
     assert (tmp_path / "glue_metric_vs_round.png").stat().st_size > 0
+    labels = [e.label for e in bert_run["dev"]]
+    majority = max(labels.count(0), labels.count(1)) / len(labels)
+    assert f"| majority class (constant prediction) | {majority:.3f} |" in md
 
 
 # ---------------------------------------------------------------------------------------------

@@ -614,6 +614,17 @@ def update_divergence(A, B, p, agg: Aggregate) -> Tensor:
     return sq.clamp_min(0).sqrt()
 
 
+def stacked_groups(client_factors: list[dict[str, tuple[Tensor, Tensor]]],
+                   device: str | torch.device = "cpu"):
+    """Yield, per group of same-shape layers, (layer names, U x A (L, r, k), U x B (L, d, r)):
+    the clients' factors in the aggregators' layout."""
+    first = client_factors[0]
+    shapes = {n: (B.shape[0], A.shape[1]) for n, (A, B) in first.items()}
+    for group in group_by_shape(shapes).values():
+        yield (group, [torch.stack([cf[n][0] for n in group]).to(device) for cf in client_factors],
+               [torch.stack([cf[n][1] for n in group]).to(device) for cf in client_factors])
+
+
 def server_aggregate(client_factors: list[dict[str, tuple[Tensor, Tensor]]], p: Tensor,
                      aggregator: str, device: str | torch.device = "cpu", **options) -> dict:
     """One server step over every adapted layer. client_factors[u] = {layer: (A, B)}.
@@ -624,15 +635,9 @@ def server_aggregate(client_factors: list[dict[str, tuple[Tensor, Tensor]]], p: 
     if aggregator not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {aggregator!r}; choose from {sorted(AGGREGATORS)}")
     p = _check_weights(p, len(client_factors), aggregator)
-    names = list(client_factors[0])
-    shapes = {n: (client_factors[0][n][1].shape[0], client_factors[0][n][0].shape[1])
-              for n in names}
     out = {"factors": {}, "base_delta": {}, "client_B": None, "bytes_up": 0, "bytes_down": 0,
            "divergence": {}}
-    for _, group in group_by_shape(shapes).items():
-        # U clients' factors of this group: U x (L, r, k) and U x (L, d, r)
-        A = [torch.stack([cf[n][0] for n in group]).to(device) for cf in client_factors]
-        B = [torch.stack([cf[n][1] for n in group]).to(device) for cf in client_factors]
+    for group, A, B in stacked_groups(client_factors, device):
         agg = AGGREGATORS[aggregator](A, B, p, **options)
         out["bytes_up"] += agg.bytes_up
         out["bytes_down"] += agg.bytes_down

@@ -343,6 +343,18 @@ def test_bert_trains_its_pooler_with_the_classifier(tmp_path, bert_dir, glue_dir
     assert head_modules(head_modules="none") == {"classifier"}
 
 
+def test_track_solvers_records_both_solvers_never_worse_than_fedit(tmp_path, bert_dir, glue_dir):
+    """--track-solvers (the divergence study): every round and layer also gets the divergence
+    FLoRA-NA's ALS and AdamW solvers reach on that round's uploads, at most FedIT's."""
+    log = train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, track_solvers=True))
+    assert len(log) == 2
+    for row in log:
+        for layer in row["divergence"]["relative_per_layer"].values():
+            assert set(layer) == {"naive", "fedit", "bound", "flora_na_als", "flora_na_adamw"}
+            for solver in ("flora_na_als", "flora_na_adamw"):
+                assert layer["bound"] - 1e-9 <= layer[solver] <= layer["naive"] + 1e-9
+
+
 def test_report_tables_a_real_run_directory(bert_run, tmp_path):
     """report.py (which writes the README's numbers) on a real run directory: every
     aggregator gets a GLUE row with its final metric, the head's size is read from the saved

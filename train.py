@@ -389,12 +389,10 @@ def run_aggregator(args: Args, name: str, data: TaskData, parts: list[list[int]]
 def _solver_divergences(uploads, p) -> dict:
     """Per-layer divergences FLoRA-NA's als and adamw solvers reach on this round's uploads."""
     out = {}
-    shapes = {n: (B.shape[0], A.shape[1]) for n, (A, B) in uploads[0].items()}
-    for group in fl.group_by_shape(shapes).values():
-        A = torch.stack([torch.stack([cf[n][0] for n in group]) for cf in uploads], 1)
-        B = torch.stack([torch.stack([cf[n][1] for n in group]) for cf in uploads], 1)
+    for group, A, B in fl.stacked_groups(uploads):
         for solver in ("als", "adamw"):
-            res = fl.solve_flora_na(A, B, p, solver=solver, bound=False)
+            res = fl.solve_flora_na(torch.stack(A, 1), torch.stack(B, 1), p, solver=solver,
+                                    bound=False)
             for i, n in enumerate(group):
                 out.setdefault(n, {})[f"flora_na_{solver}"] = res.divergence[i].item()
     return out

@@ -12,7 +12,7 @@
 #   7 report             python report.py -> results/REPORT.md, PNGs, README results section
 #
 # Usage:
-#   bash reproduce.sh                    # QUICK: about an hour on a 2-core CPU
+#   bash reproduce.sh                    # QUICK: about two hours on a 2-core CPU
 #   bash reproduce.sh --only 2,3         # some stages (also: STAGES=2,3 bash reproduce.sh);
 #                                        # the report (7) runs after any selection
 #   bash reproduce.sh --skip 1,6         # all but some (also: SKIP=1,6)

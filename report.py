@@ -350,14 +350,19 @@ def _mean_curve(curves: list[Curve], x: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def head_mb(runs: list[Run]) -> float | None:
-    """Size in MB of the trained non-LoRA head (classifier, and BERT's pooler) as a client
-    sends it, read from a saved adapter: what every method also averages each round."""
+def head_mb(runs: list[Run]) -> tuple[float, list[str]] | None:
+    """Size in MB of the trained non-LoRA head as a client sends it, and its modules (e.g.
+    classifier and BERT's pooler), read from a saved adapter: every method averages it."""
     from safetensors import safe_open
     for run in runs:
         for f in sorted(glob.glob(os.path.join(run.path, "*", "adapter", "adapter_model.safetensors"))):
+            config = json.load(open(os.path.join(os.path.dirname(f), "adapter_config.json")))
             with safe_open(f, "pt") as st:
-                return sum(st.get_tensor(k).nbytes for k in st.keys() if "lora_" not in k) / 2**20
+                keys = [k for k in st.keys() if "lora_" not in k]
+                mb = sum(st.get_tensor(k).nbytes for k in keys) / 2**20
+            names = [n for n in config.get("modules_to_save") or []
+                     if any(f".{n}." in f".{k}" for k in keys)]
+            return mb, names
     return None
 
 
@@ -447,7 +452,7 @@ def glue_section(results: str, out_dir: str) -> tuple[str, dict]:
     md.append("\n**Final-round dev metric:**\n")
     md.append(final_md)
     head = head_mb(runs)
-    head_text = (f"the trained head (classifier and BERT pooler, {head:.2f} MB per client each "
+    head_text = (f"the trained head ({' and '.join(head[1])}, {head[0]:.2f} MB per client each "
                  f"way), averaged alike by every method, is not counted" if head is not None else
                  "the trained head, averaged alike by every method, is not counted")
     md.append("\nBold: the best federated global model per column. MB / round: LoRA factors "

@@ -368,8 +368,9 @@ def test_report_tables_a_real_run_directory(bert_run, tmp_path):
         rows = [line for line in md.splitlines()
                 if line.startswith(f"| {report.AGG_NAMES[name]} |")]
         assert len(rows) == 2 and f"{final:.3f}" in rows[1]    # best, then final-round table
-    head = report.head_mb([report.Run(str(results / "runs" / "glue" / "sst2_seed0"), {}, [])])
-    assert head > 0 and f"{head:.2f} MB per client each way" in md
+    mb, names = report.head_mb([report.Run(str(results / "runs" / "glue" / "sst2_seed0"), {}, [])])
+    assert mb > 0 and sorted(names) == ["classifier", "pooler"]
+    assert f"({' and '.join(names)}, {mb:.2f} MB per client each way)" in md
     assert (tmp_path / "glue_metric_vs_round.png").stat().st_size > 0
     labels = [e.label for e in bert_run["dev"]]
     majority = max(labels.count(0), labels.count(1)) / len(labels)

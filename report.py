@@ -466,7 +466,7 @@ def glue_section(results: str, out_dir: str) -> tuple[str, dict]:
     return "\n".join(md), {"glue_best": best, "glue_final": final}
 
 
-def _glue_verdict(tasks_, curves, best, final, majority=None) -> str:
+def _glue_verdict(tasks_, curves, best, final, majority) -> str:
     """Plain sentences: FLoRA-NA against FedIT, and whether federated training learned."""
     lines = []
     federated = lambda t: {a: v for a, v in best[t].items()          # noqa: E731
@@ -508,13 +508,16 @@ def _glue_verdict(tasks_, curves, best, final, majority=None) -> str:
         lines.append(f"- On {', '.join(flat)} every federated aggregator scores exactly the same: "
                      f"the global models most likely still predict a constant (the majority "
                      f"class), so this budget cannot rank the aggregators there.")
-    near = [f"{TASK_NAMES.get(t, t)} (best federated {max(federated(t).values()):.3f}, "
-            f"centralised {best[t]['centralised']:.3f}, majority {mean_std(majority[t])[0]:.3f})"
-            if "centralised" in best[t] else
-            f"{TASK_NAMES.get(t, t)} ({max(federated(t).values()):.3f} vs majority "
-            f"{mean_std(majority[t])[0]:.3f})"
-            for t in tasks_ if t in (majority or {}) and federated(t)
-            and max(federated(t).values()) - mean_std(majority[t])[0] < 0.02]
+    near = []
+    for t in tasks_:
+        if t not in majority or not federated(t):
+            continue
+        top, base = max(federated(t).values()), mean_std(majority[t])[0]
+        if top - base < 0.02:
+            central = (f", centralised {best[t]['centralised']:.3f}"
+                       if "centralised" in best[t] else "")
+            near.append(f"{TASK_NAMES.get(t, t)} (best federated {top:.3f}{central}, "
+                        f"majority {base:.3f})")
     if near:
         lines.append(f"- Within 0.02 of the majority-class baseline, so not learned at this "
                      f"budget and not a ranking of the aggregators: {'; '.join(near)}.")

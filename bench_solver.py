@@ -34,10 +34,8 @@ import ctypes
 import json
 import math
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -46,6 +44,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import Tensor
 
+import provenance
 from flora_na import solve_flora_na
 
 
@@ -259,30 +258,6 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True, cwd=here).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {
-        "torch": torch.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "cpu_name": cpu_name(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "git_commit": commit,
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------
@@ -373,8 +348,9 @@ def main(args: Args) -> int:
         row["P"], row["Q"] = row["P"].tolist(), row["Q"].tolist()
 
     mean = lambda xs: sum(xs) / len(xs)
+    machine = provenance.record(device)
     print(f"\n{d} x {k}, rank {r}, {U} clients, {L} layers ({n} for the dense baseline), "
-          f"{args.steps} AdamW steps, lr {args.lr}; {machine_info(device)['device_name']}, "
+          f"{args.steps} AdamW steps, lr {args.lr}; {machine['device_name']}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     columns = ["method", "layers timed", "s / layer", "CPU s / layer", "speed-up",
                "rel. divergence", f"same, dense fp64, on the {n} dense layers",
@@ -406,7 +382,7 @@ def main(args: Args) -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"args": asdict(args), "machine": machine_info(device), "rows": rows,
+            json.dump({"args": asdict(args), "machine": machine, "rows": rows,
                        "speedup_target_met": target, "peak_rss_GiB": peak_rss,
                        "cuda_peak_GiB": cuda_peak, "total_runtime_s": total,
                        "load_average_1_5_15min": {"start": load_start, "end": load_end},

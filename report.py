@@ -19,9 +19,7 @@ import glob
 import json
 import math
 import os
-import platform
 import re
-import subprocess
 from dataclasses import dataclass
 
 import matplotlib
@@ -29,6 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
+
+import provenance  # noqa: E402
 
 FIG = "{FIG}"   # stands for the figures' folder as seen from the markdown file; filled in at the end
 AGG_ORDER = ["fedit", "ffa", "fedsa", "fedsa (personalised)", "fedex", "flora", "flexlora",
@@ -757,59 +757,70 @@ def generation_section(results: str) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
-    try:
-        import torch
-        info["torch"] = torch.__version__
-        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        info["torch"], info["gpu"] = None, None
-    return info
+STAGE_DIRS = {"2": "divergence", "3": "glue", "4": "sensitivity", "5": "bench", "6": "generation"}
 
 
-def git_commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, check=True,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here).returncode
-        return commit + (" (with uncommitted changes to tracked files)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def stage_provenance(results: str, stage: str) -> tuple[str, str]:
+    """(commits, machines) that produced a stage's results, from each run's provenance.jsonl
+    (a line per start and resume) or the benchmark's JSON; runs from before provenance was
+    recorded are counted as such."""
+    folder = os.path.join(results, "runs", STAGE_DIRS[stage])
+    records, unrecorded = [], 0
+    if stage == "5":
+        for path in glob.glob(os.path.join(folder, "*.json")):
+            records.append(json.load(open(path)).get("machine", {}))
+    else:
+        for run in sorted(glob.glob(os.path.join(folder, "*", "config.json"))):
+            path = os.path.join(os.path.dirname(run), "provenance.jsonl")
+            if os.path.isfile(path):
+                records += [json.loads(line) for line in open(path) if line.strip()]
+            else:
+                unrecorded += 1
+    commits = sorted({provenance.describe_commit(r.get("git_commit"), r.get("git_dirty", False))
+                      for r in records})
+    machines = sorted({f"{r.get('device_name', '?')} ({r.get('cpu_count', '?')} cores)"
+                       for r in records})
+    if unrecorded:
+        commits.append(f"not recorded for {unrecorded} run(s)")
+    return ", ".join(f"`{c}`" if " " not in c else c for c in commits) or "—", \
+        "; ".join(machines) or "—"
 
 
 def run_section(results: str, pipeline: dict) -> str:
-    info = machine_info()
+    info = provenance.record()
     md = ["## How this was run\n",
           f"- mode: **{pipeline.get('mode', 'unknown')}**"
           + (" (TINY plumbing check: numbers are meaningless)" if pipeline.get("tiny") else "")
           + f", started {pipeline.get('started', '?')}, {pipeline.get('jobs', '?')} parallel "
             f"run(s) x {pipeline.get('threads', '?')} torch thread(s)",
           f"- report generated {datetime.datetime.now():%Y-%m-%d %H:%M} from git commit "
-          f"`{git_commit()}`",
-          f"- machine (where report.py ran): {info['cpu']}, {info['cores']} cores, "
+          f"`{provenance.describe_commit(info['git_commit'], info['git_dirty'])}`",
+          f"- machine (where report.py ran): {info['cpu_name']}, {info['cpu_count']} cores, "
           f"GPU: {info['gpu'] or 'none'}, torch {info['torch']}, Python {info['python']}"]
     path = os.path.join(results, "stage_times.tsv")
+    latest = {}
     if os.path.isfile(path):
-        latest = {}
         for line in open(path):
             p = line.rstrip("\n").split("\t")
             # a rerun that found every run of the stage done already takes seconds: keep the
             # latest run that did the work
             if len(p) >= 5 and (int(p[3]) >= 10 or p[0] not in latest):
                 latest[p[0]] = p
-        rows = [[f"{p[0]} {p[1]}", p[2], f"{int(p[3]) / 60:.1f} min", p[4]]
-                for _, p in sorted(latest.items())]
-        md.append("\nMeasured wall time of the latest run of each stage that did the work "
-                  "(reproduce.sh):\n")
-        md.append(table(["stage", "status", "wall time", "finished"], rows, "llrl"))
+    rows = []
+    for stage in sorted(set(latest) | set(STAGE_DIRS)):
+        commits, machines = stage_provenance(results, stage) if stage in STAGE_DIRS else ("—", "—")
+        p = latest.get(stage)
+        if p is None and commits == "—":
+            continue
+        rows.append([f"{stage} {p[1] if p else STAGE_DIRS[stage]}", p[2] if p else "—",
+                     f"{int(p[3]) / 60:.1f} min" if p else "—", p[4] if p else "—",
+                     commits, machines])
+    if rows:
+        md.append("\nEach stage: the wall time of the latest reproduce.sh run that did the work, "
+                  "and the git commit(s) and machine(s) its results came from (recorded by "
+                  "train.py and bench_solver.py when each run started or resumed):\n")
+        md.append(table(["stage", "status", "wall time", "finished", "code (git commit)",
+                         "machine"], rows, "llrlll"))
     return "\n".join(md) + "\n"
 
 

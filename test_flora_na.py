@@ -317,6 +317,30 @@ def test_adamw_with_enough_steps_is_near_als_and_never_above_naive(seed, L, U, d
     assert (dense <= naive + DENSE_RTOL * norm_M).all()
 
 
+def test_solver_benchmark_small_run_checks_itself(tmp_path):
+    """bench_solver.py (stage 5 of reproduce.sh) at toy shapes: every Gram row's divergence is
+    re-evaluated densely in float64 and compared with the dense AdamW baseline, the JSON holds
+    the commit it ran at, and report.py tables it."""
+    import json
+    import bench_solver
+    import provenance
+    import report
+    out = tmp_path / "runs" / "bench" / "bench_solver.json"
+    args = bench_solver.Args(device="cpu", layers=3, clients=4, rank=2, d=24, k=20,
+                             dense_layers=2, steps=300, repeats=1, threads=1, out=str(out))
+    assert bench_solver.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["failures"] == []
+    assert [row["method"] for row in result["rows"]] == [
+        "dense AdamW (baseline)", "Gram AdamW", "Gram ALS", "Gram ALS, bound=False"]
+    for row in result["rows"]:
+        assert row["rel_div"][:2] == pytest.approx(row["rel_div_dense_fp64"], abs=1e-6)
+        assert max(row["rel_div"]) <= max(row["rel_naive"])
+    assert result["machine"]["git_commit"] == provenance.git_commit()[0]
+    md, _ = report.bench_section(str(tmp_path))
+    assert "| Gram ALS | 3 |" in md
+
+
 # ---------------------------------------------------------------------------------------------
 # 1c. tie_layers: one (P, Q) for all layers, as the authors' code does
 # ---------------------------------------------------------------------------------------------

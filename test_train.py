@@ -27,6 +27,7 @@ import transformers
 from hypothesis import given, strategies as st
 
 import flora_na as fl
+import provenance
 import tasks
 import train
 
@@ -375,6 +376,13 @@ def test_report_tables_a_real_run_directory(bert_run, tmp_path):
     labels = [e.label for e in bert_run["dev"]]
     majority = max(labels.count(0), labels.count(1)) / len(labels)
     assert f"| majority class (constant prediction) | {majority:.3f} |" in md
+    # which code and machine produced the numbers: recorded by train.py, tabled by report.py
+    record = json.loads(open(results / "runs" / "glue" / "sst2_seed0" / "provenance.jsonl").readline())
+    commit, dirty = provenance.git_commit()
+    assert (record["git_commit"], record["torch"]) == (commit, torch.__version__)
+    row = next(line for line in md.splitlines() if line.startswith("| 3 glue |"))
+    assert provenance.describe_commit(commit, record["git_dirty"]) in row
+    assert f"{record['device_name']} ({os.cpu_count()} cores)" in row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +477,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, bert_dir, glu
             assert tensors_equal(a[key], b[key]), (name, key)
     assert load_state(out / "fedsa")["client_B"] is not None
     assert load_state(out / "flora")["base"]
+    starts = [json.loads(line) for line in open(out / "provenance.jsonl")]
+    assert len(starts) == 2 and all(s["git_commit"] == provenance.git_commit()[0] for s in starts)
 
 
 def test_resume_of_a_finished_run_changes_nothing(bert_dir, glue_dir, uninterrupted):

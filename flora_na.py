@@ -115,7 +115,7 @@ def _check_clients(A: Sequence[Tensor], B: Sequence[Tensor], p: Tensor, same_ran
     return _check_weights(p, len(A), method)
 
 
-def _weighted(p: Tensor, X: Sequence[Tensor]) -> Tensor:
+def weighted_sum(p: Tensor, X: Sequence[Tensor]) -> Tensor:
     """sum_u p_u X_u, computed in float64 and returned in X's dtype."""
     out = sum(w * x.double() for w, x in zip(p.tolist(), X))
     return out.to(X[0].dtype)
@@ -124,7 +124,7 @@ def _weighted(p: Tensor, X: Sequence[Tensor]) -> Tensor:
 def fedit(A, B, p, **_) -> Aggregate:
     """FedIT: average A and B separately (the naive, inexact aggregation)."""
     p = _check_clients(A, B, p, True, "fedit")
-    A_bar, B_bar = _weighted(p, A), _weighted(p, B)   # (L, r, k), (L, d, r)
+    A_bar, B_bar = weighted_sum(p, A), weighted_sum(p, B)   # (L, r, k), (L, d, r)
     return Aggregate(A_bar, B_bar, None, _nbytes(*A, *B), len(A) * _nbytes(A_bar, B_bar))
 
 
@@ -133,7 +133,7 @@ def ffa(A, B, p, **_) -> Aggregate:
     p = _check_clients(A, B, p, True, "ffa")
     if any(not torch.equal(a, A[0]) for a in A):
         raise ValueError("ffa: clients' A differ; FFA-LoRA keeps A frozen at a shared init")
-    B_bar = _weighted(p, B)
+    B_bar = weighted_sum(p, B)
     return Aggregate(A[0], B_bar, None, _nbytes(*B), len(B) * _nbytes(B_bar))
 
 
@@ -141,21 +141,21 @@ def fedsa(A, B, p, **_) -> Aggregate:
     """FedSA-LoRA: share and average A only; each client keeps its own B. The global model
     (for evaluation) uses the average B, which is never sent."""
     p = _check_clients(A, B, p, True, "fedsa")
-    A_bar = _weighted(p, A)
-    return Aggregate(A_bar, _weighted(p, B), None, _nbytes(*A), len(A) * _nbytes(A_bar),
+    A_bar = weighted_sum(p, A)
+    return Aggregate(A_bar, weighted_sum(p, B), None, _nbytes(*A), len(A) * _nbytes(A_bar),
                      client_B=[b.clone() for b in B])
 
 
 def ideal_update(A, B, p) -> Tensor:
     """M = sum_u p_u B_u A_u, dense (L, d, k): only for methods that need it and for tests."""
-    return _weighted(p, [b.double() @ a.double() for a, b in zip(A, B)]).to(A[0].dtype)
+    return weighted_sum(p, [b.double() @ a.double() for a, b in zip(A, B)]).to(A[0].dtype)
 
 
 def fedex(A, B, p, **_) -> Aggregate:
     """FedEx-LoRA: average A and B and fold the residual M - B_bar A_bar into the frozen W,
     which makes the update exact at the cost of a d x k download per client."""
     p = _check_clients(A, B, p, True, "fedex")
-    A_bar, B_bar = _weighted(p, A), _weighted(p, B)
+    A_bar, B_bar = weighted_sum(p, A), weighted_sum(p, B)
     residual = ideal_update(A, B, p) - B_bar @ A_bar                 # (L, d, k) = W layout
     return Aggregate(A_bar, B_bar, residual, _nbytes(*A, *B),
                      len(A) * _nbytes(A_bar, B_bar, residual))
@@ -191,7 +191,7 @@ def lora_fair(A, B, p, fair_lambda: float = 1e-3, **_) -> Aggregate:
     """LoRA-FAIR: average, then correct B on the server so (B_bar + dB) A_bar ~ M:
     B' = argmin ||M - B' A_bar||^2 + lam ||B' - B_bar||^2, a ridge regression in r x r."""
     p = _check_clients(A, B, p, True, "lora_fair")
-    A_bar, B_bar = _weighted(p, A).double(), _weighted(p, B).double()
+    A_bar, B_bar = weighted_sum(p, A).double(), weighted_sum(p, B).double()
     MAt = sum(w * b.double() @ (a.double() @ A_bar.mT) for w, a, b in zip(p.tolist(), A, B))
     G = A_bar @ A_bar.mT                                              # (L, r, r)
     lam = fair_lambda * G.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)[:, None, None]

@@ -348,7 +348,7 @@ def run_aggregator(args: Args, name: str, data: TaskData, parts: list[list[int]]
             server["solvers"] = _solver_divergences(uploads, p)
         t2 = time.perf_counter()
         # the head (and any other trainable non-LoRA parameter): averaged by p_u
-        state["head"] = {k: fl._weighted(p, [h[k] for h in heads]) for k in heads[0]}
+        state["head"] = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
         if server["base_delta"]:
             fl.add_to_base(model, {n: d.to(device) for n, d in server["base_delta"].items()})
             state["base"] = {n: layers[n].get_base_layer().weight.detach().cpu().clone()

@@ -73,7 +73,7 @@ class Args:
                                        "took this many seconds")
     tol: float = arg(1e-3, "fail if a Gram solver's divergence exceeds the dense baseline's by "
                            "more than this fraction of it")
-    threads: int | None = arg(None, "torch.set_num_threads (default: torch's choice); 1 is "
+    threads: int | None = arg(None, "torch.set_num_threads (default or 0: torch's choice); 1 is "
                                     "steadier on a busy shared CPU", int)
     seed: int = arg(0, "seed of the synthetic factors")
     quick: bool = arg(False, "smoke run: d = k = 1024, 8 layers, 1 dense layer, 1 repeat")
@@ -90,8 +90,8 @@ class Args:
             self.dense_layers = self.layers if self.device.startswith("cuda") else pick(None, 1, 2)
         if min(self.layers, self.clients, self.rank, self.d, self.k, self.repeats) < 1:
             raise ValueError(f"layers, clients, rank, d, k and repeats must be >= 1: {self}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.threads is not None and self.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: torch's choice), got {self.threads}")
         if not 1 <= self.dense_layers <= self.layers:
             raise ValueError(f"--dense-layers must be in [1, {self.layers}], "
                              f"got {self.dense_layers}")

@@ -4,8 +4,9 @@
 #   1 tests              python -m pytest -q
 #   2 divergence study   one federated SST-2 run (FedIT) that also records what FLoRA-NA's
 #                        ALS and AdamW solvers and the rank-r bound would reach, every round
-#   3 GLUE table         all 8 aggregators x {sst2, mrpc, rte, stsb} x 3 seeds, Dirichlet 0.5,
-#                        plus a centralised reference (1 client, IID, same examples seen)
+#   3 GLUE table         all 8 aggregators x 3 seeds, Dirichlet 0.5, plus a centralised reference
+#                        (1 client, IID, same examples seen); QUICK: {stsb, sst2}, FULL and
+#                        GLUE_TASKS="rte mrpc stsb sst2": all four (see the QUICK budget's notes)
 #   4 sensitivity        FLoRA-NA vs FedIT across Dirichlet alpha and client counts (SST-2)
 #   5 solver benchmark   bench_solver.py at LLaMA-2-7B adapter shapes
 #   6 generation         a small federated GSM8K run (SmolLM2-135M; FULL: LLaMA-2-7B)

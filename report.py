@@ -821,6 +821,9 @@ def run_section(results: str, pipeline: dict) -> str:
                   "train.py and bench_solver.py when each run started or resumed):\n")
         md.append(table(["stage", "status", "wall time", "finished", "code (git commit)",
                          "machine"], rows, "llrlll"))
+        if latest:
+            md.append(f"\nSum of the stage wall times above: "
+                      f"{sum(int(p[3]) for p in latest.values()) / 60:.0f} min.")
     return "\n".join(md) + "\n"
 
 

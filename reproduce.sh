@@ -129,7 +129,7 @@ else
                --eval-batch-size 30 --max-new-tokens 192)
     GEN_AGGS="fedit flora_na"
     BENCH_ARGS=()
-    T1="~3 min"; T2="~5 min"; T3="~48 min"; T4="~17 min"; T5="~4 min"; T6="~13 min"
+    T1="~3 min"; T2="~5 min"; T3="~50 min"; T4="~16 min"; T5="~3 min"; T6="~4 min"
 fi
 if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningless
     GLUE_TRAIN=(--rounds 2 --local-steps 1 --batch-size 4 --lr 5e-3 --max-length 32

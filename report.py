@@ -780,10 +780,8 @@ def stage_provenance(results: str, stage: str) -> tuple[str, str]:
                       for r in records})
     machines = sorted({f"{r.get('device_name', '?')} ({r.get('cpu_count', '?')} cores)"
                        for r in records})
-    if unrecorded:
-        commits.append(f"not recorded for {unrecorded} run(s)")
-    return ", ".join(f"`{c}`" if " " not in c else c for c in commits) or "—", \
-        "; ".join(machines) or "—"
+    cells = [f"`{c}`" for c in commits] + [f"not recorded for {unrecorded} run(s)"] * bool(unrecorded)
+    return ", ".join(cells) or "—", "; ".join(machines) or "—"
 
 
 def run_section(results: str, pipeline: dict) -> str:

@@ -56,12 +56,13 @@ def record(device=None) -> dict:
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    cpu = cpu_name()
     commit, dirty = git_commit()
     return {
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
         "git_commit": commit, "git_dirty": dirty,
-        "device": str(device), "device_name": gpu or cpu_name(), "gpu": gpu,
-        "cpu_name": cpu_name(), "cpu_count": os.cpu_count(),
+        "device": str(device), "device_name": gpu or cpu, "gpu": gpu,
+        "cpu_name": cpu, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": torch.__version__,

@@ -281,12 +281,12 @@ stage_5() {
     local out=$RUNS/bench/bench_solver.json
     local extra=()
     # pass our thread count when the benchmark knows the option
-    if $PY bench_solver.py --help 2>/dev/null | grep -q -- '--threads'; then
+    if $PY -m evidence.bench_solver --help 2>/dev/null | grep -q -- '--threads'; then
         extra=(--threads "$THREADS")
     fi
-    if [[ $DRY_RUN == 1 ]]; then quote "$PY" bench_solver.py "${BENCH_ARGS[@]}" "${extra[@]}" --out "$out"; echo; return 0; fi
+    if [[ $DRY_RUN == 1 ]]; then quote "$PY" -m evidence.bench_solver "${BENCH_ARGS[@]}" "${extra[@]}" --out "$out"; echo; return 0; fi
     mkdir -p "$(dirname "$out")"
-    $PY bench_solver.py "${BENCH_ARGS[@]}" "${extra[@]}" --out "$out" 2>&1 | tee "$RUNS/bench/log.txt"
+    $PY -m evidence.bench_solver "${BENCH_ARGS[@]}" "${extra[@]}" --out "$out" 2>&1 | tee "$RUNS/bench/log.txt"
 }
 
 stage_6() {
@@ -321,8 +321,8 @@ stage_7() {
     if [[ $TINY != 1 && ${README:-1} != 0 && $RESULTS != /* && $RESULTS != ..* ]]; then
         readme=(--readme README.md)
     fi
-    if [[ $DRY_RUN == 1 ]]; then quote "$PY" report.py "$RESULTS" "${readme[@]}"; echo; return 0; fi
-    $PY report.py "$RESULTS" "${readme[@]}"
+    if [[ $DRY_RUN == 1 ]]; then quote "$PY" -m evidence.report "$RESULTS" "${readme[@]}"; echo; return 0; fi
+    $PY -m evidence.report "$RESULTS" "${readme[@]}"
 }
 
 # --- main -----------------------------------------------------------------------------------

@@ -322,9 +322,9 @@ def test_solver_benchmark_small_run_checks_itself(tmp_path):
     re-evaluated densely in float64 and compared with the dense AdamW baseline, the JSON holds
     the commit it ran at, and report.py tables it."""
     import json
-    import bench_solver
-    import provenance
-    import report
+    from evidence import bench_solver
+    from harness import provenance
+    from evidence import report
     out = tmp_path / "runs" / "bench" / "bench_solver.json"
     args = bench_solver.Args(device="cpu", layers=3, clients=4, rank=2, d=24, k=20,
                              dense_layers=2, steps=300, repeats=1, threads=1, out=str(out))

@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 import flora_na as fl
-import provenance
-import tasks
+from harness import provenance
+from harness import tasks
 
 GLUE = sorted(tasks.GLUE_TASKS)
 GENERATION = ["gsm8k", "mbpp"]
@@ -262,7 +262,7 @@ def evaluate(args: Args, model, tokenizer, data: TaskData) -> dict:
 
 def evaluate_generation(args: Args, model, tokenizer, examples, device) -> dict:
     """Greedy generation, scored as the benchmark defines (GSM8K exact match, MBPP pass@1)."""
-    import scoring
+    from harness import scoring
     tokenizer.padding_side = "left"               # generation continues from the prompt's end
     correct = 0
     for s in range(0, len(examples), args.eval_batch_size):

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import Tensor
 
-import provenance
+from harness import provenance
 from flora_na import solve_flora_na
 
 

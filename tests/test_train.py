@@ -27,12 +27,12 @@ import transformers
 from hypothesis import given, strategies as st
 
 import flora_na as fl
-import provenance
-import tasks
+from harness import provenance
+from harness import tasks
 import train
 
-HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("FLORA_DATA", "/work/shared/data"))
+HERE = Path(__file__).resolve().parent.parent   # the repository root
+DATA = Path(os.environ.get("FLORA_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 TIMING = ("client_seconds", "server_seconds")
 
 # --- synthetic data in the original formats
@@ -360,7 +360,7 @@ def test_report_tables_a_real_run_directory(bert_run, tmp_path):
     """report.py (which writes the README's numbers) on a real run directory: every
     aggregator gets a GLUE row with its final metric, the head's size is read from the saved
     adapter, and the PNGs are written."""
-    import report
+    from evidence import report
     results = tmp_path / "results"
     shutil.copytree(bert_run["out"], results / "runs" / "glue" / "sst2_seed0")
     md = report.build_report(str(results), str(tmp_path))
@@ -910,7 +910,7 @@ def dry_run(tmp_path, *argv, **env) -> subprocess.CompletedProcess:
 def test_reproduce_sh_commands_parse(tmp_path, mode, glue_tasks):
     """DRY_RUN prints each stage's commands: every train.py line passes train.py's own checks,
     the benchmark's its own, and the GLUE stage covers every aggregator on its tasks x 3 seeds."""
-    import bench_solver
+    from evidence import bench_solver
     import shlex
     res = dry_run(tmp_path, MODE=mode)
     assert res.returncode == 0, res.stderr
@@ -924,9 +924,9 @@ def test_reproduce_sh_commands_parse(tmp_path, mode, glue_tasks):
     glue = [a for a in runs if "/glue/" in a.out and a.clients > 1]
     assert {(a.task, a.seed) for a in glue} == {(t, s) for t in glue_tasks for s in (0, 1, 2)}
     assert all(train.check_args(a) == list(fl.AGGREGATORS) for a in glue)
-    bench = [argv for argv in lines if argv[1] == "bench_solver.py"]
-    assert len(bench) == 1 and bench_solver.parse_args(bench[0][2:]).out
-    assert ["python", "-m", "pytest", "-q"] in lines and lines[-1][1] == "report.py"
+    bench = [argv for argv in lines if argv[1:3] == ["-m", "evidence.bench_solver"]]
+    assert len(bench) == 1 and bench_solver.parse_args(bench[0][3:]).out
+    assert ["python", "-m", "pytest", "-q"] in lines and lines[-1][1:3] == ["-m", "evidence.report"]
 
 
 def test_reproduce_sh_selects_stages_and_rejects_bad_options(tmp_path):

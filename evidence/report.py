@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
-import provenance  # noqa: E402
+from harness import provenance  # noqa: E402
 
 FIG = "{FIG}"   # stands for the figures' folder as seen from the markdown file; filled in at the end
 AGG_ORDER = ["fedit", "ffa", "fedsa", "fedsa (personalised)", "fedex", "flora", "flexlora",
@@ -369,7 +369,7 @@ def head_mb(runs: list[Run]) -> tuple[float, list[str]] | None:
 def majority_baseline(run: Run) -> float | None:
     """The main metric of always predicting the commonest label of this run's dev subset: what
     a model that learned nothing scores (0 correlation for STS-B). None without the data."""
-    import tasks
+    from harness import tasks
     import train
     task = run.config["task"]
     if task not in tasks.GLUE_TASKS:

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, strategies as st
 from scipy import stats
 
-import tasks
-from tasks import Example
+from harness import tasks
+from harness.tasks import Example
 
-DATA = Path(os.environ.get("FLORA_DATA", "/work/shared/data"))
+DATA = Path(os.environ.get("FLORA_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 # --- GLUE files in the exact original formats (headers, BOM, stray quotes, malformed rows)
 
@@ -160,7 +160,7 @@ def test_hub_offline_gives_clear_error(monkeypatch, tmp_path):
         assert info.value.__cause__ is not None  # the Hub's own error stays chained for debugging
 
 
-# --- the real files in /work/shared/data (skipped when absent)
+# --- the real files in ../shared/data (skipped when absent)
 
 REAL_GLUE = [  # task, split, examples, label counts (None: regression)
     ("sst2", "train", 67349, {1: 37569, 0: 29780}), ("sst2", "dev", 872, {1: 444, 0: 428}),

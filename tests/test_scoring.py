@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-import scoring
-from scoring import extract_code, extract_gsm8k_answer, gsm8k_correct, gsm8k_reference, run_mbpp
+from harness import scoring
+from harness.scoring import extract_code, extract_gsm8k_answer, gsm8k_correct, gsm8k_reference, run_mbpp
 
-DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+DATA = Path(os.environ.get("FLORA_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 GSM8K_TEST = DATA / "gsm8k" / "test.jsonl"
 MBPP = DATA / "mbpp" / "mbpp.jsonl"
 

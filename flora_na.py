@@ -9,12 +9,12 @@ divergence ||M - B_hat A_hat||_F, at no extra communication.
 Paper: Nguyen et al., "Communication-Efficient and Accurate Approach for Aggregation in
 Federated Low-Rank Adaptation", arXiv 2509.26399 (https://arxiv.org/abs/2509.26399).
 
-Map of this file (read top to bottom):
-  1. LoRA factors in and out of a peft model
-  2. aggregators: FedIT, FFA-LoRA, FedSA-LoRA, FedEx-LoRA, FLoRA, FlexLoRA, LoRA-FAIR
-  3. the FLoRA-NA solver (pure torch; copy this section alone) and the AGGREGATORS registry
-  4. client training
-  5. partitioning data across clients
+Read top to bottom; every name is defined before it is used:
+  1. LoRA factors in and out of a peft model, and the client step   (torch + peft)
+  2. Gram primitives and the divergence                             } pure torch: copy
+  3. aggregators, simplest first: FedIT .. LoRA-FAIR                } sections 2-5 alone
+  4. the FLoRA-NA solver, and the FLoRA-NA aggregator               } into your own code
+  5. the registry: each aggregator and what clients do differently  }
 
 Shapes: L adapted layers of one shape, U clients, rank r, B_u is (d, r), A_u is (r, k), so
 B_u @ A_u has the (out, in) layout of nn.Linear.weight. p is (U,), p_u = n_u / sum n.
@@ -29,22 +29,13 @@ import torch
 from torch import Tensor
 
 # ---------------------------------------------------------------------------------------------
-# 1. LoRA factors in and out of a peft model
+# 1. LoRA factors in and out of a peft model, and the client step
 # ---------------------------------------------------------------------------------------------
-
 
 def lora_layers(model) -> dict[str, torch.nn.Module]:
     """Every peft LoRA layer of `model` (active adapter "default"), by module name."""
     return {name: m for name, m in model.named_modules()
             if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
-
-
-def group_by_shape(names_to_shape: dict[str, tuple]) -> dict[tuple, list[str]]:
-    """Layer names grouped by (d, k), in a fixed order, so one group stacks into (L, ...)."""
-    groups: dict[tuple, list[str]] = {}
-    for name, shape in names_to_shape.items():
-        groups.setdefault(tuple(shape), []).append(name)
-    return groups
 
 
 def read_factors(model) -> dict[str, tuple[Tensor, Tensor]]:
@@ -73,9 +64,162 @@ def add_to_base(model, deltas: dict[str, Tensor]) -> None:
             W.add_((m.scaling["default"] * deltas[name]).to(W.dtype))
 
 
+@torch.no_grad()
+def restart_lora(model, generator: torch.Generator) -> None:
+    """Fresh LoRA factors as peft makes them (A kaiming-uniform, B = 0), from `generator`."""
+    for m in lora_layers(model).values():
+        A = torch.empty_like(m.lora_A["default"].weight, device="cpu")
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        m.lora_A["default"].weight.copy_(A)
+        m.lora_B["default"].weight.zero_()
+
+
+def head_state(model) -> dict[str, Tensor]:
+    """Trainable parameters that are not LoRA factors (e.g. the classification head)."""
+    return {n: q.detach().float().cpu().clone() for n, q in model.named_parameters()
+            if q.requires_grad and "lora_" not in n}
+
+
+@torch.no_grad()
+def load_head(model, state: dict[str, Tensor]) -> None:
+    """Copy a head_state() dict back into the model."""
+    params = dict(model.named_parameters())
+    for n, v in state.items():
+        params[n].copy_(v)
+
+
+def local_train(model, batches, *, lr: float, optimizer: str = "adamw",
+                weight_decay: float = 0.0, train_A: bool = True, max_grad_norm: float = 1.0,
+                ) -> float:
+    """The client step: train the model's trainable parameters on `batches` (one step each)
+    with a fresh optimizer, as a client does in one round; returns the mean training loss.
+    With train_A=False the LoRA A factors stay frozen (FFA-LoRA)."""
+    device = next(model.parameters()).device
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(train_A)
+    params = [q for q in model.parameters() if q.requires_grad]
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}: use 'adamw' or 'sgd'")
+    model.train()
+    losses = []
+    for batch in batches:
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        losses.append(loss.item())
+    for name, param in model.named_parameters():     # leave A trainable for the next user
+        if "lora_A" in name:
+            param.requires_grad_(True)
+    return sum(losses) / max(len(losses), 1)
+
+
 # ---------------------------------------------------------------------------------------------
-# 2. Aggregators. One signature: f(A, B, p, **options) -> Aggregate, where A is a list of U
-#    tensors (L, r_u, k) and B a list of U tensors (L, d, r_u) for L layers of one shape.
+# 2. Gram primitives and the divergence. Pure torch from here to the end of the file.
+#
+#    With B_hat = sum_a P_a B_a and A_hat = sum_b Q_b A_b, expand the squared divergence
+#      ||M - B_hat A_hat||^2 = ||M||^2 - 2 <M, B_hat A_hat> + ||B_hat A_hat||^2
+#    and write every term with the r x r Gram blocks G_B[u, v] = B_u^T B_v, G_A[u, v] = A_u A_v^T:
+#      ||M||^2            = sum_uv p_u p_v tr(G_B[u, v] G_A[v, u])
+#      <M, B_hat A_hat>   = sum_u p_u tr(X_u Y_u),  X_u = B_u^T B_hat = sum_a P_a G_B[u, a]
+#                                                   Y_u = A_hat A_u^T = sum_b Q_b G_A[b, u]
+#      ||B_hat A_hat||^2  = tr(S_B S_A),           S_B = B_hat^T B_hat = sum_ac P_a P_c G_B[a, c]
+#                                                   S_A = A_hat A_hat^T = sum_bd Q_b Q_d G_A[b, d]
+#    (using tr(XY) = tr(YX) to move the d- and k-sized products inside r x r ones). The Gram
+#    blocks cost O(L U^2 r^2 (d + k)) once; after that every evaluation costs O(L U^2 r^2) and
+#    never touches d or k. The price: a difference of terms as large as ||M||^2, so values
+#    below about 1e-8 ||M|| are round-off (harness/federation.py reports them exactly).
+# ---------------------------------------------------------------------------------------------
+
+
+def check_weights(p: Tensor, U: int, method: str) -> Tensor:
+    """p as float64 summing to one; ValueError for the wrong size, negatives, NaN, all zero."""
+    p = torch.as_tensor(p, dtype=torch.float64).flatten()
+    if U == 0:
+        raise ValueError(f"{method}: no clients")
+    if p.numel() != U:
+        raise ValueError(f"{method}: {p.numel()} weights for {U} clients")
+    if not torch.isfinite(p).all() or (p < 0).any():
+        raise ValueError(f"{method}: weights must be finite and >= 0, got {p.tolist()}")
+    if p.sum() <= 0:
+        raise ValueError(f"{method}: weights sum to zero")
+    return p / p.sum()
+
+
+def _check_factors(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
+    """Validate solver inputs A (L, U, r, k), B (L, U, d, r), p (U,); return p / sum(p)."""
+    if A.dim() != 4 or B.dim() != 4:
+        raise ValueError(f"expected A (L, U, r, k) and B (L, U, d, r), got {tuple(A.shape)} "
+                         f"and {tuple(B.shape)}")
+    if A.shape[:2] != B.shape[:2] or A.shape[2] != B.shape[3]:
+        raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} disagree in layers, "
+                         f"clients or rank")
+    if A.shape[1] == 0 or A.shape[2] == 0:
+        raise ValueError(f"no clients or zero rank: A has shape {tuple(A.shape)}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise ValueError("A or B contains NaN or Inf")
+    return check_weights(p, A.shape[1], "solve_flora_na")
+
+
+def gram_blocks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """G_A[l, u, v] = A_u A_v^T and G_B[l, u, v] = B_u^T B_v in float64, each (L, U, U, r, r).
+    One batched matmul each: the only step that touches d and k."""
+    L, U, r, k = A.shape
+    A_flat = A.double().reshape(L, U * r, k)                              # (L, U r, k)
+    B_flat = B.double().permute(0, 2, 1, 3).reshape(L, B.shape[2], U * r)  # (L, d, U r)
+    G_A = (A_flat @ A_flat.mT).view(L, U, r, U, r).permute(0, 1, 3, 2, 4).contiguous()
+    G_B = (B_flat.mT @ B_flat).view(L, U, r, U, r).permute(0, 1, 3, 2, 4).contiguous()
+    return G_A, G_B                                                      # (L, U, U, r, r) each
+
+
+def _hat_gram(c: Tensor, G: Tensor) -> Tensor:
+    """sum_ab c_a c_b G[a, b] per layer (L, r, r): S_B = B_hat^T B_hat from (P, G_B),
+    S_A = A_hat A_hat^T from (Q, G_A)."""
+    return torch.einsum("la,lc,lacij->lij", c, c, G)
+
+
+def _X(P: Tensor, G_B: Tensor) -> Tensor:
+    """X_u = B_u^T B_hat = sum_a P_a G_B[u, a], (L, U, r, r)."""
+    return torch.einsum("la,luaij->luij", P, G_B)
+
+
+def _Y(Q: Tensor, G_A: Tensor) -> Tensor:
+    """Y_u = A_hat A_u^T = sum_b Q_b G_A[b, u], (L, U, r, r)."""
+    return torch.einsum("lb,lbuij->luij", Q, G_A)
+
+
+def _norm_M2(G_A: Tensor, G_B: Tensor, p: Tensor) -> Tensor:
+    """||M||_F^2 per layer (L,): sum_uv p_u p_v tr(G_B[u, v] G_A[v, u])."""
+    return torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)
+
+
+def _squared_divergence(G_A, G_B, p, P, Q, norm_M2=None) -> Tensor:
+    """||M - B_hat A_hat||_F^2 per layer (L,) from Gram blocks; P, Q (L, U) or (U,)."""
+    P, Q = P.expand(G_A.shape[0], -1), Q.expand(G_A.shape[0], -1)         # (L, U) each
+    norm_M2 = _norm_M2(G_A, G_B, p) if norm_M2 is None else norm_M2
+    S_B, S_A = _hat_gram(P, G_B), _hat_gram(Q, G_A)                        # (L, r, r) each
+    cross = torch.einsum("u,luij,luji->l", p, _X(P, G_B), _Y(Q, G_A))     # <M, B_hat A_hat>
+    return norm_M2 - 2 * cross + torch.einsum("lij,lji->l", S_B, S_A)
+
+
+def divergence(A: Tensor, B: Tensor, p: Tensor, P: Tensor, Q: Tensor) -> Tensor:
+    """||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F per layer (L,), computed in Gram space."""
+    p = _check_factors(A, B, p).to(A.device)
+    G_A, G_B = gram_blocks(A, B)
+    P, Q = (torch.as_tensor(c, dtype=torch.float64, device=A.device) for c in (P, Q))
+    return _squared_divergence(G_A, G_B, p, P, Q).clamp_min(0).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Aggregators, simplest first. One signature: f(A, B, p, **options) -> Aggregate, where
+#    A is a list of U tensors (L, r_u, k) and B a list of U tensors (L, d, r_u) for L layers
+#    of one shape, and p the clients' weights (any scale: they are normalised).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -87,8 +231,7 @@ class Aggregate:
     base_delta: Tensor | None        # (L, d, k) folded into frozen W (times LoRA scaling)
     bytes_up: int                    # all clients -> server, this round
     bytes_down: int                  # server -> all clients, this round
-    client_B: list[Tensor] | None = None   # per-client B kept locally (FedSA-LoRA)
-    info: dict = field(default_factory=dict)  # e.g. FLoRA-NA's P, Q and divergences
+    info: dict = field(default_factory=dict)  # e.g. FLoRA-NA's solver result
 
 
 def _nbytes(*tensors: Tensor) -> int:
@@ -112,13 +255,18 @@ def _check_clients(A: Sequence[Tensor], B: Sequence[Tensor], p: Tensor, same_ran
     ranks = [a.shape[1] for a in A]
     if same_rank and len(set(ranks)) > 1:
         raise ValueError(f"{method} needs equal client ranks, got {ranks}")
-    return _check_weights(p, len(A), method)
+    return check_weights(p, len(A), method)
 
 
 def weighted_sum(p: Tensor, X: Sequence[Tensor]) -> Tensor:
     """sum_u p_u X_u, computed in float64 and returned in X's dtype."""
     out = sum(w * x.double() for w, x in zip(p.tolist(), X))
     return out.to(X[0].dtype)
+
+
+def ideal_update(A, B, p) -> Tensor:
+    """M = sum_u p_u B_u A_u, dense (L, d, k): only for methods that need it and for tests."""
+    return weighted_sum(p, [b.double() @ a.double() for a, b in zip(A, B)]).to(A[0].dtype)
 
 
 def fedit(A, B, p, **_) -> Aggregate:
@@ -133,22 +281,16 @@ def ffa(A, B, p, **_) -> Aggregate:
     p = _check_clients(A, B, p, True, "ffa")
     if any(not torch.equal(a, A[0]) for a in A):
         raise ValueError("ffa: clients' A differ; FFA-LoRA keeps A frozen at a shared init")
-    B_bar = weighted_sum(p, B)
+    B_bar = weighted_sum(p, B)                               # (L, d, r)
     return Aggregate(A[0], B_bar, None, _nbytes(*B), len(B) * _nbytes(B_bar))
 
 
 def fedsa(A, B, p, **_) -> Aggregate:
-    """FedSA-LoRA: share and average A only; each client keeps its own B. The global model
-    (for evaluation) uses the average B, which is never sent."""
+    """FedSA-LoRA: share and average A only; each client keeps its own B (the registry says
+    so). The global model (for evaluation) uses the average B, which is never sent."""
     p = _check_clients(A, B, p, True, "fedsa")
-    A_bar = weighted_sum(p, A)
-    return Aggregate(A_bar, weighted_sum(p, B), None, _nbytes(*A), len(A) * _nbytes(A_bar),
-                     client_B=[b.clone() for b in B])
-
-
-def ideal_update(A, B, p) -> Tensor:
-    """M = sum_u p_u B_u A_u, dense (L, d, k): only for methods that need it and for tests."""
-    return weighted_sum(p, [b.double() @ a.double() for a, b in zip(A, B)]).to(A[0].dtype)
+    A_bar = weighted_sum(p, A)                               # (L, r, k)
+    return Aggregate(A_bar, weighted_sum(p, B), None, _nbytes(*A), len(A) * _nbytes(A_bar))
 
 
 def fedex(A, B, p, **_) -> Aggregate:
@@ -171,9 +313,19 @@ def flora(A, B, p, **_) -> Aggregate:
                      len(A) * _nbytes(A_star, B_star))
 
 
+def lowrank_svd(B_stack: Tensor, A_stack: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of B_stack @ A_stack, (L, d, R) @ (L, R, k), without forming it: QR of each
+    factor, SVD of the small core. Returns U (L, d, m), S (L, m), V (L, k, m)."""
+    Q_b, R_b = torch.linalg.qr(B_stack.double())                  # (L, d, m_b), (L, m_b, R)
+    Q_a, R_a = torch.linalg.qr(A_stack.double().mT)               # (L, k, m_a), (L, m_a, R)
+    U_c, S, V_cT = torch.linalg.svd(R_b @ R_a.mT, full_matrices=False)  # core (L, m_b, m_a)
+    return Q_b @ U_c, S, Q_a @ V_cT.mT
+
+
 def flexlora(A, B, p, rank: int | None = None, **_) -> Aggregate:
     """FlexLoRA: truncated SVD of M, redistributed as rank-r factors (r = the largest client
-    rank unless given); a client of rank r_u keeps the leading r_u components."""
+    rank unless given); a client of rank r_u keeps the leading r_u components. The singular
+    values are split evenly (sqrt S on each side) so neither factor dwarfs the other."""
     p = _check_clients(A, B, p, False, "flexlora")
     r = max(a.shape[1] for a in A) if rank is None else rank
     if r < 1:
@@ -181,7 +333,12 @@ def flexlora(A, B, p, rank: int | None = None, **_) -> Aggregate:
     B_stack = torch.cat([w * b.double() for w, b in zip(p.tolist(), B)], dim=2)  # (L, d, R)
     A_stack = torch.cat([a.double() for a in A], dim=1)                          # (L, R, k)
     U_, S, V = lowrank_svd(B_stack, A_stack)          # M = U_ diag(S) V^T, never formed
-    B_r, A_r = _split_svd(U_, S, V, r)
+    m = min(r, S.shape[-1])
+    root = S[:, :m].sqrt()                                                       # (L, m)
+    B_r = torch.zeros(U_.shape[0], U_.shape[1], r, dtype=U_.dtype, device=U_.device)  # (L, d, r)
+    A_r = torch.zeros(V.shape[0], r, V.shape[1], dtype=V.dtype, device=V.device)      # (L, r, k)
+    B_r[:, :, :m] = U_[:, :, :m] * root[:, None, :]
+    A_r[:, :m, :] = (V[:, :, :m] * root[:, None, :]).mT
     B_r, A_r = B_r.to(B[0].dtype), A_r.to(A[0].dtype)
     down = sum(_nbytes(A_r[:, :a.shape[1]], B_r[:, :, :a.shape[1]]) for a in A)
     return Aggregate(A_r, B_r, None, _nbytes(*A, *B), down)
@@ -197,16 +354,23 @@ def lora_fair(A, B, p, fair_lambda: float = 1e-3, **_) -> Aggregate:
     lam = fair_lambda * G.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)[:, None, None]
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     # B' (G + lam I) = M A_bar^T + lam B_bar, solved as a linear system for B'^T
-    B_new = torch.linalg.solve(G + lam * eye, (MAt + lam * B_bar).mT).mT
+    B_new = torch.linalg.solve(G + lam * eye, (MAt + lam * B_bar).mT).mT   # (L, d, r)
     A_bar, B_new = A_bar.to(A[0].dtype), B_new.to(B[0].dtype)
     return Aggregate(A_bar, B_new, None, _nbytes(*A, *B), len(A) * _nbytes(A_bar, B_new))
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. The FLoRA-NA solver. Pure torch, self-contained: copy from here to the registry.
-#    Everything is expressed through r x r Gram blocks, so no d x k matrix is ever formed:
-#      ||M - B_hat A_hat||^2 = ||M||^2 - 2 <M, B_hat A_hat> + ||B_hat A_hat||^2
-#    with G_B[u, v] = B_u^T B_v and G_A[u, v] = A_u A_v^T, each (r, r).
+# 4. The FLoRA-NA solver: min over P, Q of ||M - B_hat A_hat||_F^2, all in Gram space.
+#
+#    For fixed Q the objective is a convex quadratic in P:  P^T H_P P - 2 g_P^T P + ||M||^2,
+#      H_P[a, c] = <B_a A_hat, B_c A_hat> = tr(G_B[a, c] S_A),
+#      g_P[a]    = <B_a A_hat, M>         = sum_u p_u tr(G_B[u, a] Y_u),
+#    and symmetrically in Q for fixed P (H_Q[b, d] = tr(S_B G_A[b, d]), g_Q[b] =
+#    sum_u p_u tr(X_u G_A[b, u])). Alternating exact minimisation (ALS) can only go down. It
+#    can crawl along narrow valleys where P and Q must move together, so after each sweep a
+#    Levenberg-Marquardt step on the residual R = M - B_hat A_hat moves both: its Jacobian has
+#    columns dR/dP_a = -B_a A_hat and dR/dQ_b = -B_hat A_b, so J^T J = [[H_P, C], [C^T, H_Q]]
+#    with C[u, v] = <B_u A_hat, B_hat A_v> = tr(X_u Y_v^T), and -J^T R = (g_P - H_P P, g_Q - H_Q Q).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -224,90 +388,10 @@ class FloraNAResult:
     iterations: int
 
 
-def _check_factors(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
-    """Validate solver inputs A (L, U, r, k), B (L, U, d, r), p (U,); return p / sum(p)."""
-    if A.dim() != 4 or B.dim() != 4:
-        raise ValueError(f"expected A (L, U, r, k) and B (L, U, d, r), got {tuple(A.shape)} "
-                         f"and {tuple(B.shape)}")
-    if A.shape[:2] != B.shape[:2] or A.shape[2] != B.shape[3]:
-        raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} disagree in layers, "
-                         f"clients or rank")
-    if A.shape[1] == 0 or A.shape[2] == 0:
-        raise ValueError(f"no clients or zero rank: A has shape {tuple(A.shape)}")
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-        raise ValueError("A or B contains NaN or Inf")
-    return _check_weights(p, A.shape[1], "solve_flora_na")
-
-
-def _check_weights(p: Tensor, U: int, method: str) -> Tensor:
-    """p as float64 summing to one; ValueError for the wrong size, negatives, NaN, all zero."""
-    p = torch.as_tensor(p, dtype=torch.float64).flatten()
-    if U == 0:
-        raise ValueError(f"{method}: no clients")
-    if p.numel() != U:
-        raise ValueError(f"{method}: {p.numel()} weights for {U} clients")
-    if not torch.isfinite(p).all() or (p < 0).any():
-        raise ValueError(f"{method}: weights must be finite and >= 0, got {p.tolist()}")
-    if p.sum() <= 0:
-        raise ValueError(f"{method}: weights sum to zero")
-    return p / p.sum()
-
-
-def gram_blocks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """G_A[l, u, v] = A_u A_v^T and G_B[l, u, v] = B_u^T B_v in float64, each (L, U, U, r, r).
-    One batched matmul each: O(L U^2 r^2 (d + k)), the only step that touches d and k."""
-    L, U, r, k = A.shape
-    A_flat = A.double().reshape(L, U * r, k)                              # (L, U r, k)
-    B_flat = B.double().permute(0, 2, 1, 3).reshape(L, B.shape[2], U * r)  # (L, d, U r)
-    G_A = (A_flat @ A_flat.mT).view(L, U, r, U, r).permute(0, 1, 3, 2, 4).contiguous()
-    G_B = (B_flat.mT @ B_flat).view(L, U, r, U, r).permute(0, 1, 3, 2, 4).contiguous()
-    return G_A, G_B
-
-
-def _norm_M2(G_A, G_B, p) -> Tensor:
-    """||M||_F^2 per layer (L,): sum_uv p_u p_v tr(B_u^T B_v A_v A_u^T)."""
-    return torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)
-
-
-def _squared_divergence(G_A, G_B, p, P, Q, norm_M2=None) -> Tensor:
-    """||M - B_hat A_hat||_F^2 per layer (L,) from Gram blocks; P, Q (L, U) or (U,)."""
-    P, Q = P.expand(G_A.shape[0], -1), Q.expand(G_A.shape[0], -1)
-    norm_M2 = _norm_M2(G_A, G_B, p) if norm_M2 is None else norm_M2
-    S_B = torch.einsum("la,lc,lacij->lij", P, P, G_B)                      # B_hat^T B_hat
-    S_A = torch.einsum("lb,ld,lbdij->lij", Q, Q, G_A)                      # A_hat A_hat^T
-    X = torch.einsum("la,luaij->luij", P, G_B)                             # B_u^T B_hat
-    Y = torch.einsum("lb,lbuij->luij", Q, G_A)                             # A_hat A_u^T
-    cross = torch.einsum("u,luij,luji->l", p, X, Y)                        # <M, B_hat A_hat>
-    return norm_M2 - 2 * cross + torch.einsum("lij,lji->l", S_B, S_A)
-
-
-def divergence(A: Tensor, B: Tensor, p: Tensor, P: Tensor, Q: Tensor) -> Tensor:
-    """||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F per layer (L,), computed in Gram space."""
-    p = _check_factors(A, B, p).to(A.device)
-    G_A, G_B = gram_blocks(A, B)
-    P, Q = (torch.as_tensor(c, dtype=torch.float64, device=A.device) for c in (P, Q))
-    return _squared_divergence(G_A, G_B, p, P, Q).clamp_min(0).sqrt()
-
-
-def lowrank_svd(B_stack: Tensor, A_stack: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of B_stack @ A_stack, (L, d, R) @ (L, R, k), without forming it: QR of each
-    factor, SVD of the small core. Returns U (L, d, m), S (L, m), V (L, k, m)."""
-    Q_b, R_b = torch.linalg.qr(B_stack.double())                  # (L, d, m_b), (L, m_b, R)
-    Q_a, R_a = torch.linalg.qr(A_stack.double().mT)               # (L, k, m_a), (L, m_a, R)
-    U_c, S, V_cT = torch.linalg.svd(R_b @ R_a.mT, full_matrices=False)
-    return Q_b @ U_c, S, Q_a @ V_cT.mT
-
-
-def _split_svd(U_: Tensor, S: Tensor, V: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Best rank-r factors (B (L, d, r), A (L, r, k)) from a thin SVD; the singular values
-    are split evenly (sqrt S on each side) so neither factor dwarfs the other."""
-    m = min(r, S.shape[-1])
-    root = S[:, :m].sqrt()
-    B_r = torch.zeros(U_.shape[0], U_.shape[1], r, dtype=U_.dtype, device=U_.device)
-    A_r = torch.zeros(V.shape[0], r, V.shape[1], dtype=V.dtype, device=V.device)
-    B_r[:, :, :m] = U_[:, :, :m] * root[:, None, :]
-    A_r[:, :m, :] = (V[:, :, :m] * root[:, None, :]).mT
-    return B_r, A_r
+def _layer_total(tie_layers: bool) -> Callable[[Tensor], Tensor]:
+    """What is minimised: each layer's value (L, ...) alone, or, with one (P, Q) tied across
+    the layers, their sum over layers (1, ...)."""
+    return (lambda x: x.sum(0, keepdim=True)) if tie_layers else (lambda x: x)
 
 
 def divergence_bound(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
@@ -318,26 +402,24 @@ def divergence_bound(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
     B_stack = (B.double() * p[None, :, None, None]).permute(0, 2, 1, 3).reshape(L, -1, U * r)
     _, R_b = torch.linalg.qr(B_stack, mode="r")      # only the singular values are needed,
     _, R_a = torch.linalg.qr(A.double().reshape(L, U * r, k).mT, mode="r")   # so skip Q
-    S = torch.linalg.svdvals(R_b @ R_a.mT)           # singular values of M, descending
+    S = torch.linalg.svdvals(R_b @ R_a.mT)           # (L, U r) singular values of M, descending
     return S[:, r:].square().sum(-1).sqrt()
 
 
 def _lm_step(G_A, G_B, p, P, Q, f, damping, total, norm_M2):
-    """One Levenberg-Marquardt step on the residual M - B_hat A_hat in the 2U unknowns
-    (P, Q) jointly, from Gram blocks; kept only where it lowers f (per layer, or in total
-    when tied). Returns P, Q, f and the damping, lowered after a success, raised after not."""
+    """One Levenberg-Marquardt step in the 2U unknowns (P, Q) jointly (see the section's
+    comment), kept only where it lowers f (per layer, or in total when tied). Returns P, Q, f
+    and the damping, lowered after a success, raised after not."""
     L, U = P.shape
-    S_A = torch.einsum("lb,ld,lbdij->lij", Q, Q, G_A)                  # A_hat A_hat^T
-    S_B = torch.einsum("la,lc,lacij->lij", P, P, G_B)                  # B_hat^T B_hat
-    X = torch.einsum("la,luaij->luij", P, G_B)                         # B_u^T B_hat
-    Y = torch.einsum("lb,lbuij->luij", Q, G_A)                         # A_hat A_u^T
-    H_P = torch.einsum("lacij,lji->lac", G_B, S_A)                     # <B_a A_hat, B_c A_hat>
-    H_Q = torch.einsum("lij,lbdji->lbd", S_B, G_A)                     # <B_hat A_b, B_hat A_d>
-    C = torch.einsum("luij,lvij->luv", X, Y)                           # <B_u A_hat, B_hat A_v>
+    S_A, S_B = _hat_gram(Q, G_A), _hat_gram(P, G_B)                    # (L, r, r) each
+    X, Y = _X(P, G_B), _Y(Q, G_A)                                      # (L, U, r, r) each
+    H_P = torch.einsum("lacij,lji->lac", G_B, S_A)                     # (L, U, U)
+    H_Q = torch.einsum("lij,lbdji->lbd", S_B, G_A)                     # (L, U, U)
+    C = torch.einsum("luij,lvij->luv", X, Y)                           # (L, U, U)
     g_P = torch.einsum("u,luaij,luji->la", p, G_B, Y) - torch.einsum("lac,lc->la", H_P, P)
     g_Q = torch.einsum("u,luij,lbuji->lb", p, X, G_A) - torch.einsum("lbd,ld->lb", H_Q, Q)
-    JJ = total(torch.cat([torch.cat([H_P, C], 2), torch.cat([C.mT, H_Q], 2)], 1))  # J^T J
-    Jr = total(torch.cat([g_P, g_Q], 1))                                           # J^T r
+    JJ = total(torch.cat([torch.cat([H_P, C], 2), torch.cat([C.mT, H_Q], 2)], 1))  # (L, 2U, 2U)
+    Jr = total(torch.cat([g_P, g_Q], 1))                                           # (L, 2U)
     scale = JJ.diagonal(dim1=1, dim2=2).mean(-1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     eye = torch.eye(2 * U, dtype=JJ.dtype, device=JJ.device)
@@ -352,16 +434,15 @@ def _lm_step(G_A, G_B, p, P, Q, f, damping, total, norm_M2):
 
 
 def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
-    """Exact alternating minimisation. For fixed Q the objective is P^T H P - 2 g^T P + c,
-    a convex quadratic; each half-step minimises it plus prox * ||P - P_prev||^2 so the
-    divergence can only go down, and stays well posed when H is singular (B = 0, identical
-    clients). After each sweep a joint Levenberg-Marquardt step (kept only if it helps) moves
-    P and Q together. Returns P, Q (L, U) and the number of iterations run."""
+    """Exact alternating minimisation, each half-step with a proximal term prox * ||P -
+    P_prev||^2 so the divergence can only go down and the system stays well posed when H is
+    singular (B = 0, identical clients); then a joint LM step. Returns P, Q (L, U), sweeps."""
     L, U = G_A.shape[:2]
     P = p.expand(L, U).clone()                                        # start at FedIT
     Q = p.expand(L, U).clone()
     eye = torch.eye(U, dtype=G_A.dtype, device=G_A.device)
-    norm_M2 = _norm_M2(G_A, G_B, p)
+    norm_M2 = _norm_M2(G_A, G_B, p)                                   # (L,)
+    total = _layer_total(tie_layers)
 
     def prox_step(H, g, x):
         """argmin_x' x'^T H x' - 2 g^T x' + prox_l ||x' - x||^2, per layer (or tied)."""
@@ -372,25 +453,17 @@ def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
         x_new = torch.linalg.solve(H + lam * eye, (g + lam[..., 0] * x).unsqueeze(-1))[..., 0]
         return x_new.expand(L, U)
 
-    total = (lambda f: f.sum(0, keepdim=True)) if tie_layers else (lambda f: f)
     f_prev = total(_squared_divergence(G_A, G_B, p, P, Q, norm_M2))
     damping = torch.full_like(f_prev, 1e-3)
     for it in range(1, max_iter + 1):
-        S_A = torch.einsum("lb,ld,lbdij->lij", Q, Q, G_A)                  # A_hat A_hat^T
-        H = torch.einsum("lacij,lji->lac", G_B, S_A)                       # (L, U, U)
-        Y = torch.einsum("lb,lbuij->luij", Q, G_A)                         # A_hat A_u^T
-        g = torch.einsum("u,luaij,luji->la", p, G_B, Y)                    # (L, U)
+        H = torch.einsum("lacij,lji->lac", G_B, _hat_gram(Q, G_A))         # H_P (L, U, U)
+        g = torch.einsum("u,luaij,luji->la", p, G_B, _Y(Q, G_A))           # g_P (L, U)
         P = prox_step(H, g, P)
-        S_B = torch.einsum("la,lc,lacij->lij", P, P, G_B)                  # B_hat^T B_hat
-        H = torch.einsum("lij,lbdji->lbd", S_B, G_A)
-        X = torch.einsum("la,luaij->luij", P, G_B)                         # B_u^T B_hat
-        g = torch.einsum("u,luij,lbuji->lb", p, X, G_A)
+        H = torch.einsum("lij,lbdji->lbd", _hat_gram(P, G_B), G_A)         # H_Q (L, U, U)
+        g = torch.einsum("u,luij,lbuji->lb", p, _X(P, G_B), G_A)           # g_Q (L, U)
         Q = prox_step(H, g, Q)
         f = total(torch.einsum("lb,lbd,ld->l", Q, H, Q) - 2 * (g * Q).sum(-1) + norm_M2)
-        # Alternating steps alone can crawl for thousands of sweeps along a narrow valley
-        # (a "swamp") where the optimum needs P and Q to move together: also try a joint
-        # Levenberg-Marquardt step, up to 3 times with rising damping.
-        for _ in range(3):
+        for _ in range(3):            # the joint step, up to 3 times with rising damping
             P, Q, f_new, damping = _lm_step(G_A, G_B, p, P, Q, f, damping, total, norm_M2)
             moved, f = (f_new < f).any(), f_new
             if moved:
@@ -406,12 +479,12 @@ def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: f
     best iterate per layer (the FedIT start included) so it is never worse than FedIT."""
     L, U = G_A.shape[:2]
     n = 1 if tie_layers else L
-    P = p.expand(n, U).clone().requires_grad_(True)
+    P = p.expand(n, U).clone().requires_grad_(True)                   # (n, U)
     Q = p.expand(n, U).clone().requires_grad_(True)
     opt = torch.optim.AdamW([P, Q], lr=lr, weight_decay=weight_decay)
     norm_M2 = _norm_M2(G_A, G_B, p)
     scale = norm_M2.clamp_min(1e-300)
-    total = (lambda f: f.sum(0, keepdim=True)) if tie_layers else (lambda f: f)
+    total = _layer_total(tie_layers)
     best_f = torch.full((n,), math.inf, dtype=G_A.dtype, device=G_A.device)
     best_P, best_Q = P.detach().clone(), Q.detach().clone()
     for step in range(steps + 1):
@@ -441,16 +514,16 @@ def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
     A and B; the small systems are solved in float64. Never forms a d x k matrix.
     """
     p = _check_factors(A, B, p).to(A.device)
-    G_A, G_B = gram_blocks(A, B)
+    G_A, G_B = gram_blocks(A, B)                                       # (L, U, U, r, r) each
     if solver == "als":
         P, Q, iters = _als(G_A, G_B, p, tie_layers, max_iter, tol, prox)
     elif solver == "adamw":
         P, Q, iters = _adamw(G_A, G_B, p, tie_layers, steps, lr, weight_decay)
     else:
         raise ValueError(f"unknown solver {solver!r}: use 'als' or 'adamw'")
-    f = _squared_divergence(G_A, G_B, p, P, Q)
+    f = _squared_divergence(G_A, G_B, p, P, Q)                         # (L,)
     f_naive = _squared_divergence(G_A, G_B, p, p, p)
-    total = (lambda x: x.sum(0, keepdim=True)) if tie_layers else (lambda x: x)
+    total = _layer_total(tie_layers)
     f, f_naive = f.clamp_min(0), f_naive.clamp_min(0)
     worse = (total(f) > total(f_naive))[:, None]   # round-off must never lose to FedIT
     P, Q = torch.where(worse, p, P), torch.where(worse, p, Q)
@@ -459,26 +532,23 @@ def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
     # and the gradient of each factor scales with the other, so pick c that keeps the
     # factors' norms in the same proportion as FedIT's (sum p B, sum p A): the next round
     # then trains at the scale the clients had, with the sign that agrees with FedIT's B.
-    tr_B = torch.einsum("luvii->luv", G_B)                               # <B_u, B_v>_F
-    tr_A = torch.einsum("luvii->luv", G_A)
+    tr_B = torch.einsum("luvii->luv", G_B)                             # (L, U, U) <B_u, B_v>_F
+    tr_A = torch.einsum("luvii->luv", G_A)                             # (L, U, U) <A_u, A_v>_F
     inner = lambda T, x, y: total(torch.einsum("lu,luv,lv->l", x.expand(P.shape),
                                                 T, y.expand(P.shape)))
     c = (inner(tr_A, Q, Q) * inner(tr_B, p, p) / (inner(tr_B, P, P) * inner(tr_A, p, p)))
     c = c.sqrt().sqrt()                       # c^2 = (|A_hat| |B_bar|) / (|B_hat| |A_bar|)
     c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
     c = (c * torch.where(inner(tr_B, P, p) < 0, -1.0, 1.0))[:, None]
-    P, Q = P * c, Q / c
-    A_hat = torch.einsum("lu,lurk->lrk", Q, A.double()).to(A.dtype)
-    B_hat = torch.einsum("lu,ludr->ldr", P, B.double()).to(B.dtype)
+    P, Q = P * c, Q / c                                                # (L, U) each
+    A_hat = torch.einsum("lu,lurk->lrk", Q, A.double()).to(A.dtype)   # (L, r, k)
+    B_hat = torch.einsum("lu,ludr->ldr", P, B.double()).to(B.dtype)   # (L, d, r)
     return FloraNAResult(
         P=P, Q=Q, A_hat=A_hat, B_hat=B_hat,
         divergence=f.clamp_min(0).sqrt(), divergence_naive=f_naive.clamp_min(0).sqrt(),
         divergence_bound=divergence_bound(A, B, p) if bound else None,
         norm_M=_norm_M2(G_A, G_B, p).clamp_min(0).sqrt(),
         iterations=iters)
-
-
-# --- end of the copyable solver ---------------------------------------------------------------
 
 
 def flora_na(A, B, p, **solver_options) -> Aggregate:
@@ -489,236 +559,33 @@ def flora_na(A, B, p, **solver_options) -> Aggregate:
                      len(A) * _nbytes(res.A_hat, res.B_hat), info={"result": res})
 
 
-AGGREGATORS: dict[str, Callable[..., Aggregate]] = {
-    "fedit": fedit, "ffa": ffa, "fedsa": fedsa, "fedex": fedex, "flora": flora,
-    "flexlora": flexlora, "lora_fair": lora_fair, "flora_na": flora_na,
+# ---------------------------------------------------------------------------------------------
+# 5. The registry. An entry says everything the client loop and the server need, so adding an
+#    aggregator is one function above plus one entry here.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    """One aggregation method: the server's function and what clients do differently."""
+    aggregate: Callable[..., Aggregate]  # f(A, B, p, **options) -> Aggregate
+    display_name: str                    # as tables and figures name it
+    train_A: bool = True                 # clients train A (FFA-LoRA: frozen at a shared init)
+    private_B: bool = False              # each client keeps its own B; only A travels
+    restart: bool = False                # the update is merged into W, clients restart LoRA
+    folds_into_base: bool = False        # (part of) the update is added to the frozen W
+    mixed_ranks: bool = False            # accepts clients of different ranks
+    options: dict = field(default_factory=dict)  # the options it takes, with their defaults
+
+
+AGGREGATORS: dict[str, Aggregator] = {
+    "fedit": Aggregator(fedit, "FedIT"),
+    "ffa": Aggregator(ffa, "FFA-LoRA", train_A=False),
+    "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True),
+    "fedex": Aggregator(fedex, "FedEx-LoRA", folds_into_base=True),
+    "flora": Aggregator(flora, "FLoRA", restart=True, folds_into_base=True, mixed_ranks=True),
+    "flexlora": Aggregator(flexlora, "FlexLoRA", mixed_ranks=True, options={"rank": None}),
+    "lora_fair": Aggregator(lora_fair, "LoRA-FAIR", options={"fair_lambda": 1e-3}),
+    "flora_na": Aggregator(flora_na, "FLoRA-NA", options={
+        "solver": "als", "tie_layers": False, "steps": 200, "lr": 1e-2}),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Client training and the server step on a real model
-# ---------------------------------------------------------------------------------------------
-
-# LoRA targets per model family (the attention query and value projections, as in the paper)
-DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"],
-                   "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-                   "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
-
-# Non-LoRA modules trained in full (and averaged with p_u like the classifier) for sequence
-# classification. RoBERTa's `classifier` already holds a dense + tanh layer before its output
-# projection; BERT keeps that layer apart as `pooler`, which peft would leave frozen. Training
-# it gives both families the same head. (It matters: MiniLM's pretrained pooler outputs are
-# ~0.05 in size, so with a frozen pooler a regression head cannot reach STS-B's 0-5 scale.)
-DEFAULT_HEAD_MODULES = {"bert": ["pooler"]}
-
-
-def add_lora(model, rank: int, alpha: float, dropout: float = 0.05,
-             target_modules: Sequence[str] | None = None, task_type: str = "SEQ_CLS",
-             head_modules: Sequence[str] | None = None):
-    """Wrap a transformers model with peft LoRA (A kaiming-uniform, B zero, scaling alpha/r).
-    For SEQ_CLS, peft trains the classifier in full; head_modules (default per family, see
-    DEFAULT_HEAD_MODULES; [] for none) are trained in full too.
-    Raises ValueError, before any training, for a bad rank or missing target modules."""
-    from peft import LoraConfig, get_peft_model
-    model_type = getattr(model.config, "model_type", "")
-    if head_modules is None:
-        head_modules = DEFAULT_HEAD_MODULES.get(model_type, []) if task_type == "SEQ_CLS" else []
-    names = {n.split(".")[-1] for n, _ in model.named_modules()}
-    if any(h not in names for h in head_modules):
-        raise ValueError(f"model ({model_type}) has no module named "
-                         f"{[h for h in head_modules if h not in names]} to train in full")
-    targets = list(target_modules or DEFAULT_TARGETS.get(model_type, []))
-    if not targets:
-        raise ValueError(f"no default LoRA targets for model type {model_type!r}; "
-                         f"pass target modules explicitly")
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    hits = {n: m for n, m in linears.items() if n.split(".")[-1] in targets}
-    missing = [t for t in targets if not any(n.split(".")[-1] == t for n in hits)]
-    if missing:
-        raise ValueError(f"model ({model_type}) has no Linear modules named {missing}; "
-                         f"some of its Linear modules: {sorted({n.split('.')[-1] for n in linears})[:12]}")
-    if rank < 1 or any(rank > min(m.in_features, m.out_features) for m in hits.values()):
-        smallest = min(min(m.in_features, m.out_features) for m in hits.values())
-        raise ValueError(f"LoRA rank {rank} must be in 1..{smallest} (the smallest adapted layer)")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        task_type=task_type, modules_to_save=list(head_modules) or None)
-    return get_peft_model(model, config)
-
-
-def head_state(model) -> dict[str, Tensor]:
-    """Trainable parameters that are not LoRA factors (e.g. the classification head)."""
-    return {n: q.detach().float().cpu().clone() for n, q in model.named_parameters()
-            if q.requires_grad and "lora_" not in n}
-
-
-@torch.no_grad()
-def load_head(model, state: dict[str, Tensor]) -> None:
-    """Copy a head_state() dict back into the model."""
-    params = dict(model.named_parameters())
-    for n, v in state.items():
-        params[n].copy_(v)
-
-
-@torch.no_grad()
-def restart_lora(model, generator: torch.Generator) -> None:
-    """Fresh LoRA factors as peft makes them (A kaiming-uniform, B = 0), from `generator`."""
-    for m in lora_layers(model).values():
-        A = torch.empty_like(m.lora_A["default"].weight, device="cpu")
-        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        m.lora_A["default"].weight.copy_(A)
-        m.lora_B["default"].weight.zero_()
-
-
-def local_train(model, batches, *, lr: float, optimizer: str = "adamw",
-                weight_decay: float = 0.0, train_A: bool = True, max_grad_norm: float = 1.0,
-                ) -> float:
-    """Train the model's trainable parameters on `batches` (one step each) with a fresh
-    optimizer, as a client does in one round; returns the mean training loss. With
-    train_A=False the LoRA A factors stay frozen (FFA-LoRA)."""
-    device = next(model.parameters()).device
-    for name, param in model.named_parameters():
-        if "lora_A" in name:
-            param.requires_grad_(train_A)
-    params = [q for q in model.parameters() if q.requires_grad]
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}: use 'adamw' or 'sgd'")
-    model.train()
-    losses = []
-    for batch in batches:
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        losses.append(loss.item())
-    for name, param in model.named_parameters():     # leave A trainable for the next user
-        if "lora_A" in name:
-            param.requires_grad_(True)
-    return sum(losses) / max(len(losses), 1)
-
-
-def update_divergence(A, B, p, agg: Aggregate) -> Tensor:
-    """||M - effective update||_F per layer (L,) for any aggregate, where the effective update
-    is agg.B @ agg.A plus agg.base_delta. Without a base delta it stays in Gram space:
-    M - B' A' = X Y with X = [p_u B_u .. -B'] and Y = [A_u ..; A']."""
-    if agg.base_delta is not None:
-        eff = agg.base_delta.double() + (agg.B.double() @ agg.A.double() if agg.A is not None else 0)
-        return (ideal_update(A, B, p).double() - eff).flatten(1).norm(dim=1)
-    X = torch.cat([w * b.double() for w, b in zip(p.tolist(), B)] + [-agg.B.double()], dim=2)
-    Y = torch.cat([a.double() for a in A] + [agg.A.double()], dim=1)
-    sq = torch.einsum("lij,lji->l", X.mT @ X, Y @ Y.mT)
-    return sq.clamp_min(0).sqrt()
-
-
-def stacked_groups(client_factors: list[dict[str, tuple[Tensor, Tensor]]],
-                   device: str | torch.device = "cpu"):
-    """Yield, per group of same-shape layers, (layer names, U x A (L, r, k), U x B (L, d, r)):
-    the clients' factors in the aggregators' layout."""
-    first = client_factors[0]
-    shapes = {n: (B.shape[0], A.shape[1]) for n, (A, B) in first.items()}
-    for group in group_by_shape(shapes).values():
-        yield (group, [torch.stack([cf[n][0] for n in group]).to(device) for cf in client_factors],
-               [torch.stack([cf[n][1] for n in group]).to(device) for cf in client_factors])
-
-
-def server_aggregate(client_factors: list[dict[str, tuple[Tensor, Tensor]]], p: Tensor,
-                     aggregator: str, device: str | torch.device = "cpu", **options) -> dict:
-    """One server step over every adapted layer. client_factors[u] = {layer: (A, B)}.
-    Layers are grouped by shape and each group is aggregated in one batched call on `device`.
-    Returns {"factors": {layer: (A, B)} or None per layer (restart), "base_delta": {layer: Δ},
-    "client_B": [{layer: B}] or None, "bytes_up", "bytes_down", "divergence": per-layer
-    dicts of naive / aggregator / bound / norm_M}."""
-    if aggregator not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {aggregator!r}; choose from {sorted(AGGREGATORS)}")
-    p = _check_weights(p, len(client_factors), aggregator)
-    out = {"factors": {}, "base_delta": {}, "client_B": None, "bytes_up": 0, "bytes_down": 0,
-           "divergence": {}}
-    for group, A, B in stacked_groups(client_factors, device):
-        agg = AGGREGATORS[aggregator](A, B, p, **options)
-        out["bytes_up"] += agg.bytes_up
-        out["bytes_down"] += agg.bytes_down
-        A4, B4 = torch.stack(A, 1), torch.stack(B, 1)                          # (L, U, ...)
-        G_A, G_B = gram_blocks(A4, B4)
-        pd = p.to(G_A.device)
-        naive = _squared_divergence(G_A, G_B, pd, pd, pd).clamp_min(0).sqrt()
-        norm_M = _norm_M2(G_A, G_B, pd).clamp_min(0).sqrt()
-        bound = divergence_bound(A4, B4, p)
-        chosen = update_divergence(A, B, p, agg)
-        for i, n in enumerate(group):
-            out["factors"][n] = None if agg.A is None else (agg.A[i].cpu(), agg.B[i].cpu())
-            if agg.base_delta is not None:
-                out["base_delta"][n] = agg.base_delta[i].cpu()
-            if agg.client_B is not None:
-                out["client_B"] = out["client_B"] or [{} for _ in client_factors]
-                for u, b in enumerate(agg.client_B):
-                    out["client_B"][u][n] = b[i].cpu()
-            out["divergence"][n] = {"naive": naive[i].item(), aggregator: chosen[i].item(),
-                                    "bound": bound[i].item(), "norm_M": norm_M[i].item()}
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Partitioning data across clients
-# ---------------------------------------------------------------------------------------------
-
-
-def partition(labels: Sequence, n_clients: int, alpha: float | None, seed: int,
-              min_size: int = 1, n_bins: int = 5) -> list[list[int]]:
-    """Split example indices across clients; every example lands in exactly one client.
-    alpha=None: IID (a random even split). Otherwise Dirichlet(alpha) over labels: for each
-    class, its examples are shared out in proportions drawn from Dir(alpha) (smaller alpha,
-    more skew). Float labels (STS-B scores) are first cut into n_bins equal-width bins.
-    Draws again (up to 100 times) until every client has at least min_size examples."""
-    n = len(labels)
-    if n_clients < 1:
-        raise ValueError(f"need at least one client, got {n_clients}")
-    if n < n_clients * min_size:
-        raise ValueError(f"{n} examples cannot give {n_clients} clients {min_size} each")
-    g = torch.Generator().manual_seed(seed)
-    if alpha is None:
-        perm = torch.randperm(n, generator=g).tolist()
-        return [sorted(perm[u::n_clients]) for u in range(n_clients)]
-    if alpha <= 0:
-        raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
-    y = torch.as_tensor(labels)
-    if y.is_floating_point():                                       # regression: bin scores
-        lo, hi = y.min(), y.max()
-        y = ((y - lo) / (hi - lo + 1e-12) * n_bins).long().clamp(max=n_bins - 1)
-    concentration = torch.full((n_clients,), float(alpha), dtype=torch.float64)
-    for _ in range(100):
-        clients = [[] for _ in range(n_clients)]
-        for c in torch.unique(y).tolist():
-            idx = torch.nonzero(y == c).flatten()
-            idx = idx[torch.randperm(len(idx), generator=g)].tolist()
-            share = _dirichlet(concentration, g)                    # (n_clients,)
-            cuts = (torch.cumsum(share, 0) * len(idx)).round().long().tolist()
-            for u, (a, b) in enumerate(zip([0] + cuts[:-1], cuts)):
-                clients[u] += idx[a:b]
-        if min(map(len, clients)) >= min_size:
-            return [sorted(c) for c in clients]
-    raise ValueError(f"Dirichlet(alpha={alpha}) left a client with fewer than {min_size} "
-                     f"examples in 100 draws; use fewer clients or a larger alpha")
-
-
-def _dirichlet(alpha: Tensor, g: torch.Generator) -> Tensor:
-    """One Dirichlet draw seeded from `g`, sampled in log space: Gamma(a) = Gamma(a + 1) U^(1/a)
-    with U uniform, so log Gamma(a) never underflows and a tiny alpha stays skewed (torch's
-    float32 sampler returns the uniform share once every Gamma draw underflows to 0)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-        log_gamma = (torch.distributions.Gamma(alpha + 1, torch.ones_like(alpha)).sample().log()
-                     + torch.rand_like(alpha).log() / alpha)
-    return torch.softmax(log_gamma, 0)
-
-
-def participants(n_clients: int, fraction: float, round_: int, seed: int) -> list[int]:
-    """Clients that train in this round: a seeded random max(1, round(fraction U)) of them."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"participation must be in (0, 1], got {fraction}")
-    m = max(1, round(fraction * n_clients))
-    g = torch.Generator().manual_seed(seed * 100_003 + round_)
-    return sorted(torch.randperm(n_clients, generator=g)[:m].tolist())

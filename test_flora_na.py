@@ -500,7 +500,7 @@ def test_every_aggregator_returns_an_aggregate_that_never_beats_the_bound(name, 
     A, B, p = data.draw(factors(max_U=6))
     if name == "ffa":                           # FFA-LoRA needs the clients' A to be shared
         A = A[:, :1].expand_as(A).contiguous()
-    agg = AGGREGATORS[name](split(A), split(B), p)
+    agg = AGGREGATORS[name].aggregate(split(A), split(B), p)
     assert isinstance(agg, Aggregate)
     assert agg.bytes_up > 0 and agg.bytes_down > 0
     L, U, r, k = A.shape
@@ -571,7 +571,7 @@ def test_equal_rank_methods_reject_mixed_ranks(name):
     A = [torch.randn(1, r, 5, generator=g) for r in (2, 4, 3)]
     B = [torch.randn(1, 6, r, generator=g) for r in (2, 4, 3)]
     with pytest.raises(ValueError, match="rank"):
-        AGGREGATORS[name](A, B, torch.ones(3))
+        AGGREGATORS[name].aggregate(A, B, torch.ones(3))
 
 
 def test_bytes_on_the_wire():
@@ -690,7 +690,7 @@ BAD_CLIENTS = {
 def test_aggregators_reject_bad_input(name, case):
     A, B, p, message = BAD_CLIENTS[case]
     with pytest.raises(ValueError, match=message):
-        AGGREGATORS[name](A, B, p)
+        AGGREGATORS[name].aggregate(A, B, p)
 
 
 def test_flora_na_aggregator_rejects_an_unknown_solver():

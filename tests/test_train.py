@@ -27,7 +27,7 @@ import transformers
 from hypothesis import given, strategies as st
 
 import flora_na as fl
-from harness import provenance
+from harness import federation, provenance
 from harness import tasks
 import train
 
@@ -282,7 +282,7 @@ def test_every_aggregator_runs_and_writes_its_run_dir(bert_run):
             assert finite(r["client_seconds"]) and finite(r["server_seconds"])
             assert r["metrics"]["n_eval"] == 12 and 0 <= r["metrics"]["accuracy"] <= 1
             mean = r["divergence"]["relative_mean"]
-            assert {"naive", name, "bound"} <= mean.keys()
+            assert set(mean) == {"naive", "aggregate", "bound"}
             assert all(finite(v) and v >= 0 for v in mean.values())
             per_layer = r["divergence"]["relative_per_layer"]
             assert len(per_layer) == 2 * 2          # query and value of 2 layers
@@ -304,13 +304,13 @@ def test_every_aggregator_runs_and_writes_its_run_dir(bert_run):
     for name, r in last.items():
         for layer in r["divergence"]["relative_per_layer"].values():
             if name in ("fedex", "flora", "ffa"):                # exact aggregators
-                assert layer[name] < 1e-5
+                assert layer["aggregate"] < 1e-5
             if name in ("flora_na", "lora_fair", "fedex", "flora", "flexlora"):
-                assert layer[name] <= layer["naive"] * (1 + 1e-6) + 1e-9
+                assert layer["aggregate"] <= layer["naive"] * (1 + 1e-6) + 1e-9
             if name == "flexlora":                               # the Eckart-Young optimum
-                assert layer[name] == pytest.approx(layer["bound"], rel=1e-3, abs=1e-7)
+                assert layer["aggregate"] == pytest.approx(layer["bound"], rel=1e-3, abs=1e-7)
             if name == "fedit":
-                assert layer["fedit"] == pytest.approx(layer["naive"], rel=1e-6, abs=1e-9)
+                assert layer["aggregate"] == pytest.approx(layer["naive"], rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize("name", list(fl.AGGREGATORS))
@@ -321,8 +321,9 @@ def test_saved_adapter_reloads_to_the_same_predictions(bert_run, bert_dir, name)
     model = train.load_global(str(run_dir), fresh_classifier(bert_dir))
     logits = glue_logits(model, bert_run["tokenizer"], bert_run["dev"])
     torch.testing.assert_close(logits, bert_run["logits"][name], rtol=1e-5, atol=1e-6)
-    data = train.load_task(bert_run["args"])
-    metrics = train.evaluate(bert_run["args"], model, bert_run["tokenizer"], data)
+    task, data = train.load_data(bert_run["args"])
+    metrics = train.evaluate(task, model, bert_run["tokenizer"], data,
+                             **train.eval_options(bert_run["args"]))
     last = [r for r in bert_run["log"] if r["aggregator"] == name][-1]
     assert metrics == last["metrics"]
     if name in ("fedex", "flora"):   # the changed base weights matter: without them, other logits
@@ -337,7 +338,7 @@ def test_bert_trains_its_pooler_with_the_classifier(tmp_path, bert_dir, glue_dir
     trained in full and averaged with the classifier; --head-modules none leaves it frozen."""
     def head_modules(**kw):
         args = bert_args(tmp_path / "run", bert_dir, glue_dir, **kw)
-        model, _ = train.load_model(args, torch.device("cpu"))
+        model, _ = train.model_loader(args, torch.device("cpu"))()
         return {n.split(".modules_to_save")[0].removeprefix("base_model.model.")
                 for n in fl.head_state(model)}
     assert head_modules() == {"bert.pooler", "classifier"}
@@ -351,8 +352,8 @@ def test_track_solvers_records_both_solvers_never_worse_than_fedit(tmp_path, ber
     assert len(log) == 2
     for row in log:
         for layer in row["divergence"]["relative_per_layer"].values():
-            assert set(layer) == {"naive", "fedit", "bound", "flora_na_als", "flora_na_adamw"}
-            for solver in ("flora_na_als", "flora_na_adamw"):
+            assert set(layer) == {"naive", "aggregate", "bound", "solver_als", "solver_adamw"}
+            for solver in ("solver_als", "solver_adamw"):
                 assert layer["bound"] - 1e-9 <= layer[solver] <= layer["naive"] + 1e-9
 
 
@@ -398,14 +399,16 @@ def test_fedit_one_client_equals_centralised_training(tmp_path, bert_dir, glue_d
     log = train.main(args)
     state = load_state(tmp_path / "run" / "fedit")
 
-    model, tokenizer = train.load_model(args, torch.device("cpu"))
-    data = train.load_task(args)
-    batcher = train.Batcher(args, tokenizer)
+    model, tokenizer = train.model_loader(args, torch.device("cpu"))()
+    task, data = train.load_data(args)
+    make_batch = task.batcher(tokenizer, data.train, args.max_length)
     everything = list(range(len(data.train)))
     losses = []
     for rnd in range(args.rounds):
         torch.manual_seed(train._seed(args.seed, rnd, 0, 1))      # train.py's dropout seed
-        batches = train.client_batches(args, batcher, data, everything, rnd, 0)
+        batches = train.client_batches(make_batch, everything, local_steps=args.local_steps,
+                                       batch_size=args.batch_size, seed=args.seed, round_=rnd,
+                                       u=0)
         losses.append(fl.local_train(model, batches, lr=args.lr, optimizer=args.optimizer))
     assert [r["train_loss"] for r in log] == losses
     assert tensors_equal(state["factors"], fl.read_factors(model))
@@ -449,18 +452,18 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, bert_dir, glu
     then --resume: metrics.jsonl (but timings) and every saved tensor are identical."""
     out = tmp_path / "run"
     args = resume_args(out, bert_dir, glue_dir)
-    calls, aggregate = [], fl.server_aggregate
+    calls, server_step = [], federation.server_step
 
-    def dies_in_round_2(uploads, p, aggregator, **options):
+    def dies_in_round_2(uploads, p, aggregator, *args, **kw):
         calls.append(aggregator)
         if aggregator == killed_in and calls.count(aggregator) == 2:
             raise Killed
-        return aggregate(uploads, p, aggregator, **options)
+        return server_step(uploads, p, aggregator, *args, **kw)
 
-    monkeypatch.setattr(fl, "server_aggregate", dies_in_round_2)
+    monkeypatch.setattr(federation, "server_step", dies_in_round_2)
     with pytest.raises(Killed):
         train.main(args)
-    monkeypatch.setattr(fl, "server_aggregate", aggregate)
+    monkeypatch.setattr(federation, "server_step", server_step)
     assert load_state(out / killed_in)["round"] == 1
     done = RESUMED[:RESUMED.index(killed_in)]
     assert [(r["aggregator"], r["round"]) for r in rows_of(out)] == [
@@ -512,12 +515,12 @@ def test_partition_puts_every_example_in_exactly_one_client(data, n_clients, alp
                                                             min_size):
     labels = data.draw(st.lists(st.integers(0, 3), min_size=n_clients * min_size, max_size=60))
     try:
-        parts = fl.partition(labels, n_clients, alpha, seed, min_size=min_size)
+        parts = federation.partition(labels, n_clients, alpha, seed, min_size=min_size)
     except ValueError as err:                     # a too-skewed Dirichlet may give up, loudly
         assert alpha is not None and "100 draws" in str(err)
         return
     check_partition(parts, len(labels), n_clients, min_size)
-    assert parts == fl.partition(labels, n_clients, alpha, seed, min_size=min_size)
+    assert parts == federation.partition(labels, n_clients, alpha, seed, min_size=min_size)
     if alpha is None:                                # IID: an even split
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
@@ -528,7 +531,7 @@ def test_partition_of_float_labels(data, n_clients, alpha, seed):
     labels = data.draw(st.lists(st.floats(0, 5, allow_nan=False), min_size=n_clients,
                                 max_size=50))
     try:
-        parts = fl.partition(labels, n_clients, alpha, seed)
+        parts = federation.partition(labels, n_clients, alpha, seed)
     except ValueError as err:
         assert alpha is not None and "100 draws" in str(err)
         return
@@ -557,9 +560,9 @@ def test_float_labels_are_binned_before_the_dirichlet_split():
     2 clients forces the two bins apart: clients are nearly pure. Twenty distinct classes
     instead would be scattered at random (purity ~0.6)."""
     scores = [n / 50 for n in SHORT + LONG]                     # STS-B-like, 0.4 .. 4.2
-    assert mean_purity(IS_LONG, (fl.partition(scores, 2, 0.01, s) for s in range(10))) > 0.85
+    assert mean_purity(IS_LONG, (federation.partition(scores, 2, 0.01, s) for s in range(10))) > 0.85
     as_classes = [int(n) for n in SHORT + LONG]
-    assert mean_purity(IS_LONG, (fl.partition(as_classes, 2, 0.01, s) for s in range(10))) < 0.7
+    assert mean_purity(IS_LONG, (federation.partition(as_classes, 2, 0.01, s) for s in range(10))) < 0.7
 
 
 def mean_tv(labels: list[int], parts) -> float:
@@ -573,7 +576,7 @@ def mean_tv(labels: list[int], parts) -> float:
 
 def test_dirichlet_skew_grows_as_alpha_shrinks():
     labels = [i % 4 for i in range(400)]
-    skew = {alpha: sum(mean_tv(labels, fl.partition(labels, 10, alpha, seed))
+    skew = {alpha: sum(mean_tv(labels, federation.partition(labels, 10, alpha, seed))
                        for seed in range(10)) / 10
             for alpha in (None, 100.0, 1.0, 0.1)}
     assert skew[0.1] > skew[1.0] > skew[100.0]
@@ -584,7 +587,7 @@ def test_tiny_alpha_is_at_least_as_skewed():
     """Smaller alpha, more skew, down to the pathological end people use for "one class per
     client" (1e-3, 1e-4): the Dirichlet draw must not underflow into an even (IID) share."""
     labels = [i % 4 for i in range(400)]
-    skew = {alpha: sum(mean_tv(labels, fl.partition(labels, 2, alpha, seed))
+    skew = {alpha: sum(mean_tv(labels, federation.partition(labels, 2, alpha, seed))
                        for seed in range(10)) / 10
             for alpha in (1e-2, 1e-3, 1e-4)}
     assert skew[1e-3] >= skew[1e-2] - 0.02 and skew[1e-4] >= skew[1e-3] - 0.02, skew
@@ -594,7 +597,7 @@ def test_tiny_alpha_is_at_least_as_skewed():
 def test_partition_min_size(alpha):
     labels = [i % 3 for i in range(60)]
     for seed in range(5):
-        check_partition(fl.partition(labels, 4, alpha, seed, min_size=10), 60, 4, 10)
+        check_partition(federation.partition(labels, 4, alpha, seed, min_size=10), 60, 4, 10)
 
 
 @pytest.mark.parametrize("labels, n_clients, alpha, min_size, match", [
@@ -607,22 +610,22 @@ def test_partition_min_size(alpha):
 ])
 def test_partition_bad_input(labels, n_clients, alpha, min_size, match):
     with pytest.raises(ValueError, match=re.escape(match)):
-        fl.partition(labels, n_clients, alpha, 0, min_size=min_size)
+        federation.partition(labels, n_clients, alpha, 0, min_size=min_size)
 
 
 @given(st.integers(1, 50), st.floats(0.01, 1.0), st.integers(0, 1000), st.integers(0, 2**31))
 def test_participants(n_clients, fraction, round_, seed):
-    chosen = fl.participants(n_clients, fraction, round_, seed)
+    chosen = federation.participants(n_clients, fraction, round_, seed)
     assert chosen == sorted(set(chosen)) and set(chosen) <= set(range(n_clients))
     assert len(chosen) == max(1, round(fraction * n_clients))
-    assert chosen == fl.participants(n_clients, fraction, round_, seed)
+    assert chosen == federation.participants(n_clients, fraction, round_, seed)
 
 
 def test_participants_change_between_rounds_and_check_the_fraction():
-    assert len({tuple(fl.participants(20, 0.25, t, 0)) for t in range(10)}) > 1
+    assert len({tuple(federation.participants(20, 0.25, t, 0)) for t in range(10)}) > 1
     for bad in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="participation must be in"):
-            fl.participants(10, bad, 0, 0)
+            federation.participants(10, bad, 0, 0)
 
 
 @pytest.mark.parametrize("task", ["gsm8k", "mbpp"])
@@ -640,7 +643,7 @@ def test_generation_tasks_split_on_answer_length_bins(tmp_path, monkeypatch, tas
     rows += [mbpp_row(11, 1)]
     (root / "mbpp" / "mbpp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    parts, partition = [], fl.partition
+    parts, partition = [], federation.partition
 
     class Stop(Exception):
         pass
@@ -649,7 +652,7 @@ def test_generation_tasks_split_on_answer_length_bins(tmp_path, monkeypatch, tas
         parts.append(partition(*a, **k))
         raise Stop
 
-    monkeypatch.setattr(fl, "partition", spy)
+    monkeypatch.setattr(federation, "partition", spy)
     for seed in range(10):
         args = train.Args(task=task, data_dir=str(root), clients=2, dirichlet_alpha=0.01,
                           seed=seed, out=str(tmp_path / "out"))
@@ -768,13 +771,13 @@ def test_bad_input_leaves_out_free_for_the_corrected_run(tmp_path, bert_dir, glu
 def test_load_task_from_the_real_glue_files():
     args = train.Args(task="sst2", data_dir=str(DATA), max_train_examples=64,
                       max_eval_examples=16)
-    data = train.load_task(args)
+    data = train.load_data(args)[1]
     assert len(data.train) == 64 and list(data.evals) == ["dev"] and len(data.evals["dev"]) == 16
     assert data.labels == [e.label for e in data.train] and set(data.labels) == {0, 1}
     assert all(e.text_a.strip() and e.text_b is None for e in data.train + data.evals["dev"])
-    assert train.load_task(args) == data                      # the cap is a seeded subset
-    other = train.load_task(train.Args(task="sst2", data_dir=str(DATA), max_train_examples=64,
-                                       max_eval_examples=16, seed=1))
+    assert train.load_data(args)[1] == data                      # the cap is a seeded subset
+    other = train.load_data(train.Args(task="sst2", data_dir=str(DATA), max_train_examples=64,
+                                       max_eval_examples=16, seed=1))[1]
     assert other.train != data.train
 
 
@@ -792,7 +795,7 @@ def test_every_aggregator_on_generation_tasks(tmp_path, llama_dir, gen_dir, task
                       clients=2, rounds=2, local_steps=2, batch_size=2, rank=2, lr=5e-3,
                       max_length=64, eval_every=5, max_new_tokens=8, max_eval_examples=2,
                       solver_steps=20, device="cpu", threads=1)
-    data = train.load_task(args)
+    data = train.load_data(args)[1]
     assert len(data.train) == n_train and len(data.evals["test"]) == 2
     if task == "mbpp":                       # the train and test splits by task id
         assert all(601 <= x["task_id"] <= 974 for x in data.train)
@@ -819,9 +822,11 @@ def test_generation_batches_train_on_the_target_only(tmp_path, llama_dir, gen_di
     args = train.Args(task="gsm8k", model=str(llama_dir), data_dir=str(gen_dir),
                       local_steps=2, batch_size=3, max_length=64)
     tokenizer = transformers.AutoTokenizer.from_pretrained(llama_dir)
-    data = train.load_task(args)
-    batches = list(train.client_batches(args, train.Batcher(args, tokenizer), data, [0, 4, 7],
-                                        round_=0, u=0))
+    data = train.load_data(args)[1]
+    make_batch = train.get_task("gsm8k").batcher(tokenizer, data.train, args.max_length)
+    batches = list(train.client_batches(make_batch, [0, 4, 7], local_steps=args.local_steps,
+                                        batch_size=args.batch_size, seed=args.seed, round_=0,
+                                        u=0))
     assert len(batches) == 2
     for batch in batches:
         assert batch["input_ids"].shape == batch["labels"].shape == (3, batch["labels"].shape[1])
@@ -859,22 +864,35 @@ def test_command_line_smoke(tmp_path, bert_dir, glue_dir):
     assert "accuracy" in lines[0] and "Traceback" not in proc.stderr
 
 
+def field_docstrings(path: Path, cls: str) -> dict[str, str]:
+    """{field: its one-line docstring} of a dataclass, read from the source as tyro does."""
+    import ast
+    body = next(n for n in ast.parse(path.read_text()).body
+                if isinstance(n, ast.ClassDef) and n.name == cls).body
+    return {a.target.id: d.value.value for a, d in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr)}
+
+
 def test_command_line_help_and_errors(tmp_path):
+    env = {**os.environ, "COLUMNS": "400"}                   # tyro wraps help to the terminal
     procs = {argv: subprocess.Popen([sys.executable, str(HERE / "train.py"), *argv], cwd=HERE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
              for argv in [("--help",), ("--bogus",),
                           ("--aggregator", "fedavg", "--data-dir", str(tmp_path)),
                           ("--data-dir", str(tmp_path / "nowhere"))]}
     res = {argv: (p.wait(timeout=300), *p.communicate()) for argv, p in procs.items()}
     code, stdout, _ = res[("--help",)]
     assert code == 0
-    for f in dataclasses.fields(train.Args):      # every option, with its help text
-        flag = "--" + f.name.replace("_", "-")
-        assert flag in stdout, flag
-    assert "--no-resume" in stdout and "LoRA rank r" in stdout
-    code, _, stderr = res[("--bogus",)]                       # argparse: usage, then error
+    docs = field_docstrings(HERE / "train.py", "Args")
+    assert set(docs) == {f.name for f in dataclasses.fields(train.Args)}
+    for name, doc in docs.items():                # every option, with its docstring as help
+        flag = "--" + name.replace("_", "-")
+        assert flag in stdout and doc in stdout, (flag, doc)
+    assert "--no-resume" in stdout
+    code, _, stderr = res[("--bogus",)]                       # tyro: a box naming the option
     assert code == 2 and "Traceback" not in stderr
-    assert stderr.splitlines()[-1] == "train.py: error: unrecognized arguments: --bogus"
+    assert "Unrecognized options: --bogus" in stderr
     for argv, message in [(("--aggregator", "fedavg", "--data-dir", str(tmp_path)),
                            "error: unknown aggregator(s) ['fedavg']"),
                           (("--data-dir", str(tmp_path / "nowhere")),

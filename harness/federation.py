@@ -1,0 +1,202 @@
+"""The server's side of a round on a real model, its divergence diagnostics, and how data and
+participation are split across clients.
+
+flora_na.py aggregates the factors of L layers of one shape; a model's adapted layers come in a
+few shapes (q and v of a GQA Llama differ), so the server step groups them by shape, calls the
+registry's aggregator once per group, and returns a typed `RoundUpdate`. It also measures, once
+per round and per layer, how far each aggregate is from the ideal update M = sum_u p_u B_u A_u:
+exactly, from a QR of the stacked factors, where flora_na.py's Gram-space expansion (fine for
+optimising) cannot resolve divergences below about 1e-8 of ||M||.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+import flora_na as fl
+
+Factors = dict[str, tuple[Tensor, Tensor]]          # {layer name: (A (r, k), B (d, r))}
+
+
+# --- exact divergences of any aggregate
+
+
+def exact_divergences(A: Sequence[Tensor], B: Sequence[Tensor], p: Tensor,
+                      agg: fl.Aggregate) -> dict[str, Tensor]:
+    """Per layer (L,) in float64: ||M|| ("norm_M"), ||M - B_bar A_bar|| of FedIT ("naive"),
+    ||M - effective update|| of `agg` ("aggregate") and the rank-r Eckart-Young bound
+    ("bound", r the largest client rank), for A (U x (L, r_u, k)), B (U x (L, d, r_u)).
+
+    One QR of the stacked factors Z_B = [p_1 B_1 .. p_U B_U | B_bar | B'] (L, d, m) and
+    Z_A = [A_1; ..; A_U; A_bar; A'] (L, m, k) gives Z_B = Q_b R_b, Z_A^T = Q_a R_a, and every
+    difference of products of these columns is Q_b (R_b D R_a^T) Q_a^T for a diagonal +-1/0
+    selector D, whose norm is that of the small core R_b D R_a^T. Its round-off is relative to
+    the factors' sizes, not to ||M||^2 as in the Gram expansion, so tiny divergences stay exact.
+    An aggregate that changes the frozen weights (FedEx-LoRA, FLoRA) is compared densely."""
+    p = p.to(torch.float64)
+    U, rank = len(A), max(a.shape[1] for a in A)
+    A_bar = fl.weighted_sum(p, [a.double() for a in A])          # FedIT's, in exact arithmetic
+    B_bar = fl.weighted_sum(p, [b.double() for b in B])
+    extra_A = [A_bar] + ([agg.A.double()] if agg.A is not None else [])
+    extra_B = [B_bar] + ([agg.B.double()] if agg.B is not None else [])
+    Z_B = torch.cat([w * b.double() for w, b in zip(p.tolist(), B)] + extra_B, dim=2)  # (L, d, m)
+    Z_A = torch.cat([a.double() for a in A] + extra_A, dim=1)                          # (L, m, k)
+    _, R_b = torch.linalg.qr(Z_B, mode="r")                      # (L, min(d, m), m)
+    _, R_a = torch.linalg.qr(Z_A.mT, mode="r")                   # (L, min(k, m), m)
+    n_M = sum(a.shape[1] for a in A)                             # columns that make M
+    sel = lambda *signs: torch.cat([torch.full((n,), s, dtype=torch.float64, device=R_b.device)
+                                    for n, s in signs])          # (m,) the selector D
+    core = lambda D: (R_b * D) @ R_a.mT                          # (L, ., .) = R_b D R_a^T
+    core_M = R_b[..., :n_M] @ R_a[..., :n_M].mT
+    S = torch.linalg.svdvals(core_M)                             # singular values of M
+    r_bar, r_new = B_bar.shape[-1], (agg.B.shape[-1] if agg.B is not None else 0)
+    out = {"norm_M": S.square().sum(-1).sqrt(),
+           "naive": core(sel((n_M, 1.0), (r_bar, -1.0), (r_new, 0.0))).flatten(1).norm(dim=1),
+           "bound": S[:, rank:].square().sum(-1).sqrt()}
+    if agg.base_delta is None:
+        out["aggregate"] = core(sel((n_M, 1.0), (r_bar, 0.0), (r_new, -1.0))).flatten(1).norm(dim=1)
+    else:                                                        # dense: W itself changes
+        eff = agg.base_delta.double() + (agg.B.double() @ agg.A.double() if agg.A is not None else 0)
+        M = fl.weighted_sum(p, [b.double() @ a.double() for a, b in zip(A, B)])  # (L, d, k)
+        out["aggregate"] = (M - eff).flatten(1).norm(dim=1)
+    return out
+
+
+# --- the server step over every adapted layer
+
+
+def stacked_groups(client_factors: list[Factors], device: str | torch.device = "cpu"
+                   ) -> Iterator[tuple[list[str], list[Tensor], list[Tensor]]]:
+    """Per group of same-shape layers: (layer names, U x A (L, r, k), U x B (L, d, r)), the
+    clients' factors in the aggregators' layout, in a fixed layer order."""
+    groups: dict[tuple, list[str]] = {}
+    for name, (A, B) in client_factors[0].items():
+        groups.setdefault((B.shape[0], A.shape[1]), []).append(name)
+    for names in groups.values():
+        yield (names, [torch.stack([cf[n][0] for n in names]).to(device) for cf in client_factors],
+               [torch.stack([cf[n][1] for n in names]).to(device) for cf in client_factors])
+
+
+@dataclass
+class RoundUpdate:
+    """The server's answer to one round, per adapted layer."""
+    factors: Factors | None                  # new global (A, B); None: clients restart LoRA
+    base_delta: dict[str, Tensor]            # added to the frozen W (times LoRA scaling)
+    bytes_up: int                            # LoRA factors, all clients -> server
+    bytes_down: int                          # server -> all clients
+    divergence: dict[str, dict[str, float]]  # {layer: {naive, aggregate, bound, norm_M}}
+
+
+def server_step(client_factors: list[Factors], p: Tensor, name: str, options: dict | None = None,
+                device: str | torch.device = "cpu") -> RoundUpdate:
+    """One server step over every adapted layer: client_factors[u] = {layer: (A, B)}, p the
+    weights of the clients that answered. `options` may hold any aggregator's options; each
+    aggregator receives those its registry entry declares."""
+    if name not in fl.AGGREGATORS:
+        raise ValueError(f"unknown aggregator {name!r}; choose from {', '.join(fl.AGGREGATORS)}")
+    entry = fl.AGGREGATORS[name]
+    p = fl.check_weights(p, len(client_factors), name)
+    mine = {k: v for k, v in (options or {}).items() if k in entry.options}
+    update = RoundUpdate(None if entry.restart else {}, {}, 0, 0, {})
+    for names, A, B in stacked_groups(client_factors, device):
+        agg = entry.aggregate(A, B, p, **mine)
+        update.bytes_up += agg.bytes_up
+        update.bytes_down += agg.bytes_down
+        div = {k: v.tolist() for k, v in exact_divergences(A, B, p.to(A[0].device), agg).items()}
+        for i, n in enumerate(names):
+            if update.factors is not None:
+                update.factors[n] = (agg.A[i].cpu(), agg.B[i].cpu())
+            if agg.base_delta is not None:
+                update.base_delta[n] = agg.base_delta[i].cpu()
+            update.divergence[n] = {k: div[k][i] for k in ("naive", "aggregate", "bound", "norm_M")}
+    return update
+
+
+def solver_divergences(client_factors: list[Factors], p: Tensor) -> dict[str, dict[str, float]]:
+    """Per layer, the divergence FLoRA-NA's two solvers (als, adamw) reach on these uploads,
+    as "solver_als" and "solver_adamw": the divergence study's extra columns."""
+    out: dict[str, dict[str, float]] = {}
+    for names, A, B in stacked_groups(client_factors):
+        for solver in ("als", "adamw"):
+            res = fl.solve_flora_na(torch.stack(A, 1), torch.stack(B, 1), p, solver=solver,
+                                    bound=False)
+            for i, n in enumerate(names):
+                out.setdefault(n, {})[f"solver_{solver}"] = res.divergence[i].item()
+    return out
+
+
+def relative_divergences(divergence: dict[str, dict[str, float]],
+                         extra: dict[str, dict[str, float]] | None = None) -> dict:
+    """Per-layer divergences relative to ||M||, and their means over layers."""
+    per_layer = {}
+    for n, d in divergence.items():
+        scale = d["norm_M"] if d["norm_M"] > 0 else 1.0
+        per_layer[n] = {k: v / scale for k, v in {**d, **(extra or {}).get(n, {})}.items()
+                        if k != "norm_M"}
+    keys = next(iter(per_layer.values())).keys()
+    mean = {k: sum(v[k] for v in per_layer.values()) / len(per_layer) for k in keys}
+    return {"relative_mean": mean, "relative_per_layer": per_layer}
+
+
+# --- partitioning data across clients, and who takes part in a round
+
+
+def _dirichlet(alpha: Tensor, g: torch.Generator) -> Tensor:
+    """One Dirichlet draw seeded from `g`, sampled in log space: Gamma(a) = Gamma(a + 1) U^(1/a)
+    with U uniform, so log Gamma(a) never underflows and a tiny alpha stays skewed (torch's
+    float32 sampler returns the uniform share once every Gamma draw underflows to 0)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+        log_gamma = (torch.distributions.Gamma(alpha + 1, torch.ones_like(alpha)).sample().log()
+                     + torch.rand_like(alpha).log() / alpha)
+    return torch.softmax(log_gamma, 0)
+
+
+def partition(labels: Sequence, n_clients: int, alpha: float | None, seed: int,
+              min_size: int = 1, n_bins: int = 5) -> list[list[int]]:
+    """Split example indices across clients; every example lands in exactly one client.
+    alpha=None: IID (a random even split). Otherwise Dirichlet(alpha) over labels: for each
+    class, its examples are shared out in proportions drawn from Dir(alpha) (smaller alpha,
+    more skew). Float labels (STS-B scores) are first cut into n_bins equal-width bins.
+    Draws again (up to 100 times) until every client has at least min_size examples."""
+    n = len(labels)
+    if n_clients < 1:
+        raise ValueError(f"need at least one client, got {n_clients}")
+    if n < n_clients * min_size:
+        raise ValueError(f"{n} examples cannot give {n_clients} clients {min_size} each")
+    g = torch.Generator().manual_seed(seed)
+    if alpha is None:
+        perm = torch.randperm(n, generator=g).tolist()
+        return [sorted(perm[u::n_clients]) for u in range(n_clients)]
+    if alpha <= 0:
+        raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
+    y = torch.as_tensor(labels)
+    if y.is_floating_point():                                       # regression: bin scores
+        lo, hi = y.min(), y.max()
+        y = ((y - lo) / (hi - lo + 1e-12) * n_bins).long().clamp(max=n_bins - 1)
+    concentration = torch.full((n_clients,), float(alpha), dtype=torch.float64)
+    for _ in range(100):
+        clients = [[] for _ in range(n_clients)]
+        for c in torch.unique(y).tolist():
+            idx = torch.nonzero(y == c).flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+            share = _dirichlet(concentration, g)                    # (n_clients,)
+            cuts = (torch.cumsum(share, 0) * len(idx)).round().long().tolist()
+            for u, (a, b) in enumerate(zip([0] + cuts[:-1], cuts)):
+                clients[u] += idx[a:b]
+        if min(map(len, clients)) >= min_size:
+            return [sorted(c) for c in clients]
+    raise ValueError(f"Dirichlet(alpha={alpha}) left a client with fewer than {min_size} "
+                     f"examples in 100 draws; use fewer clients or a larger alpha")
+
+
+def participants(n_clients: int, fraction: float, round_: int, seed: int) -> list[int]:
+    """Clients that train in this round: a seeded random max(1, round(fraction U)) of them."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"participation must be in (0, 1], got {fraction}")
+    m = max(1, round(fraction * n_clients))
+    g = torch.Generator().manual_seed(seed * 100_003 + round_)
+    return sorted(torch.randperm(n_clients, generator=g)[:m].tolist())

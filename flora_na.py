@@ -107,8 +107,11 @@ def local_train(model, batches, *, lr: float, optimizer: str = "adamw",
         raise ValueError(f"unknown optimizer {optimizer!r}: use 'adamw' or 'sgd'")
     model.train()
     losses = []
-    for batch in batches:
+    for step, batch in enumerate(batches):
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"client training loss is {loss.item()} at local step "
+                                     f"{step + 1} (lr {lr}, {optimizer}): lower the lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

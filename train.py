@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -170,9 +171,9 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                    rounds: int, local_steps: int, batch_size: int, lr: float, optimizer: str,
                    participation: float, seed: int, eval_every: int, eval_options: dict,
                    options: dict, track_solvers: bool, device: torch.device, out: str,
-                   resume: bool, log: list[dict]) -> list[dict]:
+                   resume: bool, log: list[dict], base_name: str | None = None) -> list[dict]:
     """Federated training with the registry's aggregator `name`; `load()` builds the model and
-    tokenizer. Returns its metrics (one dict per round) and saves its run folder."""
+    tokenizer. Returns its metrics (one dict per round); saves its run folder every round."""
     entry = fl.AGGREGATORS[name]
     run_dir = os.path.join(out, name)
     os.makedirs(run_dir, exist_ok=True)
@@ -248,10 +249,10 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
         _atomic_write(state_path, lambda path: torch.save(state, path))
         log[:] = [r for r in log if r["aggregator"] != name] + state["metrics"]
         _write_metrics(out, log)
+        fl.write_factors(model, state["factors"])
+        fl.load_head(model, state["head"])
+        save_global(model, state, run_dir, base_name)
         tqdm.write(_console_line(row, rounds))
-    fl.write_factors(model, state["factors"])
-    fl.load_head(model, state["head"])
-    save_global(model, state, run_dir)
     return state["metrics"]
 
 
@@ -286,20 +287,46 @@ def _console_line(row: dict, rounds: int) -> str:
     return " | ".join(parts)
 
 
-def save_global(model, state: dict, run_dir: str) -> None:
-    """The final global adapter (peft save_pretrained, head included) and, for aggregators
-    that change the frozen weights, those weights as base_layers.safetensors."""
+def save_global(model, state: dict, run_dir: str, base_name: str | None = None) -> None:
+    """The global model of the round just finished, saved so that a kill at any moment leaves
+    a complete one: the peft adapter (head included) goes to a new folder adapter-round<N>, and
+    the link `adapter` is then switched to it in one rename. adapter_config.json names the base
+    model by `base_name` (a Hub id or the name the user gave), never this machine's paths.
+    Aggregators that change the frozen weights also write base_layers.safetensors."""
     from safetensors.torch import save_file
-    model.save_pretrained(os.path.join(run_dir, "adapter"))
     if state["base"]:
-        save_file({n: W.contiguous() for n, W in state["base"].items()},
-                  os.path.join(run_dir, "base_layers.safetensors"))
+        _atomic_write(os.path.join(run_dir, "base_layers.safetensors"), lambda path: save_file(
+            {n: W.contiguous() for n, W in state["base"].items()}, path))
+    version = f"adapter-round{state['round']}"
+    tmp, link = os.path.join(run_dir, f".{version}.tmp"), os.path.join(run_dir, "adapter")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if base_name is not None:
+        model.peft_config["default"].base_model_name_or_path = base_name
+    model.save_pretrained(tmp)
+    shutil.rmtree(os.path.join(run_dir, version), ignore_errors=True)
+    os.replace(tmp, os.path.join(run_dir, version))
+    if os.path.isdir(link) and not os.path.islink(link):   # a run saved before links were used
+        shutil.rmtree(link)
+    os.symlink(version, link + ".tmp")
+    os.replace(link + ".tmp", link)                        # the atomic switch
+    for old in os.listdir(run_dir):
+        if old.startswith("adapter-round") and old != version:
+            shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
 
 
-def load_global(run_dir: str, base_model):
-    """Rebuild a saved global model: base weights (if changed) and the peft adapter."""
+def load_global(run_dir: str, base_model=None):
+    """A finished (or interrupted) run's global model for one aggregator, in a fresh process:
+    load_global("runs/latest/flora_na") -> (model, tokenizer), built from the run's
+    config.json (model, task), its adapter and, if changed, its base weights. Pass
+    `base_model` to use a transformers model you built yourself (the tokenizer is then None)."""
     from peft import PeftModel
     from safetensors.torch import load_file
+    tokenizer = None
+    if base_model is None:
+        with open(os.path.join(run_dir, os.pardir, "config.json")) as f:
+            config = json.load(f)
+        base_model, tokenizer = models.load_base(config["model"], get_task(config["task"]),
+                                                 bf16=config.get("bf16", False))
     model = PeftModel.from_pretrained(base_model, os.path.join(run_dir, "adapter"))
     path = os.path.join(run_dir, "base_layers.safetensors")
     if os.path.exists(path):
@@ -307,7 +334,7 @@ def load_global(run_dir: str, base_model):
         with torch.no_grad():
             for n, W in load_file(path).items():
                 layers[n].get_base_layer().weight.copy_(W)
-    return model
+    return model.eval(), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +343,8 @@ def load_global(run_dir: str, base_model):
 
 
 def check_args(args: Args) -> list[str]:
-    """Validate everything that can be checked without data; returns aggregator names."""
+    """Validate everything that can be checked without data, before anything is written;
+    returns the aggregator names."""
     get_task(args.task)
     names = [a.strip() for a in args.aggregator.split(",") if a.strip()]
     names = list(fl.AGGREGATORS) if names == ["all"] else names
@@ -326,25 +354,70 @@ def check_args(args: Args) -> list[str]:
                          f"{', '.join(fl.AGGREGATORS)} or 'all'")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a folder")
-    for key in ("clients", "rounds", "local_steps", "batch_size", "rank", "eval_every"):
-        if getattr(args, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.dirichlet_alpha < 0:
-        raise ValueError(f"--dirichlet-alpha must be >= 0 (0 = IID), got {args.dirichlet_alpha}")
+    at_least = {"clients": 1, "rounds": 1, "local_steps": 1, "batch_size": 1, "rank": 1,
+                "eval_every": 1, "eval_batch_size": 1, "solver_steps": 1, "max_new_tokens": 1,
+                "max_length": 8, "max_train_examples": 1, "max_eval_examples": 1, "threads": 0}
+    for key, low in at_least.items():
+        value = getattr(args, key)
+        if value is not None and value < low:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
+    for key in ("lr", "lora_alpha", "solver_lr"):
+        value = getattr(args, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{key.replace('_', '-')} must be finite and > 0, got {value}")
+    if not (0 <= args.lora_dropout < 1):
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if not (math.isfinite(args.dirichlet_alpha) and args.dirichlet_alpha >= 0):
+        raise ValueError(f"--dirichlet-alpha must be finite and >= 0 (0 = IID), got "
+                         f"{args.dirichlet_alpha}")
     if not 0 < args.participation <= 1:
         raise ValueError(f"--participation must be in (0, 1], got {args.participation}")
     if args.solver not in ("als", "adamw"):
         raise ValueError(f"--solver must be als or adamw, got {args.solver!r}")
     if args.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"--optimizer must be adamw or sgd, got {args.optimizer!r}")
+    resolve_device(args.device)
+    _check_writable(args.out)
     return names
 
 
-def run_facts(task: Task, data: TaskData, model) -> dict:
-    """What the report needs besides the metrics, so that it never imports training code."""
+def resolve_device(name: str) -> torch.device:
+    """The torch device for --device ("auto": CUDA when there is one); ValueError for a device
+    this machine does not have."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                         f"use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
+def _check_writable(out: str) -> None:
+    """ValueError unless --out is (or can become) a folder this process may write in."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file, not a folder")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):               # the nearest folder that exists
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out!r}: cannot write in {parent} (read-only or no permission)")
+
+
+def run_facts(args: Args, task: Task, data: TaskData, model) -> dict:
+    """What the report needs besides the metrics, so that it never imports training code,
+    and where this machine found the model."""
     head = {n: q for n, q in model.named_parameters() if q.requires_grad and "lora_" not in n}
     saved = model.peft_config["default"].modules_to_save or []
     return {"task": {"display_name": task.display_name, "main_metric": task.main_metric},
+            "model": {"hub_id": models.hub_id(args.model), "path": models.resolve_model(args.model)},
             "majority_baseline": task.majority_baseline(data),
             "head": {"modules": [m for m in saved if any(f".{m}." in f".{n}" for n in head)],
                      "bytes": sum(q.numel() * 4 for q in head.values())},    # float32, as sent
@@ -398,8 +471,7 @@ def eval_options(args: Args) -> dict:
 def main(args: Args) -> list[dict]:
     names = check_args(args)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     task, data = load_data(args)
     if args.clients > len(data.train):
         raise ValueError(f"{args.clients} clients but only {len(data.train)} training examples")
@@ -407,7 +479,7 @@ def main(args: Args) -> list[dict]:
                                  args.seed, min_size=1)
     load = model_loader(args, device)
     meta_model, _ = load(weights=False)        # model, LoRA targets, rank: before --out
-    _check_config(args, run_facts(task, data, meta_model))
+    _check_config(args, run_facts(args, task, data, meta_model))
     with open(os.path.join(args.out, "provenance.jsonl"), "a") as f:
         f.write(json.dumps(provenance.record(device)) + "\n")
     log: list[dict] = []
@@ -421,12 +493,13 @@ def main(args: Args) -> list[dict]:
                        seed=args.seed, eval_every=args.eval_every,
                        eval_options=eval_options(args), options=aggregator_options(args),
                        track_solvers=args.track_solvers, device=device, out=args.out,
-                       resume=args.resume, log=log)
+                       resume=args.resume, log=log, base_name=models.hub_id(args.model))
     return log
 
 
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError,
+            FloatingPointError) as err:
         sys.exit(f"error: {err}")

@@ -112,6 +112,17 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
     return str(folder)
 
 
+# The Hub ids of the offline models, so that a saved adapter names its base portably
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
+           "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_id(name_or_path: str) -> str:
+    """The name a saved adapter records for its base: the Hub id of an offline model, else
+    what the user gave (a Hub name, or their folder)."""
+    return HUB_IDS.get(name_or_path, name_or_path)
+
+
 def resolve_model(name_or_path: str) -> str:
     """Map "minilm" and "smollm2" to their local folders; anything else (Hub name, path) as is."""
     if name_or_path == "minilm":
@@ -121,18 +132,13 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str, task, *, rank: int, alpha: float, dropout: float,
-               target_modules: Sequence[str] | None, head_modules: Sequence[str] | None,
-               seed: int, bf16: bool = False, gradient_checkpointing: bool = False,
-               device: torch.device | str = "cpu", weights: bool = True):
-    """The base model for `task` (a harness.tasks.Task) with LoRA attached, seeded so every
-    aggregator starts identically; returns (model, tokenizer). weights=False builds it from
-    its config on the meta device: a cheap check of the model, the LoRA targets and the rank
-    before anything is written or trained."""
+def load_base(name_or_path: str, task, *, bf16: bool = False, weights: bool = True):
+    """The transformers model for `task` (a harness.tasks.Task: a sequence classifier with its
+    num_labels, or a causal LM) and its tokenizer, without LoRA; weights=False builds it from
+    its config on the meta device. A model that cannot be loaded is a clear error."""
     import transformers
     transformers.logging.set_verbosity_error()
     path = resolve_model(name_or_path)
-    torch.manual_seed(seed)
     try:
         if task.peft_task_type == "CAUSAL_LM":
             auto, kw = transformers.AutoModelForCausalLM, {}
@@ -152,6 +158,20 @@ def load_model(name_or_path: str, task, *, rank: int, alpha: float, dropout: flo
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_model(name_or_path: str, task, *, rank: int, alpha: float, dropout: float,
+               target_modules: Sequence[str] | None, head_modules: Sequence[str] | None,
+               seed: int, bf16: bool = False, gradient_checkpointing: bool = False,
+               device: torch.device | str = "cpu", weights: bool = True):
+    """The base model for `task` with LoRA attached, seeded so every aggregator starts
+    identically (the classifier's initialisation); returns (model, tokenizer). weights=False:
+    on the meta device, a cheap check of the model, the LoRA targets and the rank before
+    anything is written or trained."""
+    resolve_model(name_or_path)                   # SmolLM2: convert before seeding, as always
+    torch.manual_seed(seed)
+    model, tokenizer = load_base(name_or_path, task, bf16=bf16, weights=weights)
     model = add_lora(model, rank, alpha, dropout, target_modules, task.peft_task_type, head_modules)
     if not weights:
         return model, tokenizer

@@ -135,12 +135,22 @@ def load_glue(task: str, data_dir: str | os.PathLike | None = None,
                                 "(glue_data layout, as made by download_glue_data.py)")
     # Split on tabs only, never csv quoting: GLUE text has stray quotes (STS-B, MRPC) that csv would
     # join across fields. newline="" keeps a stray \r inside a sentence from splitting its line.
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: MRPC starts with a BOM
-        lines = [line.removesuffix("\r") for line in f.read().split("\n") if line.strip()]
-    names = list(spec.header) or lines.pop(0).split("\t")
+    numbered = [(i + 1, line.removesuffix("\r"))               # (line number in the file, text)
+                for i, line in enumerate(_read_text(path).split("\n")) if line.strip()]
+    if not numbered:
+        raise ValueError(f"{path} is empty: expected a GLUE tsv file")
+    if not spec.header:
+        names = numbered.pop(0)[1].split("\t")
+        missing = [c for c in spec.columns if c and c not in names]
+        if missing:
+            raise ValueError(f"{path}, line 1: the header has columns {names}, but GLUE "
+                             f"{task} needs {[c for c in spec.columns if c]} (missing {missing})")
+    names = list(spec.header) or names
+    if not numbered:
+        raise ValueError(f"{path} has a header but no data rows")
     a, b, y = (names.index(c) if c else None for c in spec.columns)
     examples, malformed = [], 0
-    for n, line in enumerate(lines):
+    for n, line in numbered:
         fields = line.split("\t")
         if len(fields) != len(names):  # a few QQP train rows; the Hub loader drops them as well
             malformed += 1
@@ -148,8 +158,10 @@ def load_glue(task: str, data_dir: str | os.PathLike | None = None,
         try:
             label = _label(spec, fields[y])
         except ValueError as err:
-            raise ValueError(f"{path}, data row {n}: bad label {fields[y]!r}") from err
+            raise ValueError(f"{path}, line {n}: bad label {fields[y]!r}") from err
         examples.append(Example(fields[a], fields[b] if b is not None else None, label))
+    if not examples:
+        raise ValueError(f"{path}: no row has the header's {len(names)} tab-separated fields")
     if malformed:
         warnings.warn(f"{path}: skipped {malformed} malformed rows (not {len(names)} fields)")
     return examples
@@ -208,12 +220,36 @@ MBPP_SPLITS = {"prompt": range(1, 11), "test": range(11, 511), "validation": ran
                "train": range(601, 975)}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """One dict per line of a .jsonl file; FileNotFoundError naming the path."""
+def _read_text(path: Path) -> str:
+    """A file's UTF-8 text (a leading BOM dropped: MRPC has one); ValueError naming the file
+    and the line of the first byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text ({err.reason} at byte "
+                         f"{err.start}); is it the right file?") from None
+
+
+def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
+    """One dict per line of a .jsonl file, each with `keys`; errors name the file and line."""
     if not path.is_file():
         raise FileNotFoundError(f"expected the file {path}")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for n, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {n}: not a JSON object ({err.msg})") from None
+        if not isinstance(row, dict) or any(k not in row for k in keys):
+            raise ValueError(f"{path}, line {n}: expected a JSON object with keys {list(keys)}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} is empty")
+    return rows
 
 
 def _check_split(split: str, valid) -> None:
@@ -228,7 +264,7 @@ def load_gsm8k(data_dir: str | os.PathLike | None = None, split: str = "train") 
     root = _data_dir(data_dir)
     if root is None:
         return _from_hub("openai/gsm8k", "main", split, "a folder holding gsm8k/{train,test}.jsonl")
-    return _read_jsonl(root / "gsm8k" / f"{split}.jsonl")
+    return _read_jsonl(root / "gsm8k" / f"{split}.jsonl", ("question", "answer"))
 
 
 def load_mbpp(data_dir: str | os.PathLike | None = None, split: str = "train") -> list[dict]:
@@ -238,7 +274,8 @@ def load_mbpp(data_dir: str | os.PathLike | None = None, split: str = "train") -
     if root is None:
         return _from_hub("google-research-datasets/mbpp", "full", split,
                          "a folder holding mbpp/mbpp.jsonl")
-    return [row for row in _read_jsonl(root / "mbpp" / "mbpp.jsonl")
+    return [row for row in _read_jsonl(root / "mbpp" / "mbpp.jsonl",
+                                       ("task_id", "text", "code", "test_list"))
             if row["task_id"] in MBPP_SPLITS[split]]
 
 
@@ -358,6 +395,9 @@ class Task:
             return [xs[i] for i in sorted(torch.randperm(len(xs), generator=g)[:n].tolist())]
         train = cap(self.read(data_dir, "train"), max_train)
         evals = {s: cap(self.read(data_dir, s), max_eval) for s in self.eval_splits}
+        for split, xs in [("train", train), *evals.items()]:
+            if not xs:
+                raise ValueError(f"{self.display_name} {split}: no examples")
         return TaskData(train, [self.partition_key(x) for x in train], evals)
 
     def batcher(self, tokenizer, examples: list, max_length: int):

@@ -252,9 +252,9 @@ def bert_run(tmp_path_factory, bert_dir, glue_dir):
     dev = tasks.load_glue("sst2", glue_dir, "dev")
     logits, save = {}, train.save_global
 
-    def spy(model, state, run_dir):
+    def spy(model, state, run_dir, *args):          # called every round: the last one stays
         logits[os.path.basename(run_dir)] = glue_logits(model, tokenizer, dev)
-        save(model, state, run_dir)
+        save(model, state, run_dir, *args)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "save_global", spy)
@@ -318,7 +318,7 @@ def test_saved_adapter_reloads_to_the_same_predictions(bert_run, bert_dir, name)
     """load_global(run_dir, fresh base) == the in-memory global model at the end of the run,
     in logits and in the dev metric of the last metrics.jsonl row."""
     run_dir = bert_run["out"] / name
-    model = train.load_global(str(run_dir), fresh_classifier(bert_dir))
+    model, _ = train.load_global(str(run_dir), fresh_classifier(bert_dir))
     logits = glue_logits(model, bert_run["tokenizer"], bert_run["dev"])
     torch.testing.assert_close(logits, bert_run["logits"][name], rtol=1e-5, atol=1e-6)
     task, data = train.load_data(bert_run["args"])

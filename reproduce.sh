@@ -4,10 +4,10 @@
 #   1 tests              python -m pytest -q
 #   2 divergence study   one federated SST-2 run (FedIT) that also records what FLoRA-NA's
 #                        ALS and AdamW solvers and the rank-r bound would reach, every round
-#   3 GLUE table         every registered aggregator (--aggregator all) x 3 seeds, Dirichlet 0.5,
-#                        plus a centralised reference
-#                        (1 client, IID, same examples seen); QUICK: {stsb, sst2}, FULL and
-#                        GLUE_TASKS="rte mrpc stsb sst2": all four (see the QUICK budget's notes)
+#   3 GLUE table         every registered aggregator (--aggregator all) x 3 seeds, Dirichlet
+#                        0.5, plus a centralised reference (1 client, IID, same examples seen);
+#                        QUICK: {stsb, sst2}, FULL and GLUE_TASKS="rte mrpc stsb sst2": all four
+#                        (see the QUICK budget's notes)
 #   4 sensitivity        the method (FLoRA-NA) vs the baseline (FedIT) across Dirichlet alpha and
 #                        client counts (SST-2)
 #   5 solver benchmark   bench_solver.py at LLaMA-2-7B adapter shapes
@@ -110,9 +110,9 @@ else
     GLUE_MODEL=(--model minilm)
     # 3 clients (the authors' default), 10 rounds x 6 local AdamW steps of batch 16 at lr 2e-3,
     # 64 tokens, 3000 training examples, dev capped at 400, evaluated at rounds 5 and 10.
-    # Calibrated with a centralised run of 300 steps (the trainable BERT pooler, see flora_na.py's
-    # DEFAULT_HEAD_MODULES, is what lets MiniLM learn the pair tasks: STS-B Pearson 0.81 with
-    # it, -0.03 without). Sized to what fits the session that produced RESULTS.md; more local
+    # Calibrated with a centralised run of 300 steps (the trainable BERT pooler, train.py's
+    # default --head-modules for BERT, is what lets MiniLM learn the pair tasks: STS-B Pearson
+    # 0.81 with it, -0.03 without). Sized to what fits the session that produced RESULTS.md; more local
     # steps or rounds learn more, at proportionally more CPU time.
     GLUE_TRAIN=(--rounds 10 --local-steps 6 --batch-size 16 --lr 2e-3 --max-length 64
                 --max-train-examples 3000 --max-eval-examples 400 --eval-every 5)

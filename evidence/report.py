@@ -998,7 +998,9 @@ def headline(results: str, names: Names, page: str = "RESULTS.md") -> str:
     g = Glue.of(runs, names)
     fed = next((r for r in runs if not r.centralised), runs[0])
     md = [f"From `bash reproduce.sh` in {pipeline.get('mode', 'unknown')} mode"
-          + (" (TINY: meaningless numbers)" if pipeline.get("tiny") else "")
+          + (" (TINY: meaningless numbers)" if pipeline.get("tiny") else
+             " (a CPU-sized stand-in for the paper's experiments, not comparable with its "
+             "numbers)" if pipeline.get("mode") == "QUICK" else "")
           + f", code of commit {stage_provenance(results, '3')[0]}; all tables, figures, "
             f"calibration and limits in [{page}]({page}). Best dev metric over rounds, mean ± "
             f"std over seeds {g.seeds}; federated: {describe(fed.config)}.\n",

@@ -1,4 +1,4 @@
-"""Tables and figures from reproduce.sh's results folder: REPORT.md, PNGs, RESULTS.md, README headline.
+"""Tables and figures from reproduce.sh's results: REPORT.md, PNGs, RESULTS.md, README's headline.
 
     python -m evidence.report results/ --method flora_na --baseline fedit
     python -m evidence.report results/ --method flora_na --baseline fedit \\
@@ -28,6 +28,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Annotated
 
 import matplotlib
 import tyro
@@ -47,16 +48,16 @@ HEADLINE_MARKERS = ("<!-- headline:start -->", "<!-- headline:end -->")
 
 @dataclass
 class Args:
-    results: tyro.conf.Positional[str] = "results"
-    """folder reproduce.sh wrote (runs/, pipeline.json, stage_times.tsv); REPORT.md and the PNGs go here"""
+    results: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RESULTS")] = "results"
+    """folder reproduce.sh wrote (runs/, pipeline.json, ...); REPORT.md and the PNGs go here too"""
     method: str | None = None
-    """the aggregator the verdicts, the divergence study and the sensitivity table are about"""
+    """aggregator the verdicts, the divergence study and the sensitivity table are about"""
     baseline: str | None = None
-    """the aggregator the method is compared with"""
+    """aggregator the method is compared with"""
     page: str | None = None
-    """also write the report into this page (e.g. RESULTS.md) between its results markers, PNGs in figures/ beside it"""
+    """also write the report between this page's results markers, PNGs into figures/ beside it"""
     readme: str | None = None
-    """also write the headline table into this README between its headline markers"""
+    """also write the headline table between this README's headline markers"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,13 +147,14 @@ def metric_value(metrics: dict | None, name: str) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 CENTRAL = "(centralised)"   # row key of centralised runs; registry names are identifiers
+PERSONAL = " (personalised)"   # suffix of the row key of an aggregator's personalised models
 PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
            "tab:pink", "tab:olive", "tab:cyan"]   # by registry position; the method is black
 
 
 def personal(name: str) -> str:
     """Row key of an aggregator's personalised models (rows that carry personal_metrics)."""
-    return f"{name} (personalised)"
+    return name + PERSONAL
 
 
 @dataclass
@@ -181,8 +183,8 @@ class Names:
         """A row key as the tables print it; the method in bold (markdown) if `bold`."""
         if key == CENTRAL:
             return "centralised (1 client, IID)"
-        if key.endswith(" (personalised)"):
-            return self.display(key.removesuffix(" (personalised)"), bold) + " (personalised)"
+        if key.endswith(PERSONAL):
+            return self.display(key.removesuffix(PERSONAL), bold) + PERSONAL
         text = self.registry.get(key, {}).get("display_name", key)
         return f"**{text}**" if bold and key == self.method else text
 
@@ -190,7 +192,7 @@ class Names:
         """Row keys in registry order, each aggregator followed by its personalised row, then
         names the facts do not list (first seen first), then the centralised reference."""
         keys = list(dict.fromkeys(keys))
-        seen = [k.removesuffix(" (personalised)") for k in keys if k != CENTRAL]
+        seen = [k.removesuffix(PERSONAL) for k in keys if k != CENTRAL]
         names = list(self.registry) + [k for k in dict.fromkeys(seen) if k not in self.registry]
         out = [k for n in names for k in (n, personal(n)) if k in keys]
         return out + [CENTRAL] * (CENTRAL in keys)
@@ -464,13 +466,12 @@ def _mean_curve(curves: list[Curve], x: str) -> tuple[list[float], list[float]]:
 
 def global_model(key: str) -> bool:
     """A federated global model (not a personalised row, not the centralised reference)."""
-    return key != CENTRAL and not key.endswith(" (personalised)")
+    return key != CENTRAL and not key.endswith(PERSONAL)
 
 
 @dataclass
 class Glue:
     """The GLUE stage's runs reduced to what its tables, verdict and headline print."""
-    runs: list[Run]
     tasks: list[str]                              # task keys, sorted
     task_names: dict[str, str]                    # task -> "SST-2 (accuracy)"
     curves: dict[str, dict[str, list[Curve]]]     # task -> row key -> one Curve per seed
@@ -491,7 +492,7 @@ class Glue:
             if not r.centralised and r.facts.get("majority_baseline") is not None:
                 majority.setdefault(r.task, []).append(r.facts["majority_baseline"])
         keys = names.order(k for t in tasks_ for k in curves[t])
-        return cls(runs, tasks_, task_names, curves, keys,
+        return cls(tasks_, task_names, curves, keys,
                    sorted({r.config.get("seed") for r in runs}), majority, names)
 
     @cached_property
@@ -514,8 +515,8 @@ class Glue:
         for t in self.tasks:
             v = list(self.federated(what, t).values())
             best_fed[t] = max(v) if v and max(v) - min(v) > 1e-9 else None
-        personalised = {k.removesuffix(" (personalised)") for k in self.keys
-                        if k.endswith(" (personalised)")}
+        personalised = {k.removesuffix(PERSONAL) for k in self.keys
+                        if k.endswith(PERSONAL)}
         rows = []
         for k in self.keys:
             cells = [fmt_ms([getattr(c, what) for c in self.curves[t].get(k, [])], n_seeds,
@@ -666,7 +667,7 @@ def _glue_figures(g: Glue, out_dir: str) -> str:
         fig, axes = plt.subplots(1, len(g.tasks), figsize=(4 * len(g.tasks), 3.6), squeeze=False)
         for ax, t in zip(axes[0], g.tasks):
             for k in g.keys:
-                if k not in g.curves[t] or k.endswith(" (personalised)"):
+                if k not in g.curves[t] or k.endswith(PERSONAL):
                     continue
                 if x == "mbytes" and k == CENTRAL:
                     continue                               # nothing is communicated

@@ -4,13 +4,16 @@
 #   1 tests              python -m pytest -q
 #   2 divergence study   one federated SST-2 run (FedIT) that also records what FLoRA-NA's
 #                        ALS and AdamW solvers and the rank-r bound would reach, every round
-#   3 GLUE table         all 8 aggregators x 3 seeds, Dirichlet 0.5, plus a centralised reference
-#                        (1 client, IID, same examples seen); QUICK: {stsb, sst2}, FULL and
-#                        GLUE_TASKS="rte mrpc stsb sst2": all four (see the QUICK budget's notes)
-#   4 sensitivity        FLoRA-NA vs FedIT across Dirichlet alpha and client counts (SST-2)
+#   3 GLUE table         every registered aggregator (--aggregator all) x 3 seeds, Dirichlet
+#                        0.5, plus a centralised reference (1 client, IID, same examples seen);
+#                        QUICK: {stsb, sst2}, FULL and GLUE_TASKS="rte mrpc stsb sst2": all four
+#                        (see the QUICK budget's notes)
+#   4 sensitivity        the method (FLoRA-NA) vs the baseline (FedIT) across Dirichlet alpha and
+#                        client counts (SST-2)
 #   5 solver benchmark   bench_solver.py at LLaMA-2-7B adapter shapes
 #   6 generation         a small federated GSM8K run (SmolLM2-135M; FULL: LLaMA-2-7B)
-#   7 report             python report.py -> results/REPORT.md, PNGs, README results section
+#   7 report             python -m evidence.report -> results/REPORT.md and PNGs; RESULTS.md's
+#                        generated part (figures in figures/) and README.md's headline table
 #
 # Usage:
 #   bash reproduce.sh                    # QUICK: about 80 minutes on a 2-core CPU
@@ -26,8 +29,9 @@
 # Environment: FLORA_DATA (data root, default ../shared/data), JOBS (parallel runs, default:
 # CPU cores in QUICK, 1 in FULL), THREADS (torch threads per run: 1 in QUICK, all in FULL),
 # PYTHON, PYTEST_ARGS, ROBERTA and LLAMA (local folders for the FULL models, no Hub needed),
-# RESULTS (output folder), README=0 (leave README.md alone). After changing a budget, delete
-# the affected results/runs/<stage>/ folders: train.py refuses to resume with another config.
+# RESULTS (output folder), README=0 (leave README.md and RESULTS.md alone). After changing a
+# budget, delete the affected results/runs/<stage>/ folders: train.py refuses to resume with
+# another config.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -55,6 +59,11 @@ while (($#)); do
 done
 MODE=${MODE^^}
 [[ $MODE == QUICK || $MODE == FULL ]] || { echo "MODE must be QUICK or FULL, got $MODE" >&2; exit 2; }
+
+# The comparison the report draws: the method, and the baseline it is measured against
+# (stages 2 and 4 run only these two; stage 3 runs every registered aggregator)
+METHOD=flora_na
+BASELINE=fedit
 
 PY=${PYTHON:-python}
 DATA=${FLORA_DATA:-../shared/data}
@@ -91,7 +100,7 @@ if [[ $MODE == FULL ]]; then
     GEN_TRAIN=(--clients 10 --rounds 20 --local-steps 10 --batch-size 16 --lr 3e-4 --rank 16
                --lora-alpha 32 --max-length 512 --eval-every 20 --eval-batch-size 32
                --max-new-tokens 256)
-    GEN_AGGS="fedit fedsa flora_na"
+    GEN_AGGS="$BASELINE fedsa $METHOD"   # the paper's GSM8K comparison
     BENCH_ARGS=()
     # GPU times are estimates from FLOPs (~0.35 s per RoBERTa-large step of 128 x 128 tokens
     # in fp32/TF32 on an H100), not measurements.
@@ -101,16 +110,16 @@ else
     GLUE_MODEL=(--model minilm)
     # 3 clients (the authors' default), 10 rounds x 6 local AdamW steps of batch 16 at lr 2e-3,
     # 64 tokens, 3000 training examples, dev capped at 400, evaluated at rounds 5 and 10.
-    # Calibrated with a centralised run of 300 steps (the trainable BERT pooler, see flora_na.py's
-    # DEFAULT_HEAD_MODULES, is what lets MiniLM learn the pair tasks: STS-B Pearson 0.81 with
-    # it, -0.03 without). Sized to what fits the session that produced the README; more local
+    # Calibrated with a centralised run of 300 steps (the trainable BERT pooler, train.py's
+    # default --head-modules for BERT, is what lets MiniLM learn the pair tasks: STS-B Pearson
+    # 0.81 with it, -0.03 without). Sized to what fits the session that produced RESULTS.md; more local
     # steps or rounds learn more, at proportionally more CPU time.
     GLUE_TRAIN=(--rounds 10 --local-steps 6 --batch-size 16 --lr 2e-3 --max-length 64
                 --max-train-examples 3000 --max-eval-examples 400 --eval-every 5)
     GLUE_CLIENTS=3; SEEDS="0 1 2"; CENTRAL_STEPS=18   # 1 client x 18 steps = 3 clients x 6
     # MRPC and RTE are left out of QUICK: at this budget even the centralised run stays at the
     # majority class (MRPC 0.696 vs 0.687 at 180 steps; RTE at chance after 300), and learning
-    # them costs far more than an hour of this CPU. Measured (README "Calibration"): with 128
+    # them costs far more than an hour of this CPU. Measured (RESULTS.md "Calibration"): with 128
     # tokens, a centralised 600 steps reach MRPC 0.79 (0.84 s/step) but RTE only 0.52-0.56
     # (1.57 s/step); federated FedIT with 3 clients x 20 local steps is still at MRPC's majority
     # after 10 rounds under Dirichlet 0.5 (0.75 with an IID split; ~9 CPU-min per aggregator
@@ -127,7 +136,7 @@ else
     GEN_TRAIN=(--clients 3 --rounds 2 --local-steps 3 --batch-size 4 --lr 2e-4 --max-length 256
                --max-train-examples 600 --max-eval-examples 30 --eval-every 2
                --eval-batch-size 30 --max-new-tokens 192)
-    GEN_AGGS="fedit flora_na"
+    GEN_AGGS="$BASELINE $METHOD"
     BENCH_ARGS=()
     T1="~3 min"; T2="~5 min"; T3="~50 min"; T4="~16 min"; T5="~3 min"; T6="~4 min"
 fi
@@ -146,7 +155,6 @@ if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningles
 fi
 COMMON=(--data-dir "$DATA" --threads "$THREADS" --resume)
 GLUE_TASKS=${GLUE_TASKS:-${QUICK_GLUE_TASKS:-rte mrpc stsb sst2}}   # longest runs first
-AGGREGATORS="fedit,ffa,fedsa,fedex,flora,flexlora,lora_fair,flora_na"
 
 # --- helpers --------------------------------------------------------------------------------
 
@@ -229,22 +237,22 @@ stage_1() {
 }
 
 stage_2() {
-    banner 2 "divergence study: FedIT on SST-2, $DIV_CLIENTS clients, Dirichlet 0.5, every solver tracked" "$T2"
+    banner 2 "divergence study: $BASELINE on SST-2, $DIV_CLIENTS clients, Dirichlet 0.5, every solver tracked" "$T2"
     pool_start
-    pool_run "$RUNS/divergence/sst2" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator fedit \
+    pool_run "$RUNS/divergence/sst2" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator "$BASELINE" \
         --clients "$DIV_CLIENTS" --dirichlet-alpha 0.5 --seed 0 --track-solvers \
         "${DIV_TRAIN[@]}" "${COMMON[@]}" --out "$RUNS/divergence/sst2"
     pool_wait
 }
 
 stage_3() {
-    banner 3 "GLUE table: 8 aggregators x {$GLUE_TASKS} x seeds {$SEEDS}, $GLUE_CLIENTS clients, Dirichlet 0.5, + centralised" "$T3"
+    banner 3 "GLUE table: every aggregator x {$GLUE_TASKS} x seeds {$SEEDS}, $GLUE_CLIENTS clients, Dirichlet 0.5, + centralised" "$T3"
     pool_start
     local task seed out
     for seed in $SEEDS; do           # seed by seed, so an interrupted stage still covers every
         for task in $GLUE_TASKS; do  # task; the long pair tasks first balances the pool better
             out=$RUNS/glue/${task}_seed$seed
-            pool_run "$out" "${TRAIN[@]}" --task "$task" "${GLUE_MODEL[@]}" --aggregator "$AGGREGATORS" \
+            pool_run "$out" "${TRAIN[@]}" --task "$task" "${GLUE_MODEL[@]}" --aggregator all \
                 --clients "$GLUE_CLIENTS" --dirichlet-alpha 0.5 --seed "$seed" \
                 "${GLUE_TRAIN[@]}" "${COMMON[@]}" --out "$out"
         done
@@ -252,6 +260,7 @@ stage_3() {
             # centralised reference: one client holding all the data (IID), as many examples
             # per round as all federated clients together (local steps x clients)
             out=$RUNS/glue/${task}_centralised_seed$seed
+            # (FedIT with one client is plain training: its average of one is the identity)
             pool_run "$out" "${TRAIN[@]}" --task "$task" "${GLUE_MODEL[@]}" --aggregator fedit \
                 --clients 1 --dirichlet-alpha 0 --seed "$seed" \
                 "${GLUE_TRAIN[@]}" --local-steps "$CENTRAL_STEPS" "${COMMON[@]}" --out "$out"
@@ -261,14 +270,14 @@ stage_3() {
 }
 
 stage_4() {
-    banner 4 "sensitivity: FLoRA-NA vs FedIT on SST-2, alpha {0.1,0.5,1.0} x 10 clients, clients {3,10,20} x alpha 0.5" "$T4"
+    banner 4 "sensitivity: $METHOD vs $BASELINE on SST-2, alpha {0.1,0.5,1.0} x 10 clients, clients {3,10,20} x alpha 0.5" "$T4"
     pool_start
     local seed alpha clients
     for seed in $SENS_SEEDS; do
         for setting in "0.5 20" "0.1 10" "0.5 10" "1.0 10" "0.5 3"; do   # longest first
             read -r alpha clients <<<"$setting"
             local out=$RUNS/sensitivity/alpha${alpha}_clients${clients}_seed$seed
-            pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator fedit,flora_na \
+            pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator "$BASELINE,$METHOD" \
                 --clients "$clients" --dirichlet-alpha "$alpha" --seed "$seed" \
                 "${SENS_TRAIN[@]}" "${COMMON[@]}" --out "$out"
         done
@@ -315,14 +324,16 @@ EOF
 
 stage_7() {
     banner 7 "report: $RESULTS/REPORT.md and figures" "~30 s"
-    local readme=()
-    # README's results section is only rewritten from a real run kept inside this repository
-    # (never from TINY plumbing numbers, nor from RESULTS=/somewhere/else); README=0 turns it off
+    local pages=()
+    # RESULTS.md and README's headline are only rewritten from a real run kept inside this
+    # repository (never from TINY plumbing numbers, nor from RESULTS=/somewhere/else); README=0
+    # turns both off
     if [[ $TINY != 1 && ${README:-1} != 0 && $RESULTS != /* && $RESULTS != ..* ]]; then
-        readme=(--readme README.md)
+        pages=(--page RESULTS.md --readme README.md)
     fi
-    if [[ $DRY_RUN == 1 ]]; then quote "$PY" -m evidence.report "$RESULTS" "${readme[@]}"; echo; return 0; fi
-    $PY -m evidence.report "$RESULTS" "${readme[@]}"
+    local cmd=("$PY" -m evidence.report "$RESULTS" --method "$METHOD" --baseline "$BASELINE" "${pages[@]}")
+    if [[ $DRY_RUN == 1 ]]; then quote "${cmd[@]}"; echo; return 0; fi
+    "${cmd[@]}"
 }
 
 # --- main -----------------------------------------------------------------------------------

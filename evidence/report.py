@@ -1,28 +1,37 @@
-"""Tables and figures from reproduce.sh's results folder: REPORT.md, PNGs, README's results section.
+"""Tables and figures from reproduce.sh's results: REPORT.md, PNGs, RESULTS.md, README's headline.
 
-    python report.py results/                      # writes results/REPORT.md and results/*.png
-    python report.py results/ --readme README.md   # also fills README between the result markers
+    python -m evidence.report results/ --method flora_na --baseline fedit
+    python -m evidence.report results/ --method flora_na --baseline fedit \\
+        --page RESULTS.md --readme README.md     # also the results page and README's headline
 
-Reads what reproduce.sh leaves under <results>/: runs/<stage>/<run>/{config.json,metrics.jsonl}
-written by train.py (stages divergence, glue, sensitivity, generation), runs/bench/bench_solver.json
-written by bench_solver.py, and pipeline.json / stage_times.tsv written by reproduce.sh. Every
-section stands alone: a stage that did not run (or is still running) says so instead of failing.
-Sections, in the order they appear: divergence study, GLUE table, sensitivity, solver benchmark,
+Reads run files only, never training code: runs/<stage>/<run>/{config.json, metrics.jsonl,
+provenance.jsonl} written by train.py (stages divergence, glue, sensitivity, generation),
+runs/bench/bench_solver.json written by bench_solver.py, and pipeline.json / stage_times.tsv
+written by reproduce.sh. What a table needs beyond the metrics comes from the "facts" that
+train.py writes into config.json: the task's display name and main metric, the majority-class
+baseline, the trained head's size, and every registered aggregator's display name in registry
+order (which fixes the rows' order and the figures' colours). Which aggregator is the method and
+which the baseline is the caller's choice (--method, --baseline); no aggregator is named here.
+
+Every section stands alone: a stage that did not run (or is still running) says so instead of
+failing. Sections, in order: divergence study, GLUE table, sensitivity, solver benchmark,
 generation, how it was run.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import datetime
 import glob
 import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Annotated
 
 import matplotlib
+import tyro
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,15 +40,24 @@ from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 from harness import provenance  # noqa: E402
 
 FIG = "{FIG}"   # stands for the figures' folder as seen from the markdown file; filled in at the end
-AGG_ORDER = ["fedit", "ffa", "fedsa", "fedsa (personalised)", "fedex", "flora", "flexlora",
-             "lora_fair", "flora_na", "centralised"]
-AGG_NAMES = {"fedit": "FedIT", "ffa": "FFA-LoRA", "fedsa": "FedSA-LoRA (global)",
-             "fedsa (personalised)": "FedSA-LoRA (personalised)", "fedex": "FedEx-LoRA",
-             "flora": "FLoRA", "flexlora": "FlexLoRA", "lora_fair": "LoRA-FAIR",
-             "flora_na": "**FLoRA-NA**", "centralised": "centralised (1 client, IID)"}
-TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "cola": "CoLA",
-              "mnli": "MNLI", "qnli": "QNLI", "qqp": "QQP", "gsm8k": "GSM8K", "mbpp": "MBPP"}
 NOT_RUN = "\n_Not run: nothing under `{}` yet._\n"
+NEEDS = "\n_Not shown: this section compares two aggregators; pass {}._\n"
+PAGE_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+HEADLINE_MARKERS = ("<!-- headline:start -->", "<!-- headline:end -->")
+
+
+@dataclass
+class Args:
+    results: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RESULTS")] = "results"
+    """folder reproduce.sh wrote (runs/, pipeline.json, ...); REPORT.md and the PNGs go here too"""
+    method: str | None = None
+    """aggregator the verdicts, the divergence study and the sensitivity table are about"""
+    baseline: str | None = None
+    """aggregator the method is compared with"""
+    page: str | None = None
+    """also write the report between this page's results markers, PNGs into figures/ beside it"""
+    readme: str | None = None
+    """also write the headline table between this README's headline markers"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,10 +67,30 @@ NOT_RUN = "\n_Not run: nothing under `{}` yet._\n"
 
 @dataclass
 class Run:
-    """One train.py run directory: its config and its metrics rows (all aggregators)."""
+    """One train.py run directory: its config (with the run's facts) and its metrics rows."""
     path: str
     config: dict
     rows: list[dict]
+
+    @property
+    def facts(self) -> dict:
+        return self.config["facts"]
+
+    @property
+    def task(self) -> str:
+        return self.config["task"]
+
+    @property
+    def task_name(self) -> str:
+        return self.facts["task"]["display_name"]
+
+    @property
+    def metric(self) -> str:
+        return self.facts["task"]["main_metric"]
+
+    @property
+    def centralised(self) -> bool:
+        return self.config.get("clients") == 1
 
     def by_aggregator(self) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = {}
@@ -67,6 +105,8 @@ class Run:
     def unfinished(self) -> list[str]:
         """Aggregators of this run's config that have not done all their rounds (or none)."""
         names = [a.strip() for a in str(self.config.get("aggregator", "")).split(",") if a.strip()]
+        if names == ["all"]:
+            names = list(self.facts["aggregators"])
         return [a for a in names or self.by_aggregator() if not self.finished(a)]
 
 
@@ -83,18 +123,14 @@ def load_runs(results: str, stage: str) -> list[Run]:
             continue
         with open(mpath) as f:
             rows = [json.loads(line) for line in f if line.strip()]
+        with open(cpath) as f:
+            config = json.load(f)
+        if "facts" not in config:
+            raise ValueError(f"{cpath} has no 'facts' (written by a train.py from before they "
+                             f"were recorded): rerun it, or move {path} out of {root}")
         if rows:
-            runs.append(Run(path, json.load(open(cpath)), rows))
+            runs.append(Run(path, config, rows))
     return runs
-
-
-def main_metric(task: str) -> str:
-    """The task's headline metric (tasks.main_metric), without importing torch when it fails."""
-    try:
-        import tasks
-        return tasks.main_metric(task)
-    except Exception:                                   # noqa: BLE001 - any failure: fall back
-        return {"stsb": "pearson", "cola": "matthews"}.get(task, "accuracy")
 
 
 def metric_value(metrics: dict | None, name: str) -> float | None:
@@ -104,6 +140,71 @@ def metric_value(metrics: dict | None, name: str) -> float | None:
     if name in metrics:
         return metrics[name]
     return next((v for k, v in metrics.items() if k.endswith("_" + name)), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names, order and colours of the aggregators: from the runs' facts, never from a list here
+# ---------------------------------------------------------------------------------------------
+
+CENTRAL = "(centralised)"   # row key of centralised runs; registry names are identifiers
+PERSONAL = " (personalised)"   # suffix of the row key of an aggregator's personalised models
+PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+           "tab:pink", "tab:olive", "tab:cyan"]   # by registry position; the method is black
+
+
+def personal(name: str) -> str:
+    """Row key of an aggregator's personalised models (rows that carry personal_metrics)."""
+    return name + PERSONAL
+
+
+@dataclass
+class Names:
+    """Every registered aggregator's display name in registry order (the union of the runs'
+    facts), and which one is the method and which the baseline."""
+    registry: dict[str, dict]          # name -> {"display_name", "personalised"}
+    method: str | None = None
+    baseline: str | None = None
+
+    @classmethod
+    def of(cls, runs: list[Run], method: str | None, baseline: str | None) -> Names:
+        registry: dict[str, dict] = {}
+        for run in runs:
+            for name, info in run.facts["aggregators"].items():
+                registry.setdefault(name, info)
+        for flag, name in (("--method", method), ("--baseline", baseline)):
+            if name is not None and registry and name not in registry:
+                raise ValueError(f"{flag} {name!r} is not an aggregator these runs know; "
+                                 f"choose from {', '.join(registry)}")
+        if method is not None and method == baseline:
+            raise ValueError(f"--method and --baseline are both {method!r}")
+        return cls(registry, method, baseline)
+
+    def display(self, key: str, bold: bool = True) -> str:
+        """A row key as the tables print it; the method in bold (markdown) if `bold`."""
+        if key == CENTRAL:
+            return "centralised (1 client, IID)"
+        if key.endswith(PERSONAL):
+            return self.display(key.removesuffix(PERSONAL), bold) + PERSONAL
+        text = self.registry.get(key, {}).get("display_name", key)
+        return f"**{text}**" if bold and key == self.method else text
+
+    def order(self, keys) -> list[str]:
+        """Row keys in registry order, each aggregator followed by its personalised row, then
+        names the facts do not list (first seen first), then the centralised reference."""
+        keys = list(dict.fromkeys(keys))
+        seen = [k.removesuffix(PERSONAL) for k in keys if k != CENTRAL]
+        names = list(self.registry) + [k for k in dict.fromkeys(seen) if k not in self.registry]
+        out = [k for n in names for k in (n, personal(n)) if k in keys]
+        return out + [CENTRAL] * (CENTRAL in keys)
+
+    def style(self, key: str) -> dict:
+        """Line colour by registry position, the method bold and black, centralised dashed."""
+        if key == CENTRAL:
+            return {"color": "tab:gray", "lw": 1.4, "ls": "--"}
+        if key == self.method:
+            return {"color": "black", "lw": 2.4, "ls": "-"}
+        names = list(self.registry) + ([key] if key not in self.registry else [])
+        return {"color": PALETTE[names.index(key) % len(PALETTE)], "lw": 1.4, "ls": "-"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +227,15 @@ def fmt_ms(xs: list[float], n_expected: int, digits: int = 3, bold: bool = False
     if bold:
         text = f"**{text}**"
     return text + (f" (n={len(xs)})" if len(xs) != n_expected else "")
+
+
+def _finite(xs) -> list[float]:
+    return [x for x in xs if x == x]
+
+
+def _nanmean(xs) -> float:
+    xs = _finite(xs)
+    return sum(xs) / len(xs) if xs else math.nan
 
 
 def describe(c: dict) -> str:
@@ -159,135 +269,140 @@ def savefig(fig, out_dir: str, name: str) -> str:
     return f"{FIG}{name}"
 
 
-COLORS = {"fedit": "tab:blue", "ffa": "tab:orange", "fedsa": "tab:green", "fedex": "tab:red",
-          "flora": "tab:purple", "flexlora": "tab:brown", "lora_fair": "tab:pink",
-          "flora_na": "black", "centralised": "tab:gray"}
-
-
-def style(name: str) -> dict:
-    return {"color": COLORS.get(name, None), "lw": 2.4 if name == "flora_na" else 1.4,
-            "ls": "--" if name == "centralised" else "-"}
-
-
 # ---------------------------------------------------------------------------------------------
 # Divergence study (stage 2)
 # ---------------------------------------------------------------------------------------------
 
-DIV_METHODS = [("naive", "FedIT (naive average)", "tab:blue"),
-               ("flora_na_als", "FLoRA-NA, ALS solver (ours, default)", "black"),
-               ("flora_na_adamw", "FLoRA-NA, AdamW solver (paper's)", "tab:orange"),
-               ("bound", "rank-r bound (best any rank-r update can do)", "tab:green")]
-DIV_LINE = {"flora_na_als": {"lw": 2.6}, "flora_na_adamw": {"ls": "--", "lw": 1.4}}
+# keys of divergence.relative_per_layer[layer] that train.py --track-solvers writes
+DIV_KEYS = ("naive", "solver_als", "solver_adamw", "bound")
+DIV_LINE = {"naive": ("tab:blue", {"lw": 1.4}), "solver_als": ("black", {"lw": 2.6}),
+            "solver_adamw": ("tab:orange", {"ls": "--", "lw": 1.4}),
+            "bound": ("tab:green", {"lw": 1.4})}
+NEGLIGIBLE = 1e-4   # naive relative divergence below this: reductions are numerical noise
 
 
-NEGLIGIBLE = 1e-4   # FedIT relative divergence below this: reductions are numerical noise
+def div_labels(names: Names) -> dict[str, str]:
+    m = names.display(names.method, bold=False)
+    return {"naive": "naive average (Σ p_u B_u)(Σ p_u A_u)",
+            "solver_als": f"{m}, ALS solver (default)",
+            "solver_adamw": f"{m}, AdamW solver (paper's)",
+            "bound": "rank-r bound (best any rank-r update can do)"}
+
+
+def tracked(run: Run) -> bool:
+    return any("solver_als" in row["divergence"]["relative_mean"] for row in run.rows)
 
 
 def divergence_series(run: Run) -> tuple[list[int], dict[str, list[list[float]]]]:
-    """Rounds and, per method, a (rounds x layers) list of relative divergences."""
-    rows = [r for r in run.rows if "flora_na_als" in r["divergence"]["relative_mean"]]
-    rows.sort(key=lambda r: r["round"])
+    """Rounds and, per key of DIV_KEYS, a (rounds x layers) list of relative divergences."""
+    rows = sorted((r for r in run.rows if "solver_als" in r["divergence"]["relative_mean"]),
+                  key=lambda r: r["round"])
     layers = sorted(rows[0]["divergence"]["relative_per_layer"]) if rows else []
-    series = {m: [[r["divergence"]["relative_per_layer"][l].get(m, math.nan) for l in layers]
-                  for r in rows] for m, _, _ in DIV_METHODS}
+    series = {k: [[r["divergence"]["relative_per_layer"][l].get(k, math.nan) for l in layers]
+                  for r in rows] for k in DIV_KEYS}
     return [r["round"] for r in rows], series
 
 
-def divergence_section(results: str, out_dir: str) -> tuple[str, dict]:
-    """Per round and layer, ||M - B_hat A_hat|| / ||M|| for FedIT, both FLoRA-NA solvers, bound."""
-    runs = [r for r in load_runs(results, "divergence")
-            if any("flora_na_als" in row["divergence"]["relative_mean"] for row in r.rows)]
+def divergence_reduction(series: dict[str, list[list[float]]]) -> dict[str, float]:
+    """Per key, the mean over (round, layer) of 1 - div / div_naive (pairs with a negligible
+    naive divergence left out)."""
+    naive = [x for v in series["naive"] for x in v]
+    return {k: _nanmean([1 - x / n for x, n in zip((x for v in series[k] for x in v), naive)
+                         if n > NEGLIGIBLE]) for k in DIV_KEYS}
+
+
+def divergence_section(results: str, out_dir: str, names: Names) -> str:
+    """Per round and layer, ||M - B_hat A_hat|| / ||M|| for the naive average, both of the
+    method's solvers and the rank-r bound."""
+    runs = [r for r in load_runs(results, "divergence") if tracked(r)]
     md = ["## Divergence study: how close each server update gets to the ideal update\n"]
     if not runs:
-        return "\n".join(md) + NOT_RUN.format("runs/divergence/ (with --track-solvers)"), {}
-    run = runs[0]
+        return "\n".join(md) + NOT_RUN.format("runs/divergence/ (with --track-solvers)")
+    if names.method is None:
+        return "\n".join(md) + NEEDS.format("--method (the aggregator whose solvers "
+                                            "--track-solvers recorded)")
+    run, labels = runs[0], div_labels(names)
     rounds, s = divergence_series(run)
     L = len(s["naive"][0])
-    md.append(f"One federated run on {TASK_NAMES.get(run.config['task'], run.config['task'])} "
-              f"({describe(run.config)}; global model trained with "
-              f"`{run.config['aggregator']}`). Every round the server also solved FLoRA-NA on "
-              f"the same client uploads with both solvers, so all numbers below share one "
-              f"trajectory. Divergence is normalised: ||M - B̂Â||_F / ||M||_F with "
-              f"M = Σ_u p_u B_u A_u, per layer ({L} LoRA layers), rounds {rounds[0]}–{rounds[-1]}"
+    md.append(f"One federated run on {run.task_name} ({describe(run.config)}; global model "
+              f"trained with `{run.config['aggregator']}`). Every round the server also solved "
+              f"{names.display(names.method, bold=False)} on the same client uploads with both "
+              f"solvers, so all numbers below share one trajectory. Divergence is normalised: "
+              f"||M - B̂Â||_F / ||M||_F with M = Σ_u p_u B_u A_u, per layer ({L} LoRA layers), "
+              f"rounds {rounds[0]}–{rounds[-1]}"
               + ("" if run.finished(run.config["aggregator"]) else " (run not finished)") + ".\n")
 
-    # figure: mean over layers (line) and min-max band; right: reduction over FedIT
+    # figure: mean over layers (line) and min-max band; right: reduction of the naive divergence
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for m, label, color in DIV_METHODS:
-        vals = s[m]
-        line = DIV_LINE.get(m, {"lw": 1.4})
-        ax1.plot(rounds, [sum(v) / len(v) for v in vals], color=color, label=label, marker=".",
-                 **line)
-        ax1.fill_between(rounds, [min(v) for v in vals], [max(v) for v in vals], color=color,
+    for k in DIV_KEYS:
+        color, line = DIV_LINE[k]
+        ax1.plot(rounds, [sum(v) / len(v) for v in s[k]], color=color, label=labels[k],
+                 marker=".", **line)
+        ax1.fill_between(rounds, [min(v) for v in s[k]], [max(v) for v in s[k]], color=color,
                          alpha=0.15)
-        if m == "naive":
+        if k == "naive":
             continue
         red = [[1 - x / n if n > NEGLIGIBLE else math.nan for x, n in zip(v, nv)]
-               for v, nv in zip(vals, s["naive"])]
-        ax2.plot(rounds, [_nanmean(r) for r in red], color=color, label=label, marker=".",
+               for v, nv in zip(s[k], s["naive"])]
+        ax2.plot(rounds, [_nanmean(r) for r in red], color=color, label=labels[k], marker=".",
                  **line)
-        ax2.fill_between(rounds, [_nanmin(r) for r in red], [_nanmax(r) for r in red],
+        ax2.fill_between(rounds, [min(_finite(r), default=math.nan) for r in red],
+                         [max(_finite(r), default=math.nan) for r in red],
                          color=color, alpha=0.15)
     ax1.set(xlabel="round", ylabel="||M - B̂Â|| / ||M||", ylim=(0, None),
             title="relative divergence (line: mean over layers;\nband: min–max over layers)")
-    ax2.set(xlabel="round", ylabel="1 - divergence / FedIT's divergence",
-            title="reduction of FedIT's divergence\n(line: mean over layers; band: min–max)")
+    ax2.set(xlabel="round", ylabel="1 - divergence / naive divergence",
+            title="reduction of the naive average's divergence\n(line: mean over layers; band: "
+                  "min–max)")
     ax1.legend(fontsize=7)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     png = savefig(fig, out_dir, "divergence.png")
 
-    rows, summary = [], {}
+    rows = []
     naive_flat = [x for v in s["naive"] for x in v]
     bound_flat = [x for v in s["bound"] for x in v]
-    for m, label, _ in DIV_METHODS:
-        flat = [x for v in s[m] for x in v]
-        red = [1 - x / n for x, n in zip(flat, naive_flat) if n > NEGLIGIBLE]
+    for k in DIV_KEYS:
+        flat = [x for v in s[k] for x in v]
+        red = _finite([1 - x / n for x, n in zip(flat, naive_flat) if n > NEGLIGIBLE])
         gap = [(n - x) / (n - b) for x, n, b in zip(flat, naive_flat, bound_flat)
                if n > NEGLIGIBLE and n - b > 1e-6 * n]
-        summary[m] = _nanmean(red)
-        rows.append([label, f"{_nanmean(flat):.4f}", f"{_nanmean(s[m][0]):.4f}",
-                     f"{_nanmean(s[m][-1]):.4f}",
-                     "—" if m == "naive" else f"{100 * _nanmean(red):.1f}%",
-                     "—" if m == "naive" else f"{100 * _nanmin(red):.1f}% / {100 * _nanmax(red):.1f}%",
-                     "—" if m == "naive" else f"{100 * _nanmean(gap):.0f}%"])
+        rows.append([labels[k], f"{_nanmean(flat):.4f}", f"{_nanmean(s[k][0]):.4f}",
+                     f"{_nanmean(s[k][-1]):.4f}"]
+                    + (["—"] * 3 if k == "naive" or not red else
+                       [f"{100 * _nanmean(red):.1f}%",
+                        f"{100 * min(red):.1f}% / {100 * max(red):.1f}%",
+                        f"{100 * _nanmean(gap):.0f}%"]))
     md.append(table(["server update", "mean rel. divergence", f"round {rounds[0]}",
-                     f"round {rounds[-1]}", "mean reduction vs FedIT",
-                     "min / max reduction", "FedIT→bound gap closed"], rows))
+                     f"round {rounds[-1]}", "mean reduction vs naive", "min / max reduction",
+                     "naive→bound gap closed"], rows))
     skipped = sum(n <= NEGLIGIBLE for n in naive_flat)
-    md.append("Means are over rounds and layers; the reduction is 1 - div / div_FedIT per "
-              "(round, layer); the gap closed is (div_FedIT - div) / (div_FedIT - div_bound)"
-              + (f"; {skipped} of {len(naive_flat)} (round, layer) pairs where FedIT's relative "
-                 f"divergence is below {NEGLIGIBLE:g} (typically round 1, when every client "
-                 f"starts from B = 0) are left out of the ratios" if skipped else "") + ".\n")
+    md.append("Means are over rounds and layers; the reduction is 1 - div / div_naive per "
+              "(round, layer); the gap closed is (div_naive - div) / (div_naive - div_bound)"
+              + (f"; {skipped} of {len(naive_flat)} (round, layer) pairs where the naive "
+                 f"relative divergence is below {NEGLIGIBLE:g} (typically round 1, when every "
+                 f"client starts from B = 0) are left out of the ratios" if skipped else "") + ".\n")
     md.append(f"![divergence per round]({png})\n")
-    als, adamw, bound = summary["flora_na_als"], summary["flora_na_adamw"], summary["bound"]
-    md.append(f"FLoRA-NA's ALS solver removes {100 * als:.1f}% of FedIT's divergence on average "
-              f"and the paper's AdamW solver {100 * adamw:.1f}%; no rank-r update can remove more "
-              f"than {100 * bound:.1f}% (the bound). "
-              + ("Both solvers reach the same divergence (within 0.1 point). "
-                 if abs(adamw - als) < 1e-3 else
-                 "AdamW does better than ALS here. " if adamw > als else
-                 "AdamW (fixed steps and learning rate) stays behind ALS. ")
-              + ("The remaining gap to the bound is the price of restricting B̂, Â to "
-                 "combinations of the clients' factors.\n" if bound - als > 0.01 else "\n"))
-    return "\n".join(md), {"divergence_reduction": summary}
+    md.append(" ".join(divergence_verdict(s, names)) + "\n")
+    return "\n".join(md)
 
 
-def _nanmean(xs) -> float:
-    xs = [x for x in xs if x == x]
-    return sum(xs) / len(xs) if xs else math.nan
-
-
-def _nanmin(xs) -> float:
-    xs = [x for x in xs if x == x]
-    return min(xs) if xs else math.nan
-
-
-def _nanmax(xs) -> float:
-    xs = [x for x in xs if x == x]
-    return max(xs) if xs else math.nan
+def divergence_verdict(series: dict[str, list[list[float]]], names: Names) -> list[str]:
+    """Sentences: how much of the naive divergence each solver removes, against the bound."""
+    red = divergence_reduction(series)
+    als, adamw, bound = red["solver_als"], red["solver_adamw"], red["bound"]
+    out = [f"{names.display(names.method, bold=False)}'s ALS solver removes {100 * als:.1f}% "
+           f"of the naive average's divergence on average and the paper's AdamW solver "
+           f"{100 * adamw:.1f}%; no rank-r update can remove more than {100 * bound:.1f}% (the "
+           f"bound).",
+           "Both solvers reach the same divergence (within 0.1 point)." if abs(adamw - als) < 1e-3
+           else "AdamW does better than ALS here." if adamw > als
+           else "AdamW (fixed steps and learning rate) stays behind ALS."]
+    if bound - als > 0.01:
+        out.append("The remaining gap to the bound is the price of restricting B̂, Â to "
+                   "combinations of the clients' factors.")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,20 +436,19 @@ def curve(rows: list[dict], metric: str, key: str = "metrics", total_rounds: int
 
 
 def glue_curves(runs: list[Run]) -> dict[str, dict[str, list[Curve]]]:
-    """task -> label -> one Curve per seed. Centralised runs (1 client) get the label
-    'centralised'; FedSA-LoRA's personal models 'fedsa (personalised)'."""
+    """task -> row key -> one Curve per seed. Centralised runs (1 client) get the key CENTRAL;
+    the personalised models of an aggregator whose rows carry personal_metrics get
+    personal(name)."""
     out: dict[str, dict[str, list[Curve]]] = {}
     for run in runs:
-        task, metric = run.config["task"], main_metric(run.config["task"])
+        rounds = run.config.get("rounds", 0)
         for agg, rows in run.by_aggregator().items():
-            label = "centralised" if run.config.get("clients") == 1 else agg
-            c = curve(rows, metric, total_rounds=run.config.get("rounds", 0))
-            if c:
-                out.setdefault(task, {}).setdefault(label, []).append(c)
-            if agg == "fedsa" and label != "centralised":
-                c = curve(rows, metric, "personal_metrics", run.config.get("rounds", 0))
+            fields = [(CENTRAL, "metrics")] if run.centralised else [
+                (agg, "metrics"), (personal(agg), "personal_metrics")]
+            for key, field in fields:
+                c = curve(rows, run.metric, field, rounds)
                 if c:
-                    out[task].setdefault("fedsa (personalised)", []).append(c)
+                    out.setdefault(run.task, {}).setdefault(key, []).append(c)
     return out
 
 
@@ -350,57 +464,177 @@ def _mean_curve(curves: list[Curve], x: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def head_mb(runs: list[Run]) -> tuple[float, list[str]] | None:
-    """Size in MB of the trained non-LoRA head as a client sends it, and its modules (e.g.
-    classifier and BERT's pooler), read from a saved adapter: every method averages it."""
-    from safetensors import safe_open
-    for run in runs:
-        for f in sorted(glob.glob(os.path.join(run.path, "*", "adapter", "adapter_model.safetensors"))):
-            config = json.load(open(os.path.join(os.path.dirname(f), "adapter_config.json")))
-            with safe_open(f, "pt") as st:
-                keys = [k for k in st.keys() if "lora_" not in k]
-                mb = sum(st.get_tensor(k).nbytes for k in keys) / 2**20
-            names = [n for n in config.get("modules_to_save") or []
-                     if any(f".{n}." in f".{k}" for k in keys)]
-            return mb, names
-    return None
+def global_model(key: str) -> bool:
+    """A federated global model (not a personalised row, not the centralised reference)."""
+    return key != CENTRAL and not key.endswith(PERSONAL)
 
 
-def majority_baseline(run: Run) -> float | None:
-    """The main metric of always predicting the commonest label of this run's dev subset: what
-    a model that learned nothing scores (0 correlation for STS-B). None without the data."""
-    from harness import tasks
-    import train
-    task = run.config["task"]
-    if task not in tasks.GLUE_TASKS:
-        return None
-    fields = {f.name for f in dataclasses.fields(train.Args)}
-    try:
-        data = train.load_task(train.Args(**{k: v for k, v in run.config.items() if k in fields}))
-    except (OSError, ValueError, SystemExit):          # the data is not at hand here
-        return None
-    labels = [e.label for e in next(iter(data.evals.values()))]
-    if isinstance(labels[0], float):
-        return 0.0
-    top = max(set(labels), key=labels.count)
-    return metric_value(tasks.glue_metrics(task, [top] * len(labels), labels), main_metric(task))
+@dataclass
+class Glue:
+    """The GLUE stage's runs reduced to what its tables, verdict and headline print."""
+    tasks: list[str]                              # task keys, sorted
+    task_names: dict[str, str]                    # task -> "SST-2 (accuracy)"
+    curves: dict[str, dict[str, list[Curve]]]     # task -> row key -> one Curve per seed
+    keys: list[str]                               # row keys in table order
+    seeds: list
+    majority: dict[str, list[float]]              # task -> one baseline per federated seed
+    names: Names
+
+    @classmethod
+    def of(cls, runs: list[Run], names: Names) -> Glue:
+        curves = glue_curves(runs)
+        tasks_ = sorted(curves)
+        task_names = {}
+        for r in runs:
+            task_names.setdefault(r.task, f"{r.task_name} ({r.metric})")
+        majority: dict[str, list[float]] = {}
+        for r in runs:
+            if not r.centralised and r.facts.get("majority_baseline") is not None:
+                majority.setdefault(r.task, []).append(r.facts["majority_baseline"])
+        keys = names.order(k for t in tasks_ for k in curves[t])
+        return cls(tasks_, task_names, curves, keys,
+                   sorted({r.config.get("seed") for r in runs}), majority, names)
+
+    @cached_property
+    def means(self) -> dict[str, dict[str, dict[str, float]]]:
+        """"best" or "final" -> task -> row key -> mean over seeds of that Curve field."""
+        return {what: {t: {k: mean_std([getattr(c, what) for c in cs])[0]
+                           for k, cs in self.curves[t].items()} for t in self.tasks}
+                for what in ("best", "final")}
+
+    def federated(self, what: str, t: str) -> dict[str, float]:
+        """Row key -> mean over seeds, for the federated global models only."""
+        return {k: v for k, v in self.means[what][t].items() if global_model(k)}
+
+    def table(self, what: str) -> str:
+        """Per row key, mean ± std over seeds of the best or final dev metric, the task
+        average and the MB per round; then the majority-class row."""
+        means, n_seeds = self.means[what], len(self.seeds)
+        # bold the best federated value, unless every federated model has the same value
+        best_fed = {}
+        for t in self.tasks:
+            v = list(self.federated(what, t).values())
+            best_fed[t] = max(v) if v and max(v) - min(v) > 1e-9 else None
+        personalised = {k.removesuffix(PERSONAL) for k in self.keys
+                        if k.endswith(PERSONAL)}
+        rows = []
+        for k in self.keys:
+            cells = [fmt_ms([getattr(c, what) for c in self.curves[t].get(k, [])], n_seeds,
+                            bold=global_model(k) and best_fed[t] is not None
+                            and means[t].get(k) == best_fed[t]) for t in self.tasks]
+            avg = [means[t][k] for t in self.tasks if k in means[t]]
+            cells.append(f"{sum(avg) / len(avg):.3f}" if len(avg) == len(self.tasks) else "—")
+            mb = [c.mb_per_round for t in self.tasks for c in self.curves[t].get(k, [])]
+            cells.append(f"{sum(mb) / len(mb):.2f}" if global_model(k) and mb else "—")
+            label = self.names.display(k) + (" (global)" if k in personalised else "")
+            rows.append([label] + cells)
+        if self.majority:
+            rows.append(["majority class (constant prediction)"]
+                        + [fmt_ms(self.majority[t], n_seeds) if t in self.majority else "—"
+                           for t in self.tasks] + ["—", "—"])
+        return table(["aggregator"] + [self.task_names[t] for t in self.tasks]
+                     + ["task average", "MB / round (up + down)"], rows)
+
+    def versus(self) -> str | None:
+        """The method against the baseline on best-over-rounds, one line; None if either is
+        not given or not run."""
+        m, b, names = self.names.method, self.names.baseline, self.names
+        both = [t for t in self.tasks if m in self.curves[t] and b in self.curves[t]]
+        if m is None or b is None or not both:
+            return None
+        wins, ties, losses = [], [], []
+        n_min = min(len(self.curves[t][a]) for t in both for a in (m, b))
+        for t in both:
+            x = [c.best for c in self.curves[t][m]]
+            y = [c.best for c in self.curves[t][b]]
+            d = mean_std(x)[0] - mean_std(y)[0]
+            noise = max(mean_std(x)[1], mean_std(y)[1], 1e-9) if n_min >= 2 else 1e-9
+            item = f"{self.task_names[t].split(' (')[0]} {d:+.4f}"
+            (ties if abs(d) <= noise else wins if d > 0 else losses).append(item)
+        vs = f"**{names.display(m, bold=False)} vs {names.display(b, bold=False)}**"
+        if n_min >= 2:
+            return (f"- {vs} (best over rounds, difference of means over seeds): ahead by more "
+                    f"than one std on {len(wins)} task(s) ({', '.join(wins) or '—'}), behind "
+                    f"by more than one std on {len(losses)} ({', '.join(losses) or '—'}), "
+                    f"within one std on {len(ties)} ({', '.join(ties) or '—'}).")
+        return (f"- {vs} (best over rounds, one seed, so no std): ahead on {len(wins)} task(s) "
+                f"({', '.join(wins) or '—'}), behind on {len(losses)} "
+                f"({', '.join(losses) or '—'}), equal on {len(ties)} ({', '.join(ties) or '—'}).")
+
+    def verdict(self) -> str:
+        """Plain sentences: the method against the baseline, and whether federated training
+        learned at all (constant predictions, the majority class, the centralised gap)."""
+        lines, best, m = [], self.means["best"], self.names.method
+        short = {t: self.task_names[t].split(" (")[0] for t in self.tasks}
+        versus = self.versus()
+        if versus is None:
+            lines.append("- No comparison lines: pass --method and --baseline (two aggregators "
+                         "these runs trained).")
+        else:
+            lines.append(versus)
+            rank = []
+            for t in self.tasks:
+                vals = self.federated("best", t)
+                if m not in vals:
+                    continue
+                better = sum(v > vals[m] + 1e-9 for v in vals.values())
+                tied = sum(abs(v - vals[m]) <= 1e-9 for v in vals.values()) - 1
+                rank.append(f"{short[t]} {better + 1}/{len(vals)}"
+                            + (f" (tied with {tied})" if tied else ""))
+            lines.append(f"- {self.names.display(m, bold=False)}'s rank among the federated "
+                         f"global models (best over rounds, mean over seeds): {', '.join(rank)}.")
+        flat = [short[t] for t in self.tasks if len(self.federated("best", t)) > 1
+                and max(self.federated("best", t).values())
+                - min(self.federated("best", t).values()) < 1e-9]
+        if flat:
+            lines.append(f"- On {', '.join(flat)} every federated aggregator scores exactly the "
+                         f"same: the global models most likely still predict a constant (the "
+                         f"majority class), so this budget cannot rank the aggregators there.")
+        near = []
+        for t in self.tasks:
+            fed = self.federated("best", t)
+            if t not in self.majority or not fed:
+                continue
+            top, base = max(fed.values()), mean_std(self.majority[t])[0]
+            if top - base < 0.02:
+                central = f", centralised {best[t][CENTRAL]:.3f}" if CENTRAL in best[t] else ""
+                near.append(f"{short[t]} (best federated {top:.3f}{central}, majority {base:.3f})")
+        if near:
+            lines.append(f"- Within 0.02 of the majority-class baseline, so not learned at this "
+                         f"budget and not a ranking of the aggregators: {'; '.join(near)}.")
+        central = [t for t in self.tasks if CENTRAL in best[t] and self.federated("best", t)]
+        if central:
+            gaps = [f"{short[t]} {best[t][CENTRAL]:.3f} vs "
+                    f"{max(self.federated('best', t).values()):.3f}" for t in central]
+            lines.append(f"- Centralised reference vs the best federated global model (best over "
+                         f"rounds): {', '.join(gaps)}. Where the federated numbers sit at chance "
+                         f"(0.5 accuracy, 0 correlation) or at the majority class while the "
+                         f"centralised one does not, the federated budget is too small to learn "
+                         f"the task and differences between aggregators are noise.")
+        return "\n".join(lines) + "\n"
 
 
-def glue_section(results: str, out_dir: str) -> tuple[str, dict]:
+def head_text(runs: list[Run]) -> str:
+    """What the MB column leaves out: the trained non-LoRA head, from the runs' facts."""
+    head = next((r.facts["head"] for r in runs if r.facts.get("head")), None)
+    if head is None:
+        return "the trained head, averaged alike by every method, is not counted"
+    if not head["modules"] or not head["bytes"]:
+        return "no parameter outside LoRA is trained"
+    return (f"the trained head ({' and '.join(head['modules'])}, {head['bytes'] / 2**20:.2f} MB "
+            f"per client each way), averaged alike by every method, is not counted")
+
+
+def glue_section(results: str, out_dir: str, names: Names) -> str:
     """Best-over-rounds and final dev metric, mean ± std over seeds, and communication."""
     runs = load_runs(results, "glue")
     md = ["## GLUE: every aggregator, mean ± std over seeds\n"]
     if not runs:
-        return "\n".join(md) + NOT_RUN.format("runs/glue/"), {}
-    curves = glue_curves(runs)
-    tasks_ = [t for t in ["sst2", "mrpc", "rte", "stsb", "cola", "mnli", "qnli", "qqp"]
-              if t in curves] + sorted(t for t in curves if t not in TASK_NAMES)
-    labels = [a for a in AGG_ORDER if any(a in curves[t] for t in tasks_)]
-    seeds = sorted({r.config.get("seed") for r in runs})
-    n_seeds = len(seeds)
-    fed = next((r for r in runs if r.config.get("clients", 1) > 1), runs[0])
-    central = next((r for r in runs if r.config.get("clients") == 1), None)
-    text = f"Federated setting: {describe(fed.config)}; seeds {seeds}."
+        return "\n".join(md) + NOT_RUN.format("runs/glue/")
+    g = Glue.of(runs, names)
+    fed = next((r for r in runs if not r.centralised), runs[0])
+    central = next((r for r in runs if r.centralised), None)
+    text = f"Federated setting: {describe(fed.config)}; seeds {g.seeds}."
     if central:
         text += (f" Centralised reference: {describe(central.config)} — one client holding "
                  f"all the training data, seeing as many examples per round as all federated "
@@ -410,144 +644,38 @@ def glue_section(results: str, out_dir: str) -> tuple[str, dict]:
                for r in runs if r.unfinished()]
     md.append("\n" + (f"\n**Unfinished runs** (missing or partly done aggregators; the tables "
                       f"use what exists): {'; '.join(partial)}\n" if partial else ""))
-    heads = [f"{TASK_NAMES.get(t, t)} ({main_metric(t)})" for t in tasks_]
-    majority: dict[str, list[float]] = {}                # per task, one value per seed
-    for r in runs:
-        m = majority_baseline(r) if r.config.get("clients", 1) > 1 else None
-        if m is not None:
-            majority.setdefault(r.config["task"], []).append(m)
-
-    def block(what: str) -> tuple[str, dict]:
-        means = {t: {a: mean_std([getattr(c, what) for c in curves[t][a]])[0]
-                     for a in curves[t]} for t in tasks_}
-        fed_vals = {t: [v for a, v in means[t].items()
-                        if a not in ("centralised", "fedsa (personalised)")] for t in tasks_}
-        # bold the best federated value, unless every federated method has the same value
-        best_fed = {t: max(v) if v and max(v) - min(v) > 1e-9 else None
-                    for t, v in fed_vals.items()}
-        rows = []
-        for a in labels:
-            cells = [fmt_ms([getattr(c, what) for c in curves[t].get(a, [])], n_seeds,
-                            bold=best_fed[t] is not None and a in means[t]
-                            and means[t][a] == best_fed[t]
-                            and a not in ("centralised", "fedsa (personalised)"))
-                     for t in tasks_]
-            avg = [means[t][a] for t in tasks_ if a in means[t]]
-            cells.append(f"{sum(avg) / len(avg):.3f}" if len(avg) == len(tasks_) else "—")
-            mb = [c.mb_per_round for t in tasks_ for c in curves[t].get(a, [])]
-            cells.append("—" if a in ("fedsa (personalised)", "centralised") or not mb
-                         else f"{sum(mb) / len(mb):.2f}")
-            rows.append([AGG_NAMES.get(a, a)] + cells)
-        if majority:
-            rows.append(["majority class (constant prediction)"]
-                        + [fmt_ms(majority[t], n_seeds) if t in majority else "—" for t in tasks_]
-                        + ["—", "—"])
-        return table(["aggregator"] + heads + ["task average", "MB / round (up + down)"],
-                     rows), means
-
-    best_md, best = block("best")
-    final_md, final = block("final")
     md.append("**Best dev metric over rounds** (what the authors report):\n")
-    md.append(best_md)
+    md.append(g.table("best"))
     md.append("\n**Final-round dev metric:**\n")
-    md.append(final_md)
-    head = head_mb(runs)
-    head_text = (f"the trained head ({' and '.join(head[1])}, {head[0]:.2f} MB per client each "
-                 f"way), averaged alike by every method, is not counted" if head is not None else
-                 "the trained head, averaged alike by every method, is not counted")
+    md.append(g.table("final"))
     md.append("\nBold: the best federated global model per column. MB / round: LoRA factors "
               "sent by all clients to the server plus the server's reply, per round, as "
-              f"train.py counts them ({head_text}); FedEx-LoRA sends the full residual down, "
-              "FLoRA the stacked factors. FedSA-LoRA (personalised): each client's own B with "
-              "the shared A, averaged over clients — not a single global model.\n")
-
-    md.append(_glue_verdict(tasks_, curves, best, final, majority))
-    md.append(_glue_figures(tasks_, curves, out_dir))
-    return "\n".join(md), {"glue_best": best, "glue_final": final}
-
-
-def _glue_verdict(tasks_, curves, best, final, majority) -> str:
-    """Plain sentences: FLoRA-NA against FedIT, and whether federated training learned."""
-    lines = []
-    federated = lambda t: {a: v for a, v in best[t].items()          # noqa: E731
-                           if a not in ("centralised", "fedsa (personalised)")}
-    both = [t for t in tasks_ if "flora_na" in curves[t] and "fedit" in curves[t]]
-    if both:
-        wins, ties, losses = [], [], []
-        n_min = min(len(curves[t][a]) for t in both for a in ("flora_na", "fedit"))
-        for t in both:
-            a = [c.best for c in curves[t]["flora_na"]]
-            b = [c.best for c in curves[t]["fedit"]]
-            d = mean_std(a)[0] - mean_std(b)[0]
-            noise = max(mean_std(a)[1], mean_std(b)[1], 1e-9) if n_min >= 2 else 1e-9
-            item = f"{TASK_NAMES.get(t, t)} {d:+.4f}"
-            (ties if abs(d) <= noise else wins if d > 0 else losses).append(item)
-        if n_min >= 2:
-            lines.append(f"- **FLoRA-NA vs FedIT** (best over rounds, difference of means over "
-                         f"seeds): ahead by more than one std on {len(wins)} task(s) "
-                         f"({', '.join(wins) or '—'}), behind by more than one std on "
-                         f"{len(losses)} ({', '.join(losses) or '—'}), within one std on "
-                         f"{len(ties)} ({', '.join(ties) or '—'}).")
-        else:
-            lines.append(f"- **FLoRA-NA vs FedIT** (best over rounds, one seed, so no std): "
-                         f"ahead on {len(wins)} task(s) ({', '.join(wins) or '—'}), behind on "
-                         f"{len(losses)} ({', '.join(losses) or '—'}), equal on {len(ties)} "
-                         f"({', '.join(ties) or '—'}).")
-        rank = []
-        for t in both:
-            vals, x = federated(t), best[t]["flora_na"]
-            better = sum(v > x + 1e-9 for v in vals.values())
-            tied = sum(abs(v - x) <= 1e-9 for v in vals.values()) - 1
-            rank.append(f"{TASK_NAMES.get(t, t)} {better + 1}/{len(vals)}"
-                        + (f" (tied with {tied})" if tied else ""))
-        lines.append(f"- FLoRA-NA's rank among the federated global models (best over rounds, "
-                     f"mean over seeds): {', '.join(rank)}.")
-    flat = [TASK_NAMES.get(t, t) for t in tasks_
-            if len(federated(t)) > 1 and max(federated(t).values()) - min(federated(t).values()) < 1e-9]
-    if flat:
-        lines.append(f"- On {', '.join(flat)} every federated aggregator scores exactly the same: "
-                     f"the global models most likely still predict a constant (the majority "
-                     f"class), so this budget cannot rank the aggregators there.")
-    near = []
-    for t in tasks_:
-        if t not in majority or not federated(t):
-            continue
-        top, base = max(federated(t).values()), mean_std(majority[t])[0]
-        if top - base < 0.02:
-            central = (f", centralised {best[t]['centralised']:.3f}"
-                       if "centralised" in best[t] else "")
-            near.append(f"{TASK_NAMES.get(t, t)} (best federated {top:.3f}{central}, "
-                        f"majority {base:.3f})")
-    if near:
-        lines.append(f"- Within 0.02 of the majority-class baseline, so not learned at this "
-                     f"budget and not a ranking of the aggregators: {'; '.join(near)}.")
-    central = [t for t in tasks_ if "centralised" in curves[t] and federated(t)]
-    if central:
-        gaps = [f"{TASK_NAMES.get(t, t)} {best[t]['centralised']:.3f} vs "
-                f"{max(federated(t).values()):.3f}" for t in central]
-        lines.append(f"- Centralised reference vs the best federated global model (best over "
-                     f"rounds): {', '.join(gaps)}. Where the federated numbers sit at chance "
-                     f"(0.5 accuracy, 0 correlation) or at the majority class while the "
-                     f"centralised one does not, the federated budget is too small to learn "
-                     f"the task and differences between aggregators are noise.")
-    return "\n".join(lines) + "\n"
+              f"train.py counts them ({head_text(runs)}); aggregators differ in what they "
+              "send (README's aggregators table). (personalised): each client's own model, "
+              "averaged over clients — not a single global model; (global): the same "
+              "aggregator's global model.\n")
+    md.append(g.verdict())
+    md.append(_glue_figures(g, out_dir))
+    return "\n".join(md)
 
 
-def _glue_figures(tasks_, curves, out_dir) -> str:
+def _glue_figures(g: Glue, out_dir: str) -> str:
     out = []
     for x, name, xlabel in (("rounds", "glue_metric_vs_round.png", "round"),
                             ("mbytes", "glue_metric_vs_bytes.png",
                              "cumulative MB sent (up + down, all clients)")):
-        fig, axes = plt.subplots(1, len(tasks_), figsize=(4 * len(tasks_), 3.6), squeeze=False)
-        for ax, t in zip(axes[0], tasks_):
-            for a in AGG_ORDER:
-                if a not in curves[t] or a == "fedsa (personalised)":
+        fig, axes = plt.subplots(1, len(g.tasks), figsize=(4 * len(g.tasks), 3.6), squeeze=False)
+        for ax, t in zip(axes[0], g.tasks):
+            for k in g.keys:
+                if k not in g.curves[t] or k.endswith(PERSONAL):
                     continue
-                if x == "mbytes" and a == "centralised":
+                if x == "mbytes" and k == CENTRAL:
                     continue                               # nothing is communicated
-                xs, ys = _mean_curve(curves[t][a], x)
-                ax.plot(xs, ys, label=AGG_NAMES[a].strip("*"), marker=".", **style(a))
-            ax.set(title=f"{TASK_NAMES.get(t, t)}", xlabel=xlabel, ylabel=main_metric(t))
+                xs, ys = _mean_curve(g.curves[t][k], x)
+                ax.plot(xs, ys, label=g.names.display(k, bold=False), marker=".",
+                        **g.names.style(k))
+            title, metric = g.task_names[t].rstrip(")").split(" (")
+            ax.set(title=title, xlabel=xlabel, ylabel=metric)
             if x == "mbytes":
                 ax.set_xscale("log")
             ax.grid(alpha=0.3)
@@ -569,39 +697,46 @@ def _glue_figures(tasks_, curves, out_dir) -> str:
 SENS_ALPHAS, SENS_CLIENTS = (0.1, 0.5, 1.0), (3, 10, 20)   # what reproduce.sh's stage 4 runs
 
 
-def sensitivity_section(results: str, out_dir: str) -> tuple[str, dict]:
-    """FLoRA-NA vs FedIT across Dirichlet alpha and client counts."""
+def _pm(ms: tuple[float, float]) -> str:
+    m, s = ms
+    return "—" if m != m else (f"{m:.3f} ± {s:.3f}" if s else f"{m:.3f}")
+
+
+def sensitivity_section(results: str, out_dir: str, names: Names) -> str:
+    """The method against the baseline across Dirichlet alpha and client counts."""
     runs = load_runs(results, "sensitivity")
     md = ["## Sensitivity: data heterogeneity and number of clients\n"]
     if not runs:
-        return "\n".join(md) + NOT_RUN.format("runs/sensitivity/"), {}
-    task = runs[0].config["task"]
-    metric = main_metric(task)
+        return "\n".join(md) + NOT_RUN.format("runs/sensitivity/")
+    if names.method is None or names.baseline is None:
+        return "\n".join(md) + NEEDS.format("--method and --baseline")
+    M, B = names.display(names.method, bold=False), names.display(names.baseline, bold=False)
+    task, metric = runs[0].task_name, runs[0].metric
     # (alpha, clients) -> aggregator -> list over seeds of (best, final, mean rel. divergence)
     cells: dict[tuple[float, int], dict[str, list[tuple]]] = {}
     for run in runs:
         key = (float(run.config["dirichlet_alpha"]), int(run.config["clients"]))
         for agg, rows in run.by_aggregator().items():
             c = curve(rows, metric, total_rounds=run.config.get("rounds", 0))
-            if not c:
-                continue
-            div = _nanmean([r["divergence"]["relative_mean"].get(agg, math.nan) for r in rows])
-            naive = _nanmean([r["divergence"]["relative_mean"].get("naive", math.nan) for r in rows])
-            cells.setdefault(key, {}).setdefault(agg, []).append((c.best, c.final, div, naive))
+            if c:
+                div = _nanmean([r["divergence"]["relative_mean"].get("aggregate", math.nan)
+                                for r in rows])
+                cells.setdefault(key, {}).setdefault(agg, []).append((c.best, c.final, div))
     seeds = sorted({r.config.get("seed") for r in runs})
     partial = [f"{os.path.basename(r.path)} ({', '.join(r.unfinished())})"
                for r in runs if r.unfinished()]
     if partial:
         md.append(f"**Unfinished runs** (the table uses what exists): {'; '.join(partial)}\n")
-    md.append(f"{TASK_NAMES.get(task, task)}, {metric}; {describe(runs[0].config)} (clients and "
-              f"alpha varied as listed); seeds {seeds}. Divergence: mean over rounds of the "
-              f"mean relative divergence over layers of the update the aggregator sent.\n")
+    md.append(f"{task}, {metric}; {describe(runs[0].config)} (clients and alpha varied as "
+              f"listed); seeds {seeds}. Divergence: mean over rounds of the mean relative "
+              f"divergence over layers of the update the aggregator sent.\n")
 
     def ms(key, agg, i):
         xs = [v[i] for v in cells.get(key, {}).get(agg, [])]
         return mean_std(xs) if xs else (math.nan, math.nan)
 
     rows, verdict = [], []
+    b, m = names.baseline, names.method
     for sweep, keys in (("alpha", sorted({k for k in cells if k[1] == 10}
                                          | {(a, 10) for a in SENS_ALPHAS})),
                         ("clients", sorted({k for k in cells if k[0] == 0.5}
@@ -611,20 +746,18 @@ def sensitivity_section(results: str, out_dir: str) -> tuple[str, dict]:
             if key not in cells:
                 rows.append([sweep, f"{key[0]:g}", str(key[1])] + ["not run"] + [""] * 6)
                 continue
-            fb, nb = ms(key, "fedit", 0), ms(key, "flora_na", 0)
-            ff, nf = ms(key, "fedit", 1), ms(key, "flora_na", 1)
-            fd, nd = ms(key, "fedit", 2), ms(key, "flora_na", 2)
-            rows.append([sweep, f"{key[0]:g}", str(key[1]),
-                         _pm(fb), _pm(nb), f"{nb[0] - fb[0]:+.3f}", _pm(ff), _pm(nf),
-                         f"{fd[0]:.3f}", f"{nd[0]:.3f}"])
-            if nb[0] == nb[0] and fb[0] == fb[0]:
-                verdict.append(nb[0] - fb[0])
-    md.append(table(["sweep", "Dirichlet alpha", "clients", "FedIT best", "FLoRA-NA best",
-                     "Δ best", "FedIT final", "FLoRA-NA final", "FedIT rel. div.",
-                     "FLoRA-NA rel. div."], rows, "lrr" + "r" * 7))
+            bb, mb = ms(key, b, 0), ms(key, m, 0)
+            rows.append([sweep, f"{key[0]:g}", str(key[1]), _pm(bb), _pm(mb),
+                         f"{mb[0] - bb[0]:+.3f}", _pm(ms(key, b, 1)), _pm(ms(key, m, 1)),
+                         f"{ms(key, b, 2)[0]:.3f}", f"{ms(key, m, 2)[0]:.3f}"])
+            if mb[0] == mb[0] and bb[0] == bb[0]:
+                verdict.append(mb[0] - bb[0])
+    md.append(table(["sweep", "Dirichlet alpha", "clients", f"{B} best", f"{M} best", "Δ best",
+                     f"{B} final", f"{M} final", f"{B} rel. div.", f"{M} rel. div."],
+                    rows, "lrr" + "r" * 7))
     n_up = sum(d > 0 for d in verdict)
-    md.append(f"\nFLoRA-NA's best dev {metric} is higher than FedIT's in {n_up} of "
-              f"{len(verdict)} rows and lower or equal in {len(verdict) - n_up}"
+    md.append(f"\n{M}'s best dev {metric} is higher than {B}'s in {n_up} of {len(verdict)} rows "
+              f"and lower or equal in {len(verdict) - n_up}"
               + (" (one seed per setting: differences of a point or two are within run-to-run "
                  "noise)" if len(seeds) == 1 else "") + ". Lower divergence does not by itself "
               "guarantee a better model at this budget.\n")
@@ -635,12 +768,12 @@ def sensitivity_section(results: str, out_dir: str) -> tuple[str, dict]:
              ("clients", lambda k: k[0] == 0.5, "clients (alpha 0.5)", False))):
         keys = sorted((k for k in cells if pick(k)), key=lambda k: k[col])
         xs = [k[col] for k in keys]
-        for agg, label, marker in (("fedit", "FedIT", "o"), ("flora_na", "FLoRA-NA", "s")):
+        for agg, label, marker in ((b, B, "o"), (m, M, "s")):
             for row, i, ylabel in ((0, 0, f"best dev {metric}"), (1, 2, "mean rel. divergence")):
                 ys = [ms(k, agg, i) for k in keys]
+                style = {k: v for k, v in names.style(agg).items() if k != "ls"}
                 axes[row][col].errorbar(xs, [y[0] for y in ys], yerr=[y[1] for y in ys],
-                                        marker=marker, capsize=3, label=label,
-                                        **{k: v for k, v in style(agg).items() if k != "ls"})
+                                        marker=marker, capsize=3, label=label, **style)
                 axes[row][col].set_ylabel(ylabel)
                 axes[row][col].grid(alpha=0.3)
         axes[1][col].set_xlabel(xlabel)
@@ -651,14 +784,8 @@ def sensitivity_section(results: str, out_dir: str) -> tuple[str, dict]:
             axes[1][col].xaxis.set_minor_formatter(NullFormatter())
         axes[0][col].set_title(f"vs {sweep}")
     axes[0][0].legend()
-    png = savefig(fig, out_dir, "sensitivity.png")
-    md.append(f"![sensitivity]({png})\n")
-    return "\n".join(md), {}
-
-
-def _pm(ms: tuple[float, float]) -> str:
-    m, s = ms
-    return "—" if m != m else (f"{m:.3f} ± {s:.3f}" if s else f"{m:.3f}")
+    md.append(f"![sensitivity]({savefig(fig, out_dir, 'sensitivity.png')})\n")
+    return "\n".join(md)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,13 +793,14 @@ def _pm(ms: tuple[float, float]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_section(results: str) -> tuple[str, dict]:
+def bench_section(results: str) -> str:
     """bench_solver.py's JSON as a table."""
     path = os.path.join(results, "runs", "bench", "bench_solver.json")
     md = ["## Solver benchmark: Gram-space solver vs the paper's AdamW done densely\n"]
     if not os.path.isfile(path):
-        return "\n".join(md) + NOT_RUN.format("runs/bench/bench_solver.json"), {}
-    b = json.load(open(path))
+        return "\n".join(md) + NOT_RUN.format("runs/bench/bench_solver.json")
+    with open(path) as f:
+        b = json.load(f)
     a, m = b.get("args", {}), b.get("machine", {})
     md.append(f"{a.get('layers')} layers of {a.get('d')} x {a.get('k')}, rank {a.get('rank')}, "
               f"{a.get('clients')} clients (LLaMA-2-7B q/v shapes unless --quick), "
@@ -689,15 +817,14 @@ def bench_section(results: str) -> tuple[str, dict]:
                      f"{r.get('s_per_layer', math.nan):.4g}"]
                     + ([f"{r.get('cpu_s_per_layer', math.nan):.4g}"] if cpu else [])
                     + [f"{r.get('speedup', math.nan):.0f}x",
-                     f"{mean(r.get('rel_div', [])):.6f}",
-                     f"{mean(r.get('rel_div_dense_fp64', [])):.6f}",
-                     f"{mean(r.get('rel_naive', [])):.6f}",
-                     "—" if not bound else f"{mean(bound):.6f}",
-                     f"{r.get('peak_extra_MiB', math.nan):.0f}"])
+                       f"{mean(r.get('rel_div', [])):.6f}",
+                       f"{mean(r.get('rel_div_dense_fp64', [])):.6f}",
+                       f"{mean(r.get('rel_naive', [])):.6f}",
+                       "—" if not bound else f"{mean(bound):.6f}",
+                       f"{r.get('peak_extra_MiB', math.nan):.0f}"])
     md.append(table(["method", "layers timed", "s / layer"] + (["CPU s / layer"] if cpu else [])
-                    + ["speed-up", "rel. divergence",
-                     "same, dense fp64 check", "FedIT rel. div.", "rank-r bound",
-                     "peak extra MiB"], rows))
+                    + ["speed-up", "rel. divergence", "same, dense fp64 check",
+                       "naive rel. div.", "rank-r bound", "peak extra MiB"], rows))
     md.append(f"\nSpeed-up target (>= 100x for the default Gram ALS): "
               f"{'met' if b.get('speedup_target_met') else 'NOT met'}. Total runtime "
               f"{b.get('total_runtime_s', math.nan):.0f} s."
@@ -705,7 +832,7 @@ def bench_section(results: str) -> tuple[str, dict]:
     if b.get("failures"):
         md.append("**Regressions reported by the benchmark:**\n\n"
                   + "\n".join(f"- {f}" for f in b["failures"]) + "\n")
-    return "\n".join(md), {}
+    return "\n".join(md)
 
 
 def _load_text(load) -> str:
@@ -718,42 +845,42 @@ def _load_text(load) -> str:
         return f" Load average: {load}." if load else ""
 
 
-def generation_section(results: str) -> tuple[str, dict]:
-    """Federated GSM8K / MBPP: final accuracy with the size of the evaluated subset."""
+def generation_section(results: str, names: Names) -> str:
+    """Federated generation tasks: final score with the size of the evaluated subset."""
     runs = load_runs(results, "generation")
-    md = ["## Generation: federated GSM8K\n"]
+    title = " / ".join(dict.fromkeys(r.task_name for r in runs)) or "GSM8K"
+    md = [f"## Generation: federated {title}\n"]
     if not runs:
-        return "\n".join(md) + NOT_RUN.format("runs/generation/"), {}
+        return "\n".join(md) + NOT_RUN.format("runs/generation/")
     md.append(f"{describe(runs[0].config)}; greedy decoding, at most "
-              f"{runs[0].config.get('max_new_tokens')} new tokens, scored by exact match of "
-              f"the final number.\n")
+              f"{runs[0].config.get('max_new_tokens')} new tokens.\n")
+    pairs = [(run, agg) for run in runs for agg in run.by_aggregator()]
+    order = names.order(agg for _, agg in pairs)
     rows, n_evals = [], []
-    for run in runs:
-        for agg, rws in run.by_aggregator().items():
-            ev = [r for r in rws if r.get("metrics")]
-            if not ev:
-                rows.append([AGG_NAMES.get(agg, agg), run.config["task"], "not evaluated yet",
-                             f"{rws[-1]['round']}", f"{rws[-1]['train_loss']:.3f}"])
-                continue
-            m = ev[-1]["metrics"]
-            key = "accuracy" if "accuracy" in m else next(k for k in m if not k.endswith("n_eval"))
-            n = int(m.get("n_eval", 0))
-            n_evals.append(n)
-            rows.append([AGG_NAMES.get(agg, agg), TASK_NAMES.get(run.config["task"]),
-                         f"{m[key]:.3f} ({round(m[key] * n)}/{n})", f"{ev[-1]['round']}",
-                         f"{rws[0]['train_loss']:.3f} → {rws[-1]['train_loss']:.3f}"])
-    md.append(table(["aggregator", "task", "accuracy (correct / evaluated)", "after round",
+    for run, agg in sorted(pairs, key=lambda p: (p[0].task, order.index(p[1]))):
+        rws, task = run.by_aggregator()[agg], f"{run.task_name} ({run.metric})"
+        ev = [r for r in rws if metric_value(r.get("metrics"), run.metric) is not None]
+        if not ev:
+            rows.append([names.display(agg), task, "not evaluated yet", f"{rws[-1]['round']}",
+                         f"{rws[-1]['train_loss']:.3f}"])
+            continue
+        value, n = metric_value(ev[-1]["metrics"], run.metric), int(ev[-1]["metrics"].get("n_eval", 0))
+        n_evals.append(n)
+        rows.append([names.display(agg), task, f"{value:.3f} ({round(value * n)}/{n})",
+                     f"{ev[-1]['round']}",
+                     f"{rws[0]['train_loss']:.3f} → {rws[-1]['train_loss']:.3f}"])
+    md.append(table(["aggregator", "task", "score (correct / evaluated)", "after round",
                      "train loss first → last round"], rows))
     if n_evals and min(n_evals) < 200:
         md.append(f"\nWith {min(n_evals)} test problems one problem is "
                   f"{100 / max(1, min(n_evals)):.1f} points: this stage shows the generation "
                   f"pipeline works end to end; it is not evidence for or against the paper's "
                   f"GSM8K claim (LLaMA-2-7B: FLoRA-NA 42.89%, FedIT 35.68%, FedSA-LoRA 28.82%).\n")
-    return "\n".join(md), {}
+    return "\n".join(md)
 
 
 # ---------------------------------------------------------------------------------------------
-# How it was run, the whole report, README
+# How it was run
 # ---------------------------------------------------------------------------------------------
 
 
@@ -768,12 +895,14 @@ def stage_provenance(results: str, stage: str) -> tuple[str, str]:
     records, unrecorded = [], 0
     if stage == "5":
         for path in glob.glob(os.path.join(folder, "*.json")):
-            records.append(json.load(open(path)).get("machine", {}))
+            with open(path) as f:
+                records.append(json.load(f).get("machine", {}))
     else:
         for run in sorted(glob.glob(os.path.join(folder, "*", "config.json"))):
             path = os.path.join(os.path.dirname(run), "provenance.jsonl")
             if os.path.isfile(path):
-                records += [json.loads(line) for line in open(path) if line.strip()]
+                with open(path) as f:
+                    records += [json.loads(line) for line in f if line.strip()]
             else:
                 unrecorded += 1
     commits = sorted({provenance.describe_commit(r.get("git_commit"), r.get("git_dirty", False))
@@ -782,6 +911,19 @@ def stage_provenance(results: str, stage: str) -> tuple[str, str]:
                        for r in records})
     cells = [f"`{c}`" for c in commits] + [f"not recorded for {unrecorded} run(s)"] * bool(unrecorded)
     return ", ".join(cells) or "—", "; ".join(machines) or "—"
+
+
+def stage_times(results: str) -> dict[str, list[str]]:
+    """stage -> [stage, name, status, seconds, finished] of the latest reproduce.sh run of it
+    that did the work (a rerun that found every run done takes seconds)."""
+    path, latest = os.path.join(results, "stage_times.tsv"), {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                p = line.rstrip("\n").split("\t")
+                if len(p) >= 5 and (int(p[3]) >= 10 or p[0] not in latest):
+                    latest[p[0]] = p
+    return latest
 
 
 def run_section(results: str, pipeline: dict) -> str:
@@ -795,16 +937,7 @@ def run_section(results: str, pipeline: dict) -> str:
           f"`{provenance.describe_commit(info['git_commit'], info['git_dirty'])}`",
           f"- machine (where report.py ran): {info['cpu_name']}, {info['cpu_count']} cores, "
           f"GPU: {info['gpu'] or 'none'}, torch {info['torch']}, Python {info['python']}"]
-    path = os.path.join(results, "stage_times.tsv")
-    latest = {}
-    if os.path.isfile(path):
-        for line in open(path):
-            p = line.rstrip("\n").split("\t")
-            # a rerun that found every run of the stage done already takes seconds: keep the
-            # latest run that did the work
-            if len(p) >= 5 and (int(p[3]) >= 10 or p[0] not in latest):
-                latest[p[0]] = p
-    rows = []
+    latest, rows = stage_times(results), []
     for stage in sorted(set(latest) | set(STAGE_DIRS)):
         commits, machines = stage_provenance(results, stage) if stage in STAGE_DIRS else ("—", "—")
         p = latest.get(stage)
@@ -825,67 +958,123 @@ def run_section(results: str, pipeline: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def build_report(results: str, out_dir: str) -> str:
-    """The whole report as markdown (figure links as {FIG}name.png) and its PNGs in out_dir."""
-    pipeline = {}
-    if os.path.isfile(os.path.join(results, "pipeline.json")):
-        pipeline = json.load(open(os.path.join(results, "pipeline.json")))
-    sections, facts = [], {}
-    for fn in (lambda: divergence_section(results, out_dir), lambda: glue_section(results, out_dir),
-               lambda: sensitivity_section(results, out_dir), lambda: bench_section(results),
-               lambda: generation_section(results)):
-        text, f = fn()
-        sections.append(text)
-        facts.update(f)
+# ---------------------------------------------------------------------------------------------
+# The whole report, the headline, and writing them
+# ---------------------------------------------------------------------------------------------
+
+QUICK_NOTE = ("QUICK mode is a CPU-sized stand-in for the paper's experiments: a 6-layer MiniLM "
+              "instead of RoBERTa-large, a few rounds of a few local steps, capped train and dev "
+              "sets. It checks that every method runs and shows the divergence effect, but its "
+              "accuracy numbers are not comparable with the paper's, and differences smaller "
+              "than the std over seeds are noise. `MODE=FULL bash reproduce.sh` runs the "
+              "paper-scale commands on a GPU.\n")
+
+
+@dataclass
+class Report:
+    """The whole report (markdown, figure links as {FIG}name.png) and README's headline."""
+    body: str
+    headline: str
+
+
+def _pipeline(results: str) -> dict:
+    path = os.path.join(results, "pipeline.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def all_runs(results: str) -> list[Run]:
+    return [r for stage in ("divergence", "glue", "sensitivity", "generation")
+            for r in load_runs(results, stage)]
+
+
+def headline(results: str, names: Names, page: str = "RESULTS.md") -> str:
+    """A few lines for the README: the GLUE best-over-rounds table with the commit and mode it
+    came from, the method against the baseline, and the divergence it removes."""
+    pipeline, runs = _pipeline(results), load_runs(results, "glue")
+    if not runs:
+        return f"_No GLUE results yet: run `bash reproduce.sh`; details in [{page}]({page})._\n"
+    g = Glue.of(runs, names)
+    fed = next((r for r in runs if not r.centralised), runs[0])
+    md = [f"From `bash reproduce.sh` in {pipeline.get('mode', 'unknown')} mode"
+          + (" (TINY: meaningless numbers)" if pipeline.get("tiny") else
+             " (a CPU-sized stand-in for the paper's experiments, not comparable with its "
+             "numbers)" if pipeline.get("mode") == "QUICK" else "")
+          + f", code of commit {stage_provenance(results, '3')[0]}; all tables, figures, "
+            f"calibration and limits in [{page}]({page}). Best dev metric over rounds, mean ± "
+            f"std over seeds {g.seeds}; federated: {describe(fed.config)}.\n",
+          g.table("best")]
+    versus = g.versus()
+    if versus:
+        md.append(versus)
+    div = [r for r in load_runs(results, "divergence") if tracked(r)]
+    if div and names.method is not None:
+        md.append("- " + divergence_verdict(divergence_series(div[0])[1], names)[0])
+    return "\n".join(md) + "\n"
+
+
+def build_report(results: str, out_dir: str, method: str | None = None,
+                 baseline: str | None = None, page: str = "RESULTS.md") -> Report:
+    """Every section of the report, its PNGs written to out_dir, and the headline."""
+    names = Names.of(all_runs(results), method, baseline)
+    pipeline = _pipeline(results)
+    sections = [divergence_section(results, out_dir, names),
+                glue_section(results, out_dir, names),
+                sensitivity_section(results, out_dir, names), bench_section(results),
+                generation_section(results, names), run_section(results, pipeline)]
     mode = pipeline.get("mode", "unknown") + (" / TINY" if pipeline.get("tiny") else "")
     head = [f"# FLoRA-NA reproduction report ({mode})\n"]
     if pipeline.get("mode") == "QUICK" or pipeline.get("tiny"):
-        head.append("QUICK mode is a CPU-sized stand-in for the paper's experiments: a 6-layer "
-                    "MiniLM instead of RoBERTa-large, a few rounds of a few local steps, capped "
-                    "train and dev sets. It checks that every method runs and shows the "
-                    "divergence effect, but its accuracy numbers are not comparable with the "
-                    "paper's, and differences smaller than the std over seeds are noise. "
-                    "`MODE=FULL bash reproduce.sh` runs the paper-scale commands on a GPU.\n")
-    return "\n".join(head + sections + [run_section(results, pipeline)])
+        head.append(QUICK_NOTE)
+    return Report("\n".join(head + sections), headline(results, names, page))
 
 
-def write_readme(readme: str, body: str) -> bool:
-    """Replace the text between the results markers; False (untouched) if they are missing."""
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    text = open(readme).read()
-    if start not in text or end not in text:
+def write_between(path: str, text: str, markers: tuple[str, str]) -> bool:
+    """Replace what lies between the two markers in the file; False (untouched) without them."""
+    start, end = markers
+    with open(path) as f:
+        old = f.read()
+    if start not in old or end not in old:
         return False
-    demoted = re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", body, flags=re.M)
-    demoted = re.sub(r"^## FLoRA-NA reproduction report.*\n", "", demoted, count=1)
-    new = text[:text.index(start) + len(start)] + "\n" + demoted.strip() + "\n" + text[text.index(end):]
-    with open(readme, "w") as f:
+    new = old[:old.index(start) + len(start)] + "\n" + text.strip() + "\n" + old[old.index(end):]
+    with open(path, "w") as f:
         f.write(new)
     return True
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="?", default="results",
-                        help="folder reproduce.sh wrote (runs/, pipeline.json); the report and "
-                             "PNGs are written here too")
-    parser.add_argument("--readme", default=None,
-                        help="also replace README's text between <!-- results:start --> and "
-                             "<!-- results:end --> (only if both markers exist)")
-    args = parser.parse_args(argv)
+def page_body(body: str) -> str:
+    """The report as the results page holds it: one heading level down, without its title."""
+    demoted = re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", body, flags=re.M)
+    return re.sub(r"^## FLoRA-NA reproduction report.*\n", "", demoted, count=1)
+
+
+def main(args: Args) -> None:
     os.makedirs(args.results, exist_ok=True)
-    body = build_report(args.results, args.results)
+    page = args.page or "RESULTS.md"
+    report = build_report(args.results, args.results, args.method, args.baseline,
+                          os.path.relpath(page, os.path.dirname(os.path.abspath(args.readme)))
+                          if args.readme else page)
     path = os.path.join(args.results, "REPORT.md")
     with open(path, "w") as f:
-        f.write(body.replace(FIG, ""))
+        f.write(report.body.replace(FIG, ""))
     print(f"wrote {path} and its figures in {args.results}/")
-    if args.readme:
-        rel = os.path.relpath(os.path.abspath(args.results),
-                              os.path.dirname(os.path.abspath(args.readme)))
-        if write_readme(args.readme, body.replace(FIG, rel.rstrip("/") + "/")):
-            print(f"updated the results section of {args.readme}")
+    if args.page:
+        figures = os.path.join(os.path.dirname(os.path.abspath(args.page)), "figures")
+        os.makedirs(figures, exist_ok=True)
+        for png in re.findall(re.escape(FIG) + r"([\w.-]+\.png)", report.body):
+            shutil.copy(os.path.join(args.results, png), figures)
+        if write_between(args.page, page_body(report.body).replace(FIG, "figures/"), PAGE_MARKERS):
+            print(f"updated the generated results in {args.page} (figures in {figures}/)")
         else:
-            print(f"{args.readme} has no results markers: left unchanged")
+            print(f"{args.page} has no {' / '.join(PAGE_MARKERS)} markers: left unchanged")
+    if args.readme:
+        if write_between(args.readme, report.headline, HEADLINE_MARKERS):
+            print(f"updated the headline of {args.readme}")
+        else:
+            print(f"{args.readme} has no {' / '.join(HEADLINE_MARKERS)} markers: left unchanged")
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Args))

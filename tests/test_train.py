@@ -357,35 +357,6 @@ def test_track_solvers_records_both_solvers_never_worse_than_fedit(tmp_path, ber
                 assert layer["bound"] - 1e-9 <= layer[solver] <= layer["naive"] + 1e-9
 
 
-def test_report_tables_a_real_run_directory(bert_run, tmp_path):
-    """report.py (which writes the README's numbers) on a real run directory: every
-    aggregator gets a GLUE row with its final metric, the head's size is read from the saved
-    adapter, and the PNGs are written."""
-    from evidence import report
-    results = tmp_path / "results"
-    shutil.copytree(bert_run["out"], results / "runs" / "glue" / "sst2_seed0")
-    md = report.build_report(str(results), str(tmp_path))
-    for name in fl.AGGREGATORS:
-        final = [r for r in bert_run["log"] if r["aggregator"] == name][-1]["metrics"]["accuracy"]
-        rows = [line for line in md.splitlines()
-                if line.startswith(f"| {report.AGG_NAMES[name]} |")]
-        assert len(rows) == 2 and f"{final:.3f}" in rows[1]    # best, then final-round table
-    mb, names = report.head_mb([report.Run(str(results / "runs" / "glue" / "sst2_seed0"), {}, [])])
-    assert mb > 0 and sorted(names) == ["classifier", "pooler"]
-    assert f"({' and '.join(names)}, {mb:.2f} MB per client each way)" in md
-    assert (tmp_path / "glue_metric_vs_round.png").stat().st_size > 0
-    labels = [e.label for e in bert_run["dev"]]
-    majority = max(labels.count(0), labels.count(1)) / len(labels)
-    assert f"| majority class (constant prediction) | {majority:.3f} |" in md
-    # which code and machine produced the numbers: recorded by train.py, tabled by report.py
-    record = json.loads(open(results / "runs" / "glue" / "sst2_seed0" / "provenance.jsonl").readline())
-    commit, dirty = provenance.git_commit()
-    assert (record["git_commit"], record["torch"]) == (commit, torch.__version__)
-    row = next(line for line in md.splitlines() if line.startswith("| 3 glue |"))
-    assert provenance.describe_commit(commit, record["git_dirty"]) in row
-    assert f"{record['device_name']} ({os.cpu_count()} cores)" in row
-
-
 # ---------------------------------------------------------------------------------------------
 # FedIT with one client is centralised training, step for step
 # ---------------------------------------------------------------------------------------------
@@ -909,51 +880,3 @@ def test_parse_args_round_trip(monkeypatch):
                              "--max-train-examples", "7", "--target-modules", "q,v"])
     assert (args.clients, args.lr, args.tie_layers, args.resume) == (3, 0.02, True, False)
     assert (args.max_train_examples, args.target_modules) == (7, "q,v")
-
-
-# ---------------------------------------------------------------------------------------------
-# reproduce.sh: every command it would run is one train.py and bench_solver.py accept
-# ---------------------------------------------------------------------------------------------
-
-
-def dry_run(tmp_path, *argv, **env) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": "python", "FLORA_DATA": str(tmp_path), "README": "0", **env}
-    env.pop("STAGES", None), env.pop("SKIP", None), env.pop("GLUE_TASKS", None)
-    return subprocess.run(["bash", str(HERE / "reproduce.sh"), "--dry-run", *argv], env=env,
-                          cwd=HERE, capture_output=True, text=True, timeout=120)
-
-
-@pytest.mark.parametrize("mode, glue_tasks", [("QUICK", {"stsb", "sst2"}),
-                                              ("FULL", {"rte", "mrpc", "stsb", "sst2"})])
-def test_reproduce_sh_commands_parse(tmp_path, mode, glue_tasks):
-    """DRY_RUN prints each stage's commands: every train.py line passes train.py's own checks,
-    the benchmark's its own, and the GLUE stage covers every aggregator on its tasks x 3 seeds."""
-    from evidence import bench_solver
-    import shlex
-    res = dry_run(tmp_path, MODE=mode)
-    assert res.returncode == 0, res.stderr
-    lines = [shlex.split(line) for line in res.stdout.splitlines() if line.startswith("python ")]
-    runs = [train.parse_args(argv[2:]) for argv in lines if argv[1] == "train.py"]
-    assert {a.task for a in runs} == glue_tasks | {"gsm8k"}
-    for a in runs:
-        train.check_args(a)
-        assert a.resume and a.out.startswith("results/")
-    assert len({a.out for a in runs}) == len(runs)          # no two runs share a folder
-    glue = [a for a in runs if "/glue/" in a.out and a.clients > 1]
-    assert {(a.task, a.seed) for a in glue} == {(t, s) for t in glue_tasks for s in (0, 1, 2)}
-    assert all(train.check_args(a) == list(fl.AGGREGATORS) for a in glue)
-    bench = [argv for argv in lines if argv[1:3] == ["-m", "evidence.bench_solver"]]
-    assert len(bench) == 1 and bench_solver.parse_args(bench[0][3:]).out
-    assert ["python", "-m", "pytest", "-q"] in lines and lines[-1][1:3] == ["-m", "evidence.report"]
-
-
-def test_reproduce_sh_selects_stages_and_rejects_bad_options(tmp_path):
-    res = dry_run(tmp_path, "--only", "2,5")
-    stages = re.findall(r"Stage (\d):", res.stdout)
-    assert res.returncode == 0 and stages == ["2", "5", "7"]     # the report runs after any
-    res = dry_run(tmp_path, "--skip", "1,3,4,6", "--no-report")
-    assert re.findall(r"Stage (\d):", res.stdout) == ["2", "5"]
-    res = dry_run(tmp_path, "--bogus")
-    assert res.returncode == 2 and "unknown option --bogus" in res.stderr
-    res = dry_run(tmp_path, MODE="huge")
-    assert res.returncode == 2 and "MODE must be QUICK or FULL" in res.stderr

@@ -1,0 +1,320 @@
+"""Tests for evidence/report.py on run directories written by hand to the train.py contract.
+
+Each run directory holds config.json (the CLI args plus the run's "facts": task display name
+and main metric, majority-class baseline, head size, every registered aggregator's display name
+in registry order), metrics.jsonl (one row per aggregator per round) and provenance.jsonl. The
+numbers below are chosen so that every expected table cell can be worked out by hand; the
+report must print them without knowing any aggregator by name. No model, no torch training:
+the whole file runs in seconds.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evidence import report
+
+HERE = Path(__file__).resolve().parent.parent   # the repository root
+MiB = 2**20
+
+# a registry as train.py writes it into facts: every registered aggregator, in registry order
+REGISTRY = {"fedit": {"display_name": "FedIT", "personalised": False},
+            "fedsa": {"display_name": "FedSA-LoRA", "personalised": True},
+            "toy": {"display_name": "Toy", "personalised": False},
+            "flora_na": {"display_name": "FLoRA-NA", "personalised": False}}
+SST2 = {"display_name": "SST-2", "main_metric": "accuracy"}
+HEAD = {"modules": ["classifier", "pooler"], "bytes": 597000}      # 0.57 MiB
+
+
+def config(task="sst2", facts_task=SST2, majority=0.5, registry=REGISTRY, aggregator="all",
+           **kw) -> dict:
+    """config.json: the flat CLI args plus the run's facts."""
+    return {"task": task, "model": "minilm", "clients": 3, "rounds": 4, "local_steps": 6,
+            "batch_size": 16, "optimizer": "adamw", "lr": 0.002, "rank": 8, "lora_alpha": 16.0,
+            "max_length": 64, "max_train_examples": 3000, "max_eval_examples": 400,
+            "eval_every": 2, "seed": 0, "dirichlet_alpha": 0.5, "aggregator": aggregator, **kw,
+            "facts": {"task": facts_task, "majority_baseline": majority, "head": HEAD,
+                      "aggregators": registry}}
+
+
+def divergence(naive: float, aggregate: float, bound: float, solvers=None) -> dict:
+    """divergence as train.py logs it: per layer and the mean over layers (two layers,
+    given as (layer 0, layer 1) pairs when `solvers` is set, else one value for both)."""
+    per_layer = {"layer.0": {"naive": naive, "aggregate": aggregate, "bound": bound},
+                 "layer.1": {"naive": naive, "aggregate": aggregate, "bound": bound}}
+    for key, (v0, v1) in (solvers or {}).items():
+        per_layer["layer.0"][key], per_layer["layer.1"][key] = v0, v1
+    mean = {k: (per_layer["layer.0"][k] + per_layer["layer.1"][k]) / 2 for k in per_layer["layer.0"]}
+    return {"relative_mean": mean, "relative_per_layer": per_layer}
+
+
+def rows(agg: str, values: dict[int, float], rounds: int = 4, metric: str = "accuracy",
+         mb_up: float = 1.0, personal: dict[int, float] | None = None, div=None,
+         n_eval: int = 400) -> list[dict]:
+    """One metrics row per round; `values` maps the evaluated rounds to the main metric;
+    bytes are cumulative, mb_up MiB up and 1 MiB down per round."""
+    out = []
+    for rnd in range(1, rounds + 1):
+        row = {"aggregator": agg, "round": rnd, "clients": [0, 1, 2],
+               "train_loss": 0.7 - 0.1 * rnd, "divergence": div or divergence(0.1, 0.1, 0.05),
+               "bytes_up": int(mb_up * MiB * rnd), "bytes_down": MiB * rnd,
+               "client_seconds": 1.0, "server_seconds": 0.01,
+               "metrics": {metric: values[rnd], "n_eval": n_eval} if rnd in values else None}
+        if personal is not None:
+            row["personal_metrics"] = {metric: personal[rnd]} if rnd in personal else None
+        out.append(row)
+    return out
+
+
+def write_run(results: Path, stage: str, name: str, cfg: dict, metrics: list[dict],
+              commit: str = "abc1234") -> Path:
+    run = results / "runs" / stage / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    (run / "provenance.jsonl").write_text(json.dumps(
+        {"git_commit": commit, "git_dirty": False, "device_name": "Test CPU", "cpu_count": 2}) + "\n")
+    for agg in {r["aggregator"] for r in metrics}:
+        (run / agg / "adapter").mkdir(parents=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """A results folder with every stage: the GLUE numbers are
+    best over rounds (seed 0, seed 1): FedIT 0.80, 0.60; FedSA-LoRA 0.70, 0.66 (personalised
+    0.60, 0.58); Toy 0.90, 0.72; FLoRA-NA 0.75, 0.85; centralised (seed 0 only) 0.95."""
+    res = tmp_path_factory.mktemp("results")
+    (res / "pipeline.json").write_text(json.dumps(
+        {"mode": "QUICK", "tiny": False, "started": "2026-01-01 00:00:00", "jobs": 2,
+         "threads": 1}))
+    (res / "stage_times.tsv").write_text("3\tglue\tok\t600\t2026-01-01 00:10:00\n")
+    for seed, values in ((0, {"fedit": (0.60, 0.80), "fedsa": (0.70, 0.65), "toy": (0.50, 0.90),
+                              "flora_na": (0.75, 0.70)}),
+                         (1, {"fedit": (0.60, 0.60), "fedsa": (0.66, 0.66), "toy": (0.72, 0.70),
+                              "flora_na": (0.65, 0.85)})):
+        personal = {0: {2: 0.55, 4: 0.60}, 1: {2: 0.50, 4: 0.58}}[seed]
+        metrics = [r for agg, (v2, v4) in values.items()
+                   for r in rows(agg, {2: v2, 4: v4}, mb_up=0.5 if agg == "toy" else 1.0,
+                                 personal=personal if agg == "fedsa" else None)]
+        write_run(res, "glue", f"sst2_seed{seed}",
+                  config(seed=seed, majority=[0.51, 0.53][seed]), metrics)
+    write_run(res, "glue", "sst2_centralised_seed0",
+              config(clients=1, dirichlet_alpha=0, local_steps=18, aggregator="fedit"),
+              rows("fedit", {2: 0.90, 4: 0.95}))
+    # divergence study: FedIT trained, both solvers tracked, two layers, two rounds
+    div = divergence(0.2, 0.2, 0.1, {"solver_als": (0.15, 0.08), "solver_adamw": (0.16, 0.08)})
+    div["relative_per_layer"]["layer.1"].update(naive=0.1, aggregate=0.1, bound=0.05)
+    write_run(res, "divergence", "sst2", config(aggregator="fedit", rounds=2, clients=10,
+                                                track_solvers=True),
+              rows("fedit", {2: 0.7}, rounds=2, div=div))
+    # sensitivity: one cell of the alpha sweep
+    write_run(res, "sensitivity", "alpha0.5_clients10_seed0",
+              config(aggregator="fedit,flora_na", clients=10),
+              rows("fedit", {4: 0.70}, div=divergence(0.12, 0.12, 0.05))
+              + rows("flora_na", {4: 0.75}, div=divergence(0.12, 0.10, 0.05)))
+    # generation: no majority baseline, 30 problems
+    gsm = {"display_name": "GSM8K", "main_metric": "accuracy"}
+    write_run(res, "generation", "gsm8k_flora_na",
+              config("gsm8k", gsm, None, aggregator="flora_na", rounds=2, max_new_tokens=192),
+              rows("flora_na", {2: 0.1}, rounds=2, n_eval=30))
+    # solver benchmark, in bench_solver.py's JSON layout
+    bench = res / "runs" / "bench" / "bench_solver.json"
+    bench.parent.mkdir(parents=True)
+    bench.write_text(json.dumps({
+        "args": {"layers": 3, "d": 24, "k": 20, "rank": 2, "clients": 4, "steps": 300,
+                 "lr": 0.01, "dense_layers": 2},
+        "machine": {"device_name": "Test CPU", "device": "cpu", "torch_threads": 1,
+                    "torch": "2.13.0", "git_commit": "abc1234", "git_dirty": False,
+                    "cpu_count": 2},
+        "rows": [{"method": m, "layers_timed": n, "s_per_layer": s, "cpu_s_per_layer": s,
+                  "speedup": 0.5 / s, "rel_div": [0.03, 0.03, 0.03], "rel_div_dense_fp64": [0.03, 0.03],
+                  "rel_naive": [0.1, 0.1, 0.1], "rel_bound": [0.02] * 3, "peak_extra_MiB": 1.0}
+                 for m, n, s in (("dense AdamW (baseline)", 2, 0.5), ("Gram ALS", 3, 0.001))],
+        "speedup_target_met": True, "total_runtime_s": 4.0,
+        "load_average_1_5_15min": {"start": [1.0, 1.0, 1.0], "end": [1.1, 1.0, 1.0]},
+        "failures": []}))
+    return res
+
+
+@pytest.fixture(scope="module")
+def built(results, tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    return report.build_report(str(results), str(out), method="flora_na", baseline="fedit"), out
+
+
+def line(md: str, start: str) -> list[str]:
+    """The table rows (or lines) of md that start with `start`."""
+    return [l for l in md.splitlines() if l.startswith(start)]
+
+
+def test_glue_rows_come_from_the_facts_in_registry_order(built):
+    md = built[0].body
+    best = md[md.index("**Best dev metric"):md.index("**Final-round")]
+    labels = [l.split(" | ")[0].removeprefix("| ") for l in best.splitlines() if l.startswith("| ")][1:]
+    assert labels == ["FedIT", "FedSA-LoRA (global)", "FedSA-LoRA (personalised)", "Toy",
+                      "**FLoRA-NA**", "centralised (1 client, IID)",
+                      "majority class (constant prediction)"]
+    # mean ± sample std over the two seeds, task average (one task), MB / round (up + down)
+    assert line(best, "| FedIT |") == ["| FedIT | 0.700 ± 0.141 | 0.700 | 2.00 |"]
+    assert line(best, "| FedSA-LoRA (personalised) |") == [
+        "| FedSA-LoRA (personalised) | 0.590 ± 0.014 | 0.590 | — |"]
+    assert line(best, "| Toy |") == ["| Toy | **0.810 ± 0.127** | 0.810 | 1.50 |"]   # the best
+    assert line(best, "| **FLoRA-NA** |") == ["| **FLoRA-NA** | 0.800 ± 0.071 | 0.800 | 2.00 |"]
+    assert line(best, "| centralised") == [
+        "| centralised (1 client, IID) | 0.950 (n=1) | 0.950 | — |"]
+    assert line(best, "| majority class") == [
+        "| majority class (constant prediction) | 0.520 ± 0.014 | — | — |"]
+    final = md[md.index("**Final-round"):]
+    assert line(final, "| Toy |") == ["| Toy | **0.800 ± 0.141** | 0.800 | 1.50 |"]
+    assert "SST-2 (accuracy)" in best
+
+
+def test_head_size_and_verdicts(built):
+    md = built[0].body
+    assert "(classifier and pooler, 0.57 MB per client each way)" in md
+    assert ("- **FLoRA-NA vs FedIT** (best over rounds, difference of means over seeds): ahead "
+            "by more than one std on 0 task(s) (—), behind by more than one std on 0 (—), "
+            "within one std on 1 (SST-2 +0.1000).") in md
+    assert ("- FLoRA-NA's rank among the federated global models (best over rounds, mean over "
+            "seeds): SST-2 2/4.") in md
+    assert "Centralised reference vs the best federated global model (best over rounds): " \
+           "SST-2 0.950 vs 0.810." in md
+
+
+def test_divergence_sensitivity_generation_bench_and_provenance(built):
+    md = built[0].body
+    assert line(md, "| FLoRA-NA, ALS solver (default) |")[0].split(" | ")[1:6] == [
+        "0.1150", "0.1150", "0.1150", "22.5%", "20.0% / 25.0%"]
+    assert ("FLoRA-NA's ALS solver removes 22.5% of the naive average's divergence on average "
+            "and the paper's AdamW solver 20.0%; no rank-r update can remove more than 50.0% "
+            "(the bound). AdamW (fixed steps and learning rate) stays behind ALS.") in md
+    assert line(md, "| alpha | 0.5 | 10 |") == [
+        "| alpha | 0.5 | 10 | 0.700 | 0.750 | +0.050 | 0.700 | 0.750 | 0.120 | 0.100 |"]
+    assert line(md, "| alpha | 0.1 | 10 |") == ["| alpha | 0.1 | 10 | not run |  |  |  |  |  |  |"]
+    assert "| FedIT best | FLoRA-NA best |" in md
+    assert "FLoRA-NA's best dev accuracy is higher than FedIT's in 2 of 2 rows" in md   # (0.5, 10) is in both sweeps
+    assert line(md, "| **FLoRA-NA** | GSM8K (accuracy) |") == [
+        "| **FLoRA-NA** | GSM8K (accuracy) | 0.100 (3/30) | 2 | 0.600 → 0.500 |"]
+    assert line(md, "| Gram ALS | 3 |")
+    # which code and machine produced each stage, from provenance.jsonl and the bench JSON
+    assert line(md, "| 3 glue | ok | 10.0 min | 2026-01-01 00:10:00 | `abc1234` | Test CPU (2 cores) |")
+    assert line(md, "| 5 bench | — | — | — | `abc1234` | Test CPU (2 cores) |")
+    for png in ("divergence", "glue_metric_vs_round", "glue_metric_vs_bytes", "sensitivity"):
+        assert (built[1] / f"{png}.png").stat().st_size > 1000
+
+
+def test_headline_names_the_commit_and_the_comparison(built):
+    head = built[0].headline
+    assert head.startswith("From `bash reproduce.sh` in QUICK mode (a CPU-sized stand-in for the "
+                           "paper's experiments, not comparable with its numbers), code of commit "
+                           "`abc1234`; all tables, figures, calibration and limits in "
+                           "[RESULTS.md](RESULTS.md).")
+    assert line(head, "| **FLoRA-NA** |") == ["| **FLoRA-NA** | 0.800 ± 0.071 | 0.800 | 2.00 |"]
+    assert "- **FLoRA-NA vs FedIT**" in head
+    assert "- FLoRA-NA's ALS solver removes 22.5%" in head
+    assert "**Final-round" not in head and "Sensitivity" not in head
+
+
+def test_without_method_and_baseline_the_comparisons_say_what_they_need(results, tmp_path):
+    md = report.build_report(str(results), str(tmp_path)).body
+    assert md.count("_Not shown: this section compares two aggregators; pass ") == 2
+    assert "- No comparison lines: pass --method and --baseline" in md
+    assert line(md, "| FLoRA-NA |")                        # tables still there, nobody bold
+    assert "**FLoRA-NA**" not in md
+
+
+def test_unknown_method_is_refused_with_the_known_names(results, tmp_path):
+    with pytest.raises(ValueError, match="--method 'flora' is not an aggregator these runs "
+                                         "know; choose from fedit, fedsa, toy, flora_na"):
+        report.build_report(str(results), str(tmp_path), method="flora", baseline="fedit")
+
+
+def test_a_newly_registered_aggregator_appears_with_its_display_name_and_place(tmp_path):
+    """A name the report has never heard of, registered first: its row comes first, under its
+    display name, in the first colour of the palette; the method is black."""
+    registry = {"zeta_lora": {"display_name": "ZetaLoRA", "personalised": False}, **REGISTRY}
+    write_run(tmp_path, "glue", "sst2_seed0", config(registry=registry),
+              rows("zeta_lora", {4: 0.61}) + rows("flora_na", {4: 0.62}))
+    md = report.build_report(str(tmp_path), str(tmp_path), method="flora_na").body
+    assert line(md, "| ZetaLoRA |") == ["| ZetaLoRA | 0.610 | 0.610 | 2.00 |"] * 2
+    assert md.index("| ZetaLoRA |") < md.index("| **FLoRA-NA** |")
+    names = report.Names.of(report.load_runs(str(tmp_path), "glue"), "flora_na", None)
+    assert names.style("zeta_lora")["color"] == report.PALETTE[0]
+    assert names.style("toy")["color"] == report.PALETTE[3]
+    assert names.style("flora_na")["color"] == "black"
+
+
+def test_runs_that_say_all_are_checked_against_the_registry(tmp_path):
+    write_run(tmp_path, "glue", "sst2_seed0", config(aggregator="all"), rows("fedit", {4: 0.6}))
+    run, = report.load_runs(str(tmp_path), "glue")
+    assert run.unfinished() == ["fedsa", "toy", "flora_na"]
+
+
+def test_a_run_without_facts_is_named(tmp_path):
+    cfg = config()
+    del cfg["facts"]
+    write_run(tmp_path, "glue", "sst2_seed0", cfg, rows("fedit", {4: 0.6}))
+    with pytest.raises(ValueError, match="sst2_seed0/config.json has no 'facts'"):
+        report.load_runs(str(tmp_path), "glue")
+
+
+def test_a_regression_task_and_a_headless_model(tmp_path):
+    stsb = {"display_name": "STS-B", "main_metric": "pearson"}
+    cfg = config("stsb", stsb, 0.0)
+    cfg["facts"]["head"] = {"modules": [], "bytes": 0}
+    write_run(tmp_path, "glue", "stsb_seed0", cfg, rows("fedit", {4: 0.3}, metric="pearson"))
+    md = report.build_report(str(tmp_path), str(tmp_path)).body
+    assert "| aggregator | STS-B (pearson) |" in md
+    assert line(md, "| majority class") == ["| majority class (constant prediction) | 0.000 | — | — |"] * 2
+    assert "(no parameter outside LoRA is trained)" in md
+
+
+def test_command_line_writes_report_page_and_readme_headline(tmp_path):
+    """The CLI as reproduce.sh calls it, in a subprocess: REPORT.md in the results folder, the
+    page's generated part and README's headline replaced between their markers, the figures
+    copied beside the page; text outside the markers untouched."""
+    results = tmp_path / "results"
+    write_run(results, "glue", "sst2_seed0", config(),
+              rows("fedit", {4: 0.6}) + rows("flora_na", {4: 0.7}))
+    (tmp_path / "RESULTS.md").write_text("# Results\nkept\n<!-- results:start -->\nSTALE\n"
+                                         "<!-- results:end -->\nhand-written\n")
+    (tmp_path / "README.md").write_text("pitch\n<!-- headline:start -->\nSTALE\n"
+                                        "<!-- headline:end -->\nrest\n")
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    subprocess.run([sys.executable, "-m", "evidence.report", "results", "--method", "flora_na",
+                    "--baseline", "fedit", "--page", "RESULTS.md", "--readme", "README.md"],
+                   cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=120)
+    assert (results / "REPORT.md").read_text().startswith("# FLoRA-NA reproduction report")
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert page.startswith("# Results\nkept\n<!-- results:start -->\n") and "STALE" not in page
+    assert page.endswith("<!-- results:end -->\nhand-written\n")
+    assert "### GLUE: every aggregator" in page
+    assert "![dev metric vs round](figures/glue_metric_vs_round.png)" in page
+    assert (tmp_path / "figures" / "glue_metric_vs_round.png").stat().st_size > 1000
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("pitch\n<!-- headline:start -->\nFrom `bash reproduce.sh`")
+    assert readme.endswith("<!-- headline:end -->\nrest\n") and "STALE" not in readme
+    assert line(readme, "| **FLoRA-NA** | **0.700** | 0.700 | 2.00 |")
+
+
+def test_report_imports_no_training_code_and_names_no_aggregator():
+    """The report reads run files only: importing it loads neither train.py, flora_na.py nor
+    the harness's tasks, and no registered aggregator's name is a string in its code (the
+    usage lines of its docstring may quote a command)."""
+    code = ("import sys; from evidence import report; "
+            "print(sorted(m for m in ('train', 'flora_na', 'harness.tasks') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert out.strip() == "[]"
+    import flora_na
+    source = (HERE / "evidence" / "report.py").read_text()
+    strings = {n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant)
+               and isinstance(n.value, str)}
+    assert not set(flora_na.AGGREGATORS) & strings

@@ -309,8 +309,8 @@ def save_global(model, state: dict, run_dir: str, base_name: str | None = None) 
         shutil.rmtree(link)
     os.symlink(version, link + ".tmp")
     os.replace(link + ".tmp", link)                        # the atomic switch
-    for old in os.listdir(run_dir):
-        if old.startswith("adapter-round") and old != version:
+    for old in os.listdir(run_dir):                        # earlier rounds, killed saves
+        if old.startswith(("adapter-round", ".adapter-round")) and old != version:
             shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
 
 

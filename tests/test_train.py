@@ -333,6 +333,95 @@ def test_saved_adapter_reloads_to_the_same_predictions(bert_run, bert_dir, name)
                                   logits, rtol=1e-5, atol=1e-6)
 
 
+def test_a_finished_run_loads_in_a_fresh_process(bert_run):
+    """What the README shows: train.load_global(run_dir) in a new Python process, with nothing
+    but the run folder, gives the logits of the in-memory global model, for every aggregator;
+    the adapter names its base portably (what --model said, never a resolved local path)."""
+    script = (
+        "import sys, json, torch, train\n"
+        "from harness import tasks\n"
+        "dev = tasks.load_glue('sst2', sys.argv[2], 'dev')\n"
+        "out = {}\n"
+        "for name in sys.argv[3].split(','):\n"
+        "    model, tok = train.load_global(f'{sys.argv[1]}/{name}')\n"
+        "    batch = tasks.collate_glue(tok, dev, 16); batch.pop('labels')\n"
+        "    with torch.no_grad():\n"
+        "        out[name] = model(**batch).logits.tolist()\n"
+        "print(json.dumps(out))\n")
+    args = bert_run["args"]
+    proc = subprocess.run([sys.executable, "-c", script, str(bert_run["out"]), args.data_dir,
+                           ",".join(fl.AGGREGATORS)], cwd=HERE, capture_output=True, text=True,
+                          timeout=300, check=True)
+    logits = json.loads(proc.stdout.splitlines()[-1])
+    for name in fl.AGGREGATORS:
+        torch.testing.assert_close(torch.tensor(logits[name]), bert_run["logits"][name],
+                                   rtol=1e-5, atol=1e-5)
+        config = json.loads((bert_run["out"] / name / "adapter" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == args.model
+
+
+def test_the_offline_models_are_named_by_their_hub_ids():
+    from harness import models
+    assert models.hub_id("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert models.hub_id("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.hub_id("roberta-large") == "roberta-large"
+
+
+def test_the_adapter_is_complete_after_a_kill_during_its_save(tmp_path, monkeypatch, bert_dir,
+                                                              glue_dir):
+    """A kill while round 2's adapter is being written leaves round 1's complete adapter in
+    place (the link is switched only after the new folder is whole), and --resume finishes."""
+    out = tmp_path / "run"
+    save, calls = peft.PeftModel.save_pretrained, []
+
+    def dies_midway(self, path, *a, **k):
+        calls.append(path)
+        save(self, path, *a, **k)
+        if len(calls) == 2:                     # round 2: the new folder is written, then...
+            os.remove(os.path.join(path, "adapter_config.json"))   # ...half of it is lost
+            raise Killed
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", dies_midway)
+    with pytest.raises(Killed):
+        train.main(bert_args(out, bert_dir, glue_dir, rounds=3))
+    adapter = out / "fedit" / "adapter"
+    assert os.path.islink(adapter) and os.readlink(adapter) == "adapter-round1"
+    assert {f.name for f in adapter.iterdir()} >= {"adapter_config.json",
+                                                   "adapter_model.safetensors"}
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", save)
+    train.main(bert_args(out, bert_dir, glue_dir, rounds=3, resume=True))
+    assert os.readlink(adapter) == "adapter-round3"
+    assert sorted(p.name for p in (out / "fedit").iterdir() if "adapter" in p.name) == [
+        "adapter", "adapter-round3"]
+
+
+def toy(A, B, p, **_):
+    """An aggregator no other file has heard of: the unweighted mean of A and of B."""
+    A_mean, B_mean = torch.stack(A).mean(0), torch.stack(B).mean(0)
+    return fl.Aggregate(A_mean, B_mean, None, sum(x.numel() * 4 for x in (*A, *B)),
+                        len(A) * (A_mean.numel() + B_mean.numel()) * 4)
+
+
+def test_a_new_aggregator_is_one_function_and_one_registry_entry(tmp_path, monkeypatch,
+                                                                 bert_dir, glue_dir):
+    """Register a toy aggregator, and nothing else: it trains end to end through train.py,
+    `--aggregator all` includes it, and the report tables it by its display name."""
+    from evidence import report
+    monkeypatch.setitem(fl.AGGREGATORS, "toy", fl.Aggregator(toy, "Toy (unweighted mean)"))
+    args = bert_args(tmp_path / "results" / "runs" / "glue" / "sst2_seed0", bert_dir, glue_dir,
+                     aggregator="all", rounds=1)
+    assert train.check_args(args)[-1] == "toy"
+    log = train.main(args)
+    rows = [r for r in log if r["aggregator"] == "toy"]
+    assert len(rows) == 1 and 0 <= rows[0]["metrics"]["accuracy"] <= 1
+    assert rows[0]["divergence"]["relative_mean"]["aggregate"] > 0
+    md = report.build_report(str(tmp_path / "results"), str(tmp_path), method="toy",
+                             baseline="fedit").body
+    toy_rows = [line for line in md.splitlines()               # the method is set in bold
+                if line.startswith("| **Toy (unweighted mean)** |")]
+    assert toy_rows, md
+    assert f"{rows[0]['metrics']['accuracy']:.3f}" in toy_rows[0]
+
+
 def test_bert_trains_its_pooler_with_the_classifier(tmp_path, bert_dir, glue_dir):
     """BERT's pooler (dense + tanh) is what RoBERTa keeps inside `classifier`: by default it is
     trained in full and averaged with the classifier; --head-modules none leaves it frozen."""
@@ -667,7 +756,29 @@ BAD = {  # name: (Args changes, exception, message pattern); {tmp} is the test's
                                    "41 clients but only 40 training examples"),
     "capped below the clients": (dict(clients=5, max_train_examples=4), ValueError,
                                  "5 clients but only 4 training examples"),
-    "negative alpha": (dict(dirichlet_alpha=-0.5), ValueError, "--dirichlet-alpha must be >= 0"),
+    "negative alpha": (dict(dirichlet_alpha=-0.5), ValueError,
+                       "--dirichlet-alpha must be finite and >= 0"),
+    "nan alpha": (dict(dirichlet_alpha=float("nan")), ValueError, "--dirichlet-alpha must be finite"),
+    "nan lr": (dict(lr=float("nan")), ValueError, "--lr must be finite and > 0, got nan"),
+    "inf lr": (dict(lr=float("inf")), ValueError, "--lr must be finite and > 0, got inf"),
+    "zero lr": (dict(lr=0.0), ValueError, "--lr must be finite and > 0, got 0.0"),
+    "nan solver lr": (dict(solver_lr=float("nan")), ValueError, "--solver-lr must be finite"),
+    "zero lora alpha": (dict(lora_alpha=0.0), ValueError, "--lora-alpha must be finite and > 0"),
+    "dropout 1": (dict(lora_dropout=1.0), ValueError, r"--lora-dropout must be in \[0, 1\)"),
+    "negative train cap": (dict(max_train_examples=-5), ValueError,
+                           "--max-train-examples must be >= 1, got -5"),
+    "zero eval cap": (dict(max_eval_examples=0), ValueError,
+                      "--max-eval-examples must be >= 1, got 0"),
+    "max length 1": (dict(max_length=1), ValueError, "--max-length must be >= 8, got 1"),
+    "eval batch 0": (dict(eval_batch_size=0), ValueError, "--eval-batch-size must be >= 1, got 0"),
+    "no new tokens": (dict(max_new_tokens=0), ValueError, "--max-new-tokens must be >= 1"),
+    "no solver steps": (dict(solver_steps=0), ValueError, "--solver-steps must be >= 1"),
+    "negative threads": (dict(threads=-1), ValueError, "--threads must be >= 0, got -1"),
+    "unknown device": (dict(device="tpu0"), ValueError, "--device 'tpu0' is not a device name"),
+    "absent cuda device": (dict(device="cuda:99"), ValueError, "--device cuda:99: "),
+    "out is a file": (dict(out="{tmp}/file.txt"), ValueError, "--out '{tmp}/file.txt' is a file"),
+    "out not writable": (dict(out="/proc/sys/flora-run"), ValueError,
+                         "--out '/proc/sys/flora-run': cannot write in /proc/sys"),
     "participation": (dict(participation=1.5), ValueError, r"--participation must be in \(0, 1\]"),
     "solver": (dict(solver="lbfgs"), ValueError, "--solver must be als or adamw, got 'lbfgs'"),
     "optimizer": (dict(optimizer="adam"), ValueError, r"optimizer\b.*'adam'"),
@@ -682,11 +793,72 @@ def fill(value, **paths):
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_fails_before_training(tmp_path, no_training, bert_dir, glue_dir, case):
+    """Each bad value is a clear error before training, and nothing is written: a corrected
+    rerun into the same --out needs no --resume."""
     changes, error, pattern = BAD[case]
     changes = {k: fill(v, tmp=tmp_path) for k, v in changes.items()}
-    args = bert_args(tmp_path / "run", bert_dir, glue_dir, **changes)
+    (tmp_path / "file.txt").write_text("not a folder")
+    args = bert_args(changes.pop("out", tmp_path / "run"), bert_dir, glue_dir, **changes)
     with pytest.raises(error, match=fill(pattern, tmp=re.escape(str(tmp_path)))):
         train.main(args)
+    assert not (tmp_path / "run").exists()
+
+
+GLUE_HEADER = "sentence\tlabel\n"
+BAD_FILES = {  # name: (train.tsv bytes, message pattern naming the file and, where one, the line)
+    "empty": (b"", "train.tsv is empty"),
+    "header only": (GLUE_HEADER.encode(), "train.tsv has a header but no data rows"),
+    "wrong columns": (b"text\tpolarity\ngood \t1\n",
+                      r"train.tsv, line 1: the header has columns \['text', 'polarity'\]"),
+    "not utf-8": (GLUE_HEADER.encode() + b"good \t1\n\xff\xfe\x00bad\t0\n",
+                  "train.tsv, line 3: not UTF-8 text"),
+    "bad label": ((GLUE_HEADER + "good \t1\nbad \tmaybe\n").encode(),
+                  "train.tsv, line 3: bad label 'maybe'"),
+    "no row fits the header": (GLUE_HEADER.encode() + b"just one field\n",
+                               "train.tsv: no row has the header's 2 tab-separated fields"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_data_file_is_named_before_anything_is_written(tmp_path, no_training, bert_dir,
+                                                           glue_dir, case):
+    content, pattern = BAD_FILES[case]
+    shutil.copytree(glue_dir, tmp_path / "data")
+    (tmp_path / "data" / "glue_data" / "SST-2" / "train.tsv").write_bytes(content)
+    with pytest.raises(ValueError, match=pattern):
+        train.main(bert_args(tmp_path / "run", bert_dir, tmp_path / "data"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_header_only_dev_file_is_an_error_not_a_nan_metric(tmp_path, no_training, bert_dir,
+                                                           glue_dir):
+    shutil.copytree(glue_dir, tmp_path / "data")
+    (tmp_path / "data" / "glue_data" / "SST-2" / "dev.tsv").write_text(GLUE_HEADER)
+    with pytest.raises(ValueError, match="dev.tsv has a header but no data rows"):
+        train.main(bert_args(tmp_path / "run", bert_dir, tmp_path / "data"))
+
+
+@pytest.mark.parametrize("line, pattern", [("{not json", "line 2: not a JSON object"),
+                                           ('{"question": "q"}', "line 2: expected a JSON object "
+                                                                 "with keys")])
+def test_bad_jsonl_line_is_named(tmp_path, no_training, llama_dir, gen_dir, line, pattern):
+    shutil.copytree(gen_dir, tmp_path / "data")
+    path = tmp_path / "data" / "gsm8k" / "train.jsonl"
+    first = path.read_text().splitlines()[0]
+    path.write_text(first + "\n" + line + "\n")
+    args = train.Args(task="gsm8k", model=str(llama_dir), data_dir=str(tmp_path / "data"),
+                      out=str(tmp_path / "run"), clients=1)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ", " + pattern):
+        train.main(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_client_stops_with_a_clear_error(tmp_path, bert_dir, glue_dir):
+    """An lr that makes the loss non-finite stops the run at that step, naming the lr."""
+    with pytest.raises(FloatingPointError, match=r"client training loss is (nan|inf) at local "
+                                                 r"step \d+ \(lr 1e\+30"):
+        train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, lr=1e30, optimizer="sgd",
+                             rounds=3, local_steps=5))
 
 
 def test_missing_dev_file_is_named(tmp_path, no_training, bert_dir):

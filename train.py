@@ -142,6 +142,20 @@ def client_batches(make_batch, idx: list[int], *, local_steps: int, batch_size: 
         yield make_batch(order[s * batch_size:(s + 1) * batch_size])
 
 
+def client_update(model, make_batch, idx: list[int], *, factors, head: dict, lr: float,
+                  optimizer: str, train_A: bool, local_steps: int, batch_size: int, seed: int,
+                  round_: int, u: int):
+    """Client u's part of a round: start from the given LoRA factors and head, train on its
+    examples `idx`, and return what it sends: (factors, head, mean training loss)."""
+    fl.write_factors(model, factors)
+    fl.load_head(model, head)
+    torch.manual_seed(_seed(seed, round_, u, 1))                     # dropout
+    batches = client_batches(make_batch, idx, local_steps=local_steps, batch_size=batch_size,
+                             seed=seed, round_=round_, u=u)
+    loss = fl.local_train(model, batches, lr=lr, optimizer=optimizer, train_A=train_A)
+    return fl.read_factors(model), fl.head_state(model), loss
+
+
 @torch.no_grad()
 def evaluate(task: Task, model, tokenizer, data: TaskData, **options) -> dict:
     """Metrics of the model as it stands on every evaluation set (prefixed by the split's name
@@ -200,15 +214,13 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
             factors = dict(state["factors"])
             if state["client_B"] is not None:                 # a private B: the client's own
                 factors = {n: (A, state["client_B"][u][n]) for n, (A, _) in factors.items()}
-            fl.write_factors(model, factors)
-            fl.load_head(model, state["head"])
-            torch.manual_seed(_seed(seed, rnd, u, 1))         # dropout
-            batches = client_batches(make_batch, parts[u], local_steps=local_steps,
-                                     batch_size=batch_size, seed=seed, round_=rnd, u=u)
-            losses.append(fl.local_train(model, batches, lr=lr, optimizer=optimizer,
-                                         train_A=entry.train_A))
-            uploads.append(fl.read_factors(model))
-            heads.append(fl.head_state(model))
+            upload, head, loss = client_update(
+                model, make_batch, parts[u], factors=factors, head=state["head"], lr=lr,
+                optimizer=optimizer, train_A=entry.train_A, local_steps=local_steps,
+                batch_size=batch_size, seed=seed, round_=rnd, u=u)
+            uploads.append(upload)
+            heads.append(head)
+            losses.append(loss)
         t1 = time.perf_counter()
         p = n_u[chosen] / n_u[chosen].sum()
         update = federation.server_step(uploads, p, name, options, device=device)

@@ -181,6 +181,79 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp, path)
 
 
+def start_state(model, run_dir: str, resume: bool) -> dict:
+    """The server's state of one aggregator's run: the one saved in run_dir/state.pt when
+    resuming (its changed frozen weights copied back into `model`), else a fresh one from the
+    model as loaded (round 0, its LoRA factors and head)."""
+    state_path = os.path.join(run_dir, "state.pt")
+    if resume and os.path.exists(state_path):
+        state = torch.load(state_path, weights_only=False, map_location="cpu")
+        layers = fl.lora_layers(model)
+        with torch.no_grad():
+            for n, W in state["base"].items():
+                layers[n].get_base_layer().weight.copy_(W)
+        return state
+    return {"round": 0, "factors": fl.read_factors(model), "head": fl.head_state(model),
+            "base": {}, "client_B": None, "metrics": [], "bytes_up": 0, "bytes_down": 0}
+
+
+def server_update(name: str, state: dict, model, uploads: list, heads: list[dict], p: torch.Tensor,
+                  chosen: list[int], *, n_clients: int, options: dict, track_solvers: bool,
+                  device: torch.device, seed: int, round_: int) -> dict:
+    """The server's side of round `round_` (0-based) with the registry's aggregator `name`:
+    aggregate the uploads and heads of clients `chosen` (weights p), and move `state` (global
+    factors and head, changed frozen weights, private Bs of n_clients clients, bytes) and the
+    frozen weights of `model` to the next round. Returns the round's relative divergences."""
+    entry = fl.AGGREGATORS[name]
+    update = federation.server_step(uploads, p, name, options, device=device)
+    extra = federation.solver_divergences(uploads, p) if track_solvers else None
+    # the head (and any other trainable non-LoRA parameter): averaged by p_u
+    state["head"] = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
+    if update.base_delta:
+        fl.add_to_base(model, {n: d.to(device) for n, d in update.base_delta.items()})
+        state["base"] = {n: m.get_base_layer().weight.detach().cpu().clone()
+                         for n, m in fl.lora_layers(model).items()}
+    if update.factors is None:                            # merged into W: restart LoRA
+        fl.restart_lora(model, torch.Generator().manual_seed(_seed(seed, round_, 2)))
+        state["factors"] = fl.read_factors(model)
+    else:
+        state["factors"] = update.factors
+    if entry.private_B:                                   # each client keeps its own B
+        state["client_B"] = state["client_B"] or [
+            {n: B for n, (_, B) in state["factors"].items()} for _ in range(n_clients)]
+        for i, u in enumerate(chosen):
+            state["client_B"][u] = {n: B for n, (_, B) in uploads[i].items()}
+    state["bytes_up"] += update.bytes_up
+    state["bytes_down"] += update.bytes_down
+    return federation.relative_divergences(update.divergence, extra)
+
+
+def end_round(row: dict, state: dict, model, tokenizer, *, task: Task, data: TaskData,
+              rounds: int, eval_every: int, eval_options: dict, out: str, log: list[dict],
+              base_name: str | None = None) -> None:
+    """Finish round row["round"] of aggregator row["aggregator"]: evaluate the global model
+    (and the personalised ones) when due, append the row, and save the run folder: state.pt,
+    metrics.jsonl (all aggregators' rows in `log`) and the global adapter."""
+    name = row["aggregator"]
+    run_dir = os.path.join(out, name)
+    if row["round"] % eval_every == 0 or row["round"] == rounds:
+        fl.write_factors(model, state["factors"])
+        fl.load_head(model, state["head"])
+        row["metrics"] = evaluate(task, model, tokenizer, data, **eval_options)
+        if fl.AGGREGATORS[name].private_B:
+            row["personal_metrics"] = _personal(task, model, tokenizer, data, state,
+                                                eval_options)
+    state["round"] = row["round"]
+    state["metrics"].append(row)
+    _atomic_write(os.path.join(run_dir, "state.pt"), lambda path: torch.save(state, path))
+    log[:] = [r for r in log if r["aggregator"] != name] + state["metrics"]
+    _write_metrics(out, log)
+    fl.write_factors(model, state["factors"])
+    fl.load_head(model, state["head"])
+    save_global(model, state, run_dir, base_name)
+    tqdm.write(_console_line(row, rounds))
+
+
 def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[int]], load,
                    rounds: int, local_steps: int, batch_size: int, lr: float, optimizer: str,
                    participation: float, seed: int, eval_every: int, eval_options: dict,
@@ -193,16 +266,7 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
     os.makedirs(run_dir, exist_ok=True)
     model, tokenizer = load()
     make_batch = task.batcher(tokenizer, data.train, eval_options["max_length"])
-    layers = fl.lora_layers(model)
-    state_path = os.path.join(run_dir, "state.pt")
-    if resume and os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=False, map_location="cpu")
-        with torch.no_grad():
-            for n, W in state["base"].items():
-                layers[n].get_base_layer().weight.copy_(W)
-    else:
-        state = {"round": 0, "factors": fl.read_factors(model), "head": fl.head_state(model),
-                 "base": {}, "client_B": None, "metrics": [], "bytes_up": 0, "bytes_down": 0}
+    state = start_state(model, run_dir, resume)
     n_u = torch.tensor([len(ix) for ix in parts], dtype=torch.float64)
     bar = tqdm(range(state["round"], rounds), desc=name, initial=state["round"], total=rounds,
                dynamic_ncols=True)
@@ -223,48 +287,18 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
             losses.append(loss)
         t1 = time.perf_counter()
         p = n_u[chosen] / n_u[chosen].sum()
-        update = federation.server_step(uploads, p, name, options, device=device)
-        extra = federation.solver_divergences(uploads, p) if track_solvers else None
+        divergence = server_update(name, state, model, uploads, heads, p, chosen,
+                                   n_clients=len(parts), options=options,
+                                   track_solvers=track_solvers, device=device, seed=seed,
+                                   round_=rnd)
         t2 = time.perf_counter()
-        # the head (and any other trainable non-LoRA parameter): averaged by p_u
-        state["head"] = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
-        if update.base_delta:
-            fl.add_to_base(model, {n: d.to(device) for n, d in update.base_delta.items()})
-            state["base"] = {n: layers[n].get_base_layer().weight.detach().cpu().clone()
-                             for n in layers}
-        if update.factors is None:                            # merged into W: restart LoRA
-            fl.restart_lora(model, torch.Generator().manual_seed(_seed(seed, rnd, 2)))
-            state["factors"] = fl.read_factors(model)
-        else:
-            state["factors"] = update.factors
-        if entry.private_B:                                   # each client keeps its own B
-            state["client_B"] = state["client_B"] or [
-                {n: B for n, (_, B) in state["factors"].items()} for _ in parts]
-            for i, u in enumerate(chosen):
-                state["client_B"][u] = {n: B for n, (_, B) in uploads[i].items()}
-        state["bytes_up"] += update.bytes_up
-        state["bytes_down"] += update.bytes_down
         row = {"aggregator": name, "round": rnd + 1, "clients": chosen,
-               "train_loss": sum(losses) / len(losses),
-               "divergence": federation.relative_divergences(update.divergence, extra),
+               "train_loss": sum(losses) / len(losses), "divergence": divergence,
                "bytes_up": state["bytes_up"], "bytes_down": state["bytes_down"],
                "client_seconds": t1 - t0, "server_seconds": t2 - t1, "metrics": None}
-        if (rnd + 1) % eval_every == 0 or rnd + 1 == rounds:
-            fl.write_factors(model, state["factors"])
-            fl.load_head(model, state["head"])
-            row["metrics"] = evaluate(task, model, tokenizer, data, **eval_options)
-            if entry.private_B:
-                row["personal_metrics"] = _personal(task, model, tokenizer, data, state,
-                                                    eval_options)
-        state["round"] = rnd + 1
-        state["metrics"].append(row)
-        _atomic_write(state_path, lambda path: torch.save(state, path))
-        log[:] = [r for r in log if r["aggregator"] != name] + state["metrics"]
-        _write_metrics(out, log)
-        fl.write_factors(model, state["factors"])
-        fl.load_head(model, state["head"])
-        save_global(model, state, run_dir, base_name)
-        tqdm.write(_console_line(row, rounds))
+        end_round(row, state, model, tokenizer, task=task, data=data, rounds=rounds,
+                  eval_every=eval_every, eval_options=eval_options, out=out, log=log,
+                  base_name=base_name)
     return state["metrics"]
 
 

@@ -125,10 +125,15 @@ def test_mixed_ranks_are_accepted_exactly_where_the_registry_says():
                 entry.aggregate(A, B, torch.ones(3))
 
 
-def test_no_aggregator_is_named_outside_the_registry():
-    """train.py, the server step and the report know aggregators only by the registry."""
+@pytest.mark.parametrize("path", ["train.py", "harness/federation.py", "evidence/report.py",
+                                  "flower_app/flora_na_app/server_app.py",
+                                  "flower_app/flora_na_app/client_app.py",
+                                  "flower_app/flora_na_app/wire.py",
+                                  "harness/flower_local.py", "evidence/flower_overhead.py"])
+def test_no_aggregator_is_named_outside_the_registry(path):
+    """train.py, the server step, the report and the Flower app know aggregators only by the
+    registry."""
     names = "|".join(map(re.escape, fl.AGGREGATORS))
-    for path in ("train.py", "harness/federation.py", "evidence/report.py"):
-        code = [line.split("#")[0] for line in (ROOT / path).read_text().splitlines()]
-        hits = [line for line in code if re.search(rf"[\"']({names})[\"']", line)]
-        assert hits == [], f"{path} names an aggregator: {hits}"
+    code = [line.split("#")[0] for line in (ROOT / path).read_text().splitlines()]
+    hits = [line for line in code if re.search(rf"[\"']({names})[\"']", line)]
+    assert hits == [], f"{path} names an aggregator: {hits}"

@@ -1,0 +1,68 @@
+"""What travels between the ServerApp and the ClientApps, and the run config they share.
+
+The run config ([tool.flwr.app.config] in pyproject.toml, overridden with `flwr run
+--run-config`) holds train.py's command-line options under the same kebab-case names, so
+one train.Args describes a run whichever way it is run; "" leaves an option at train.py's
+default. The LoRA factors, the head and the frozen weights that an aggregator changed travel
+in one ArrayRecord, float32 (ArrayRecord refuses bfloat16), under "A/<layer>", "B/<layer>",
+"head/<parameter>" and "W/<layer>".
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from flwr.app import ArrayRecord
+
+import train
+
+APP_KEYS = ("node-timeout", "round-timeout")   # the app's own keys: not train.py options
+FROM_NODES = ("clients",)                      # set by the SuperNodes that connect
+
+
+def args_from(run_config: dict, **override) -> train.Args:
+    """train.Args from a Flower run config, parsed by train.py's own command line (types,
+    choices) so that a bad value fails as it would there; `override` sets fields directly."""
+    fields = {f.name for f in dataclasses.fields(train.Args)}
+    argv = []
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if key in APP_KEYS:
+            continue
+        if name not in fields or name in FROM_NODES:
+            raise ValueError(f"run config key {key!r} is not a train.py option this app takes")
+        if isinstance(value, bool):
+            argv.append(f"--{key}" if value else f"--no-{key}")
+        elif value != "":
+            argv += [f"--{key}", str(value)]
+    try:
+        args = train.parse_args(argv)
+    except SystemExit as err:                  # tyro printed the reason
+        raise ValueError(f"bad run config {run_config}: see the message above") from err
+    return dataclasses.replace(args, **override)
+
+
+def to_record(factors: dict | None = None, head: dict | None = None, base: dict | None = None,
+              without_B: bool = False) -> ArrayRecord:
+    """One ArrayRecord of LoRA factors {layer: (A, B)} (only the A's if without_B), a head
+    {parameter: tensor} and frozen weights {layer: W}, all float32 on the CPU."""
+    tensors = {}
+    for layer, (A, B) in (factors or {}).items():
+        tensors[f"A/{layer}"] = A
+        if not without_B:
+            tensors[f"B/{layer}"] = B
+    tensors.update({f"head/{k}": v for k, v in (head or {}).items()})
+    tensors.update({f"W/{k}": v for k, v in (base or {}).items()})
+    return ArrayRecord({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, dict[str, torch.Tensor]]:
+    """{"A": {layer: A}, "B": {layer: B}, "head": {parameter: tensor}, "W": {layer: W}} from
+    an ArrayRecord made by to_record (missing kinds are empty)."""
+    out: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}, "head": {}, "W": {}}
+    for key, tensor in record.to_torch_state_dict().items():
+        kind, name = key.split("/", 1)
+        if kind not in out:
+            raise ValueError(f"unexpected array {key!r}: expected A/, B/, head/ or W/ keys")
+        out[kind][name] = tensor
+    return out

@@ -1,0 +1,180 @@
+"""Local Flower federations for the tests and the overhead measurement: a SuperLink and
+SuperNodes as separate processes on free localhost ports, `flwr run` of flower_app/, and
+every process stopped by its pid, with the processes it started, also when something fails.
+
+It drives Flower's command-line tools (flower-superlink, flower-supernode, flwr) found next
+to this Python, never imports flwr, and sets what Flower needs to run with no network
+beyond localhost (OFFLINE_ENV). Each process gets its own FLWR_HOME under `workdir`, where
+Flower unpacks the app bundle, and PYTHONPATH holds the repository, which the app imports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]          # the repository
+APP = ROOT / "flower_app"
+
+# Flower would otherwise `uv sync` the app's dependencies (fails offline, exit code 608),
+# check PyPI for updates and send telemetry; the Hub libraries would look for updates.
+OFFLINE_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+               "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tool(name: str) -> str:
+    """A Flower command installed next to this Python (a virtual environment's bin/)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pip install -r requirements-flower.txt")
+    return str(path)
+
+
+def run_config(values: dict) -> str:
+    """`flwr run --run-config` text: key=value pairs, strings double-quoted (TOML)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v) if isinstance(v, str) else repr(v)
+    return " ".join(f"{k}={value(v)}" for k, v in values.items())
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first seen through /proc), deepest last."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                kids = [int(c) for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"     # a zombie has exited
+    except OSError:
+        return False
+
+
+class LocalFederation:
+    """One SuperLink and its SuperNodes on this machine; use as a context manager so that
+    every process is stopped when the block ends, however it ends."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+        self.address: str | None = None
+
+    def env(self, home: str) -> dict:
+        """This machine's environment plus Flower's offline settings, its own FLWR_HOME,
+        the repository on PYTHONPATH and Flower's tools on PATH."""
+        env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.workdir / home)}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [
+            os.environ.get("PYTHONPATH")] if p])
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+        return env
+
+    def _start(self, argv: list[str], name: str, home: str) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "w")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(home),
+                                cwd=self.workdir, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start_superlink(self, simulation: bool = False, timeout: float = 120) -> str:
+        """A SuperLink (with --simulation: one that runs `flwr run` as a simulation) on a
+        free port; returns its address once it accepts connections."""
+        port = free_port()
+        argv = [tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+                str(port), "--disable-runtime-dependency-installation"]
+        proc = self._start(argv + (["--simulation"] if simulation else []), "superlink", "link")
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not start (exit code {proc.poll()}): "
+                                   f"{(self.workdir / 'superlink.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        self.address = f"127.0.0.1:{port}"
+        home = self.workdir / "cli"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
+            f'address = "{self.address}"\ninsecure = true\n')
+        return self.address
+
+    def start_supernode(self, partition_id: int, num_partitions: int, **node_config
+                        ) -> subprocess.Popen:
+        """A SuperNode for client `partition_id` of `num_partitions` (other node config keys,
+        e.g. data_dir="...", as keyword arguments with _ for -)."""
+        config = {"partition-id": partition_id, "num-partitions": num_partitions,
+                  **{k.replace("_", "-"): v for k, v in node_config.items()}}
+        argv = [tool("flower-supernode"), "--insecure", "--superlink", self.address,
+                "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", run_config(config)]
+        return self._start(argv, f"supernode{partition_id}", f"node{partition_id}")
+
+    def run(self, config: dict, federation_config: dict | None = None, timeout: float = 600
+            ) -> subprocess.CompletedProcess:
+        """`flwr run flower_app local-test --run-config ... --stream`, waited for; its output
+        (the ServerApp's log) is in .stdout and in flwr-run.log."""
+        argv = [tool("flwr"), "run", str(APP), "local-test", "--run-config", run_config(config),
+                "--stream"]
+        if federation_config:
+            argv += ["--federation-config", run_config(federation_config)]
+        done = subprocess.run(argv, capture_output=True, text=True, env=self.env("cli"),
+                              cwd=self.workdir, timeout=timeout)
+        (self.workdir / "flwr-run.log").write_text(done.stdout + done.stderr)
+        return done
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM to every process started here, newest first, then SIGKILL to any of them
+        or their descendants (Flower's superexec and app processes) still alive."""
+        family = []
+        for proc in reversed(self.procs):
+            family += [proc.pid] + _descendants(proc.pid)
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while any(_alive(p) for p in family) and time.monotonic() < deadline:
+            for proc in self.procs:
+                proc.poll()                        # reap our own children
+            time.sleep(0.2)
+        for pid in family:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()
+        self.procs = []
+
+    def __enter__(self) -> "LocalFederation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,7 +1,9 @@
 """Tests for the Flower app (flower_app/): its run config is train.py's options, arrays travel
-exactly, a Flower simulation gives train.py's results for every aggregator, a real local
-deployment (one SuperLink, two SuperNodes, separate processes) gives train.py's FLoRA-NA run,
-and a client that fails is left out of its round with p renormalised and the failure logged.
+exactly, a Flower simulation resumes a killed train.py run and gives train.py's results for
+one aggregator of every path through the app, and a real local deployment (one SuperLink,
+three SuperNodes, separate processes) in which one client fails every round gives train.py's
+2-client FLoRA-NA run: the failing client is left out with p renormalised and the failure
+logged.
 
 Every Flower process runs offline: Flower's offline settings (harness.flower_local.OFFLINE_ENV)
 and, for any HTTP client that would still reach out, proxies that point at a closed local
@@ -14,6 +16,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -51,16 +54,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """No network beyond localhost for every process a test starts: an HTTP client that
+@pytest.fixture(autouse=True, scope="module")
+def offline():
+    """No network beyond localhost for every process this module starts: an HTTP client that
     tries to reach out meets a closed port instead."""
     dead = f"http://127.0.0.1:{flower_local.free_port()}"
-    for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-                "all_proxy"):
-        monkeypatch.setenv(key, dead)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                    "all_proxy"):
+            mp.setenv(key, dead)
+        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+        mp.setenv("no_proxy", "127.0.0.1,localhost")
+        yield
 
 
 def tiny_args(out: Path, bert: Path, data: Path, **kw) -> train.Args:
@@ -80,17 +85,18 @@ def run_config(args: train.Args, **app) -> dict:
     return {**config, "node-timeout": 120, "round-timeout": 600, **app}
 
 
-def assert_same_run(ref: Path, got: Path, names: list[str]) -> float:
+def assert_same_run(ref: Path, got: Path, names: list[str], failing: tuple = ()) -> float:
     """train.py's run `ref` and the Flower run `got` agree, row by row (every field but the
-    timings and Flower's "failed"; floats to 1e-6) and tensor by tensor (float32 tolerance);
-    returns the largest tensor difference."""
+    timings; floats to 1e-6) and tensor by tensor (float32 tolerance), and Flower's rows name
+    the clients `failing` as failed; returns the largest tensor difference."""
     ref_rows, got_rows = rows_of(ref), rows_of(got)
     assert [(r["aggregator"], r["round"]) for r in got_rows] == \
         [(r["aggregator"], r["round"]) for r in ref_rows]
     for r, g in zip(ref_rows, got_rows):
-        assert g.pop("failed") == []
-        assert len(g.pop("client_load_seconds")) == len(g.pop("client_train_seconds")) == \
-            len(g["clients"])
+        if "failed" in g:                                 # Flower's rows only
+            assert [f["client"] for f in g.pop("failed")] == list(failing)
+        for key in ("client_load_seconds", "client_train_seconds"):
+            assert len(g.pop(key, g["clients"])) == len(g["clients"])
         for key in TIMING:
             r.pop(key), g.pop(key)
         assert _close(g, r), (r, g)
@@ -173,93 +179,135 @@ def test_arrays_travel_exactly():
 # ---------------------------------------------------------------------------------------------
 
 
-# one aggregator per path through the app: plain factors (FedIT, and FLoRA-NA, the method),
-# private Bs kept on the nodes (FedSA-LoRA), changed frozen weights sent to the clients
-# (FedEx-LoRA), and LoRA restarted after the merge (FLoRA)
-PATHS = ("fedit", "fedsa", "fedex", "flora", "flora_na")
+# one aggregator per path through the app: private Bs kept on the nodes (FedSA-LoRA, first:
+# it is the one resumed), plain factors (FedIT, and FLoRA-NA, the method), changed frozen
+# weights sent to the clients (FedEx-LoRA), and LoRA restarted after the merge (FLoRA)
+PATHS = ("fedsa", "fedit", "fedex", "flora", "flora_na")
 
 
-def test_simulation_equals_train_py(tmp_path, offline, bert_dir, glue_dir):
-    """3 simulated SuperNodes, 2 of them sampled per round (train.py's participants): the same
-    rows (losses, metrics, personalised metrics, clients, bytes) and the same saved adapters
-    and frozen weights as train.py's in-process loop, with the same seed and partition."""
-    names = list(PATHS)
-    assert set(names) <= set(fl.AGGREGATORS)
-    ref = tiny_args(tmp_path / "ref", bert_dir, glue_dir, aggregator=",".join(names),
-                    participation=0.67)
+class Killed(Exception):
+    """Stands in for SIGKILL in the middle of a round."""
+
+
+def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_dir, glue_dir):
+    """train.py runs 3 rounds with 2 of 3 clients per round and is killed in FedSA-LoRA's
+    second round; a Flower simulation with 3 SuperNodes resumes the run: FedSA-LoRA's rounds 2
+    and 3 (its clients get their last B from the server, then keep it in context.state) and
+    every round of the others. The result is the uninterrupted train.py run: the same rows
+    (losses, metrics, personalised metrics, clients, bytes) and the same saved adapters and
+    frozen weights, with the same seed and partition."""
+    assert set(PATHS) <= set(fl.AGGREGATORS)
+    ref = tiny_args(tmp_path / "ref", bert_dir, glue_dir, aggregator=",".join(PATHS),
+                    participation=0.67, rounds=3)
     train.main(ref)
+
     got = dataclasses.replace(ref, out=str(tmp_path / "flower"))
+    calls, server_step = [], federation.server_step
+
+    def dies_in_round_2(uploads, p, aggregator, *args, **kw):
+        calls.append(aggregator)
+        if calls.count(aggregator) == 2:
+            raise Killed
+        return server_step(uploads, p, aggregator, *args, **kw)
+
+    monkeypatch.setattr(federation, "server_step", dies_in_round_2)
+    with pytest.raises(Killed):
+        train.main(got)
+    monkeypatch.setattr(federation, "server_step", server_step)
+    assert [(r["aggregator"], r["round"]) for r in rows_of(tmp_path / "flower")] == [(PATHS[0], 1)]
+
     with LocalFederation(tmp_path / "fed") as fed:
         fed.start_superlink(simulation=True)
-        done = fed.run(run_config(got), {"num-supernodes": 3})
-    assert (tmp_path / "flower" / "metrics.jsonl").exists(), done.stdout[-3000:]
-    largest = assert_same_run(tmp_path / "ref", tmp_path / "flower", names)
+        done = fed.run(run_config(got, resume=True), {"num-supernodes": 3})
+    rows = rows_of(tmp_path / "flower")
+    assert [(r["aggregator"], r["round"]) for r in rows if "failed" in r] == [
+        (name, t) for name in PATHS for t in (1, 2, 3)][1:], done.stdout[-3000:]
+    largest = assert_same_run(tmp_path / "ref", tmp_path / "flower", list(PATHS))
     config = json.loads((tmp_path / "flower" / "config.json").read_text())
     assert config == json.loads((tmp_path / "ref" / "config.json").read_text())
-    provenance = json.loads((tmp_path / "flower" / "provenance.jsonl").read_text())
-    assert provenance["engine"].startswith("flwr 1.42")
+    starts = [json.loads(line) for line in open(tmp_path / "flower" / "provenance.jsonl")]
+    assert [s.get("engine") for s in starts] == [None, "flwr 1.42.0"]
     print(f"largest adapter difference, simulation vs train.py: {largest:.3g}")
 
 
-def test_deployment_with_two_supernodes_equals_train_py(tmp_path, offline, bert_dir, glue_dir):
-    """One SuperLink and two SuperNodes, each a separate process on its own free port with its
-    own node config (partition-id, num-partitions, its own data-dir): 2 rounds of FLoRA-NA
-    save the adapter train.py saves, it loads as train.py's does, and every process (with
-    those Flower started under it) is gone after."""
-    ref = tiny_args(tmp_path / "ref", bert_dir, glue_dir, clients=2)
+def write_own_data(folder: Path, glue_dir: Path, examples: list) -> Path:
+    """An SST-2 folder whose training set is `examples` (in this order) and whose dev set is
+    glue_dir's: what a client machine holds of its own."""
+    (folder / "SST-2").mkdir(parents=True)
+    rows = ["sentence\tlabel"] + [f"{e.text_a}\t{e.label}" for e in examples]
+    (folder / "SST-2" / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    shutil.copy(glue_dir / "glue_data" / "SST-2" / "dev.tsv", folder / "SST-2" / "dev.tsv")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, bert_dir, glue_dir) -> dict:
+    """One SuperLink and three SuperNodes, each a separate process on its own free port, and
+    2 rounds of FLoRA-NA through them. Clients 0 and 1 hold their own data (own-data=true):
+    exactly train.py's two partitions of the SST-2 set; client 2's data folder is empty, so
+    its training raises every round. Also train.py's 2-client run, as the reference."""
+    root = tmp_path_factory.mktemp("deployment")
+    ref = tiny_args(root / "ref", bert_dir, glue_dir, clients=2)
     train.main(ref)
-    got = dataclasses.replace(ref, out=str(tmp_path / "flower"))
-    own = [shutil.copytree(glue_dir, tmp_path / f"node{u}-data") for u in range(2)]
-    with LocalFederation(tmp_path / "fed") as fed:
+    task, data = train.load_data(ref)
+    parts = federation.partition(data.labels, 2, ref.dirichlet_alpha, ref.seed, min_size=1)
+    own = [write_own_data(root / f"client{u}", glue_dir, [data.train[i] for i in parts[u]])
+           for u in range(2)] + [root / "client2"]
+    own[2].mkdir()
+    got = dataclasses.replace(ref, out=str(root / "flower"))
+    with LocalFederation(root / "fed") as fed:
         fed.start_superlink()
-        nodes = [fed.start_supernode(u, 2, data_dir=str(own[u])) for u in range(2)]
+        nodes = [fed.start_supernode(u, 3, data_dir=str(own[u]), own_data=True)
+                 for u in range(3)]
         done = fed.run(run_config(got))
         family = [p.pid for p in fed.procs] + [
             pid for p in fed.procs for pid in flower_local._descendants(p.pid)]
-    assert all(p.poll() is not None for p in nodes)
-    assert not any(flower_local._alive(pid) for pid in family)
-    assert (tmp_path / "flower" / "metrics.jsonl").exists(), done.stdout[-3000:]
-    largest = assert_same_run(tmp_path / "ref", tmp_path / "flower", ["flora_na"])
-    model, _ = train.load_global(str(tmp_path / "flower" / "flora_na"))
+    return {"ref": root / "ref", "out": root / "flower", "log": done.stdout, "nodes": nodes,
+            "alive_after": [pid for pid in family if flower_local._alive(pid)]}
+
+
+def test_deployment_equals_train_py(deployment):
+    """Separate processes with their own node config (partition-id, num-partitions, their own
+    data): the rows and the saved adapter are train.py's 2-client run (the failing client
+    left out, p renormalised over the others), the adapter loads as train.py's does, and
+    every process, with those Flower started under it, is gone after the run."""
+    assert (deployment["out"] / "metrics.jsonl").exists(), deployment["log"][-3000:]
+    largest = assert_same_run(deployment["ref"], deployment["out"], ["flora_na"], failing=(2,))
+    model, _ = train.load_global(str(deployment["out"] / "flora_na"))
+    state = torch.load(deployment["out"] / "flora_na" / "state.pt", weights_only=False)
     for name, (A, B) in fl.read_factors(model).items():
-        assert torch.equal(A, torch.load(tmp_path / "flower" / "flora_na" / "state.pt",
-                                         weights_only=False)["factors"][name][0])
+        assert torch.equal(A, state["factors"][name][0]) and torch.equal(B, state["factors"][name][1])
+    assert all(p.poll() is not None for p in deployment["nodes"])
+    assert deployment["alive_after"] == []
     print(f"largest adapter difference, deployment vs train.py: {largest:.3g}")
 
 
-def test_a_failing_client_is_left_out_with_p_renormalised(tmp_path, offline, bert_dir, glue_dir):
-    """Client 1's data folder is empty, so its training raises: the round completes on
-    client 0 alone (p = [1], so FedIT's global model is client 0's upload), the row names
-    the failure, and the log says which client failed and why."""
-    args = tiny_args(tmp_path / "flower", bert_dir, glue_dir, clients=2, rounds=1,
-                     aggregator="fedit")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with LocalFederation(tmp_path / "fed") as fed:
-        fed.start_superlink()
-        fed.start_supernode(0, 2, data_dir=str(glue_dir))
-        fed.start_supernode(1, 2, data_dir=str(empty))
-        done = fed.run(run_config(args))
-    [row] = rows_of(tmp_path / "flower")
-    assert row["clients"] == [0], done.stdout[-3000:]
-    [failure] = row["failed"]
-    assert failure["client"] == 1 and "FileNotFoundError" in failure["error"]
-    assert "client 1 (node" in done.stdout and "failed" in done.stdout
-    assert "p renormalised over clients [0]: [1.0]" in done.stdout
+def test_a_failing_client_is_left_out_with_p_renormalised(deployment):
+    """Client 2 raises in every round: each round completes on clients 0 and 1, the row names
+    the failure, and the log says which client and node failed, why, and the new p."""
+    rows = rows_of(deployment["out"])
+    assert [r["clients"] for r in rows] == [[0, 1], [0, 1]], deployment["log"][-3000:]
+    for row in rows:
+        [failure] = row["failed"]
+        assert failure["client"] == 2 and "FileNotFoundError" in failure["error"]
+        assert "GLUE sst2 train: expected the file" in failure["error"]
+    log = deployment["log"]
+    for rnd in (1, 2):
+        assert f"round {rnd}: client 2 (node {rows[0]['failed'][0]['node']}) failed" in log
+        assert f"round {rnd}: p renormalised over clients [0, 1]:" in log
+    assert "FileNotFoundError" in log and str(Path("client2") / "SST-2" / "train.tsv") in log
 
-    # the oracle: client 0's round, as train.py computes it, is the global model
-    model, tokenizer = train.model_loader(args, torch.device("cpu"))()
-    task, data = train.load_data(args)
-    parts = federation.partition(data.labels, 2, args.dirichlet_alpha, args.seed)
-    upload, head, loss = train.client_update(
-        model, task.batcher(tokenizer, data.train, args.max_length), parts[0],
-        factors=fl.read_factors(model), head=fl.head_state(model), lr=args.lr,
-        optimizer=args.optimizer, train_A=True, local_steps=args.local_steps,
-        batch_size=args.batch_size, seed=args.seed, round_=0, u=0)
-    state = torch.load(tmp_path / "flower" / "fedit" / "state.pt", weights_only=False)
-    assert row["train_loss"] == loss
-    for name, (A, B) in upload.items():
-        torch.testing.assert_close(state["factors"][name][0], A)
-        torch.testing.assert_close(state["factors"][name][1], B)
-    for key, value in head.items():
-        torch.testing.assert_close(state["head"][key], value)
+
+def test_every_process_is_stopped_when_the_block_fails(tmp_path):
+    """A failure inside `with LocalFederation(...)` still stops the SuperLink, the SuperNode
+    and what Flower started under them."""
+    with pytest.raises(RuntimeError, match="a failing test"):
+        with LocalFederation(tmp_path) as fed:
+            fed.start_superlink()
+            fed.start_supernode(0, 1)
+            time.sleep(2)                       # let them start their own children
+            family = [p.pid for p in fed.procs] + [
+                pid for p in fed.procs for pid in flower_local._descendants(p.pid)]
+            assert all(flower_local._alive(pid) for pid in family)
+            raise RuntimeError("a failing test")
+    assert not any(flower_local._alive(pid) for pid in family)

@@ -48,7 +48,7 @@ def identity(context: Context) -> tuple[int, int]:
 
 
 def setup(context: Context, name: str) -> dict:
-    """This node's run: its train.Args, task, data, model and batcher, loaded once per run
+    """This node's run: its train.Args, data, model and batcher, loaded once per run
     and aggregator (the model's frozen weights then change only as the server says)."""
     data_dir = context.node_config.get("data-dir", None)
     override = {} if data_dir in (None, "") else {"data_dir": str(data_dir)}

@@ -153,7 +153,8 @@ def main(args: Args) -> dict:
         cells = [f"{r['wall_seconds']:.1f}", f"{r['round1_seconds']:.2f}",
                  f"{r['later_round_seconds']:.2f}", f"{r['overhead_per_round_seconds']:+.2f}"]
         cells += [f"{r[key]:.2f}" if key in r else "-" for key in (
-            "later_rounds_slowest_client_load_seconds", "later_rounds_slowest_client_train_seconds")]
+            "later_rounds_slowest_client_load_seconds",
+            "later_rounds_slowest_client_train_seconds")]
         print(f"| {engine} | " + " | ".join(cells) + f" | {r['server_seconds_mean']:.3f} |")
     print("identical results:", report["identical_results"])
     return report

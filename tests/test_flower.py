@@ -146,7 +146,8 @@ def test_run_config_is_train_py_options_with_its_defaults():
 def test_run_config_values_become_train_args():
     args = wire.args_from({"task": "stsb", "lr": 0.02, "tie-layers": True, "max-train-examples": 40,
                            "target-modules": "", "node-timeout": 5})
-    assert (args.task, args.lr, args.tie_layers, args.max_train_examples) == ("stsb", 0.02, True, 40)
+    assert (args.task, args.lr, args.tie_layers, args.max_train_examples) == \
+        ("stsb", 0.02, True, 40)
     assert args.target_modules is None
     with pytest.raises(ValueError, match="'clients' is not a train.py option"):
         wire.args_from({"clients": 3})
@@ -276,7 +277,8 @@ def test_deployment_equals_train_py(deployment):
     model, _ = train.load_global(str(deployment["out"] / "flora_na"))
     state = torch.load(deployment["out"] / "flora_na" / "state.pt", weights_only=False)
     for name, (A, B) in fl.read_factors(model).items():
-        assert torch.equal(A, state["factors"][name][0]) and torch.equal(B, state["factors"][name][1])
+        assert torch.equal(A, state["factors"][name][0])
+        assert torch.equal(B, state["factors"][name][1])
     assert all(p.poll() is not None for p in deployment["nodes"])
     assert deployment["alive_after"] == []
     print(f"largest adapter difference, deployment vs train.py: {largest:.3g}")

@@ -30,7 +30,8 @@ from logging import INFO, WARNING
 
 import flwr
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord,
+                      RecordDict)
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -54,7 +55,9 @@ def find_clients(grid: Grid, timeout: float) -> dict[int, int]:
         new = [node for node in grid.get_node_ids() if node not in who]
         asks = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
                         message_type=MessageType.QUERY) for node in new]
-        for reply in grid.send_and_receive(asks, timeout=max(deadline - time.monotonic(), 1)):
+        replies = grid.send_and_receive(asks, timeout=max(deadline - time.monotonic(), 1)
+                                        ) if asks else []
+        for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 raise ValueError(f"node {node} cannot say which client it is: "

@@ -57,11 +57,13 @@ def write_factors(model, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
 @torch.no_grad()
 def add_to_base(model, deltas: dict[str, Tensor]) -> None:
     """W <- W + scaling * delta for each named layer: what FedEx-LoRA and FLoRA fold into the
-    frozen weights. delta has the (out, in) layout of nn.Linear.weight, like B @ A."""
+    frozen weights. delta has the (out, in) layout of nn.Linear.weight, like B @ A; layers that
+    store W as (in, out) (GPT-2's Conv1D, peft's fan_in_fan_out) get its transpose."""
     for name, m in lora_layers(model).items():
         if name in deltas:
             W = m.get_base_layer().weight
-            W.add_((m.scaling["default"] * deltas[name]).to(W.dtype))
+            delta = deltas[name].mT if m.fan_in_fan_out else deltas[name]
+            W.add_((m.scaling["default"] * delta).to(W.dtype))
 
 
 @torch.no_grad()

@@ -594,3 +594,4 @@ AGGREGATORS: dict[str, Aggregator] = {
     "flora_na": Aggregator(flora_na, "FLoRA-NA", options={
         "solver": "als", "tie_layers": False, "steps": 200, "lr": 1e-2}),
 }
+METHOD = "flora_na"              # the aggregator this file is about (train.py's default)

@@ -39,7 +39,7 @@ class Args:
     """folder with glue_data/<TASK>/, gsm8k/, mbpp/ (default $FLORA_DATA, else the Hub)"""
     model: str = "minilm"
     """minilm or smollm2 (offline, from PyPI packages), a Hub name (roberta-large) or a folder"""
-    aggregator: str = "flora_na"
+    aggregator: str = fl.METHOD
     """comma-separated names from flora_na.AGGREGATORS or 'all', run in turn on one partition"""
     clients: int = 10
     """number of clients U"""

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from harness import scoring
+
 # --- GLUE task table
 
 
@@ -456,6 +458,10 @@ class Glue(Task):
 class Generation(Task):
     """A causal-LM task: loss on the target tokens, greedy generation scored as defined."""
     peft_task_type = "CAUSAL_LM"
+    reference: str                     # the field holding the reference answer or solution
+
+    def partition_key(self, example):  # Dirichlet over length bins of the reference
+        return float(len(example[self.reference]))
 
     def prompt(self, example) -> str:
         raise NotImplementedError
@@ -496,13 +502,10 @@ class Generation(Task):
 
 
 class Gsm8k(Generation):
-    name, display_name, main_metric = "gsm8k", "GSM8K", "accuracy"
+    name, display_name, main_metric, reference = "gsm8k", "GSM8K", "accuracy", "answer"
 
     def read(self, data_dir, split):
         return load_gsm8k(data_dir, split)
-
-    def partition_key(self, example):                 # answer-length bins
-        return float(len(example["answer"]))
 
     def prompt(self, example):
         return gsm8k_prompt(example["question"])
@@ -511,18 +514,14 @@ class Gsm8k(Generation):
         return gsm8k_target(example["answer"])
 
     def score(self, completion, example):
-        from harness import scoring
         return scoring.gsm8k_correct(completion, example["answer"])
 
 
 class Mbpp(Generation):
-    name, display_name, main_metric = "mbpp", "MBPP", "pass@1"
+    name, display_name, main_metric, reference = "mbpp", "MBPP", "pass@1", "code"
 
     def read(self, data_dir, split):
         return load_mbpp(data_dir, split)
-
-    def partition_key(self, example):                 # solution-length bins
-        return float(len(example["code"]))
 
     def prompt(self, example):
         return mbpp_prompt(example["text"], example["test_list"])
@@ -531,7 +530,6 @@ class Mbpp(Generation):
         return mbpp_target(example["code"])
 
     def score(self, completion, example):
-        from harness import scoring
         return scoring.run_mbpp(scoring.extract_code(completion), example["test_list"],
                                 example.get("test_setup_code", "")).passed
 

@@ -25,21 +25,23 @@ signals, sockets, ctypes, tracing, gc walks, links, and file changes outside /tm
 tamper-proof: its tables are immutable values in its closure, it calls nothing the program can
 redefine, and nothing but the interpreter references it.
 
-The verdict. A run passes only when the parent sees exit status 0 before the deadline and,
-on a pipe whose read end only the parent holds, exactly `passed <token>`, where the token is
-128 random bits drawn for this run. The prelude reads the token from a payload descriptor and
-closes it before untrusted code exists; from then on the token lives only in the arguments of a
-generator that has not started (the vault). The program cannot read it there: a suspended
-frame is reachable only through gi_frame or gc's object walks (both refused by the hook) or
-process memory (ctypes refused; /proc/self/mem refused by the hook and, as root, closed by the
-kernel). The program cannot make the vault write it: the vault writes only when the frame
-resuming it is the worker thread's outermost frame running the prelude's `_boot`, whose code is
-fixed and holds everything in fast locals, and which resumes the vault only after the solution
-and then the tests ran to their end. The program runs in that worker thread and can start no
-other (RLIMIT_NPROC); as a non-main thread it cannot install a Python signal handler; and the
-vault first turns off the cyclic gc, so no program code runs inside the vault's frame. Hence
-`open('.passed', 'w')`, os._exit(0) or sys.exit(0) before the asserts, printing or writing
-"passed ..." to any descriptor, calling the vault, or calling `_boot` again all end unpassed.
+The verdict. A run passes only when the parent sees, before the deadline, exit status 0 and,
+on a pipe whose read end only the parent holds, exactly `passed <token>`, the token being 128
+random bits drawn for this run. The prelude reads the token from a payload descriptor, empties
+and closes it before untrusted code exists, and leaves the pass line in the buffer of an
+unflushed BufferedWriter on that pipe. The one reference to that writer sits on the value stack
+of a primed generator, the vault, which no Python API exposes: gc's object walks are refused
+by the hook, and raw memory is out of reach (ctypes refused; /proc/self/mem refused by the hook
+and, as root, closed by the kernel). The vault flushes the writer only if the worker frame that
+primed it is, when it resumes, back on the line it primed it from: the report call, which that
+frame reaches only after the solution and then the tests returned, with callee and arguments
+loaded before the program ran. On every other way out (resumed early, thrown into, closed,
+collected) the pipe is closed before the writer, so the line is dropped. The program runs in
+that worker thread, which cannot install Python signal handlers, and can start no other thread
+or process. Hence `open('.passed', 'w')`, os._exit(0) or sys.exit(0) before the asserts,
+printing or writing "passed ..." to any descriptor, resuming or closing the vault, rerunning
+the worker's code, or a weakref callback or finalizer that fires between the solution and the
+tests all end unpassed.
 
 What it cannot do. The asserts share the interpreter with the solution, so a solution can make
 them vacuous: a return value whose __eq__ is always True, or shadowed builtins. Those false
@@ -50,12 +52,14 @@ Without a working bwrap, run_sandboxed refuses (SandboxUnavailable, naming the p
 the caller passes allow_unisolated=True: then the program runs in a plain child process with
 the same limits, hook, verdict and deadline but no namespaces, so it can read what the user
 can read, the hook alone guards the file system, and as root RLIMIT_NPROC does not apply.
+The design was checked with CPython 3.11, 3.12 and 3.13.
 """
 import functools
 import json
 import math
 import os
 import secrets
+import select
 import selectors
 import shutil
 import signal
@@ -228,7 +232,43 @@ def _collect(proc: subprocess.Popen, result_fd: int, deadline: float):
         os.close(pidfd)
     tails = [buffers[stream.fileno()].decode("utf-8", "replace")
              for stream in (proc.stdout, proc.stderr)]
-    return tails, bytes(buffers[result_fd]), timed_out, flooded
+    return tails, bytes(buffers[result_fd]), exited, timed_out, flooded
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is pid (field 4 of /proc/<pid>/stat)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _kill_and_wait(proc: subprocess.Popen, exited: bool) -> None:
+    """SIGKILL the run's process group, then wait (up to 5 s) until bwrap's init is gone.
+
+    bwrap leads its own group; its init (PID 1 of the sandbox) dies with it (--die-with-parent),
+    and the kernel reports the init's exit only after every process of its PID namespace has
+    been killed and reaped, so after the wait nothing of the run is left. The leader is not yet
+    reaped here, so the group id cannot have been reused.
+    """
+    inits = []
+    for pid in [] if exited else _children(proc.pid):  # bwrap exits only after its init
+        try:
+            inits.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pidfd in inits:
+        select.select([pidfd], [], [], 5.0)  # readable once that process has exited
+        os.close(pidfd)
 
 
 def _run(prefix: list[str], solution: str, tests: str, *, timeout_s: float, memory_mb: int,
@@ -260,12 +300,9 @@ def _run(prefix: list[str], solution: str, tests: str, *, timeout_s: float, memo
             os.close(result_write)
             result_write = -1
             with proc:
-                (stdout, stderr), line, timed_out, flooded = _collect(
+                (stdout, stderr), line, exited, timed_out, flooded = _collect(
                     proc, result_read, start + timeout_s)
-                try:  # bwrap (or the child) leads its own group; its PID namespace dies with it
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill_and_wait(proc, exited)
                 returncode = proc.wait()
         finally:
             os.close(result_read)

@@ -5,14 +5,14 @@ never imported. In order, before any untrusted code exists: read and close the p
 solution, the tests, limits, the run's token); set the resource limits; drop to the sandbox uid
 when started as root; start the worker thread that will run the program; forbid any further
 thread or process (RLIMIT_NPROC 0); install the audit hook; let the worker go. The worker runs
-the solution, then the tests, and reports a pass through the vault from its own outermost frame.
+the solution, then the tests, and has the vault write the pass line from its report call.
 harness/sandbox.py argues why the program can neither escape nor forge that report.
 
 Exit status (diagnostic only; the parent trusts only the token line): 0 after the pass was
 reported, 1 an assert failed, 2 anything else.
 """
 import _thread
-import gc
+import io
 import json
 import linecache
 import os
@@ -47,12 +47,11 @@ def _make_hook(root: str):
         # limits, links, more audit hooks, tracers (a tracer is handed every frame)
         "resource.setrlimit", "resource.prlimit", "os.link", "os.symlink",
         "sys.addaudithook", "sys.settrace", "sys.setprofile", "sys._current_frames",
-        # object-graph walks, which could reach this hook or the vault's arguments
+        # object-graph walks: the only way to this hook's cells or the vault's value stack
         "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
     refused_prefixes = ("socket.", "ctypes.", "sys.monitoring.")
     refused_imports = frozenset({"_ctypes", "_posixsubprocess"})  # fork_exec is not audited
     refused_import_prefixes = ("_test", "_xx", "xx")  # raw-memory test modules, subinterpreters
-    frame_attributes = frozenset({"gi_frame", "cr_frame", "ag_frame"})  # a suspended frame
     # event -> ((path argument, dir_fd argument or -1), ...), in CPython's argument order
     path_events = (
         ("os.remove", ((0, 1),)), ("os.rmdir", ((0, 1),)), ("os.mkdir", ((0, 2),)),
@@ -67,10 +66,6 @@ def _make_hook(root: str):
         if event == "import":
             if args[0] in refused_imports or args[0].startswith(refused_import_prefixes):
                 raise denied(f"sandbox: import {args[0]} is not allowed")
-            return
-        if event == "object.__getattr__":
-            if args[1] in frame_attributes:
-                raise denied(f"sandbox: reading {args[1]} is not allowed")
             return
         targets = []  # (path, dir_fd) pairs that must lie inside root
         if event == "open":  # args: path, mode (None for os.open), flags
@@ -128,47 +123,58 @@ def _make_hook(root: str):
 
 # --- the worker and the vault ----------------------------------------------------------------
 
-def _vault(write, result_fd, line, boot_code, getframe, gc_disable):
-    """Writes the pass line, but only when the frame resuming it is the worker's outermost one.
+def _vault(box, getframe):
+    """Writes the pass line, but only when resumed from the worker's report call (see _boot).
 
-    A generator, so that until it runs its arguments (the line holds the token) sit in a frame
-    that nothing can reach: gi_frame and gc's walks are refused by the hook. Its first act turns
-    off the cyclic gc, so no finalizer of the program's objects can run inside this frame.
+    box: [writer, raw result pipe, writer], the writer a BufferedWriter whose buffer already
+    holds the pass line. Priming empties the box onto this frame's value stack, which no Python
+    API exposes (gc's object walks, the one way in, are refused by the hook): from then on no
+    frame's f_locals leads to the line. The raw pipe is closed on every way out of the inner
+    `with` (the outer one keeps the writer alive until then), so an unflushed line is dropped;
+    the writer is flushed only if the frame that primed the vault (_boot's) is, when the vault
+    resumes, again on the line it primed it from: the report call, which it reaches only after
+    the solution and the tests returned. Tuple, subscript and comparison are evaluated left to
+    right, so everything left of the `yield` is taken at priming, everything right of it after.
     """
-    gc_disable()
-    caller = getframe(1)
-    if caller.f_code is boot_code and caller.f_back is None:
-        write(result_fd, line)
-    yield from ()  # (makes this function a generator)
+    with box.pop():
+        with box.pop():
+            # (no-op, flush)[the priming frame is back on its priming line]()
+            (int, box.pop().flush)[getframe(1).f_lineno == (getframe(1), (yield))[0].f_lineno]()
 
 
 def _boot(solution, tests, vault, go, streams, print_exc, next_, exit_, exec_, assertion_error,
           base_exception):
-    """The worker thread: run the solution, then the tests; report from this outermost frame.
+    """The worker thread: prime the vault, run the solution, then the tests, then report.
 
-    Everything is an argument (a fast local that the program cannot rebind), so this frame's
-    path to `next_(vault, None)` is fixed: it is reached only if both exec calls returned.
+    The vault is resumed from one call site, twice: first to prime it (it records this frame and
+    line), then, with the program's run as the argument, to report. Every name that call uses is
+    loaded before the program's code runs, so rebinding this frame's locals (f_locals writes
+    through on Python >= 3.13) cannot change what it does; the call reaches the vault only if
+    both exec calls returned.
     """
     go.acquire()  # until the process limit and the audit hook are in place
-    status = 2
-    try:
-        # Not "__main__", so a completion's demo under `if __name__ == "__main__":` is skipped.
-        namespace = {"__name__": "__sandbox__"}
-        exec_(solution, namespace)
-        exec_(tests, namespace)
-    except assertion_error:
-        status = 1
+    # Not "__main__", so a completion's demo under `if __name__ == "__main__":` is skipped.
+    namespace = {"__name__": "__sandbox__"}
+    for primed in (False, True):
         try:
-            print_exc()
+            next_(vault,  # the vault's one call site; the program runs on the next line
+                  exec_(tests, (namespace, exec_(solution, namespace))[0]) if primed else None)
+        except assertion_error:
+            status = 1
+            try:
+                print_exc()
+            except base_exception:
+                pass
         except base_exception:
-            pass
-    except base_exception:
-        try:
-            print_exc()
-        except base_exception:
-            pass
+            status = 2
+            try:
+                print_exc()
+            except base_exception:
+                pass
+        else:
+            continue
+        break
     else:
-        next_(vault, None)
         status = 0
     for stream in streams:
         try:
@@ -208,8 +214,10 @@ def _main(payload_fd: int, result_fd: int) -> None:
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(2)
-    vault = _vault(os.write, result_fd, f"passed {payload['token']}\n".encode(), _boot.__code__,
-                   sys._getframe, gc.disable)
+    raw = io.FileIO(result_fd, "w", closefd=True)
+    writer = io.BufferedWriter(raw, buffer_size=4096)
+    writer.write(f"passed {payload['token']}\n".encode())  # buffered: not in the pipe yet
+    vault = _vault([writer, raw, writer], sys._getframe)
     go = _thread.allocate_lock()
     go.acquire()
     _thread.stack_size(WORKER_STACK_BYTES)
@@ -219,7 +227,7 @@ def _main(payload_fd: int, result_fd: int) -> None:
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no new thread or process from here on
     if payload["audit_hook"]:
         sys.addaudithook(_make_hook(payload["root"]))
-    del payload, vault
+    del payload, raw, writer, vault
     go.release()
     idle = _thread.allocate_lock()
     idle.acquire()

@@ -154,7 +154,8 @@ def _bwrap_argv(bwrap: str) -> list[str]:
                  "--disable-userns"]
     return argv + [*_read_only_binds(), "--proc", "/proc", "--dev", "/dev",
                    "--perms", "1777", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
-                   "--remount-ro", "/", "--remount-ro", "/dev", "--chdir", "/tmp", "--hostname", "sandbox", "--"]
+                   "--remount-ro", "/", "--remount-ro", "/dev",  # /dev/shm would be writable
+                   "--chdir", "/tmp", "--hostname", "sandbox", "--"]
 
 
 @functools.cache
@@ -168,8 +169,9 @@ def _bwrap_problem(bwrap: str) -> str | None:
     if result.passed:
         return None
     return (f"{bwrap} is installed but a trivial program does not pass in it "
-            f"(status {result.status}, exit {result.returncode}; bubblewrap >= 0.8 and "
-            f"user namespaces are needed): {result.stderr.strip()[-500:]}")
+            f"(status {result.status}, exit {result.returncode}; it needs bubblewrap >= 0.8 "
+            f"and, as a normal user, unprivileged user namespaces): "
+            f"{result.stderr.strip()[-500:]}")
 
 
 def _sandbox_prefix(allow_unisolated: bool) -> list[str]:
@@ -185,8 +187,8 @@ def _sandbox_prefix(allow_unisolated: bool) -> list[str]:
 
 
 def check_isolation(allow_unisolated: bool = False) -> bool:
-    """True if runs are sandboxed; False if they will run unisolated by opt-in; else raise
-    SandboxUnavailable (call it before a long job that ends in MBPP scoring)."""
+    """Whether runs will be sandboxed (False: unisolated, by opt-in); raises SandboxUnavailable
+    otherwise. Call it before a long job that ends in MBPP scoring."""
     return bool(_sandbox_prefix(allow_unisolated))
 
 
@@ -194,8 +196,8 @@ def check_isolation(allow_unisolated: bool = False) -> bool:
 
 def _collect(proc: subprocess.Popen, result_fd: int, deadline: float):
     """Read stdout/stderr tails and the result pipe until the process exits and the pipes close,
-    the deadline passes, or the output limit is hit. Returns (tails, result, timed_out, flooded).
-    The process is left unreaped, so its process-group id cannot be reused before the kill."""
+    the deadline passes, or the output limit is hit. Returns (tails, result line, exited,
+    timed_out, flooded). The process is left unreaped, so its group id stays reserved."""
     pidfd = os.pidfd_open(proc.pid)
     buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(),
                result_fd: bytearray()}
@@ -251,7 +253,7 @@ def _children(pid: int) -> list[int]:
 def _kill_and_wait(proc: subprocess.Popen, exited: bool) -> None:
     """SIGKILL the run's process group, then wait (up to 5 s) until bwrap's init is gone.
 
-    bwrap leads its own group; its init (PID 1 of the sandbox) dies with it (--die-with-parent),
+    bwrap (unisolated: the Python child) leads its own group; its init (PID 1 of the sandbox) dies with it (--die-with-parent),
     and the kernel reports the init's exit only after every process of its PID namespace has
     been killed and reaped, so after the wait nothing of the run is left. The leader is not yet
     reaped here, so the group id cannot have been reused.
@@ -293,8 +295,8 @@ def _run(prefix: list[str], solution: str, tests: str, *, timeout_s: float, memo
                 payload_file.seek(0)
                 fds = (payload_file.fileno(), result_write)
                 proc = subprocess.Popen(
-                    [*prefix, _python() if isolated else sys.executable, "-I", "-B", "-S", "-c",
-                     _child_source(), *map(str, fds)],
+                    [*prefix, _python(), "-I", "-B", "-S", "-c", _child_source(),
+                     *map(str, fds)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     pass_fds=fds, env=env, cwd=host_dir or "/", start_new_session=True)
             os.close(result_write)
@@ -329,7 +331,8 @@ def run_sandboxed(solution: str, tests: str = "", *, timeout_s: float = 10.0,
     """
     if not timeout_s > 0 or not math.isfinite(timeout_s):
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-    if memory_mb < 64:
-        raise ValueError(f"memory_mb must be at least 64 (Python itself needs that), got {memory_mb!r}")
+    if not isinstance(memory_mb, int) or memory_mb < 64:
+        raise ValueError(f"memory_mb must be an int of at least 64 (Python itself needs that), "
+                         f"got {memory_mb!r}")
     return _run(_sandbox_prefix(allow_unisolated), solution, tests, timeout_s=timeout_s,
                 memory_mb=memory_mb, audit_hook=audit_hook)

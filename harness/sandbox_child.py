@@ -35,7 +35,8 @@ def _make_hook(root: str):
     changes nothing. Once added, only the interpreter references it: no table lives in
     sys.modules['__main__'], and the gc walks that could find it are themselves refused.
     """
-    type_, str_, bytes_, int_, tuple_, len_, denied = type, str, bytes, int, tuple, len, PermissionError
+    type_, str_, bytes_, int_, tuple_, len_ = type, str, bytes, int, tuple, len
+    denied = PermissionError
     getcwd, readlink = os.getcwd, os.readlink
     root_parts = tuple(part for part in root.split("/") if part)
     n_root = len(root_parts)
@@ -51,7 +52,8 @@ def _make_hook(root: str):
         "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
     refused_prefixes = ("socket.", "ctypes.", "sys.monitoring.")
     refused_imports = frozenset({"_ctypes", "_posixsubprocess"})  # fork_exec is not audited
-    refused_import_prefixes = ("_test", "_xx", "xx")  # raw-memory test modules, subinterpreters
+    # raw-memory test modules; subinterpreters, which would run without this hook
+    refused_import_prefixes = ("_test", "_xx", "xx", "_interp")
     # event -> ((path argument, dir_fd argument or -1), ...), in CPython's argument order
     path_events = (
         ("os.remove", ((0, 1),)), ("os.rmdir", ((0, 1),)), ("os.mkdir", ((0, 2),)),
@@ -193,7 +195,7 @@ def _compile(source: str, filename: str):
 def _main(payload_fd: int, result_fd: int) -> None:
     with os.fdopen(payload_fd, "r+b") as f:
         payload = json.loads(f.read())
-        f.truncate(0)  # from here on the token is nowhere but in the vault's arguments
+        f.truncate(0)  # from here on the token is nowhere but in the writer's buffer
     limits = payload["limits"]
     for which, value in ((resource.RLIMIT_CPU, limits["cpu_seconds"]),
                          (resource.RLIMIT_AS, limits["memory_bytes"]),

@@ -607,30 +607,33 @@ def test_forged_pass_fails(monkeypatch, program, isolated):
 
 
 WEAKREF_FORGERY = """
-import sys, types, gc, weakref
+import os, sys, types, gc, weakref
 boot = sys._getframe(1)
 vault = next(v for v in boot.f_locals.values() if isinstance(v, types.GeneratorType))
+def resume_then_exit(ref):
+    print("collected under", sys._getframe(1).f_code.co_name, flush=True)
+    try:
+        vault.send(None)
+    except StopIteration:
+        pass
+    os._exit(0)
 class Cycle:
     pass
-def report(ref):
-    print("collected under", sys._getframe(1).f_code.co_name, flush=True)
-refs = []
-for callback in (report, vault.send):  # garbage that dies at the next collection,
-    c = Cycle()                        # which comes at the worker's next allocation
-    c.self = c
-    refs.append(weakref.ref(c, callback))
-    del c
+c = Cycle()   # garbage that dies at the next collection, which comes at the worker's next
+c.self = c    # allocation, after the solution returned and before the tests start
+ref = weakref.ref(c, resume_then_exit)
+del c
 gc.set_threshold(1)
 """
 
 
 def test_weakref_callback_between_solution_and_tests_cannot_pass():
-    """A garbage collection that runs while the worker itself is the current frame (between the
-    solution and the tests) fires a callback that resumes the vault: the vault refuses, since
-    the worker is not on its report line."""
+    """A collection that runs while the worker itself is the current frame, between the solution
+    and the tests, fires a callback that resumes the vault and exits 0: the vault refuses, since
+    the worker is not on its report line, so the run ends without the pass line."""
     result = run_sandboxed(WEAKREF_FORGERY, "assert False", timeout_s=5)
     assert "collected under _boot" in result.stdout, result
-    assert not result.passed and result.status == "failed"
+    assert not result.passed and result.status == "error" and result.returncode == 0
 
 
 # --- without isolation ----------------------------------------------------------------------

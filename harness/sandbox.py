@@ -58,6 +58,7 @@ import functools
 import json
 import math
 import os
+import re
 import secrets
 import select
 import selectors
@@ -144,7 +145,7 @@ def _read_only_binds() -> list[str]:
 
 
 def _bwrap_argv(bwrap: str) -> list[str]:
-    """The bwrap command line (up to and including '--') for one sandbox."""
+    """The bwrap command line for one sandbox, options only (_run adds --info-fd and '--')."""
     argv = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     if os.geteuid() == 0:  # privileged bwrap: keep just what the prelude needs to become nobody
@@ -155,7 +156,7 @@ def _bwrap_argv(bwrap: str) -> list[str]:
     return argv + [*_read_only_binds(), "--proc", "/proc", "--dev", "/dev",
                    "--perms", "1777", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
                    "--remount-ro", "/", "--remount-ro", "/dev",  # /dev/shm would be writable
-                   "--chdir", "/tmp", "--hostname", "sandbox", "--"]
+                   "--chdir", "/tmp", "--hostname", "sandbox"]
 
 
 @functools.cache
@@ -194,16 +195,20 @@ def check_isolation(allow_unisolated: bool = False) -> bool:
 
 # --- one run ---------------------------------------------------------------------------------
 
-def _collect(proc: subprocess.Popen, result_fd: int, deadline: float):
-    """Read stdout/stderr tails and the result pipe until the process exits and the pipes close,
-    the deadline passes, or the output limit is hit. Returns (tails, result line, exited,
-    timed_out, flooded). The process is left unreaped, so its group id stays reserved."""
+def _collect(proc: subprocess.Popen, result_fd: int, info_fd: int | None, deadline: float):
+    """Read stdout/stderr tails, the result pipe and bwrap's --info-fd until the process exits
+    and the pipes close, the deadline passes, or the output limit is hit. Returns (tails, result
+    line, a pidfd on bwrap's init or None, timed_out, flooded). The process is left
+    unreaped, so its group id stays reserved."""
     pidfd = os.pidfd_open(proc.pid)
     buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(),
                result_fd: bytearray()}
+    if info_fd is not None:
+        buffers[info_fd] = bytearray()
     selector = selectors.DefaultSelector()
     for fd in (*buffers, pidfd):
         selector.register(fd, selectors.EVENT_READ)
+    init_pidfd = None
     exited = timed_out = flooded = False
     output = 0
     try:
@@ -223,7 +228,11 @@ def _collect(proc: subprocess.Popen, result_fd: int, deadline: float):
                     continue
                 buffer = buffers[key.fd]
                 buffer += chunk
-                if key.fd == result_fd:
+                if key.fd == info_fd:  # bwrap writes it as soon as its init exists
+                    match = re.search(rb'"child-pid": *(\d+)', buffer)
+                    if match and init_pidfd is None:
+                        init_pidfd = os.pidfd_open(int(match.group(1)))
+                elif key.fd == result_fd:
                     del buffer[256:]  # the genuine line is 40 bytes
                 else:
                     output += len(chunk)
@@ -234,43 +243,26 @@ def _collect(proc: subprocess.Popen, result_fd: int, deadline: float):
         os.close(pidfd)
     tails = [buffers[stream.fileno()].decode("utf-8", "replace")
              for stream in (proc.stdout, proc.stderr)]
-    return tails, bytes(buffers[result_fd]), exited, timed_out, flooded
+    return tails, bytes(buffers[result_fd]), init_pidfd, timed_out, flooded
 
 
-def _children(pid: int) -> list[int]:
-    """The pids whose parent is pid (field 4 of /proc/<pid>/stat)."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
-def _kill_and_wait(proc: subprocess.Popen, exited: bool) -> None:
+def _kill_and_wait(proc: subprocess.Popen, init_pidfd: int | None) -> None:
     """SIGKILL the run's process group, then wait (up to 5 s) until bwrap's init is gone.
 
-    bwrap (unisolated: the Python child) leads its own group; its init (PID 1 of the sandbox) dies with it (--die-with-parent),
-    and the kernel reports the init's exit only after every process of its PID namespace has
-    been killed and reaped, so after the wait nothing of the run is left. The leader is not yet
-    reaped here, so the group id cannot have been reused.
+    bwrap (unisolated: the Python child) leads its own group. bwrap returns as soon as it
+    knows the program's exit status, so its init (PID 1 of the sandbox) may outlive it by a
+    moment; it dies with bwrap (--die-with-parent) or by itself once the program is gone, and
+    the kernel reports its exit only after every process of its PID namespace was killed and
+    reaped, so after the wait nothing of the run is left. The leader is not reaped yet, so the
+    group id cannot have been reused.
     """
-    inits = []
-    for pid in [] if exited else _children(proc.pid):  # bwrap exits only after its init
-        try:
-            inits.append(os.pidfd_open(pid))
-        except ProcessLookupError:
-            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    for pidfd in inits:
-        select.select([pidfd], [], [], 5.0)  # readable once that process has exited
-        os.close(pidfd)
+    if init_pidfd is not None:
+        select.select([init_pidfd], [], [], 5.0)  # readable once the init has exited
+        os.close(init_pidfd)
 
 
 def _run(prefix: list[str], solution: str, tests: str, *, timeout_s: float, memory_mb: int,
@@ -279,7 +271,8 @@ def _run(prefix: list[str], solution: str, tests: str, *, timeout_s: float, memo
     start = time.monotonic()
     token = secrets.token_hex(16)
     isolated = bool(prefix)
-    with (nullcontext() if isolated else tempfile.TemporaryDirectory(prefix="sandbox-")) as host_dir:
+    workdir = nullcontext() if isolated else tempfile.TemporaryDirectory(prefix="sandbox-")
+    with workdir as host_dir:  # unisolated: the run's directory on the host
         root = "/tmp" if isolated else os.path.realpath(host_dir)
         payload = {"solution": solution, "tests": tests, "token": token, "root": root,
                    "audit_hook": audit_hook,
@@ -289,27 +282,31 @@ def _run(prefix: list[str], solution: str, tests: str, *, timeout_s: float, memo
                               "open_files": OPEN_FILES}}
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": root, "TMPDIR": root}
         result_read, result_write = os.pipe()
+        info_read, info_write = os.pipe() if isolated else (None, None)
         try:
             with tempfile.TemporaryFile() as payload_file:
                 payload_file.write(json.dumps(payload).encode())
                 payload_file.seek(0)
                 fds = (payload_file.fileno(), result_write)
+                bwrap = [*prefix, "--info-fd", str(info_write), "--"] if isolated else []
                 proc = subprocess.Popen(
-                    [*prefix, _python(), "-I", "-B", "-S", "-c", _child_source(),
-                     *map(str, fds)],
+                    [*bwrap, _python(), "-I", "-B", "-S", "-c", _child_source(), *map(str, fds)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    pass_fds=fds, env=env, cwd=host_dir or "/", start_new_session=True)
-            os.close(result_write)
-            result_write = -1
+                    pass_fds=fds + ((info_write,) if isolated else ()), env=env,
+                    cwd=host_dir or "/", start_new_session=True)
+            for fd in (result_write, info_write):
+                if fd is not None:
+                    os.close(fd)
+            result_write = info_write = None
             with proc:
-                (stdout, stderr), line, exited, timed_out, flooded = _collect(
-                    proc, result_read, start + timeout_s)
-                _kill_and_wait(proc, exited)
+                (stdout, stderr), line, init_pidfd, timed_out, flooded = _collect(
+                    proc, result_read, info_read, start + timeout_s)
+                _kill_and_wait(proc, init_pidfd)
                 returncode = proc.wait()
         finally:
-            os.close(result_read)
-            if result_write >= 0:
-                os.close(result_write)
+            for fd in (result_read, result_write, info_read, info_write):
+                if fd is not None:
+                    os.close(fd)
     passed = (not timed_out and not flooded and returncode == 0
               and line == f"passed {token}\n".encode())
     if flooded:

@@ -12,7 +12,8 @@ Side effects happen only when the functions are called; importing this module is
 import re
 from decimal import Decimal
 
-from harness.sandbox import SandboxResult, SandboxUnavailable, check_isolation, run_sandboxed
+from harness.sandbox import (  # re-exported, so callers of MBPP scoring need only this module
+    SandboxResult, SandboxUnavailable, check_isolation, run_sandboxed)
 
 # --- GSM8K: final-number extraction -------------------------------------------------------
 

@@ -22,7 +22,8 @@ from hypothesis import given, strategies as st
 
 from harness import sandbox, scoring
 from harness.sandbox import SandboxUnavailable, run_sandboxed
-from harness.scoring import extract_code, extract_gsm8k_answer, gsm8k_correct, gsm8k_reference, run_mbpp
+from harness.scoring import (extract_code, extract_gsm8k_answer, gsm8k_correct, gsm8k_reference,
+                             run_mbpp)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FLORA_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -135,10 +136,12 @@ def test_extract_code_table(completion, expected):
 
 # --- MBPP: honest code passes, broken code fails ----------------------------------------------
 
-# Task 123's reference solution (amicable numbers below 9999) needs more than the 10 s limit;
-# every other reference solution passes (973 of 974, as before the sandbox was hardened).
+# Task 123's reference solution (amicable numbers below 9999) needs about the 10 s limit, more on
+# a loaded machine; every other reference solution passes (973 or 974 of 974, as before the
+# sandbox was hardened).
 REFERENCE_TOO_SLOW = {123}
-# A fixed sample keeps the suite short; FLORA_MBPP_SAMPLE=0 runs all 974 (about a minute on 2 cores).
+# A fixed sample keeps the suite short; FLORA_MBPP_SAMPLE=0 runs all 974 (about a minute on
+# 2 cores).
 REFERENCE_SAMPLE = int(os.environ.get("FLORA_MBPP_SAMPLE", "300"))
 
 
@@ -156,7 +159,7 @@ def test_mbpp_reference_solutions_pass():
     print(f"MBPP reference solutions: {len(tasks) - len(failing)} of {len(tasks)} pass in "
           f"{time.monotonic() - start:.1f}s; failing: {failing}")
     assert all(r.isolated for r in results)
-    assert failing == {task_id: "timeout" for task_id in REFERENCE_TOO_SLOW}
+    assert set(failing) <= REFERENCE_TOO_SLOW and set(failing.values()) <= {"timeout"}, failing
 
 
 def _task(task_id: int) -> dict:
@@ -208,7 +211,7 @@ def test_syntax_error_is_an_error(code):
 
 
 @pytest.mark.parametrize("timeout_s, memory_mb", [(0, 256), (-1, 256), (float("nan"), 256),
-                                                  (float("inf"), 256), (1, 10)])
+                                                  (float("inf"), 256), (1, 10), (1, 256.0)])
 def test_bad_limits_raise(timeout_s, memory_mb):
     with pytest.raises(ValueError, match="timeout_s|memory_mb"):
         run_mbpp("pass", [], timeout_s=timeout_s, memory_mb=memory_mb)
@@ -226,14 +229,16 @@ def test_sandbox_view_from_inside(tmp_path):
             "caps": (status["CapEff"].strip(), status["CapPrm"].strip()),
             "no_new_privs": status["NoNewPrivs"].strip(),
             "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
-            "net": sorted(line.split(":")[0].strip() for line in open("/proc/net/dev").read().splitlines()[2:]),
+            "net": [line.split(":")[0].strip()
+                    for line in open("/proc/net/dev").read().splitlines()[2:]],
             "hostname": socket.gethostname(),
             "env": sorted(os.environ),
             "host_dir_visible": os.path.exists({str(tmp_path)!r}),
             "repo_visible": os.path.exists({str(REPO)!r}),
         }}))
         writable = []
-        for d in ["/", "/usr", "/bin", "/dev", "/dev/shm", "/proc", "/root", {os.path.realpath(sys.base_prefix)!r}, "/tmp"]:
+        for d in ["/", "/usr", "/bin", "/dev", "/dev/shm", "/proc", "/root",
+                  {os.path.realpath(sys.base_prefix)!r}, "/tmp"]:
             try:
                 open(os.path.join(d, "probe"), "w").close()
                 writable.append(d)
@@ -369,7 +374,13 @@ def host(tmp_path, monkeypatch):
     libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
-TRY = "def attempt(f):\n    try:\n        f()\n    except BaseException as e:\n        print(type(e).__name__, e, flush=True)\n"
+TRY = """
+def attempt(f):
+    try:
+        f()
+    except BaseException as e:
+        print(type(e).__name__, e, flush=True)
+"""
 
 # (id, program, status the run must end with or None). Each tries every way of its class,
 # continuing after each failure; `attempt` reports the failures on stdout.
@@ -418,7 +429,8 @@ def join_every_network_namespace():
             except OSError as e:
                 print(pid, e, flush=True)
                 continue
-            print(pid, "setns", libc.setns(fd, 0x40000000), os.strerror(ctypes.get_errno()), flush=True)
+            joined = libc.setns(fd, 0x40000000)  # CLONE_NEWNET
+            print(pid, "setns", joined, os.strerror(ctypes.get_errno()), flush=True)
 attempt(join_every_network_namespace)
 attempt(lambda: socket.create_connection(("127.0.0.1", PORT), timeout=1))
 """, None),
@@ -499,7 +511,8 @@ def test_hostile_program_is_contained(host, program, status, audit_hook):
     host.assert_untouched(result)
     assert status is None or result.status == status, result
     assert result.seconds < timeout + 3
-    assert len(result.stdout) <= sandbox.TAIL_BYTES and len(result.stderr) <= sandbox.TAIL_BYTES + 100
+    assert len(result.stdout) <= sandbox.TAIL_BYTES
+    assert len(result.stderr) <= sandbox.TAIL_BYTES + 100  # + the output-limit note
 
 
 def test_floods_are_cut_at_the_output_limit():
@@ -584,8 +597,8 @@ os._exit(0)
 import sys, types, os
 boot = sys._getframe(1)
 run = types.FunctionType(boot.f_code, boot.f_globals)
-args = dict(boot.f_locals, solution=compile("pass", "s", "exec"), tests=compile("pass", "t", "exec"),
-            go=__import__("_thread").allocate_lock())
+args = dict(boot.f_locals, solution=compile("pass", "s", "exec"),
+            tests=compile("pass", "t", "exec"), go=__import__("_thread").allocate_lock())
 sys.stdout.flush()
 run(*[args[name] for name in boot.f_code.co_varnames[:boot.f_code.co_argcount]])
 """),
@@ -645,7 +658,8 @@ def test_refuses_without_bwrap_unless_opted_in(monkeypatch):
     with pytest.raises(SandboxUnavailable, match="bubblewrap") as error:
         run_mbpp("def f():\n    return 1\n", ["assert f() == 1"])
     assert "apt-get install bubblewrap" in str(error.value)
-    assert "allow_unisolated=True" in str(error.value) and "--allow-unisolated-exec" in str(error.value)
+    assert "allow_unisolated=True" in str(error.value)
+    assert "--allow-unisolated-exec" in str(error.value)
     with pytest.raises(SandboxUnavailable):
         scoring.check_isolation()
     assert scoring.check_isolation(allow_unisolated=True) is False

@@ -52,7 +52,7 @@ Without a working bwrap, run_sandboxed refuses (SandboxUnavailable, naming the p
 the caller passes allow_unisolated=True: then the program runs in a plain child process with
 the same limits, hook, verdict and deadline but no namespaces, so it can read what the user
 can read, the hook alone guards the file system, and as root RLIMIT_NPROC does not apply.
-The design was checked with CPython 3.11, 3.12 and 3.13.
+The tests run under CPython 3.11; the forgeries among them also fail under 3.12 and 3.13.
 """
 import functools
 import json

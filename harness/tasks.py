@@ -411,6 +411,9 @@ class Task:
         """The task's metrics of the model as it stands."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise, before any training, if this machine cannot evaluate the task."""
+
     def majority_baseline(self, data: TaskData) -> float | None:
         """What a model that learned nothing scores on the first evaluation set (None: no
         such constant prediction)."""
@@ -518,7 +521,16 @@ class Gsm8k(Generation):
 
 
 class Mbpp(Generation):
+    """MBPP: each generated solution runs with its asserts in the bubblewrap sandbox of
+    harness/sandbox.py; allow_unisolated=True runs it without one (rlimits and the audit hook
+    only), for machines without bubblewrap whose user trusts the code."""
     name, display_name, main_metric, reference = "mbpp", "MBPP", "pass@1", "code"
+
+    def __init__(self, allow_unisolated: bool = False):
+        self.allow_unisolated = allow_unisolated
+
+    def check(self) -> None:
+        scoring.check_isolation(allow_unisolated=self.allow_unisolated)
 
     def read(self, data_dir, split):
         return load_mbpp(data_dir, split)
@@ -531,15 +543,17 @@ class Mbpp(Generation):
 
     def score(self, completion, example):
         return scoring.run_mbpp(scoring.extract_code(completion), example["test_list"],
-                                example.get("test_setup_code", "")).passed
+                                example.get("test_setup_code", ""),
+                                allow_unisolated=self.allow_unisolated).passed
 
 
 TASKS: dict[str, Task] = {**{name: Glue(name) for name in GLUE_TASKS},
                           "gsm8k": Gsm8k(), "mbpp": Mbpp()}
 
 
-def get_task(name: str) -> Task:
-    """The Task for a name like "sst2" or "gsm8k"; ValueError listing the valid names."""
+def get_task(name: str, allow_unisolated_exec: bool = False) -> Task:
+    """The Task for a name like "sst2" or "gsm8k"; ValueError listing the valid names.
+    allow_unisolated_exec: MBPP may run generated code without the sandbox."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-    return TASKS[name]
+    return Mbpp(allow_unisolated_exec) if name == "mbpp" else TASKS[name]

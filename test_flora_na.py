@@ -36,13 +36,7 @@ GRAM_RTOL = 1e-6       # Gram space: ~sqrt(eps64) of the scale S, see the module
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread is ~100x faster than two contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,8 +336,8 @@ def test_solver_benchmark_small_run_checks_itself(tmp_path):
 # 1c. tie_layers: one (P, Q) for all layers, as the authors' code does
 # ---------------------------------------------------------------------------------------------
 
-def _check_tied(A, B, p, solver="als", **options):
-    tied = solve_flora_na(A, B, p, solver=solver, tie_layers=True, **options)
+def _check_tied(A, B, p, solver="als", against_untied=True, **options):
+    tied = solve_flora_na(A, B, p, solver=solver, tie_layers=True, bound=True, **options)
     untied = solve_flora_na(A, B, p)
     assert (tied.P == tied.P[:1]).all() and (tied.Q == tied.Q[:1]).all()   # rows equal
     # per layer, the reported divergence is that of the shared (P, Q)
@@ -352,7 +346,8 @@ def _check_tied(A, B, p, solver="als", **options):
     total = lambda x: x.square().sum().item()
     tol = gram_atol(A, B, p, tied.P, tied.Q).square().sum().item()     # squared-domain error
     assert total(tied.divergence) <= total(tied.divergence_naive) + tol
-    assert total(tied.divergence) >= total(untied.divergence) - tol
+    if against_untied:
+        assert total(tied.divergence) >= total(untied.divergence) - tol
     assert total(tied.divergence) >= total(tied.divergence_bound) - tol
 
 
@@ -365,8 +360,13 @@ def test_tie_layers_fixed_cases(seed, L, U, d, k, r):
 @settings(max_examples=30)
 @given(st.data())
 def test_tie_layers(data):
+    """On arbitrary (not drift-like) factors ALS is a local method: hypothesis found a Gaussian
+    case (L 2, U 3) where the per-layer ALS stops in a local minimum that the tied solution
+    beats on one layer. Tying can never beat the per-layer optimum, only a local minimum, so
+    this property test checks the tied solution against FedIT and the bound; the fixed cases
+    above and test_als_reaches_the_dense_optimum check optimality."""
     A, B, p = data.draw(factors(max_L=3, max_U=8))
-    _check_tied(A, B, p)
+    _check_tied(A, B, p, against_untied=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ def test_flora_na_never_worse_than_fedit(options, tie_layers, data):
 @given(data=st.data())
 def test_divergence_never_below_the_bound(options, data):
     A, B, p = data.draw(factors())
-    res = solve_flora_na(A, B, p, **options)
+    res = solve_flora_na(A, B, p, bound=True, **options)
     tol = gram_atol(A, B, p, res.P, res.Q)
     assert (res.divergence >= res.divergence_bound - tol).all()
     assert (res.divergence_bound <= res.divergence_naive + tol).all()

@@ -39,7 +39,7 @@ class Args:
     """folder with glue_data/<TASK>/, gsm8k/, mbpp/ (default $FLORA_DATA, else the Hub)"""
     model: str = "minilm"
     """minilm or smollm2 (offline, from PyPI packages), a Hub name (roberta-large) or a folder"""
-    aggregator: str = "flora_na"
+    aggregator: str = fl.METHOD
     """comma-separated names from flora_na.AGGREGATORS or 'all', run in turn on one partition"""
     clients: int = 10
     """number of clients U"""
@@ -91,6 +91,8 @@ class Args:
     """also record the divergence FLoRA-NA's als and adamw solvers would reach each round"""
     max_new_tokens: int = 256
     """generation length for GSM8K/MBPP scoring"""
+    allow_unisolated_exec: bool = False
+    """MBPP: run generated code without the bubblewrap sandbox (rlimits and audit hook only)"""
     bf16: bool = False
     """load the model in bfloat16 (GPU)"""
     gradient_checkpointing: bool = False
@@ -391,7 +393,7 @@ def load_global(run_dir: str, base_model=None):
 def check_args(args: Args) -> list[str]:
     """Validate everything that can be checked without data, before anything is written;
     returns the aggregator names."""
-    get_task(args.task)
+    get_task(args.task, args.allow_unisolated_exec).check()   # e.g. MBPP without a sandbox
     names = [a.strip() for a in args.aggregator.split(",") if a.strip()]
     names = list(fl.AGGREGATORS) if names == ["all"] else names
     unknown = [a for a in names if a not in fl.AGGREGATORS]
@@ -490,7 +492,7 @@ def _check_config(args: Args, facts: dict) -> None:
 
 def load_data(args: Args) -> tuple[Task, TaskData]:
     """The task and its (capped) data, as the run uses them."""
-    task = get_task(args.task)
+    task = get_task(args.task, args.allow_unisolated_exec)
     return task, task.load(args.data_dir, args.max_train_examples, args.max_eval_examples,
                            args.seed)
 

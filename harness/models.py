@@ -46,17 +46,24 @@ def add_lora(model, rank: int, alpha: float, dropout: float = 0.05,
     if not targets:
         raise ValueError(f"no default LoRA targets for model type {model_type!r}; "
                          f"pass target modules explicitly")
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    from transformers.pytorch_utils import Conv1D
+    # GPT-2 keeps its projections in Conv1D layers, whose weight is stored (in, out): peft then
+    # needs fan_in_fan_out, and folding an (out, in) update into W transposes it (add_to_base)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     hits = {n: m for n, m in linears.items() if n.split(".")[-1] in targets}
     missing = [t for t in targets if not any(n.split(".")[-1] == t for n in hits)]
     if missing:
         raise ValueError(f"model ({model_type}) has no Linear modules named {missing}; some of "
                          f"its Linear modules: {sorted({n.split('.')[-1] for n in linears})[:12]}")
-    if rank < 1 or any(rank > min(m.in_features, m.out_features) for m in hits.values()):
-        smallest = min(min(m.in_features, m.out_features) for m in hits.values())
+    conv1d = [isinstance(m, Conv1D) for m in hits.values()]
+    if any(conv1d) and not all(conv1d):
+        raise ValueError(f"targets {targets} mix Linear and Conv1D layers; adapt one kind at a time")
+    smallest = min(min(m.weight.shape) for m in hits.values())
+    if not 1 <= rank <= smallest:
         raise ValueError(f"LoRA rank {rank} must be in 1..{smallest} (the smallest adapted layer)")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        task_type=task_type, modules_to_save=list(head_modules) or None)
+                        task_type=task_type, modules_to_save=list(head_modules) or None,
+                        fan_in_fan_out=all(conv1d))
     return get_peft_model(model, config)
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from harness import scoring
+
 # --- GLUE task table
 
 
@@ -409,6 +411,9 @@ class Task:
         """The task's metrics of the model as it stands."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise, before any training, if this machine cannot evaluate the task."""
+
     def majority_baseline(self, data: TaskData) -> float | None:
         """What a model that learned nothing scores on the first evaluation set (None: no
         such constant prediction)."""
@@ -456,6 +461,10 @@ class Glue(Task):
 class Generation(Task):
     """A causal-LM task: loss on the target tokens, greedy generation scored as defined."""
     peft_task_type = "CAUSAL_LM"
+    reference: str                     # the field holding the reference answer or solution
+
+    def partition_key(self, example):  # Dirichlet over length bins of the reference
+        return float(len(example[self.reference]))
 
     def prompt(self, example) -> str:
         raise NotImplementedError
@@ -496,13 +505,10 @@ class Generation(Task):
 
 
 class Gsm8k(Generation):
-    name, display_name, main_metric = "gsm8k", "GSM8K", "accuracy"
+    name, display_name, main_metric, reference = "gsm8k", "GSM8K", "accuracy", "answer"
 
     def read(self, data_dir, split):
         return load_gsm8k(data_dir, split)
-
-    def partition_key(self, example):                 # answer-length bins
-        return float(len(example["answer"]))
 
     def prompt(self, example):
         return gsm8k_prompt(example["question"])
@@ -511,18 +517,23 @@ class Gsm8k(Generation):
         return gsm8k_target(example["answer"])
 
     def score(self, completion, example):
-        from harness import scoring
         return scoring.gsm8k_correct(completion, example["answer"])
 
 
 class Mbpp(Generation):
-    name, display_name, main_metric = "mbpp", "MBPP", "pass@1"
+    """MBPP: each generated solution runs with its asserts in the bubblewrap sandbox of
+    harness/sandbox.py; allow_unisolated=True runs it without one (rlimits and the audit hook
+    only), for machines without bubblewrap whose user trusts the code."""
+    name, display_name, main_metric, reference = "mbpp", "MBPP", "pass@1", "code"
+
+    def __init__(self, allow_unisolated: bool = False):
+        self.allow_unisolated = allow_unisolated
+
+    def check(self) -> None:
+        scoring.check_isolation(allow_unisolated=self.allow_unisolated)
 
     def read(self, data_dir, split):
         return load_mbpp(data_dir, split)
-
-    def partition_key(self, example):                 # solution-length bins
-        return float(len(example["code"]))
 
     def prompt(self, example):
         return mbpp_prompt(example["text"], example["test_list"])
@@ -531,17 +542,18 @@ class Mbpp(Generation):
         return mbpp_target(example["code"])
 
     def score(self, completion, example):
-        from harness import scoring
         return scoring.run_mbpp(scoring.extract_code(completion), example["test_list"],
-                                example.get("test_setup_code", "")).passed
+                                example.get("test_setup_code", ""),
+                                allow_unisolated=self.allow_unisolated).passed
 
 
 TASKS: dict[str, Task] = {**{name: Glue(name) for name in GLUE_TASKS},
                           "gsm8k": Gsm8k(), "mbpp": Mbpp()}
 
 
-def get_task(name: str) -> Task:
-    """The Task for a name like "sst2" or "gsm8k"; ValueError listing the valid names."""
+def get_task(name: str, allow_unisolated_exec: bool = False) -> Task:
+    """The Task for a name like "sst2" or "gsm8k"; ValueError listing the valid names.
+    allow_unisolated_exec: MBPP may run generated code without the sandbox."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-    return TASKS[name]
+    return Mbpp(allow_unisolated_exec) if name == "mbpp" else TASKS[name]

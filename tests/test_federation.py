@@ -16,12 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def drifted(seed: int, drift: float, L=2, U=4, r=3, d=12, k=10):

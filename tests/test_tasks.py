@@ -135,10 +135,10 @@ def test_missing_files_name_the_path(tmp_path):
         tasks.load_gsm8k(tmp_path, "test")
 
 
-def test_bad_label_names_file_and_row(tmp_path):
+def test_bad_label_names_file_and_line(tmp_path):
     _write(tmp_path, "RTE", "dev.tsv",
            [tsv("index", "sentence1", "sentence2", "label"), tsv("0", "a", "b", "maybe")])
-    with pytest.raises(ValueError, match="data row 0: bad label 'maybe'"):
+    with pytest.raises(ValueError, match=r"dev.tsv, line 2: bad label 'maybe'"):
         tasks.load_glue("rte", tmp_path, "dev")
 
 

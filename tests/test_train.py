@@ -853,6 +853,22 @@ def test_bad_jsonl_line_is_named(tmp_path, no_training, llama_dir, gen_dir, line
     assert not (tmp_path / "run").exists()
 
 
+def test_mbpp_without_a_sandbox_refuses_before_training_unless_allowed(tmp_path, monkeypatch,
+                                                                      no_training, llama_dir,
+                                                                      gen_dir):
+    """No bubblewrap: MBPP scoring would run model-written code unisolated, so the run stops
+    before anything is written, naming what to install; --allow-unisolated-exec opts in."""
+    from harness import sandbox
+    monkeypatch.setattr(sandbox, "_find_bwrap", lambda: None)
+    args = dict(task="mbpp", model=str(llama_dir), data_dir=str(gen_dir), clients=2,
+                out=str(tmp_path / "run"))
+    with pytest.raises(RuntimeError, match="bubblewrap.*--allow-unisolated-exec"):
+        train.main(train.Args(**args))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(AssertionError, match="training started"):   # past every check
+        train.main(train.Args(**args, allow_unisolated_exec=True))
+
+
 def test_a_diverging_client_stops_with_a_clear_error(tmp_path, bert_dir, glue_dir):
     """An lr that makes the loss non-finite stops the run at that step, naming the lr."""
     with pytest.raises(FloatingPointError, match=r"client training loss is (nan|inf) at local "

@@ -1,0 +1,109 @@
+"""Tests for LoRA on every model family of DEFAULT_TARGETS: folding an update into the frozen
+weights (FedEx-LoRA, FLoRA) through a real forward pass with alpha != r, including GPT-2's
+Conv1D layers that store W as (in, out), and every aggregator end to end on a tiny GPT-2."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import flora_na as fl
+from harness import models
+
+RANK, ALPHA = 2, 7.0                       # scaling alpha / r = 3.5: a dropped scaling shows
+
+
+def tiny(family: str):
+    """(a 2-layer model of the family built from its config, peft task type)."""
+    torch.manual_seed(0)
+    if family == "bert":
+        config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64)
+        return transformers.BertForSequenceClassification(config), "SEQ_CLS"
+    if family == "roberta":
+        config = transformers.RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64,
+                                            max_position_embeddings=40)
+        return transformers.RobertaForSequenceClassification(config), "SEQ_CLS"
+    if family in ("llama", "mistral", "qwen2"):
+        Config = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                  "qwen2": transformers.Qwen2Config}[family]
+        config = Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+        return transformers.AutoModelForCausalLM.from_config(config), "CAUSAL_LM"
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2,
+                                         n_positions=40, bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(config), "CAUSAL_LM"
+    raise ValueError(family)
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", sorted(models.DEFAULT_TARGETS))
+def test_folding_an_update_into_w_equals_the_lora_model_it_replaces(family):
+    """Give every LoRA layer random non-zero A and B, then fold B @ A into W with add_to_base
+    and zero B: the merged model's outputs equal the LoRA model's. Fails if the alpha / r
+    scaling or a Conv1D layer's transpose is dropped."""
+    model, task_type = tiny(family)
+    model = models.add_lora(model, RANK, ALPHA, dropout=0.0, task_type=task_type, head_modules=[])
+    g = torch.Generator().manual_seed(1)
+    factors = {n: (torch.randn(A.shape, generator=g), torch.randn(B.shape, generator=g))
+               for n, (A, B) in fl.read_factors(model).items()}
+    fl.write_factors(model, factors)
+    ids = torch.randint(3, 50, (2, 7), generator=g)
+    with_lora = logits(model, ids)
+    fl.add_to_base(model, {n: B @ A for n, (A, B) in factors.items()})
+    fl.write_factors(model, {n: (A, torch.zeros_like(B)) for n, (A, B) in factors.items()})
+    torch.testing.assert_close(logits(model, ids), with_lora, rtol=1e-4, atol=1e-4)
+    # and the update mattered: the plain base model answers differently
+    with model.disable_adapter():
+        fresh, _ = tiny(family)
+        assert not torch.allclose(logits(fresh, ids), with_lora, rtol=1e-3, atol=1e-3)
+
+
+def test_gpt2_conv1d_layers_get_fan_in_fan_out():
+    model, _ = tiny("gpt2")
+    model = models.add_lora(model, RANK, ALPHA, task_type="CAUSAL_LM")
+    layers = fl.lora_layers(model)
+    assert layers and all(m.fan_in_fan_out for m in layers.values())
+    A, B = next(iter(fl.read_factors(model).values()))
+    assert A.shape == (RANK, 32) and B.shape == (96, RANK)      # c_attn: 32 in, 3 x 32 out
+
+
+@pytest.mark.parametrize("name", list(fl.AGGREGATORS))
+def test_every_aggregator_on_a_tiny_gpt2(name, tmp_path):
+    """One federated round of each aggregator on GPT-2 (non-square Conv1D c_attn): the global
+    model it leaves equals, in outputs, the one its aggregate describes."""
+    from harness import federation
+    entry = fl.AGGREGATORS[name]
+    model, _ = tiny("gpt2")
+    model = models.add_lora(model, RANK, ALPHA, dropout=0.0, task_type="CAUSAL_LM")
+    g = torch.Generator().manual_seed(2)
+    start = fl.read_factors(model)
+    uploads = [{n: (A if not entry.train_A else A + 0.1 * torch.randn(A.shape, generator=g),
+                    torch.randn(B.shape, generator=g)) for n, (A, B) in start.items()}
+               for _ in range(3)]
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    update = federation.server_step(uploads, p, name)
+    ids = torch.randint(3, 50, (2, 7), generator=g)
+    # the ideal global model: W + scaling * sum_u p_u B_u A_u, applied by a dense oracle
+    ideal, _ = tiny("gpt2")
+    ideal = models.add_lora(ideal, RANK, ALPHA, dropout=0.0, task_type="CAUSAL_LM")
+    with torch.no_grad():
+        for n, m in fl.lora_layers(ideal).items():
+            M = sum(w * B.double() @ A.double() for w, (A, B) in zip(p.tolist(),
+                                                                        (u[n] for u in uploads)))
+            m.get_base_layer().weight.add_((m.scaling["default"] * M.T).float())
+    fl.write_factors(ideal, {n: (A, torch.zeros_like(B)) for n, (A, B) in start.items()})
+    fl.add_to_base(model, update.base_delta)
+    fl.write_factors(model, update.factors if update.factors is not None else
+                     {n: (A, torch.zeros_like(B)) for n, (A, B) in start.items()})
+    if entry.folds_into_base:                   # exact: FedEx-LoRA and FLoRA reach M itself
+        torch.testing.assert_close(logits(model, ids), logits(ideal, ids), rtol=1e-4, atol=1e-4)
+    else:                                       # rank r: finite, and the aggregate's own product
+        assert torch.isfinite(logits(model, ids)).all()

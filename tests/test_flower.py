@@ -35,6 +35,7 @@ sys.path.insert(0, str(flower_local.APP))   # the app's package, as Flower's pro
 from flora_na_app import wire               # noqa: E402
 
 TIMING = ("client_seconds", "server_seconds")
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py's: and restored after
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +46,6 @@ def bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def glue_dir(tmp_path_factory) -> Path:
     return write_sst2(tmp_path_factory.mktemp("glue"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -311,6 +311,19 @@ def timing_row(method: str, options: dict, layers: int, times: list, cpu: list, 
             "peak_extra_MiB": mem.extra / 2**20, "peak_MiB": mem.peak / 2**20}
 
 
+def finish(args: Args, result: dict) -> int:
+    """Write the result JSON (--out), report any regression; the exit status (1: failures)."""
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+    if result["failures"]:
+        print("\nREGRESSION:\n  " + "\n  ".join(result["failures"]), file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(args: Args) -> int:
     """Run the benchmark Args asks for (default or --scale mode); the exit status."""
     if args.threads:
@@ -426,19 +439,11 @@ def default_benchmark(args: Args) -> int:
     print(f"total runtime: {total:.1f} s; load average (1 min) {load_start[0]:.1f} at the start, "
           f"{load_end[0]:.1f} at the end, on {os.cpu_count()} CPUs")
 
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"args": asdict(args), "machine": machine, "rows": rows,
-                       "speedup_target_met": target, "peak_rss_GiB": peak_rss,
-                       "cuda_peak_GiB": cuda_peak, "total_runtime_s": total,
-                       "load_average_1_5_15min": {"start": load_start, "end": load_end},
-                       "failures": failures}, f, indent=1)
-        print(f"wrote {args.out}")
-    if failures:
-        print("\nREGRESSION:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return finish(args, {"args": asdict(args), "machine": machine, "rows": rows,
+                         "speedup_target_met": target, "peak_rss_GiB": peak_rss,
+                         "cuda_peak_GiB": cuda_peak, "total_runtime_s": total,
+                         "load_average_1_5_15min": {"start": load_start, "end": load_end},
+                         "failures": failures})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,18 +595,10 @@ def scale_benchmark(args: Args) -> int:
           f"\ntime: median wall time of a solve_flora_na call (bound=False); peak extra: above "
           f"the inputs; rel. divergence: ||M - B_hat A_hat|| / ||M||, as returned, and as the "
           f"float64 referee recomputes it from the returned P, Q")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"mode": "scale", "args": asdict(args), "machine": machine, "rows": rows,
-                       "goals": goals, "total_runtime_s": total,
-                       "load_average_1_5_15min": {"start": load_start, "end": load_end},
-                       "failures": failures}, f, indent=1)
-        print(f"wrote {args.out}")
-    if failures:
-        print("\nREGRESSION:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return finish(args, {"mode": "scale", "args": asdict(args), "machine": machine,
+                         "rows": rows, "goals": goals, "total_runtime_s": total,
+                         "load_average_1_5_15min": {"start": load_start, "end": load_end},
+                         "failures": failures})
 
 
 if __name__ == "__main__":

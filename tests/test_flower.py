@@ -29,7 +29,7 @@ import flora_na as fl
 import train
 from harness import federation, flower_local
 from harness.flower_local import LocalFederation
-from test_train import adapter_tensors, build_bert, rows_of, write_sst2
+from test_train import adapter_tensors, build_bert, rows_of, run_killed_in_round_2, write_sst2
 
 sys.path.insert(0, str(flower_local.APP))   # the app's package, as Flower's processes see it
 from flora_na_app import wire               # noqa: E402
@@ -180,10 +180,6 @@ def test_arrays_travel_exactly():
 PATHS = ("fedsa", "fedit", "fedex", "flora", "flora_na")
 
 
-class Killed(Exception):
-    """Stands in for SIGKILL in the middle of a round."""
-
-
 def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_dir, glue_dir):
     """train.py runs 3 rounds with 2 of 3 clients per round and is killed in FedSA-LoRA's
     second round; a Flower simulation with 3 SuperNodes resumes the run: FedSA-LoRA's rounds 2
@@ -197,18 +193,7 @@ def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_d
     train.main(ref)
 
     got = dataclasses.replace(ref, out=str(tmp_path / "flower"))
-    calls, server_step = [], federation.server_step
-
-    def dies_in_round_2(uploads, p, aggregator, *args, **kw):
-        calls.append(aggregator)
-        if calls.count(aggregator) == 2:
-            raise Killed
-        return server_step(uploads, p, aggregator, *args, **kw)
-
-    monkeypatch.setattr(federation, "server_step", dies_in_round_2)
-    with pytest.raises(Killed):
-        train.main(got)
-    monkeypatch.setattr(federation, "server_step", server_step)
+    run_killed_in_round_2(monkeypatch, lambda: train.main(got))
     assert [(r["aggregator"], r["round"]) for r in rows_of(tmp_path / "flower")] == [(PATHS[0], 1)]
 
     with LocalFederation(tmp_path / "fed") as fed:

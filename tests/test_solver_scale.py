@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import flora_na as F
 from flora_na import choose_path, solve_flora_na
+from test_flora_na import combine, dense_divergence, dense_M, normalised   # the oracles
 
 MF_RTOL = 1e-10        # matrix-free divergences: dense float64 residuals
 AGREE = 1e-6           # |relative divergence, matrix-free - Gram| (the issue's bound)
@@ -36,49 +37,7 @@ DENSE_RTOL = 1e-5      # float32 factors returned to the clients
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is much faster than two contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# ---------------------------------------------------------------------------------------------
-# Slow, obviously correct references: explicit loops, float64
-# ---------------------------------------------------------------------------------------------
-
-def normalised(p) -> Tensor:
-    p = torch.as_tensor(p, dtype=f64)
-    return p / p.sum()
-
-
-def dense_M(A: Tensor, B: Tensor, p) -> Tensor:
-    """M[l] = sum_u p_u B[l, u] @ A[l, u], float64 (L, d, k), by explicit loops."""
-    p = normalised(p)
-    L, U = A.shape[:2]
-    M = torch.zeros(L, B.shape[2], A.shape[3], dtype=f64)
-    for l in range(L):
-        for u in range(U):
-            M[l] += p[u] * (B[l, u].double() @ A[l, u].double())
-    return M
-
-
-def combine(X: Tensor, c) -> Tensor:
-    """sum_u c[l, u] X[l, u] per layer, float64, by explicit loops; c (L, U) or (U,)."""
-    L, U = X.shape[:2]
-    c = torch.as_tensor(c, dtype=f64).expand(L, U)
-    out = torch.zeros(L, *X.shape[2:], dtype=f64)
-    for l in range(L):
-        for u in range(U):
-            out[l] += c[l, u] * X[l, u].double()
-    return out
-
-
-def dense_divergence(A, B, p, P, Q) -> Tensor:
-    """||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F per layer (L,), dense float64."""
-    return (dense_M(A, B, p) - combine(B, P) @ combine(A, Q)).flatten(1).norm(dim=1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scale_S(A, B, p, P, Q) -> Tensor:

@@ -505,6 +505,23 @@ def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
+def run_killed_in_round_2(monkeypatch, run, killed_in: str | None = None) -> None:
+    """Run `run()` and kill it in the server step of round 2 of aggregator `killed_in` (of
+    the first aggregator to reach round 2 if None), after round 1's state was written."""
+    calls, server_step = [], federation.server_step
+
+    def dies_in_round_2(uploads, p, aggregator, *args, **kw):
+        calls.append(aggregator)
+        if aggregator == (killed_in or aggregator) and calls.count(aggregator) == 2:
+            raise Killed
+        return server_step(uploads, p, aggregator, *args, **kw)
+
+    monkeypatch.setattr(federation, "server_step", dies_in_round_2)
+    with pytest.raises(Killed):
+        run()
+    monkeypatch.setattr(federation, "server_step", server_step)
+
+
 @pytest.mark.parametrize("killed_in", RESUMED)
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, bert_dir, glue_dir,
                                             uninterrupted, killed_in):
@@ -512,18 +529,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, bert_dir, glu
     then --resume: metrics.jsonl (but timings) and every saved tensor are identical."""
     out = tmp_path / "run"
     args = resume_args(out, bert_dir, glue_dir)
-    calls, server_step = [], federation.server_step
-
-    def dies_in_round_2(uploads, p, aggregator, *args, **kw):
-        calls.append(aggregator)
-        if aggregator == killed_in and calls.count(aggregator) == 2:
-            raise Killed
-        return server_step(uploads, p, aggregator, *args, **kw)
-
-    monkeypatch.setattr(federation, "server_step", dies_in_round_2)
-    with pytest.raises(Killed):
-        train.main(args)
-    monkeypatch.setattr(federation, "server_step", server_step)
+    run_killed_in_round_2(monkeypatch, lambda: train.main(args), killed_in)
     assert load_state(out / killed_in)["round"] == 1
     done = RESUMED[:RESUMED.index(killed_in)]
     assert [(r["aggregator"], r["round"]) for r in rows_of(out)] == [

@@ -428,19 +428,342 @@ def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: f
     return best_P.expand(L, U), best_Q.expand(L, U), steps
 
 
+# --- 3b. The matrix-free path: cost linear in the number of clients U ---------------------------
+# The Gram path above holds G_A, G_B (L, U, U, r, r) and spends O(L (U r)^2 (d + k)) forming them:
+# 2 GiB per block and minutes per layer at U = 1000, r = 16. A cross-device round (hundreds to
+# thousands of clients) takes this path instead; solve_flora_na picks it by size (choose_path).
+#
+# What it forms, per layer (or per stack of layers that share (P, Q)):
+#   * a float64 copy of the factors: all arithmetic is float64, as in the Gram path;
+#   * the ideal update M = sum_u p_u B_u A_u (d, k), once, in O(U r d k). Reporting ||M||_F and
+#     the divergences exactly costs either this or the Gram blocks' O((U r)^2 (d + k)); past
+#     U r > d k / (d + k) this is the cheaper one, and with M in hand every divergence is the sum
+#     of squares ||M - B_hat A_hat||^2 (no cancellation) and every product with M costs O(r d k),
+#     independent of U;
+#   * "virtual clients" B'_j = sum_u V[u, j] B_u and A'_j = sum_u W[u, j] A_u for the columns of
+#     orthonormal bases V (U, s_P), W (U, s_Q) of a subspace of coefficient space that grows by
+#     one column per side per iteration, with their r x r Gram blocks and T[i, j] = <M, B'_i A'_j>.
+# It never forms a U x U or (U r) x (U r) matrix: the normal matrices of the Gram path's ALS
+# half-steps, H[u, v] = <B_u A_hat, B_v A_hat>, exist here only through products with B_hat, A_hat.
+#
+# How it solves (a subspace, or Rayleigh-Ritz, method; the nonlinear analogue of conjugate
+# gradients). P = V a, Q = W b, starting from FedIT: V = W = p / |p|, a = b = |p|. Each iteration
+#   1. takes the full gradients at the current (P, Q), with R = M - B_hat A_hat (d, k):
+#        g_P[u] = <B_u, R A_hat^T>,  g_Q[u] = <A_u, B_hat^T R>      one pass over the B_u, one over A_u;
+#   2. orthogonalises each against its basis and appends it (one more pass each forms the new
+#      virtual client), unless it already lies in the subspace;
+#   3. minimises ||M - (sum_j a_j B'_j)(sum_j b_j A'_j)||^2 over (a, b) exactly, from the last
+#      (a, b): an s-client problem in Gram space, solved by the Gram path's own method (prox-ALS
+#      sweeps, each followed by a joint Levenberg-Marquardt step), O(s^2 r^2) per sweep.
+# So an iteration costs four passes over the factors, O(U r (d + k)), plus O(r d k) with M.
+# Why this and not CG inside each ALS half-step: were Q held fixed, f would be a quadratic in P
+# and the span of successive gradients would be the Krylov space of conjugate gradients on the
+# half-step's U x U system, so each restricted optimum would be at least CG's iterate. But CG in
+# ALS throws its Krylov space away after every half-step (measured: ~20 products, two passes
+# each, per half-step), while here every direction found for P and for Q is kept, and step 3
+# moves P and Q jointly, which is what the Gram path's LM step is for (leaving the narrow valleys
+# where alternating steps crawl). Measured on drift cases: 7-12 iterations for U = 10..1000.
+# With all of R^U spanned the restricted problem is the Gram path's problem itself, and the two
+# paths end at the same divergence (tests/test_solver_scale.py: within 1e-6 of ||M||, U <= 200).
+# Stopping rule (the Gram path's): an iteration that lowers f by at most tol ||M||^2, no new
+#   direction (both gradients lie in the subspace: a stationary point), or max_iter iterations.
+# Never worse than FedIT: FedIT is the starting point, each restricted solve starts from the last
+#   optimum and only goes down, and the result is compared with FedIT at the end, as in the Gram path.
+# tie_layers: a stack of layers shares V, W, (a, b); gradients and objectives sum over the stack.
+#   Untied layers are solved one at a time, so memory is one layer's float64 copy plus its M.
+# The result is finished exactly as the Gram path finishes it (FedIT fallback, then the (cP, Q/c)
+#   normalisation with the same c), from |B_hat|, |A_hat|, <B_hat, B_bar> computed directly.
+# solver="adamw" runs the paper's AdamW on (P, Q) with the same objective, through the same passes.
+# On a GPU the design is unchanged (same code, dtype and device from the inputs): forming M is one
+# float64 GEMM and each pass streams the factors once, so the cost is M's O(U r d k) plus a few
+# dozen passes at memory bandwidth; the restricted solves are many tiny kernels (launch-bound,
+# milliseconds), and the float64 copy must fit in device memory (3 GiB at U = 3000, d = k = 4096).
+
+MATRIX_FREE_MIN_CLIENTS = 32   # path="auto" keeps the Gram path (the tests' oracle) up to here
+
+
+def choose_path(U: int, r: int, d: int, k: int) -> str:
+    """path="auto": "matrix_free" once U > MATRIX_FREE_MIN_CLIENTS and forming M (U r d k
+    multiply-adds) costs less than forming the Gram blocks ((U r)^2 (d + k)), else "gram".
+    At d = k = 4096, r = 16 (LLaMA-2-7B's q, v) that is U > 128; at d = k = 1024, U > 32."""
+    return "matrix_free" if U > MATRIX_FREE_MIN_CLIENTS and U * r * (d + k) > d * k else "gram"
+
+
+class _ClientStack:
+    """The factors of n layers that share (P, Q), in float64, and their M. Every product with
+    the clients is one pass over the factors: combine (U,) -> sum_u c_u X_u, or pair
+    X -> (<X_u, X>)_u summed over the stack, each O(n U r d) or O(n U r k)."""
+
+    def __init__(self, A: Tensor, B: Tensor, p: Tensor):
+        self.A = A.double().contiguous()                               # (n, U, r, k)
+        self.B = B.double().contiguous()                               # (n, U, d, r)
+        n, U, r, k = self.A.shape
+        d = self.B.shape[2]
+        self.M = torch.zeros(n, d, k, dtype=torch.float64, device=A.device)      # (n, d, k)
+        chunk = max(1, 2**22 // (d * r))          # clients per GEMM: a 32 MiB permuted copy
+        for u in range(0, U, chunk):              # M += [B_u]_u (d, c r) @ [p_u A_u]_u (c r, k)
+            B_c = self.B[:, u:u + chunk].permute(0, 2, 1, 3).reshape(n, d, -1)    # (n, d, c r)
+            A_c = (self.A[:, u:u + chunk] * p[u:u + chunk, None, None]).reshape(n, -1, k)
+            self.M.baddbmm_(B_c, A_c)
+        self.norm_M2 = self.M.square().sum((1, 2))                     # (n,) ||M||_F^2
+
+    def combine_B(self, c: Tensor) -> Tensor:
+        """sum_u c_u B_u (n, d, r) for c (U,)."""
+        n, U, d, r = self.B.shape
+        return (c @ self.B.view(n, U, d * r)).view(n, d, r)
+
+    def combine_A(self, c: Tensor) -> Tensor:
+        """sum_u c_u A_u (n, r, k) for c (U,)."""
+        n, U, r, k = self.A.shape
+        return (c @ self.A.view(n, U, r * k)).view(n, r, k)
+
+    def pair_B(self, X: Tensor) -> Tensor:
+        """sum over the stack of <B_u, X>_F, (U,), for X (n, d, r)."""
+        n, U, d, r = self.B.shape
+        return (self.B.view(n, U, d * r) @ X.reshape(n, d * r, 1)).sum(0)[:, 0]
+
+    def pair_A(self, X: Tensor) -> Tensor:
+        """sum over the stack of <A_u, X>_F, (U,), for X (n, r, k)."""
+        n, U, r, k = self.A.shape
+        return (self.A.view(n, U, r * k) @ X.reshape(n, r * k, 1)).sum(0)[:, 0]
+
+
+def _restricted_f(G_A, G_B, T, norm_M2, a, b) -> Tensor:
+    """||M - B_hat A_hat||^2 summed over the stack, for B_hat = sum_i a_i B'_i and A_hat =
+    sum_j b_j A'_j, from G_B[i, j] = B'_i^T B'_j (n, s_P, s_P, r, r), G_A[i, j] = A'_i A'_j^T
+    (n, s_Q, s_Q, r, r) and T[i, j] = <M, B'_i A'_j> (n, s_P, s_Q)."""
+    S_B = torch.einsum("i,j,nijxy->nxy", a, a, G_B)                   # (n, r, r) B_hat^T B_hat
+    S_A = torch.einsum("i,j,nijxy->nxy", b, b, G_A)                   # (n, r, r) A_hat A_hat^T
+    cross = torch.einsum("i,nij,j->n", a, T, b)                       # (n,) <M, B_hat A_hat>
+    return (norm_M2 - 2 * cross + torch.einsum("nxy,nyx->n", S_B, S_A)).sum()
+
+
+def _restricted_lm_step(G_A, G_B, T, norm_M2, a, b, f, damping):
+    """_lm_step on the restricted problem: one Levenberg-Marquardt step in (a, b) jointly, kept
+    only if it lowers f. The terms with M come from T instead of p-weighted Gram blocks."""
+    s_P, s_Q = a.numel(), b.numel()
+    S_A = torch.einsum("i,j,nijxy->nxy", b, b, G_A)                   # (n, r, r) A_hat A_hat^T
+    S_B = torch.einsum("i,j,nijxy->nxy", a, a, G_B)                   # (n, r, r) B_hat^T B_hat
+    X = torch.einsum("j,nijxy->nixy", a, G_B)                         # (n, s_P, r, r) B'_i^T B_hat
+    Y = torch.einsum("i,nijxy->njxy", b, G_A)                         # (n, s_Q, r, r) A_hat A'_j^T
+    H_P = torch.einsum("nijxy,nyx->ij", G_B, S_A)                     # (s_P, s_P)
+    H_Q = torch.einsum("nxy,nijyx->ij", S_B, G_A)                     # (s_Q, s_Q)
+    C = torch.einsum("nixy,njxy->ij", X, Y)                           # (s_P, s_Q) <B'_i A_hat, B_hat A'_j>
+    g_P = torch.einsum("nij,j->i", T, b) - H_P @ a                    # (s_P,) J^T residual
+    g_Q = torch.einsum("nij,i->j", T, a) - H_Q @ b                    # (s_Q,)
+    JJ = torch.cat([torch.cat([H_P, C], 1), torch.cat([C.mT, H_Q], 1)], 0)   # (s_P + s_Q,) x 2
+    scale = JJ.diagonal().mean()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    eye = torch.eye(s_P + s_Q, dtype=JJ.dtype, device=JJ.device)
+    step = torch.linalg.solve(JJ + damping * scale * eye, torch.cat([g_P, g_Q]))
+    a_new, b_new = a + step[:s_P], b + step[s_P:]
+    f_new = _restricted_f(G_A, G_B, T, norm_M2, a_new, b_new)
+    better = f_new < f
+    damping = torch.where(better, damping / 3, damping * 4).clamp(1e-12, 1e12)
+    return (torch.where(better, a_new, a), torch.where(better, b_new, b),
+            torch.where(better, f_new, f), damping)
+
+
+def _restricted_als(G_A, G_B, T, norm_M2, a, b, max_iter: int, tol: float, prox: float):
+    """_als on the restricted problem, from (a, b): prox-ALS sweeps, each followed by up to
+    three joint LM steps, until a sweep lowers f by at most tol ||M||^2. Returns a, b."""
+    def prox_step(H, g, x):
+        """argmin_x' x'^T H x' - 2 g^T x' + lam ||x' - x||^2 with lam = prox * mean diag H."""
+        lam = prox * H.diagonal().mean()
+        lam = torch.where(lam > 0, lam, torch.ones_like(lam))         # H = 0: stay
+        eye = torch.eye(x.numel(), dtype=H.dtype, device=H.device)
+        return torch.linalg.solve(H + lam * eye, g + lam * x)
+
+    f_prev = _restricted_f(G_A, G_B, T, norm_M2, a, b)
+    damping = torch.full_like(f_prev, 1e-3)
+    for _ in range(max_iter):
+        S_A = torch.einsum("i,j,nijxy->nxy", b, b, G_A)               # (n, r, r)
+        a = prox_step(torch.einsum("nijxy,nyx->ij", G_B, S_A), torch.einsum("nij,j->i", T, b), a)
+        S_B = torch.einsum("i,j,nijxy->nxy", a, a, G_B)               # (n, r, r)
+        b = prox_step(torch.einsum("nxy,nijyx->ij", S_B, G_A), torch.einsum("nij,i->j", T, a), b)
+        f = _restricted_f(G_A, G_B, T, norm_M2, a, b)
+        for _ in range(3):
+            a, b, f_new, damping = _restricted_lm_step(G_A, G_B, T, norm_M2, a, b, f, damping)
+            moved, f = f_new < f, f_new
+            if moved:
+                break
+        if f_prev - f <= tol * norm_M2.sum():
+            break
+        f_prev = f
+    return a, b
+
+
+def _new_direction(basis: Tensor, g: Tensor) -> Tensor | None:
+    """g with its component in span(basis) removed (twice, for orthogonality in floating
+    point), normalised; None if nothing is left (g already lies in the subspace)."""
+    g_perp = g
+    for _ in range(2):
+        g_perp = g_perp - basis @ (basis.mT @ g_perp)
+    size = g_perp.norm()
+    return None if size <= 1e-12 * g.norm() or size == 0 else g_perp / size
+
+
+def _subspace_als(stack: _ClientStack, p: Tensor, max_iter: int, tol: float, prox: float):
+    """The subspace method of section 3b for one stack sharing (P, Q). Returns P, Q (U,) and the
+    number of iterations (directions added)."""
+    M = stack.M                                                       # (n, d, k)
+    V = (p / p.norm())[:, None]                                       # (U, 1) basis for P
+    W = V.clone()                                                     # (U, 1) basis for Q
+    a, b = p.norm()[None], p.norm()[None]                             # (1,), (1,): P = Q = p
+    Bv = stack.combine_B(V[:, 0])[:, None]                            # (n, s_P, d, r) virtual B'
+    Av = stack.combine_A(W[:, 0])[:, None]                            # (n, s_Q, r, k) virtual A'
+    BvM = Bv.mT @ M[:, None]                                          # (n, s_P, r, k) B'_i^T M
+    G_B = Bv.mT[:, :, None] @ Bv[:, None]                             # (n, 1, 1, r, r)
+    G_A = Av[:, :, None] @ Av.mT[:, None]                             # (n, 1, 1, r, r)
+    T = torch.einsum("nixk,njxk->nij", BvM, Av)                       # (n, 1, 1)
+    B_hat, A_hat = Bv[:, 0] * a, Av[:, 0] * b                         # (n, d, r), (n, r, k)
+    R = M - B_hat @ A_hat                                             # (n, d, k) residual
+    f, it = R.square().sum(), 0
+    for it in range(1, max_iter + 1):
+        v = _new_direction(V, stack.pair_B(R @ A_hat.mT))             # gradient in P, (U,)
+        w = _new_direction(W, stack.pair_A(B_hat.mT @ R))             # gradient in Q, (U,)
+        if v is None and w is None:
+            break                                                     # stationary point
+        if v is not None:                                             # new virtual B'
+            V, a = torch.cat([V, v[:, None]], 1), torch.cat([a, a.new_zeros(1)])
+            B_new = stack.combine_B(v)                                # (n, d, r)
+            Bv = torch.cat([Bv, B_new[:, None]], 1)                   # (n, s_P, d, r)
+            BvM = torch.cat([BvM, (B_new.mT @ M)[:, None]], 1)        # (n, s_P, r, k)
+            G_B = _append_block(G_B, B_new.mT[:, None] @ Bv)          # (n, s_P, s_P, r, r)
+            T = torch.cat([T, torch.einsum("nxk,njxk->nj", BvM[:, -1], Av)[:, None]], 1)
+        if w is not None:                                             # new virtual A'
+            W, b = torch.cat([W, w[:, None]], 1), torch.cat([b, b.new_zeros(1)])
+            A_new = stack.combine_A(w)                                # (n, r, k)
+            Av = torch.cat([Av, A_new[:, None]], 1)                   # (n, s_Q, r, k)
+            G_A = _append_block(G_A, A_new[:, None] @ Av.mT)          # (n, s_Q, s_Q, r, r)
+            T = torch.cat([T, torch.einsum("nixk,nxk->ni", BvM, A_new)[:, :, None]], 2)
+        a, b = _restricted_als(G_A, G_B, T, stack.norm_M2, a, b, max_iter, tol, prox)
+        B_hat = torch.einsum("i,nidr->ndr", a, Bv)                    # (n, d, r)
+        A_hat = torch.einsum("j,njrk->nrk", b, Av)                    # (n, r, k)
+        R = M - B_hat @ A_hat                                         # (n, d, k)
+        f, f_prev = R.square().sum(), f
+        if f_prev - f <= tol * stack.norm_M2.sum():
+            break
+    return V @ a, W @ b, it
+
+
+def _append_block(G: Tensor, row: Tensor) -> Tensor:
+    """Gram blocks G (n, s, s, r, r) of s virtual clients, grown by one whose blocks with
+    clients 0..s are row (n, s + 1, r, r), G[new, j] = row[:, j]; G[j, new] = row[:, j]^T."""
+    n, s = G.shape[:2]
+    out = G.new_empty(n, s + 1, s + 1, *G.shape[3:])                   # (n, s + 1, s + 1, r, r)
+    out[:, :s, :s] = G
+    out[:, s] = row
+    out[:, :s, s] = row[:, :s].mT
+    return out
+
+
+def _adamw_matrix_free(stack: _ClientStack, p: Tensor, steps: int, lr: float,
+                       weight_decay: float):
+    """_adamw through the stack's passes: AdamW on (P, Q) from FedIT on the summed relative
+    objective sum_l ||M_l - B_hat A_hat||^2 / ||M_l||^2, keeping the best iterate."""
+    P = p.clone().requires_grad_(True)                                # (U,)
+    Q = p.clone().requires_grad_(True)                                # (U,)
+    opt = torch.optim.AdamW([P, Q], lr=lr, weight_decay=weight_decay)
+    scale = stack.norm_M2.clamp_min(1e-300)                           # (n,)
+    best_f = torch.tensor(math.inf, dtype=torch.float64, device=p.device)
+    best_P, best_Q = P.detach().clone(), Q.detach().clone()
+    for step in range(steps + 1):
+        R = stack.M - stack.combine_B(P) @ stack.combine_A(Q)         # (n, d, k)
+        f = R.square().sum((1, 2))                                    # (n,)
+        with torch.no_grad():                                          # keep the best iterate
+            better = f.sum() < best_f
+            best_f = torch.where(better, f.sum(), best_f)
+            best_P = torch.where(better, P, best_P)
+            best_Q = torch.where(better, Q, best_Q)
+        if step == steps:
+            break
+        opt.zero_grad()
+        (f / scale).sum().backward()
+        opt.step()
+    return best_P.detach(), best_Q.detach(), steps
+
+
+def _finish_stack(stack: _ClientStack, p: Tensor, P: Tensor, Q: Tensor, iterations: int,
+                  bound: bool, dtype_A: torch.dtype, dtype_B: torch.dtype) -> FloraNAResult:
+    """What solve_flora_na does after its solve, for one stack: fall back to FedIT if (P, Q)
+    is worse in total over the stack, rescale to (cP, Q/c) with the Gram path's c, and
+    report the divergences, here from the dense residuals (exact, no cancellation)."""
+    n, r = stack.M.shape[0], stack.A.shape[2]
+    B_hat, A_hat = stack.combine_B(P), stack.combine_A(Q)             # (n, d, r), (n, r, k)
+    B_bar, A_bar = stack.combine_B(p), stack.combine_A(p)             # FedIT's factors
+    f = (stack.M - B_hat @ A_hat).square().sum((1, 2))                # (n,)
+    f_naive = (stack.M - B_bar @ A_bar).square().sum((1, 2))          # (n,)
+    if f.sum() > f_naive.sum():                   # round-off must never lose to FedIT
+        P, Q, B_hat, A_hat, f = p, p, B_bar, A_bar, f_naive
+    # the Gram path's c: c^4 = (|A_hat| |B_bar|)^2 / (|B_hat| |A_bar|)^2, summed over the
+    # stack, with the sign of <B_hat, B_bar>; the product B_hat A_hat is unchanged
+    sq = lambda X, Y: (X * Y).sum()               # noqa: E731  <X, Y>_F over the stack
+    c = (sq(A_hat, A_hat) * sq(B_bar, B_bar) / (sq(B_hat, B_hat) * sq(A_bar, A_bar)))
+    c = c.sqrt().sqrt()
+    c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
+    c = c * torch.where(sq(B_hat, B_bar) < 0, -1.0, 1.0)
+    P, Q = P * c, Q / c
+    bound_tail = None
+    if bound:                                     # Eckart-Young from M's singular values
+        bound_tail = torch.linalg.svdvals(stack.M)[:, r:].square().sum(-1).sqrt()
+    return FloraNAResult(
+        P=P.expand(n, -1), Q=Q.expand(n, -1),
+        A_hat=stack.combine_A(Q).to(dtype_A), B_hat=stack.combine_B(P).to(dtype_B),
+        divergence=f.sqrt(), divergence_naive=f_naive.sqrt(),
+        divergence_bound=bound_tail, norm_M=stack.norm_M2.sqrt(), iterations=iterations)
+
+
+def _solve_matrix_free(A: Tensor, B: Tensor, p: Tensor, *, solver: str, tie_layers: bool,
+                       max_iter: int, tol: float, prox: float, steps: int, lr: float,
+                       weight_decay: float, bound: bool) -> FloraNAResult:
+    """solve_flora_na(path="matrix_free"), p already checked and normalised: the layers one at
+    a time, or all as one stack when tie_layers."""
+    if solver not in ("als", "adamw"):
+        raise ValueError(f"unknown solver {solver!r}: use 'als' or 'adamw'")
+    L = A.shape[0]
+    parts = []
+    for layers in [slice(0, L)] if tie_layers else [slice(l, l + 1) for l in range(L)]:
+        stack = _ClientStack(A[layers], B[layers], p)
+        if solver == "als":
+            P, Q, iters = _subspace_als(stack, p, max_iter, tol, prox)
+        else:
+            P, Q, iters = _adamw_matrix_free(stack, p, steps, lr, weight_decay)
+        parts.append(_finish_stack(stack, p, P, Q, iters, bound, A.dtype, B.dtype))
+        del stack                                 # one layer's float64 copy at a time
+    cat = lambda name: torch.cat([getattr(x, name) for x in parts])   # noqa: E731
+    return FloraNAResult(
+        P=cat("P"), Q=cat("Q"), A_hat=cat("A_hat"), B_hat=cat("B_hat"),
+        divergence=cat("divergence"), divergence_naive=cat("divergence_naive"),
+        divergence_bound=cat("divergence_bound") if bound else None, norm_M=cat("norm_M"),
+        iterations=max(x.iterations for x in parts))
+
+
 def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
                    tie_layers: bool = False, max_iter: int = 200, tol: float = 1e-12,
                    prox: float = 1e-6, steps: int = 200, lr: float = 1e-2,
-                   weight_decay: float = 1e-2, bound: bool = True) -> FloraNAResult:
+                   weight_decay: float = 1e-2, bound: bool = False,
+                   path: str = "auto") -> FloraNAResult:
     """Choose P, Q minimising ||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F for each layer.
 
     A (L, U, r, k), B (L, U, d, r) for L layers of one shape; p (U,) client weights (n_u is
     fine: they are normalised). solver="als" (exact alternating minimisation, default) or
     "adamw" (the paper's optimiser, lr and steps as given). tie_layers=True shares one
     (P, Q) across the L layers, as the authors' released code does. Device and dtype follow
-    A and B; the small systems are solved in float64. Never forms a d x k matrix.
+    A and B; the small systems are solved in float64. path="gram" works through r x r Gram
+    blocks and never forms a d x k matrix (cost grows as U^2); "matrix_free" (section 3b)
+    forms M once and is linear in U; "auto" picks by size (choose_path). bound=True also
+    reports the rank-r bound, a diagnostic that can cost more than the solve.
     """
     p = _check_factors(A, B, p).to(A.device)
+    if path == "auto":
+        path = choose_path(A.shape[1], A.shape[2], B.shape[2], A.shape[3])
+    if path == "matrix_free":
+        return _solve_matrix_free(A, B, p, solver=solver, tie_layers=tie_layers,
+                                  max_iter=max_iter, tol=tol, prox=prox, steps=steps, lr=lr,
+                                  weight_decay=weight_decay, bound=bound)
+    if path != "gram":
+        raise ValueError(f"unknown path {path!r}: use 'auto', 'gram' or 'matrix_free'")
     G_A, G_B = gram_blocks(A, B)
     if solver == "als":
         P, Q, iters = _als(G_A, G_B, p, tie_layers, max_iter, tol, prox)

@@ -346,7 +346,7 @@ def test_solver_benchmark_small_run_checks_itself(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def _check_tied(A, B, p, solver="als", **options):
-    tied = solve_flora_na(A, B, p, solver=solver, tie_layers=True, **options)
+    tied = solve_flora_na(A, B, p, solver=solver, tie_layers=True, bound=True, **options)
     untied = solve_flora_na(A, B, p)
     assert (tied.P == tied.P[:1]).all() and (tied.Q == tied.Q[:1]).all()   # rows equal
     # per layer, the reported divergence is that of the shared (P, Q)
@@ -406,7 +406,7 @@ def test_flora_na_never_worse_than_fedit(options, tie_layers, data):
 @given(data=st.data())
 def test_divergence_never_below_the_bound(options, data):
     A, B, p = data.draw(factors())
-    res = solve_flora_na(A, B, p, **options)
+    res = solve_flora_na(A, B, p, bound=True, **options)
     tol = gram_atol(A, B, p, res.P, res.Q)
     assert (res.divergence >= res.divergence_bound - tol).all()
     assert (res.divergence_bound <= res.divergence_naive + tol).all()

@@ -449,7 +449,8 @@ def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: f
 # How it solves (a subspace, or Rayleigh-Ritz, method; the nonlinear analogue of conjugate
 # gradients). P = V a, Q = W b, starting from FedIT: V = W = p / |p|, a = b = |p|. Each iteration
 #   1. takes the full gradients at the current (P, Q), with R = M - B_hat A_hat (d, k):
-#        g_P[u] = <B_u, R A_hat^T>,  g_Q[u] = <A_u, B_hat^T R>      one pass over the B_u, one over A_u;
+#        g_P[u] = <B_u, R A_hat^T>,  g_Q[u] = <A_u, B_hat^T R>   (one pass over the B_u, one
+#      over the A_u);
 #   2. orthogonalises each against its basis and appends it (one more pass each forms the new
 #      virtual client), unless it already lies in the subspace;
 #   3. minimises ||M - (sum_j a_j B'_j)(sum_j b_j A'_j)||^2 over (a, b) exactly, from the last
@@ -468,7 +469,8 @@ def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: f
 # Stopping rule (the Gram path's): an iteration that lowers f by at most tol ||M||^2, no new
 #   direction (both gradients lie in the subspace: a stationary point), or max_iter iterations.
 # Never worse than FedIT: FedIT is the starting point, each restricted solve starts from the last
-#   optimum and only goes down, and the result is compared with FedIT at the end, as in the Gram path.
+#   optimum and only goes down, and the result is compared with FedIT at the end, as in the
+#   Gram path.
 # tie_layers: a stack of layers shares V, W, (a, b); gradients and objectives sum over the stack.
 #   Untied layers are solved one at a time, so memory is one layer's float64 copy plus its M.
 # The result is finished exactly as the Gram path finishes it (FedIT fallback, then the (cP, Q/c)
@@ -548,7 +550,7 @@ def _restricted_lm_step(G_A, G_B, T, norm_M2, a, b, f, damping):
     Y = torch.einsum("i,nijxy->njxy", b, G_A)                         # (n, s_Q, r, r) A_hat A'_j^T
     H_P = torch.einsum("nijxy,nyx->ij", G_B, S_A)                     # (s_P, s_P)
     H_Q = torch.einsum("nxy,nijyx->ij", S_B, G_A)                     # (s_Q, s_Q)
-    C = torch.einsum("nixy,njxy->ij", X, Y)                           # (s_P, s_Q) <B'_i A_hat, B_hat A'_j>
+    C = torch.einsum("nixy,njxy->ij", X, Y)               # (s_P, s_Q) <B'_i A_hat, B_hat A'_j>
     g_P = torch.einsum("nij,j->i", T, b) - H_P @ a                    # (s_P,) J^T residual
     g_Q = torch.einsum("nij,i->j", T, a) - H_Q @ b                    # (s_Q,)
     JJ = torch.cat([torch.cat([H_P, C], 1), torch.cat([C.mT, H_Q], 1)], 0)   # (s_P + s_Q,) x 2

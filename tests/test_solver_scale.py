@@ -7,7 +7,8 @@ selection, devices and bad input.
 
 Tolerances, and why:
   * The matrix-free path reports ||M - B_hat A_hat||_F from the dense float64 residual, so it
-    is exact to ~1e-15 of the scale S = (sum_u |P_u| |B_u|)(sum_u |Q_u| |A_u|) + sum_u p_u |B_u| |A_u|
+    is exact to ~1e-15 of the scale
+        S = (sum_u |P_u| |B_u|)(sum_u |Q_u| |A_u|) + sum_u p_u |B_u| |A_u|
     (Frobenius norms); dense checks allow MF_RTOL = 1e-10 S.
   * Against the Gram path: both stop when a sweep / iteration lowers f by at most 1e-12 ||M||^2;
     the issue asks for agreement within 1e-6 in relative divergence ||M - B_hat A_hat|| / ||M||.
@@ -424,3 +425,51 @@ def test_bad_input_raises_a_clear_error(case):
     A, B, p, options, message = BAD_INPUT[case]
     with pytest.raises(ValueError, match=message):
         solve_flora_na(A, B, p, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The scale benchmark (evidence/bench_solver.py --scale) at toy sizes
+# ---------------------------------------------------------------------------------------------
+
+def test_scale_benchmark_smoke_run_checks_itself(tmp_path):
+    """The command line as a user types it, in a subprocess (check=True): both paths on every
+    size, the float64 referee agrees with both, the Gram path is skipped (and says why) where
+    its blocks would not fit, and the JSON holds every row."""
+    import json
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "bench_scale.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "evidence.bench_solver", "--scale", "--threads", "1",
+                    "--device", "cpu", "--rank", "2", "--scale-clients", "3", "60", "--scale-dims",
+                    "12", "20", "--gram-max-gib", "1e-4", "--out", str(out)],
+                   cwd=root, check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    assert result["mode"] == "scale" and result["failures"] == []
+    rows = {(row["d"], row["U"], row["path"]): row for row in result["rows"]}
+    assert set(rows) == {(d, U, path) for d in (12, 20) for U in (3, 60)
+                         for path in ("gram", "matrix_free")}
+    for (d, U, path), row in rows.items():
+        if path == "gram" and U == 60:            # 6 (60 * 2)^2 * 8 bytes > 1e-4 GiB
+            assert "--gram-max-gib" in row["skipped"] and "time_s" not in row
+            continue
+        assert row["skipped"] is None and row["time_s"] > 0 and row["iterations"] >= 0
+        assert row["rel_div"] == pytest.approx(row["rel_div_dense_fp64"], abs=1e-9)
+        assert row["rel_bound"] - 1e-9 <= row["rel_div"] <= row["rel_naive"] + 1e-12
+
+
+def test_benchmark_command_line_keeps_its_flags(capsys):
+    """reproduce.sh and README commands: the flag names of the argparse version still parse."""
+    from evidence import bench_solver
+    args = bench_solver.parse_args(["--quick", "--threads", "1", "--dense-layers", "1",
+                                    "--repeat-budget-s", "5", "--out", "x.json"])
+    assert (args.quick, args.threads, args.dense_layers, args.out) == (True, 1, 1, "x.json")
+    assert (args.layers, args.d, args.k, args.repeats) == (8, 1024, 1024, 1)   # --quick's
+    args = bench_solver.parse_args(["--scale", "--scale-clients", "10", "1000"])
+    assert args.scale and args.scale_clients == (10, 1000) and args.scale_dims == (1024, 4096)
+    with pytest.raises(SystemExit):
+        bench_solver.parse_args(["--no-such-flag"])
+    with pytest.raises(SystemExit):                 # tyro reports Args' ValueError and exits
+        bench_solver.parse_args(["--layers", "2", "--dense-layers", "3"])
+    assert "--dense-layers must be in [1, 2]" in capsys.readouterr().err

@@ -438,39 +438,47 @@ def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: f
 #   * the ideal update M = sum_u p_u B_u A_u (d, k), once, in O(U r d k). Reporting ||M||_F and
 #     the divergences exactly costs either this or the Gram blocks' O((U r)^2 (d + k)); past
 #     U r > d k / (d + k) this is the cheaper one, and with M in hand every divergence is the sum
-#     of squares ||M - B_hat A_hat||^2 (no cancellation) and every product with M costs O(r d k),
-#     independent of U;
+#     of squares ||M - B_hat A_hat||^2 (exact: no cancellation) and every product with M costs
+#     O(r d k), independent of U;
 #   * "virtual clients" B'_j = sum_u V[u, j] B_u and A'_j = sum_u W[u, j] A_u for the columns of
-#     orthonormal bases V (U, s_P), W (U, s_Q) of a subspace of coefficient space that grows by
-#     one column per side per iteration, with their r x r Gram blocks and T[i, j] = <M, B'_i A'_j>.
+#     bases V (U, s_P), W (U, s_Q) of a subspace of coefficient space that grows by (at most) one
+#     column per side per iteration, with their r x r Gram blocks and T[i, j] = <M, B'_i A'_j>.
+#     s ~ 10-70 (the iteration count), so these are small.
 # It never forms a U x U or (U r) x (U r) matrix: the normal matrices of the Gram path's ALS
 # half-steps, H[u, v] = <B_u A_hat, B_v A_hat>, exist here only through products with B_hat, A_hat.
 #
 # How it solves (a subspace, or Rayleigh-Ritz, method; the nonlinear analogue of conjugate
-# gradients). P = V a, Q = W b, starting from FedIT: V = W = p / |p|, a = b = |p|. Each iteration
+# gradients). P = V a and Q = W b, starting at FedIT (V = W = p, up to scale). Each iteration
 #   1. takes the full gradients at the current (P, Q), with R = M - B_hat A_hat (d, k):
 #        g_P[u] = <B_u, R A_hat^T>,  g_Q[u] = <A_u, B_hat^T R>   (one pass over the B_u, one
 #      over the A_u);
-#   2. orthogonalises each against its basis and appends it (one more pass each forms the new
-#      virtual client), unless it already lies in the subspace;
-#   3. minimises ||M - (sum_j a_j B'_j)(sum_j b_j A'_j)||^2 over (a, b) exactly, from the last
-#      (a, b): an s-client problem in Gram space, solved by the Gram path's own method (prox-ALS
-#      sweeps, each followed by a joint Levenberg-Marquardt step), O(s^2 r^2) per sweep.
+#   2. appends each to its basis, orthonormalising the new virtual client sum_u g_u B_u against
+#      the others in the Frobenius inner product (one more pass each), unless it lies in their
+#      span: g then adds nothing the factors can see. Orthonormal virtual clients keep the
+#      restricted problem well scaled however weakly a direction moves the factors;
+#   3. minimises ||M - (sum_j a_j B'_j)(sum_j b_j A'_j)||^2 over (a, b) from the last (a, b):
+#      an s-client problem in Gram space, solved by the Gram path's own method (prox-ALS sweeps,
+#      each followed by a joint Levenberg-Marquardt step), O(s^2 r^2) per sweep; at most
+#      RESTRICTED_SWEEPS sweeps while the subspace grows (a small subspace can hold a narrow
+#      valley that the next gradients lead around), to convergence once it has stopped growing
+#      (it then holds the whole problem the factors see).
 # So an iteration costs four passes over the factors, O(U r (d + k)), plus O(r d k) with M.
 # Why this and not CG inside each ALS half-step: were Q held fixed, f would be a quadratic in P
 # and the span of successive gradients would be the Krylov space of conjugate gradients on the
-# half-step's U x U system, so each restricted optimum would be at least CG's iterate. But CG in
+# half-step's U x U system, so each restricted optimum would be as good as CG's iterate. CG in
 # ALS throws its Krylov space away after every half-step (measured: ~20 products, two passes
 # each, per half-step), while here every direction found for P and for Q is kept, and step 3
-# moves P and Q jointly, which is what the Gram path's LM step is for (leaving the narrow valleys
-# where alternating steps crawl). Measured on drift cases: 7-12 iterations for U = 10..1000.
-# With all of R^U spanned the restricted problem is the Gram path's problem itself, and the two
-# paths end at the same divergence (tests/test_solver_scale.py: within 1e-6 of ||M||, U <= 200).
-# Stopping rule (the Gram path's): an iteration that lowers f by at most tol ||M||^2, no new
-#   direction (both gradients lie in the subspace: a stationary point), or max_iter iterations.
+# moves P and Q jointly, which is what the Gram path's LM step is for. Measured on drift cases
+# like real rounds': 7-12 iterations for U = 10..1000 (more when clients nearly coincide).
+# Both paths end at the same divergence (tests/test_solver_scale.py: within 1e-6 of ||M||,
+# U <= 200), except where the Gram path stalls in a narrow valley at max_iter sweeps: there this
+# path, which leaves such valleys by growing its subspace, goes lower.
+# Stopping rule (on the exact f): the Gram path's, an iteration that lowers f by at most
+#   tol ||M||^2, and also by at most sqrt(tol) f, so that near an exact fit the divergence is
+#   resolved to ~sqrt(tol) of itself rather than of ||M||; or no new direction (the gradients lie
+#   in the subspace after a converged restricted solve: a stationary point); or max_iter.
 # Never worse than FedIT: FedIT is the starting point, each restricted solve starts from the last
-#   optimum and only goes down, and the result is compared with FedIT at the end, as in the
-#   Gram path.
+#   point and only goes down, and the result is compared with FedIT at the end, as in the Gram path.
 # tie_layers: a stack of layers shares V, W, (a, b); gradients and objectives sum over the stack.
 #   Untied layers are solved one at a time, so memory is one layer's float64 copy plus its M.
 # The result is finished exactly as the Gram path finishes it (FedIT fallback, then the (cP, Q/c)
@@ -482,6 +490,7 @@ def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: f
 # milliseconds), and the float64 copy must fit in device memory (3 GiB at U = 3000, d = k = 4096).
 
 MATRIX_FREE_MIN_CLIENTS = 32   # path="auto" keeps the Gram path (the tests' oracle) up to here
+RESTRICTED_SWEEPS = 10         # ALS sweeps per restricted solve while the subspace still grows
 
 
 def choose_path(U: int, r: int, d: int, k: int) -> str:
@@ -566,9 +575,17 @@ def _restricted_lm_step(G_A, G_B, T, norm_M2, a, b, f, damping):
             torch.where(better, f_new, f), damping)
 
 
+def _converged(f_prev: Tensor, f: Tensor, norm_M2: Tensor, tol: float) -> Tensor:
+    """The stopping rule of section 3b, on the exact f: an iteration lowered f by at most
+    tol ||M||^2 (the Gram path's rule) and by at most sqrt(tol) f, so that near an exact fit
+    (f << ||M||^2) the divergence is resolved to ~sqrt(tol) of itself, not of ||M||."""
+    return f_prev - f <= torch.minimum(tol * norm_M2.sum(), math.sqrt(tol) * f_prev)
+
+
 def _restricted_als(G_A, G_B, T, norm_M2, a, b, max_iter: int, tol: float, prox: float):
     """_als on the restricted problem, from (a, b): prox-ALS sweeps, each followed by up to
-    three joint LM steps, until a sweep lowers f by at most tol ||M||^2. Returns a, b."""
+    three joint LM steps, until a sweep lowers f by at most tol ||M||^2 or max_iter sweeps.
+    Returns a, b, the sweeps run and whether it converged."""
     def prox_step(H, g, x):
         """argmin_x' x'^T H x' - 2 g^T x' + lam ||x' - x||^2 with lam = prox * mean diag H."""
         lam = prox * H.diagonal().mean()
@@ -578,7 +595,7 @@ def _restricted_als(G_A, G_B, T, norm_M2, a, b, max_iter: int, tol: float, prox:
 
     f_prev = _restricted_f(G_A, G_B, T, norm_M2, a, b)
     damping = torch.full_like(f_prev, 1e-3)
-    for _ in range(max_iter):
+    for sweep in range(1, max_iter + 1):
         S_A = torch.einsum("i,j,nijxy->nxy", b, b, G_A)               # (n, r, r)
         a = prox_step(torch.einsum("nijxy,nyx->ij", G_B, S_A), torch.einsum("nij,j->i", T, b), a)
         S_B = torch.einsum("i,j,nijxy->nxy", a, a, G_B)               # (n, r, r)
@@ -589,62 +606,84 @@ def _restricted_als(G_A, G_B, T, norm_M2, a, b, max_iter: int, tol: float, prox:
             moved, f = f_new < f, f_new
             if moved:
                 break
-        if f_prev - f <= tol * norm_M2.sum():
-            break
+        if f_prev - f <= tol * norm_M2.sum():     # the Gram path's rule: this f has its
+            return a, b, sweep, True              # round-off, the caller's is exact
         f_prev = f
-    return a, b
+    return a, b, max_iter, False
 
 
-def _new_direction(basis: Tensor, g: Tensor) -> Tensor | None:
-    """g with its component in span(basis) removed (twice, for orthogonality in floating
-    point), normalised; None if nothing is left (g already lies in the subspace)."""
-    g_perp = g
+def _first_virtual_client(p: Tensor, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """FedIT's combination X = sum_u p_u X_u (n, ...) as the first virtual client, scaled to unit
+    Frobenius norm over the stack: (column of the basis (U,), virtual client, coefficient (1,))."""
+    size = X.norm()
+    size = torch.where(size > 0, size, torch.ones_like(size))         # X = 0 (B = 0): keep p
+    return p / size, X / size, size[None]
+
+
+def _new_virtual_client(basis: Tensor, virtual: Tensor, g: Tensor, X: Tensor):
+    """Append direction g (U,), whose combination is X = sum_u g_u X_u (n, ...), to a basis
+    (U, s) whose virtual clients (n, s, ...) are orthonormal in the Frobenius inner product over
+    the stack: Gram-Schmidt in the factors' space (twice, for orthogonality in floating point),
+    applied to g alongside. Orthonormal virtual clients keep the restricted problem well scaled
+    however small a direction's effect on the factors. Returns (new column, new virtual client),
+    or None when X lies in their span (to 1e-8 of its size): g adds nothing the factors see."""
+    size = X.norm()
     for _ in range(2):
-        g_perp = g_perp - basis @ (basis.mT @ g_perp)
-    size = g_perp.norm()
-    return None if size <= 1e-12 * g.norm() or size == 0 else g_perp / size
+        c = torch.einsum("ns...,n...->s", virtual, X)                 # (s,) <X'_j, X>
+        X = X - torch.einsum("s,ns...->n...", c, virtual)
+        g = g - basis @ c
+    new_size = X.norm()
+    if new_size == 0 or new_size <= 1e-8 * size:
+        return None
+    return g / new_size, X / new_size
 
 
 def _subspace_als(stack: _ClientStack, p: Tensor, max_iter: int, tol: float, prox: float):
     """The subspace method of section 3b for one stack sharing (P, Q). Returns P, Q (U,) and the
-    number of iterations (directions added)."""
+    number of iterations."""
     M = stack.M                                                       # (n, d, k)
-    V = (p / p.norm())[:, None]                                       # (U, 1) basis for P
-    W = V.clone()                                                     # (U, 1) basis for Q
-    a, b = p.norm()[None], p.norm()[None]                             # (1,), (1,): P = Q = p
-    Bv = stack.combine_B(V[:, 0])[:, None]                            # (n, s_P, d, r) virtual B'
-    Av = stack.combine_A(W[:, 0])[:, None]                            # (n, s_Q, r, k) virtual A'
+    V, B_1, a = _first_virtual_client(p, stack.combine_B(p))          # P = V a = p (FedIT)
+    W, A_1, b = _first_virtual_client(p, stack.combine_A(p))          # Q = W b = p
+    V, W = V[:, None], W[:, None]                                     # (U, s_P), (U, s_Q) bases
+    Bv, Av = B_1[:, None], A_1[:, None]               # (n, s_P, d, r), (n, s_Q, r, k) virtual
     BvM = Bv.mT @ M[:, None]                                          # (n, s_P, r, k) B'_i^T M
     G_B = Bv.mT[:, :, None] @ Bv[:, None]                             # (n, 1, 1, r, r)
     G_A = Av[:, :, None] @ Av.mT[:, None]                             # (n, 1, 1, r, r)
     T = torch.einsum("nixk,njxk->nij", BvM, Av)                       # (n, 1, 1)
     B_hat, A_hat = Bv[:, 0] * a, Av[:, 0] * b                         # (n, d, r), (n, r, k)
     R = M - B_hat @ A_hat                                             # (n, d, k) residual
-    f, it = R.square().sum(), 0
+    f, it, converged = R.square().sum(), 0, True
     for it in range(1, max_iter + 1):
-        v = _new_direction(V, stack.pair_B(R @ A_hat.mT))             # gradient in P, (U,)
-        w = _new_direction(W, stack.pair_A(B_hat.mT @ R))             # gradient in Q, (U,)
-        if v is None and w is None:
-            break                                                     # stationary point
-        if v is not None:                                             # new virtual B'
+        g_P = stack.pair_B(R @ A_hat.mT)                              # (U,) -1/2 df/dP
+        g_Q = stack.pair_A(B_hat.mT @ R)                              # (U,) -1/2 df/dQ
+        new_P = _new_virtual_client(V, Bv, g_P, stack.combine_B(g_P))
+        new_Q = _new_virtual_client(W, Av, g_Q, stack.combine_A(g_Q))
+        if new_P is None and new_Q is None and converged:
+            break                          # a restricted optimum whose gradients it spans
+        if new_P is not None:                                         # new virtual B'
+            v, B_new = new_P                                          # (U,), (n, d, r)
             V, a = torch.cat([V, v[:, None]], 1), torch.cat([a, a.new_zeros(1)])
-            B_new = stack.combine_B(v)                                # (n, d, r)
             Bv = torch.cat([Bv, B_new[:, None]], 1)                   # (n, s_P, d, r)
             BvM = torch.cat([BvM, (B_new.mT @ M)[:, None]], 1)        # (n, s_P, r, k)
             G_B = _append_block(G_B, B_new.mT[:, None] @ Bv)          # (n, s_P, s_P, r, r)
             T = torch.cat([T, torch.einsum("nxk,njxk->nj", BvM[:, -1], Av)[:, None]], 1)
-        if w is not None:                                             # new virtual A'
+        if new_Q is not None:                                         # new virtual A'
+            w, A_new = new_Q                                          # (U,), (n, r, k)
             W, b = torch.cat([W, w[:, None]], 1), torch.cat([b, b.new_zeros(1)])
-            A_new = stack.combine_A(w)                                # (n, r, k)
             Av = torch.cat([Av, A_new[:, None]], 1)                   # (n, s_Q, r, k)
             G_A = _append_block(G_A, A_new[:, None] @ Av.mT)          # (n, s_Q, s_Q, r, r)
             T = torch.cat([T, torch.einsum("nixk,nxk->ni", BvM, A_new)[:, :, None]], 2)
-        a, b = _restricted_als(G_A, G_B, T, stack.norm_M2, a, b, max_iter, tol, prox)
+        # While the subspace grows, a few sweeps per iteration: a small subspace can hold a
+        # narrow valley that the next gradients lead around. Once it spans every direction
+        # the factors see, the restricted problem is the whole problem: solve it out.
+        grew = new_P is not None or new_Q is not None
+        a, b, _, converged = _restricted_als(G_A, G_B, T, stack.norm_M2, a, b,
+                                             RESTRICTED_SWEEPS if grew else max_iter, tol, prox)
         B_hat = torch.einsum("i,nidr->ndr", a, Bv)                    # (n, d, r)
         A_hat = torch.einsum("j,njrk->nrk", b, Av)                    # (n, r, k)
         R = M - B_hat @ A_hat                                         # (n, d, k)
         f, f_prev = R.square().sum(), f
-        if f_prev - f <= tol * stack.norm_M2.sum():
+        if _converged(f_prev, f, stack.norm_M2, tol) and converged:
             break
     return V @ a, W @ b, it
 
@@ -705,13 +744,12 @@ def _finish_stack(stack: _ClientStack, p: Tensor, P: Tensor, Q: Tensor, iteratio
     c = c.sqrt().sqrt()
     c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
     c = c * torch.where(sq(B_hat, B_bar) < 0, -1.0, 1.0)
-    P, Q = P * c, Q / c
+    P, Q, B_hat, A_hat = P * c, Q / c, B_hat * c, A_hat / c
     bound_tail = None
     if bound:                                     # Eckart-Young from M's singular values
         bound_tail = torch.linalg.svdvals(stack.M)[:, r:].square().sum(-1).sqrt()
     return FloraNAResult(
-        P=P.expand(n, -1), Q=Q.expand(n, -1),
-        A_hat=stack.combine_A(Q).to(dtype_A), B_hat=stack.combine_B(P).to(dtype_B),
+        P=P.expand(n, -1), Q=Q.expand(n, -1), A_hat=A_hat.to(dtype_A), B_hat=B_hat.to(dtype_B),
         divergence=f.sqrt(), divergence_naive=f_naive.sqrt(),
         divergence_bound=bound_tail, norm_M=stack.norm_M2.sqrt(), iterations=iterations)
 

@@ -201,21 +201,31 @@ def test_reported_divergences_equal_dense_float64_fixed_case(solver):
 # 2. Agreement with the Gram path (the oracle) where both run
 # ---------------------------------------------------------------------------------------------
 
-def _check_agrees_with_gram(A, B, p, **options):
-    mf = solve_flora_na(A, B, p, path="matrix_free", **options)
-    gram = solve_flora_na(A, B, p, path="gram", **options)
+def _check_agrees_with_gram(A, B, p, max_iter=200, **options):
+    """Both paths on the same factors: never worse than the Gram path by more than AGREE in
+    relative divergence, and within AGREE either way where the Gram path's answer is settled:
+    it converged in fewer than max_iter sweeps to a relative divergence >= 1e-3, where its
+    stopping rule (a sweep gains <= 1e-12 ||M||^2) pins the divergence to ~1e-9 of ||M||
+    (AdamW: the same steps on both paths). Elsewhere the Gram path can stop short -- stalled in a
+    narrow valley at max_iter, or near an exact fit, where 1e-12 ||M||^2 in f is 1e-6 ||M|| in
+    the divergence -- and the matrix-free path may go lower (section 3b): GRAM_STOPS_SHORT."""
+    mf = solve_flora_na(A, B, p, path="matrix_free", max_iter=max_iter, **options)
+    gram = solve_flora_na(A, B, p, path="gram", max_iter=max_iter, **options)
     norm_M = gram.norm_M.clamp_min(1e-300)
-    gap = (mf.divergence - gram.divergence).abs() / norm_M           # relative divergences
-    assert (gap <= AGREE).all(), (
-        f"matrix-free {(mf.divergence / norm_M).tolist()} vs Gram "
-        f"{(gram.divergence / norm_M).tolist()} ({mf.iterations} vs {gram.iterations} "
-        f"iterations), U = {A.shape[1]}")
+    gap = (mf.divergence - gram.divergence) / norm_M                  # relative divergences
+    settled = (gram.divergence >= 1e-3 * norm_M) & (gram.iterations < max_iter)
+    settled |= options.get("solver") == "adamw"
+    message = (f"matrix-free {(mf.divergence / norm_M).tolist()} vs Gram "
+               f"{(gram.divergence / norm_M).tolist()} ({mf.iterations} vs {gram.iterations} "
+               f"iterations), U = {A.shape[1]}")
+    assert (gap <= AGREE).all(), message
+    assert (gap[settled] >= -AGREE).all(), message
     torch.testing.assert_close(mf.divergence_naive, gram.divergence_naive,
                                atol=AGREE * norm_M.max().item(), rtol=0)
     return mf, gram
 
 
-@settings(max_examples=30)
+@settings(max_examples=20)
 @given(data=st.data())
 def test_matrix_free_reaches_the_gram_optimum_on_drift(data):
     """Shared base + per-client drift, U up to 200: the same divergence as the Gram path."""
@@ -232,6 +242,21 @@ def test_matrix_free_reaches_the_gram_optimum_fixed_cases(seed, L, U, d, k, r, n
     mf, _ = _check_agrees_with_gram(*drift_factors(seed, L, U, d, k, r, noise))
     if U == 1:
         assert (mf.divergence <= 1e-9 * mf.norm_M).all()
+
+
+# (seed, L, U, d, k, r, noise, Gram's sweeps) where the Gram path stops short, found by a random
+# search over drift cases: stalled at max_iter = 200 (toy and realistic sizes, nearly identical
+# clients), and at its tolerance near an exact fit (a 3 x 2 layer of rank 2: M is rank 2).
+GRAM_STOPS_SHORT = [(264, 1, 24, 2, 4, 2, 0.03, 200), (116, 1, 72, 23, 15, 4, 0.03, 200),
+                    (138, 1, 24, 3, 2, 2, 0.03, 181)]
+
+
+@pytest.mark.parametrize("seed, L, U, d, k, r, noise, sweeps", GRAM_STOPS_SHORT)
+def test_matrix_free_goes_lower_where_the_gram_path_stops_short(seed, L, U, d, k, r, noise,
+                                                                sweeps):
+    mf, gram = _check_agrees_with_gram(*drift_factors(seed, L, U, d, k, r, noise))
+    assert gram.iterations == sweeps
+    assert (mf.divergence < gram.divergence - AGREE * gram.norm_M).all()
 
 
 def test_matrix_free_coefficients_match_gram_where_the_optimum_is_unique():
@@ -293,12 +318,12 @@ def test_degenerate_cases_are_exact_or_untouched():
     assert torch.isfinite(res.P).all() and torch.isfinite(res.Q).all()
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(data=st.data())
 def test_tie_layers(data):
     """One (P, Q) for all layers: rows equal, the Gram path's tied optimum, between the untied
     optimum and FedIT in total."""
-    A, B, p = data.draw(drift_cases(max_L=3, max_U=80))
+    A, B, p = data.draw(drift_cases(max_L=3, max_U=40))
     tied, _ = _check_agrees_with_gram(A, B, p, tie_layers=True)
     untied = solve_flora_na(A, B, p, path="matrix_free")
     assert (tied.P == tied.P[:1]).all() and (tied.Q == tied.Q[:1]).all()
@@ -315,7 +340,7 @@ def test_partial_participation(data):
     """The clients of a round are whoever answered: any subset, its weights renormalised (given
     as sample counts). The solve on the subset is the Gram path's on the subset, and its M is
     that of the subset alone."""
-    A, B, n = data.draw(drift_cases(max_U=120))
+    A, B, n = data.draw(drift_cases(max_U=80))
     U = A.shape[1]
     answered = sorted(data.draw(st.sets(st.integers(0, U - 1), min_size=1, max_size=U)))
     A_s, B_s, n_s = A[:, answered], B[:, answered], n[answered]
@@ -393,7 +418,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_device_and_dtype_follow_the_inputs(device, dtype):
-    A, B, p = drift_factors(5, 2, 40, 12, 10, 3, 0.3)
+    A, B, p = drift_factors(5, 2, 12, 12, 10, 3, 0.3)
     res = solve_flora_na(A.to(device, dtype), B.to(device, dtype), p, path="matrix_free",
                          bound=True)
     for t in (res.P, res.Q, res.divergence, res.norm_M, res.A_hat, res.B_hat):

@@ -511,11 +511,12 @@ class _ClientStack:
         n, U, r, k = self.A.shape
         d = self.B.shape[2]
         self.M = torch.zeros(n, d, k, dtype=torch.float64, device=A.device)      # (n, d, k)
-        chunk = max(1, 2**22 // (d * r))          # clients per GEMM: a 32 MiB permuted copy
-        for u in range(0, U, chunk):              # M += [B_u]_u (d, c r) @ [p_u A_u]_u (c r, k)
-            B_c = self.B[:, u:u + chunk].permute(0, 2, 1, 3).reshape(n, d, -1)    # (n, d, c r)
-            A_c = (self.A[:, u:u + chunk] * p[u:u + chunk, None, None]).reshape(n, -1, k)
-            self.M.baddbmm_(B_c, A_c)
+        chunk = max(1, 2**22 // (n * d * r))      # clients per GEMM: a 32 MiB permuted copy
+        for u in range(0, U, chunk):              # M += [p_u B_u]_u (d, c r) @ [A_u]_u (c r, k)
+            c = min(chunk, U - u)
+            B_c = torch.empty(n, d, c, r, dtype=torch.float64, device=A.device)   # (n, d, c, r)
+            torch.mul(self.B[:, u:u + c].permute(0, 2, 1, 3), p[u:u + c, None], out=B_c)
+            self.M.baddbmm_(B_c.view(n, d, c * r), self.A[:, u:u + c].reshape(n, c * r, k))
         self.norm_M2 = self.M.square().sum((1, 2))                     # (n,) ||M||_F^2
 
     def combine_B(self, c: Tensor) -> Tensor:

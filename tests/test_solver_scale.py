@@ -183,7 +183,7 @@ def _check_reported_numbers(A, B, p, res):
     assert res.P.shape == res.Q.shape == A.shape[:2] and res.P.dtype == f64
 
 
-@settings(max_examples=25)
+@settings(max_examples=15)
 @given(data=st.data())
 def test_reported_divergences_equal_dense_float64(data):
     A, B, p = data.draw(any_factors())
@@ -225,7 +225,7 @@ def _check_agrees_with_gram(A, B, p, max_iter=200, **options):
     return mf, gram
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(data=st.data())
 def test_matrix_free_reaches_the_gram_optimum_on_drift(data):
     """Shared base + per-client drift, U up to 200: the same divergence as the Gram path."""
@@ -247,7 +247,7 @@ def test_matrix_free_reaches_the_gram_optimum_fixed_cases(seed, L, U, d, k, r, n
 # (seed, L, U, d, k, r, noise, Gram's sweeps) where the Gram path stops short, found by a random
 # search over drift cases: stalled at max_iter = 200 (toy and realistic sizes, nearly identical
 # clients), and at its tolerance near an exact fit (a 3 x 2 layer of rank 2: M is rank 2).
-GRAM_STOPS_SHORT = [(264, 1, 24, 2, 4, 2, 0.03, 200), (116, 1, 72, 23, 15, 4, 0.03, 200),
+GRAM_STOPS_SHORT = [(264, 1, 24, 2, 4, 2, 0.03, 200), (73, 1, 26, 9, 12, 3, 0.03, 200),
                     (138, 1, 24, 3, 2, 2, 0.03, 181)]
 
 
@@ -286,7 +286,7 @@ def test_matrix_free_adamw_follows_the_gram_adamw(seed):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tie_layers", [False, True])
-@settings(max_examples=25)
+@settings(max_examples=20)
 @given(data=st.data())
 def test_never_worse_than_fedit(tie_layers, data):
     A, B, p = data.draw(any_factors())
@@ -318,7 +318,7 @@ def test_degenerate_cases_are_exact_or_untouched():
     assert torch.isfinite(res.P).all() and torch.isfinite(res.Q).all()
 
 
-@settings(max_examples=6)
+@settings(max_examples=5)
 @given(data=st.data())
 def test_tie_layers(data):
     """One (P, Q) for all layers: rows equal, the Gram path's tied optimum, between the untied

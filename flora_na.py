@@ -442,8 +442,8 @@ def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: f
 #     O(r d k), independent of U;
 #   * "virtual clients" B'_j = sum_u V[u, j] B_u and A'_j = sum_u W[u, j] A_u for the columns of
 #     bases V (U, s_P), W (U, s_Q) of a subspace of coefficient space that grows by (at most) one
-#     column per side per iteration, with their r x r Gram blocks and T[i, j] = <M, B'_i A'_j>.
-#     s ~ 10-70 (the iteration count), so these are small.
+#     column per side per iteration, with their r x r Gram blocks, T[i, j] = <M, B'_i A'_j> and
+#     the products B'_i^T M (r, k), M A'_j^T (d, r). s ~ 10-70 (the iteration count): small.
 # It never forms a U x U or (U r) x (U r) matrix: the normal matrices of the Gram path's ALS
 # half-steps, H[u, v] = <B_u A_hat, B_v A_hat>, exist here only through products with B_hat, A_hat.
 #
@@ -451,7 +451,8 @@ def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: f
 # gradients). P = V a and Q = W b, starting at FedIT (V = W = p, up to scale). Each iteration
 #   1. takes the full gradients at the current (P, Q), with R = M - B_hat A_hat (d, k):
 #        g_P[u] = <B_u, R A_hat^T>,  g_Q[u] = <A_u, B_hat^T R>   (one pass over the B_u, one
-#      over the A_u);
+#      over the A_u), where R A_hat^T = sum_j b_j M A'_j^T - B_hat A_hat A_hat^T and B_hat^T R
+#      likewise come from the stored products: no d x k array is made per iteration;
 #   2. appends each to its basis, orthonormalising the new virtual client sum_u g_u B_u against
 #      the others in the Frobenius inner product (one more pass each), unless it lies in their
 #      span: g then adds nothing the factors can see. Orthonormal virtual clients keep the
@@ -462,7 +463,8 @@ def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: f
 #      RESTRICTED_SWEEPS sweeps while the subspace grows (a small subspace can hold a narrow
 #      valley that the next gradients lead around), to convergence once it has stopped growing
 #      (it then holds the whole problem the factors see).
-# So an iteration costs four passes over the factors, O(U r (d + k)), plus O(r d k) with M.
+# So an iteration costs four passes over the factors, O(U r (d + k)), plus O(r d k) for the new
+# virtual clients' products with M.
 # Why this and not CG inside each ALS half-step: were Q held fixed, f would be a quadratic in P
 # and the span of successive gradients would be the Krylov space of conjugate gradients on the
 # half-step's U x U system, so each restricted optimum would be as good as CG's iterate. CG in
@@ -473,10 +475,11 @@ def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: f
 # Both paths end at the same divergence (tests/test_solver_scale.py: within 1e-6 of ||M||,
 # U <= 200), except where the Gram path stalls in a narrow valley at max_iter sweeps: there this
 # path, which leaves such valleys by growing its subspace, goes lower.
-# Stopping rule (on the exact f): the Gram path's, an iteration that lowers f by at most
-#   tol ||M||^2, and also by at most sqrt(tol) f, so that near an exact fit the divergence is
-#   resolved to ~sqrt(tol) of itself rather than of ||M||; or no new direction (the gradients lie
-#   in the subspace after a converged restricted solve: a stationary point); or max_iter.
+# Stopping rule: the Gram path's, an iteration that lowers f by at most tol ||M||^2, and also by
+#   at most sqrt(tol) f, so that near an exact fit the divergence is resolved to ~sqrt(tol) of
+#   itself rather than of ||M||; or no new direction (the gradients lie in the subspace after a
+#   converged restricted solve: a stationary point); or max_iter iterations. f is computed as
+#   in the Gram path during the solve; the divergences reported are the exact dense ones.
 # Never worse than FedIT: FedIT is the starting point, each restricted solve starts from the last
 #   point and only goes down, and the result is compared with FedIT at the end, as in the Gram path.
 # tie_layers: a stack of layers shares V, W, (a, b); gradients and objectives sum over the stack.
@@ -577,9 +580,9 @@ def _restricted_lm_step(G_A, G_B, T, norm_M2, a, b, f, damping):
 
 
 def _converged(f_prev: Tensor, f: Tensor, norm_M2: Tensor, tol: float) -> Tensor:
-    """The stopping rule of section 3b, on the exact f: an iteration lowered f by at most
-    tol ||M||^2 (the Gram path's rule) and by at most sqrt(tol) f, so that near an exact fit
-    (f << ||M||^2) the divergence is resolved to ~sqrt(tol) of itself, not of ||M||."""
+    """The stopping rule of section 3b: an iteration lowered f by at most tol ||M||^2 (the
+    Gram path's rule) and by at most sqrt(tol) f, so that near an exact fit (f << ||M||^2)
+    the divergence is resolved to ~sqrt(tol) of itself, not of ||M||."""
     return f_prev - f <= torch.minimum(tol * norm_M2.sum(), math.sqrt(tol) * f_prev)
 
 
@@ -607,8 +610,8 @@ def _restricted_als(G_A, G_B, T, norm_M2, a, b, max_iter: int, tol: float, prox:
             moved, f = f_new < f, f_new
             if moved:
                 break
-        if f_prev - f <= tol * norm_M2.sum():     # the Gram path's rule: this f has its
-            return a, b, sweep, True              # round-off, the caller's is exact
+        if f_prev - f <= tol * norm_M2.sum():     # the Gram path's rule
+            return a, b, sweep, True
         f_prev = f
     return a, b, max_iter, False
 

@@ -483,7 +483,10 @@ def _check_config(args: Args, facts: dict) -> None:
             raise FileExistsError(f"{args.out} already holds a run: pass --resume to continue "
                                   f"it, or choose another --out")
         old = json.load(open(path))
-        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v and k != "threads"}
+        # facts derive from the arguments and this machine (the model's local path): a run
+        # moved to another machine resumes; they are rewritten below
+        diff = {k: (old.get(k), v) for k, v in config.items()
+                if old.get(k) != v and k not in ("threads", "facts")}
         if diff:
             raise ValueError(f"--resume with a different config than {path}: {diff}")
     os.makedirs(args.out, exist_ok=True)

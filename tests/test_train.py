@@ -914,6 +914,19 @@ def test_existing_run_dir_needs_resume(tmp_path, no_training, bert_dir, glue_dir
         train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, rounds=5, resume=True))
 
 
+def test_a_run_moved_to_another_machine_resumes(tmp_path, bert_dir, glue_dir):
+    """config.json's facts hold this machine's model path; another machine's path (same
+    arguments) must not block --resume, and the facts are rewritten for this machine."""
+    train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, rounds=1))
+    config_path = tmp_path / "run" / "config.json"
+    config = json.loads(config_path.read_text())
+    here = config["facts"]["model"]["path"]
+    config["facts"]["model"]["path"] = "/elsewhere/tiny-bert"
+    config_path.write_text(json.dumps(config))
+    train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, rounds=1, resume=True))
+    assert json.loads(config_path.read_text())["facts"]["model"]["path"] == here
+
+
 @pytest.mark.parametrize("case", ["missing target modules", "rank too large", "optimizer",
                                   "missing model"])
 def test_bad_input_leaves_out_free_for_the_corrected_run(tmp_path, bert_dir, glue_dir, case):

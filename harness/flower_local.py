@@ -9,6 +9,7 @@ Flower unpacks the app bundle, and PYTHONPATH holds the repository, which the ap
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -168,9 +169,13 @@ class LocalFederation:
             time.sleep(0.2)
         for pid in family:
             if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):   # it may exit meanwhile
+                    os.kill(pid, signal.SIGKILL)
         for proc in self.procs:
             proc.wait()
+        deadline = time.monotonic() + timeout      # SIGKILL is not instant for grandchildren
+        while any(_alive(p) for p in family) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.procs = []
 
     def __enter__(self) -> "LocalFederation":

@@ -292,8 +292,9 @@ def ffa(A, B, p, **_) -> Aggregate:
 
 
 def fedsa(A, B, p, **_) -> Aggregate:
-    """FedSA-LoRA: share and average A only; each client keeps its own B (the registry says
-    so). The global model (for evaluation) uses the average B, which is never sent."""
+    """FedSA-LoRA: share and average A only; each client keeps its own B and, as in its paper,
+    its classification head (the registry says so). The global model (for evaluation) uses
+    the average B and head, which are never sent."""
     p = _check_clients(A, B, p, True, "fedsa")
     A_bar = weighted_sum(p, A)                               # (L, r, k)
     return Aggregate(A_bar, weighted_sum(p, B), None, _nbytes(*A), len(A) * _nbytes(A_bar))
@@ -954,6 +955,7 @@ class Aggregator:
     display_name: str                    # as tables and figures name it
     train_A: bool = True                 # clients train A (FFA-LoRA: frozen at a shared init)
     private_B: bool = False              # each client keeps its own B; only A travels
+    private_head: bool = False           # each client keeps its own head (e.g. the classifier)
     restart: bool = False                # the update is merged into W, clients restart LoRA
     folds_into_base: bool = False        # (part of) the update is added to the frozen W
     mixed_ranks: bool = False            # accepts clients of different ranks
@@ -963,7 +965,7 @@ class Aggregator:
 AGGREGATORS: dict[str, Aggregator] = {
     "fedit": Aggregator(fedit, "FedIT"),
     "ffa": Aggregator(ffa, "FFA-LoRA", train_A=False),
-    "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True),
+    "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True, private_head=True),
     "fedex": Aggregator(fedex, "FedEx-LoRA", folds_into_base=True),
     "flora": Aggregator(flora, "FLoRA", restart=True, folds_into_base=True, mixed_ranks=True),
     "flexlora": Aggregator(flexlora, "FlexLoRA", mixed_ranks=True, options={"rank": None}),

@@ -63,6 +63,8 @@ class Args:
     """comma-separated LoRA targets (default per family: query,value; q_proj,v_proj for Llama)"""
     head_modules: str | None = None
     """non-LoRA modules trained in full and averaged like the classifier (BERT: pooler; 'none')"""
+    head_sharing: str = "registry"
+    """registry: the head stays on each client where the entry sets private_head; averaged: never"""
     dirichlet_alpha: float = 0.5
     """Dirichlet alpha over labels (STS-B: score bins; GSM8K/MBPP: length bins); 0 means IID"""
     participation: float = 1.0
@@ -118,6 +120,11 @@ def aggregator_options(args: Args) -> dict:
     registry entry declares."""
     return {"solver": args.solver, "tie_layers": args.tie_layers, "steps": args.solver_steps,
             "lr": args.solver_lr}
+
+
+def keeps_own_head(args: Args, name: str) -> bool:
+    """Whether the clients of aggregator `name` keep their own head (--head-sharing)."""
+    return args.head_sharing == "registry" and fl.AGGREGATORS[name].private_head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,21 +203,30 @@ def start_state(model, run_dir: str, resume: bool) -> dict:
                 layers[n].get_base_layer().weight.copy_(W)
         return state
     return {"round": 0, "factors": fl.read_factors(model), "head": fl.head_state(model),
-            "base": {}, "client_B": None, "metrics": [], "bytes_up": 0, "bytes_down": 0}
+            "base": {}, "client_B": None, "client_head": None, "metrics": [], "bytes_up": 0,
+            "bytes_down": 0}
 
 
 def server_update(name: str, state: dict, model, uploads: list, heads: list[dict], p: torch.Tensor,
                   chosen: list[int], *, n_clients: int, options: dict, track_solvers: bool,
-                  device: torch.device, seed: int, round_: int) -> dict:
+                  device: torch.device, seed: int, round_: int, private_head: bool) -> dict:
     """The server's side of round `round_` (0-based) with the registry's aggregator `name`:
     aggregate the uploads and heads of clients `chosen` (weights p), and move `state` (global
-    factors and head, changed frozen weights, private Bs of n_clients clients, bytes) and the
-    frozen weights of `model` to the next round. Returns the round's relative divergences."""
+    factors and head, changed frozen weights, private Bs and, if private_head, heads of
+    n_clients clients, bytes) and the frozen weights of `model` to the next round. The global
+    head is the p-weighted mean of the uploaded heads, also when each client keeps its own:
+    the global model (evaluation, the saved adapter) uses it. A client that has not trained
+    yet holds the first round's global B and head. Returns the round's relative divergences."""
     entry = fl.AGGREGATORS[name]
     update = federation.server_step(uploads, p, name, options, device=device)
     extra = federation.solver_divergences(uploads, p) if track_solvers else None
     # the head (and any other trainable non-LoRA parameter): averaged by p_u
     state["head"] = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
+    if private_head:                                      # each client keeps its own head
+        state["client_head"] = state["client_head"] or [
+            dict(state["head"]) for _ in range(n_clients)]
+        for i, u in enumerate(chosen):
+            state["client_head"][u] = heads[i]
     if update.base_delta:
         fl.add_to_base(model, {n: d.to(device) for n, d in update.base_delta.items()})
         state["base"] = {n: m.get_base_layer().weight.detach().cpu().clone()
@@ -234,15 +250,17 @@ def end_round(row: dict, state: dict, model, tokenizer, *, task: Task, data: Tas
               rounds: int, eval_every: int, eval_options: dict, out: str, log: list[dict],
               base_name: str | None = None) -> None:
     """Finish round row["round"] of aggregator row["aggregator"]: evaluate the global model
-    (and the personalised ones) when due, append the row, and save the run folder: state.pt,
-    metrics.jsonl (all aggregators' rows in `log`) and the global adapter."""
+    (and, where clients keep private parts, their B or head, the personalised ones) when due,
+    append the row, and save the run folder: state.pt, metrics.jsonl (all aggregators' rows
+    in `log`) and the global adapter."""
     name = row["aggregator"]
     run_dir = os.path.join(out, name)
     if row["round"] % eval_every == 0 or row["round"] == rounds:
         fl.write_factors(model, state["factors"])
         fl.load_head(model, state["head"])
         row["metrics"] = evaluate(task, model, tokenizer, data, **eval_options)
-        if fl.AGGREGATORS[name].private_B:
+        personalised = state["client_B"] is not None or state["client_head"] is not None
+        if personalised:
             row["personal_metrics"] = _personal(task, model, tokenizer, data, state,
                                                 eval_options)
     state["round"] = row["round"]
@@ -260,9 +278,11 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                    rounds: int, local_steps: int, batch_size: int, lr: float, optimizer: str,
                    participation: float, seed: int, eval_every: int, eval_options: dict,
                    options: dict, track_solvers: bool, device: torch.device, out: str,
-                   resume: bool, log: list[dict], base_name: str | None = None) -> list[dict]:
+                   resume: bool, log: list[dict], private_head: bool,
+                   base_name: str | None = None) -> list[dict]:
     """Federated training with the registry's aggregator `name`; `load()` builds the model and
-    tokenizer. Returns its metrics (one dict per round); saves its run folder every round."""
+    tokenizer; private_head: clients keep their own head. Returns its metrics (one dict per
+    round); saves its run folder every round."""
     entry = fl.AGGREGATORS[name]
     run_dir = os.path.join(out, name)
     os.makedirs(run_dir, exist_ok=True)
@@ -280,8 +300,9 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
             factors = dict(state["factors"])
             if state["client_B"] is not None:                 # a private B: the client's own
                 factors = {n: (A, state["client_B"][u][n]) for n, (A, _) in factors.items()}
+            head = state["head"] if state["client_head"] is None else state["client_head"][u]
             upload, head, loss = client_update(
-                model, make_batch, parts[u], factors=factors, head=state["head"], lr=lr,
+                model, make_batch, parts[u], factors=factors, head=head, lr=lr,
                 optimizer=optimizer, train_A=entry.train_A, local_steps=local_steps,
                 batch_size=batch_size, seed=seed, round_=rnd, u=u)
             uploads.append(upload)
@@ -292,7 +313,7 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
         divergence = server_update(name, state, model, uploads, heads, p, chosen,
                                    n_clients=len(parts), options=options,
                                    track_solvers=track_solvers, device=device, seed=seed,
-                                   round_=rnd)
+                                   round_=rnd, private_head=private_head)
         t2 = time.perf_counter()
         row = {"aggregator": name, "round": rnd + 1, "clients": chosen,
                "train_loss": sum(losses) / len(losses), "divergence": divergence,
@@ -305,12 +326,19 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
 
 
 def _personal(task, model, tokenizer, data, state, eval_options) -> dict:
-    """Personalised models (shared A, each client's own B): the mean of their metrics."""
+    """Personalised models (the global factors and head with each client's own B and head,
+    where it keeps them) on the shared dev set: the mean of their metrics."""
     results = []
-    for client_B in state["client_B"]:
-        fl.write_factors(model, {n: (A, client_B[n]) for n, (A, _) in state["factors"].items()})
+    for u in range(len(state["client_B"] or state["client_head"])):
+        factors = state["factors"]
+        if state["client_B"] is not None:
+            factors = {n: (A, state["client_B"][u][n]) for n, (A, _) in factors.items()}
+        fl.write_factors(model, factors)
+        if state["client_head"] is not None:
+            fl.load_head(model, state["client_head"][u])
         results.append(evaluate(task, model, tokenizer, data, **eval_options))
     fl.write_factors(model, state["factors"])
+    fl.load_head(model, state["head"])
     return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
 
@@ -424,6 +452,10 @@ def check_args(args: Args) -> list[str]:
         raise ValueError(f"--solver must be als or adamw, got {args.solver!r}")
     if args.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"--optimizer must be adamw or sgd, got {args.optimizer!r}")
+    for key, choices in (("head_sharing", ("registry", "averaged")),):
+        if getattr(args, key) not in choices:
+            raise ValueError(f"--{key.replace('_', '-')} must be {' or '.join(choices)}, got "
+                             f"{getattr(args, key)!r}")
     resolve_device(args.device)
     _check_writable(args.out)
     return names
@@ -469,7 +501,9 @@ def run_facts(args: Args, task: Task, data: TaskData, model) -> dict:
             "majority_baseline": task.majority_baseline(data),
             "head": {"modules": [m for m in saved if any(f".{m}." in f".{n}" for n in head)],
                      "bytes": sum(q.numel() * 4 for q in head.values())},    # float32, as sent
-            "aggregators": {n: {"display_name": a.display_name, "personalised": a.private_B}
+            "aggregators": {n: {"display_name": a.display_name,
+                                "personalised": a.private_B or keeps_own_head(args, n),
+                                "private_head": keeps_own_head(args, n)}
                             for n, a in fl.AGGREGATORS.items()}}
 
 
@@ -544,7 +578,8 @@ def main(args: Args) -> list[dict]:
                        seed=args.seed, eval_every=args.eval_every,
                        eval_options=eval_options(args), options=aggregator_options(args),
                        track_solvers=args.track_solvers, device=device, out=args.out,
-                       resume=args.resume, log=log, base_name=models.hub_id(args.model))
+                       resume=args.resume, log=log, private_head=keeps_own_head(args, name),
+                       base_name=models.hub_id(args.model))
     return log
 
 

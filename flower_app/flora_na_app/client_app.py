@@ -12,8 +12,9 @@ A Flower simulation sets partition-id and num-partitions itself.
 Each train message carries the aggregator's name, the round, and the global LoRA factors,
 head and changed frozen weights (wire.py); the node trains with train.client_update, exactly
 what train.py does for client u, and replies with its factors, head, loss and num-examples.
-An aggregator whose clients keep a private B (the registry's private_B) finds it in the node's
-context.state: the server sends a B only to a node it has not heard from yet.
+An aggregator whose clients keep a private B (the registry's private_B) or head
+(train.keeps_own_head) finds them in the node's context.state: the server sends them only to a
+node it has not heard from yet.
 """
 from __future__ import annotations
 
@@ -109,13 +110,21 @@ def train_round(msg: Message, context: Context) -> Message:
                              f"no private B for {name} (was the SuperNode restarted?)")
         B = context.state[private].to_torch_state_dict()
     factors = {layer: (A, B[layer]) for layer, A in got["A"].items()}
+    private_head, head = f"private-head/{name}", got["head"]
+    if not head and fl.head_state(model):         # the server left this node its own head
+        if private_head not in context.state:
+            raise ValueError(f"round {round_ + 1}: the message has no head and this node "
+                             f"holds no private head for {name} (was the SuperNode restarted?)")
+        head = context.state[private_head].to_torch_state_dict()
     t1 = time.perf_counter()
     upload, head, loss = train.client_update(
-        model, run["make_batch"], idx, factors=factors, head=got["head"], lr=args.lr,
+        model, run["make_batch"], idx, factors=factors, head=head, lr=args.lr,
         optimizer=args.optimizer, train_A=entry.train_A, local_steps=args.local_steps,
         batch_size=args.batch_size, seed=args.seed, round_=round_, u=u)
     if entry.private_B:
         context.state[private] = ArrayRecord({layer: B for layer, (_, B) in upload.items()})
+    if train.keeps_own_head(args, name):
+        context.state[private_head] = ArrayRecord(head)
     metrics = MetricRecord({"num-examples": len(idx), "train-loss": loss, "partition-id": u,
                             "load-seconds": t1 - t0, "train-seconds": time.perf_counter() - t1})
     return Message(RecordDict({"arrays": wire.to_record(upload, head), "metrics": metrics}),

@@ -5,8 +5,9 @@ aggregator named in the run config with a FedAvg subclass whose
 
   configure_train  picks train.py's participants of the round (federation.participants, by
                    partition id) and sends each its message: the global factors, head and
-                   changed frozen weights, and a B only to a node that keeps a private B
-                   (the registry's private_B) and has not answered yet;
+                   changed frozen weights, but a B and a head only to a node that does not
+                   keep its own (the registry's private_B, train.keeps_own_head) or has not
+                   answered yet;
   aggregate_train  drops replies with errors (logged: which client, which node, why),
                    renormalises p over the clients that answered, and calls train.py's own
                    server_update (the registry's aggregator through federation.server_step,
@@ -92,7 +93,8 @@ class RegistryStrategy(FedAvg):
         self.task, self.data, self.args = task, data, args
         self.clients = clients                      # partition-id -> node id
         self.log_rows, self.device = log_rows, device
-        self.has_own_B: set[int] = set()            # clients that keep their B (this process)
+        self.private_head = train.keeps_own_head(args, name)
+        self.has_own: set[int] = set()              # clients keeping their B, head (this process)
         self.chosen: list[int] = []
         self.t_sent = 0.0
 
@@ -109,13 +111,14 @@ class RegistryStrategy(FedAvg):
                                               rnd, self.args.seed)
         messages = []
         for u in self.chosen:
-            if not self.entry.private_B or s["client_B"] is None:
-                record = self.global_record()
-            elif u in self.has_own_B:               # it trains with the B it kept
-                record = wire.to_record(s["factors"], s["head"], s["base"], without_B=True)
-            else:                                   # train.py's B for client u, sent once
-                factors = {n: (A, s["client_B"][u][n]) for n, (A, _) in s["factors"].items()}
-                record = wire.to_record(factors, s["head"], s["base"])
+            # private parts (B, head): train.py's for client u, sent once; then it keeps them
+            factors, head, own = s["factors"], s["head"], u in self.has_own
+            if s["client_B"] is not None:
+                factors = {n: (A, s["client_B"][u][n]) for n, (A, _) in factors.items()}
+            if s["client_head"] is not None:
+                head = {} if own else s["client_head"][u]
+            record = wire.to_record(factors, head, s["base"],
+                                    without_B=own and s["client_B"] is not None)
             content = RecordDict({"arrays": record, "config": ConfigRecord(
                 {"aggregator": self.name, "round": rnd})})
             messages.append(Message(content, dst_node_id=self.clients[u],
@@ -165,10 +168,10 @@ class RegistryStrategy(FedAvg):
         divergence = train.server_update(
             self.name, self.state, self.model, uploads, heads, p, ids, n_clients=len(self.clients),
             options=train.aggregator_options(a), track_solvers=a.track_solvers,
-            device=self.device, seed=a.seed, round_=rnd)
+            device=self.device, seed=a.seed, round_=rnd, private_head=self.private_head)
         t3 = time.perf_counter()
-        if self.entry.private_B:
-            self.has_own_B.update(ids)
+        if self.entry.private_B or self.private_head:
+            self.has_own.update(ids)
         row = {"aggregator": self.name, "round": rnd + 1, "clients": ids,
                "train_loss": sum(losses) / len(losses), "divergence": divergence,
                "bytes_up": self.state["bytes_up"], "bytes_down": self.state["bytes_down"],

@@ -81,6 +81,10 @@ class Args:
     """evaluate the global model every N rounds (and after the last)"""
     eval_batch_size: int = 64
     """evaluation batch size"""
+    personal_eval: str = "clients"
+    """clients: personalised aggregators also score each client's own model; global: they do not"""
+    personal_weighting: str = "uniform"
+    """mean of the clients' scores: uniform (1/U each) or data (n_u / sum n, as p_u)"""
     solver: str = "als"
     """FLoRA-NA solver: als (exact alternating) or adamw (the paper's)"""
     solver_steps: int = 200
@@ -125,6 +129,14 @@ def aggregator_options(args: Args) -> dict:
 def keeps_own_head(args: Args, name: str) -> bool:
     """Whether the clients of aggregator `name` keep their own head (--head-sharing)."""
     return args.head_sharing == "registry" and fl.AGGREGATORS[name].private_head
+
+
+def personal_score_weights(args: Args, n_u: list[int]) -> list[int] | None:
+    """The weight of each client's own model in the personalised score (clients with n_u
+    training examples): 1 each (uniform) or n_u (data); None with --personal-eval global."""
+    if args.personal_eval == "global":
+        return None
+    return [1] * len(n_u) if args.personal_weighting == "uniform" else list(n_u)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,11 +260,12 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
 
 def end_round(row: dict, state: dict, model, tokenizer, *, task: Task, data: TaskData,
               rounds: int, eval_every: int, eval_options: dict, out: str, log: list[dict],
-              base_name: str | None = None) -> None:
+              personal_weights: list[int] | None, base_name: str | None = None) -> None:
     """Finish round row["round"] of aggregator row["aggregator"]: evaluate the global model
-    (and, where clients keep private parts, their B or head, the personalised ones) when due,
-    append the row, and save the run folder: state.pt, metrics.jsonl (all aggregators' rows
-    in `log`) and the global adapter."""
+    when due, and, where clients keep private parts (their B or head) and personal_weights
+    is given (one weight per client), each client's own model, recording the weighted mean
+    of their metrics as row["personal_metrics"]; append the row, and save the run folder:
+    state.pt, metrics.jsonl (all aggregators' rows in `log`) and the global adapter."""
     name = row["aggregator"]
     run_dir = os.path.join(out, name)
     if row["round"] % eval_every == 0 or row["round"] == rounds:
@@ -260,9 +273,9 @@ def end_round(row: dict, state: dict, model, tokenizer, *, task: Task, data: Tas
         fl.load_head(model, state["head"])
         row["metrics"] = evaluate(task, model, tokenizer, data, **eval_options)
         personalised = state["client_B"] is not None or state["client_head"] is not None
-        if personalised:
+        if personalised and personal_weights is not None:
             row["personal_metrics"] = _personal(task, model, tokenizer, data, state,
-                                                eval_options)
+                                                eval_options, personal_weights)
     state["round"] = row["round"]
     state["metrics"].append(row)
     _atomic_write(os.path.join(run_dir, "state.pt"), lambda path: torch.save(state, path))
@@ -279,10 +292,11 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                    participation: float, seed: int, eval_every: int, eval_options: dict,
                    options: dict, track_solvers: bool, device: torch.device, out: str,
                    resume: bool, log: list[dict], private_head: bool,
-                   base_name: str | None = None) -> list[dict]:
+                   personal_weights: list[int] | None, base_name: str | None = None
+                   ) -> list[dict]:
     """Federated training with the registry's aggregator `name`; `load()` builds the model and
-    tokenizer; private_head: clients keep their own head. Returns its metrics (one dict per
-    round); saves its run folder every round."""
+    tokenizer; private_head: clients keep their own head; personal_weights: end_round's.
+    Returns its metrics (one dict per round); saves its run folder every round."""
     entry = fl.AGGREGATORS[name]
     run_dir = os.path.join(out, name)
     os.makedirs(run_dir, exist_ok=True)
@@ -321,15 +335,16 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                "client_seconds": t1 - t0, "server_seconds": t2 - t1, "metrics": None}
         end_round(row, state, model, tokenizer, task=task, data=data, rounds=rounds,
                   eval_every=eval_every, eval_options=eval_options, out=out, log=log,
-                  base_name=base_name)
+                  personal_weights=personal_weights, base_name=base_name)
     return state["metrics"]
 
 
-def _personal(task, model, tokenizer, data, state, eval_options) -> dict:
+def _personal(task, model, tokenizer, data, state, eval_options, weights) -> dict:
     """Personalised models (the global factors and head with each client's own B and head,
-    where it keeps them) on the shared dev set: the mean of their metrics."""
+    where it keeps them) on the shared dev set: the mean of their metrics, weighted by
+    `weights` (one per client)."""
     results = []
-    for u in range(len(state["client_B"] or state["client_head"])):
+    for u in range(len(weights)):
         factors = state["factors"]
         if state["client_B"] is not None:
             factors = {n: (A, state["client_B"][u][n]) for n, (A, _) in factors.items()}
@@ -339,7 +354,8 @@ def _personal(task, model, tokenizer, data, state, eval_options) -> dict:
         results.append(evaluate(task, model, tokenizer, data, **eval_options))
     fl.write_factors(model, state["factors"])
     fl.load_head(model, state["head"])
-    return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+    return {k: sum(w * r[k] for w, r in zip(weights, results)) / sum(weights)
+            for k in results[0]}
 
 
 def _write_metrics(out: str, log: list[dict]) -> None:
@@ -452,7 +468,9 @@ def check_args(args: Args) -> list[str]:
         raise ValueError(f"--solver must be als or adamw, got {args.solver!r}")
     if args.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"--optimizer must be adamw or sgd, got {args.optimizer!r}")
-    for key, choices in (("head_sharing", ("registry", "averaged")),):
+    for key, choices in (("head_sharing", ("registry", "averaged")),
+                         ("personal_eval", ("clients", "global")),
+                         ("personal_weighting", ("uniform", "data"))):
         if getattr(args, key) not in choices:
             raise ValueError(f"--{key.replace('_', '-')} must be {' or '.join(choices)}, got "
                              f"{getattr(args, key)!r}")
@@ -579,6 +597,7 @@ def main(args: Args) -> list[dict]:
                        eval_options=eval_options(args), options=aggregator_options(args),
                        track_solvers=args.track_solvers, device=device, out=args.out,
                        resume=args.resume, log=log, private_head=keeps_own_head(args, name),
+                       personal_weights=personal_score_weights(args, [len(ix) for ix in parts]),
                        base_name=models.hub_id(args.model))
     return log
 

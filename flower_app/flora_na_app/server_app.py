@@ -12,7 +12,10 @@ aggregator named in the run config with a FedAvg subclass whose
                    renormalises p over the clients that answered, and calls train.py's own
                    server_update (the registry's aggregator through federation.server_step,
                    the head averaged by p) and end_round (evaluation on the server's data,
-                   metrics.jsonl, state.pt and the peft adapter, every round).
+                   metrics.jsonl, state.pt and the peft adapter, every round). Clients'
+                   scores are weighted (--personal-weighting data) by train.py's partition
+                   of the server's data, or by the num-examples a node has reported since
+                   the ServerApp started (own-data nodes).
 
 The run directory (run config `out`, on the server's machine) therefore has train.py's layout
 and schema, so evidence/report.py reads a Flower run as any other, and `resume=true` continues
@@ -95,6 +98,8 @@ class RegistryStrategy(FedAvg):
         self.log_rows, self.device = log_rows, device
         self.private_head = train.keeps_own_head(args, name)
         self.has_own: set[int] = set()              # clients keeping their B, head (this process)
+        self.n_examples = [len(ix) for ix in federation.partition(   # train.py's n_u
+            data.labels, len(clients), args.dirichlet_alpha or None, args.seed, min_size=1)]
         self.chosen: list[int] = []
         self.t_sent = 0.0
 
@@ -172,6 +177,8 @@ class RegistryStrategy(FedAvg):
         t3 = time.perf_counter()
         if self.entry.private_B or self.private_head:
             self.has_own.update(ids)
+        for u, n_examples in zip(ids, n_u):
+            self.n_examples[u] = n_examples
         row = {"aggregator": self.name, "round": rnd + 1, "clients": ids,
                "train_loss": sum(losses) / len(losses), "divergence": divergence,
                "bytes_up": self.state["bytes_up"], "bytes_down": self.state["bytes_down"],
@@ -181,6 +188,7 @@ class RegistryStrategy(FedAvg):
         train.end_round(row, self.state, self.model, self.tokenizer, task=self.task,
                         data=self.data, rounds=a.rounds, eval_every=a.eval_every,
                         eval_options=train.eval_options(a), out=a.out, log=self.log_rows,
+                        personal_weights=train.personal_score_weights(a, self.n_examples),
                         base_name=models.hub_id(a.model))
         return self.global_record(), MetricRecord({"train-loss": row["train_loss"]})
 

@@ -617,12 +617,45 @@ class Glue:
 def head_text(runs: list[Run]) -> str:
     """What the MB column leaves out: the trained non-LoRA head, from the runs' facts."""
     head = next((r.facts["head"] for r in runs if r.facts.get("head")), None)
+    kept = sorted({a["display_name"] for r in runs for n, a in r.facts["aggregators"].items()
+                   if a.get("private_head") and n in r.by_aggregator()})
+    alike = (f"averaged by every method but {', '.join(kept)}, whose clients keep their own"
+             if kept else "averaged alike by every method")
     if head is None:
-        return "the trained head, averaged alike by every method, is not counted"
+        return f"the trained head, {alike}, is not counted"
     if not head["modules"] or not head["bytes"]:
         return "no parameter outside LoRA is trained"
     return (f"the trained head ({' and '.join(head['modules'])}, {head['bytes'] / 2**20:.2f} MB "
-            f"per client each way), averaged alike by every method, is not counted")
+            f"per client each way), {alike}, is not counted")
+
+
+def personal_text(runs: list[Run]) -> str:
+    """What the (personalised) rows are: train.py's --personal-eval, --personal-weighting and
+    --head-sharing, from each run's config and facts (a run from before they were recorded:
+    each client's model, unweighted mean, averaged head), naming the runs when they differ."""
+    protocols: dict[str, list[str]] = {}
+    for run in runs:
+        ran = run.by_aggregator()
+        aggs = [a for n, a in run.facts["aggregators"].items()
+                if a.get("personalised") and n in ran]
+        if run.centralised or not aggs:
+            continue
+        if run.config.get("personal_eval", "clients") == "global":
+            text = "no row, only the global model is scored (--personal-eval global)"
+        else:
+            head = ("its own head" if any(a.get("private_head") for a in aggs)
+                    else "the averaged head")
+            mean = ("mean weighted by the clients' training examples"
+                    if run.config.get("personal_weighting") == "data"
+                    else "unweighted mean over clients")
+            text = (f"each client's own model (the shared factors with its private ones, "
+                    f"{head}) on the shared dev set, {mean}, not a single global model")
+        protocols.setdefault(text, []).append(os.path.basename(run.path))
+    if len(protocols) <= 1:
+        text = next(iter(protocols), "each client's own model, not a single global model")
+    else:
+        text = "; ".join(f"in {', '.join(names)}, {t}" for t, names in protocols.items())
+    return f"(personalised): {text}"
 
 
 def glue_section(results: str, out_dir: str, names: Names) -> str:
@@ -651,8 +684,7 @@ def glue_section(results: str, out_dir: str, names: Names) -> str:
     md.append("\nBold: the best federated global model per column. MB / round: LoRA factors "
               "sent by all clients to the server plus the server's reply, per round, as "
               f"train.py counts them ({head_text(runs)}); aggregators differ in what they "
-              "send (README's aggregators table). (personalised): each client's own model, "
-              "averaged over clients — not a single global model; (global): the same "
+              f"send (README's aggregators table). {personal_text(runs)}; (global): the same "
               "aggregator's global model.\n")
     md.append(g.verdict())
     md.append(_glue_figures(g, out_dir))
@@ -1006,6 +1038,8 @@ def headline(results: str, names: Names, page: str = "RESULTS.md") -> str:
             f"calibration and limits in [{page}]({page}). Best dev metric over rounds, mean ± "
             f"std over seeds {g.seeds}; federated: {describe(fed.config)}.\n",
           g.table("best")]
+    if any(k.endswith(PERSONAL) for k in g.keys):
+        md.append(f"- {personal_text(runs)}.")
     versus = g.versus()
     if versus:
         md.append(versus)

@@ -188,6 +188,42 @@ def test_head_size_and_verdicts(built):
            "SST-2 0.950 vs 0.810." in md
 
 
+OLD_PROTOCOL = ("(personalised): each client's own model (the shared factors with its private "
+                "ones, the averaged head) on the shared dev set, unweighted mean over clients, "
+                "not a single global model")
+
+
+def test_the_personalised_rows_name_how_they_were_scored(built, tmp_path):
+    """Every personalised number says which protocol produced it (train.py's --personal-eval,
+    --personal-weighting, --head-sharing, read from each run's config and facts; runs from
+    before these were recorded: as train.py scored them then), naming the runs where they
+    differ; the MB note says whose clients keep their head."""
+    assert OLD_PROTOCOL in built[0].body and f"- {OLD_PROTOCOL}." in built[0].headline
+    kept = {**REGISTRY, "fedsa": {**REGISTRY["fedsa"], "private_head": True}}
+    metrics = rows("fedit", {4: 0.6}) + rows("fedsa", {4: 0.7}, personal={4: 0.65})
+    write_run(tmp_path, "glue", "sst2_seed0", config(registry=kept, personal_eval="clients",
+                                                     personal_weighting="data"), metrics)
+    write_run(tmp_path, "glue", "sst2_seed1", config(seed=1, personal_eval="clients",
+                                                     personal_weighting="uniform"), metrics)
+    write_run(tmp_path, "glue", "sst2_seed2", config(seed=2, registry=kept,
+                                                     personal_eval="global"),
+              rows("fedit", {4: 0.6}) + rows("fedsa", {4: 0.7}))
+    runs = report.load_runs(str(tmp_path), "glue")
+    text = ("(personalised): in sst2_seed0, each client's own model (the shared factors with its "
+            "private ones, its own head) on the shared dev set, mean weighted by the clients' "
+            "training examples, not a single global model; in sst2_seed1, "
+            + OLD_PROTOCOL.removeprefix("(personalised): ")
+            + "; in sst2_seed2, no row, only the global model is scored (--personal-eval global)")
+    assert report.personal_text(runs) == text
+    assert report.personal_text(runs[2:]) == ("(personalised): no row, only the global model is "
+                                              "scored (--personal-eval global)")
+    md = report.build_report(str(tmp_path), str(tmp_path)).body
+    assert text in md
+    assert ("(classifier and pooler, 0.57 MB per client each way), averaged by every method but "
+            "FedSA-LoRA, whose clients keep their own, is not counted") in md
+    assert "averaged alike by every method" in report.head_text(runs[1:2])
+
+
 def test_divergence_sensitivity_generation_bench_and_provenance(built):
     md = built[0].body
     assert line(md, "| FLoRA-NA, ALS solver (default) |")[0].split(" | ")[1:6] == [

@@ -8,6 +8,8 @@ after the server step, all dense float64.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -15,6 +17,9 @@ import transformers
 import flora_na as fl
 import train
 from harness import federation, models
+from test_train import (Killed, adapter_tensors, bert_args, bert_dir, glue_dir,  # noqa: F401
+                        load_state, no_training, rows_of, run_killed_in_round_2, tensors_equal,
+                        without_timing)
 
 RANK, ALPHA = 4, 3.0                 # global rank 4, scaling 0.75; clients 1.5 .. 3: all differ
 CLIENT_RANKS = [1, 2, 4, 2]
@@ -163,3 +168,75 @@ def test_client_ranks_cycle_and_reject_bad_values():
         federation.client_ranks(3, 8, 0, ranks=[4], profile="uniform")
     with pytest.raises(ValueError, match="unknown rank profile"):
         federation.client_ranks(3, 8, 0, profile="pareto")
+
+
+# --- the harness: train.py with clients of different ranks
+
+BAD = {  # Args changes -> message; each must fail before anything is written
+    "not integers": (dict(client_ranks="2,x"), "--client-ranks must be comma-separated integers"),
+    "above the global rank": (dict(client_ranks="1,4"), r"client ranks must be in 1..2"),
+    "zero": (dict(client_ranks="0,2"), r"client ranks must be in 1..2"),
+    "both": (dict(client_ranks="1", rank_profile="uniform"), "not both"),
+    "unknown profile": (dict(rank_profile="pareto"), "unknown rank profile 'pareto'"),
+    "equal-rank aggregator": (dict(client_ranks="1,2", aggregator="fedit,fedex,ffa"),
+                              "fedex, ffa need every client at the global rank; with mixed "
+                              "client ranks use fedit, flora, flexlora, flora_na"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_rank_options_fail_before_anything_is_written(tmp_path, no_training, bert_dir,
+                                                          glue_dir, case):
+    changes, pattern = BAD[case]
+    with pytest.raises(ValueError, match=pattern):
+        train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, **changes))
+    assert not (tmp_path / "run").exists()
+
+
+def mixed_args(out, bert_dir, glue_dir, **kw):
+    """3 clients at ranks 1, 2, 1 (global rank 2), 3 rounds, 2 of 3 clients per round."""
+    return bert_args(out, bert_dir, glue_dir, aggregator="all", client_ranks="1,2", rounds=3,
+                     participation=0.67, eval_every=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, bert_dir, glue_dir):
+    out = tmp_path_factory.mktemp("mixed") / "run"
+    return out, train.main(mixed_args(out, bert_dir, glue_dir))
+
+
+def test_all_means_the_mixed_rank_aggregators_and_they_train(mixed_run):
+    out, log = mixed_run
+    assert [r["aggregator"] for r in log if r["round"] == 1] == MIXED
+    config = json.loads((out / "config.json").read_text())
+    assert config["facts"]["client_ranks"] == [1, 2, 1]
+    for row in log:
+        div = row["divergence"]["relative_mean"]
+        assert {"naive", "aggregate", "bound", "bound_r1"} <= div.keys()
+        if row["aggregator"] != "flora":            # a pair: what a rank-1 client applies
+            assert div["client_r1"] >= div["bound_r1"] - 1e-6
+        # bytes: every client at its own rank (rank-1 uploads are half a rank-2 one)
+    first = {r["aggregator"]: r for r in log if r["round"] == 1}
+    layers = 4                                       # 2 BERT layers x (query, value), 32 x 32
+    rank_1, rank_2 = layers * 1 * 64 * 4, layers * 2 * 64 * 4
+    chosen = first["fedit"]["clients"]
+    up = sum(rank_1 if [1, 2, 1][u] == 1 else rank_2 for u in chosen)
+    for name in ("fedit", "flexlora", "flora_na"):
+        assert first[name]["bytes_up"] == up and first[name]["bytes_down"] == up
+    for name in MIXED:                               # the global model is saved at rank 2
+        state = load_state(out / name)
+        assert all(A.shape[0] == 2 for A, _ in state["factors"].values())
+        model, _ = train.load_global(str(out / name))
+        assert models.lora_rank(model) == 2
+
+
+def test_mixed_rank_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, bert_dir,
+                                                       glue_dir, mixed_run):
+    uninterrupted, _ = mixed_run
+    out = tmp_path / "run"
+    args = mixed_args(out, bert_dir, glue_dir)
+    run_killed_in_round_2(monkeypatch, lambda: train.main(args), "flora_na")
+    train.main(mixed_args(out, bert_dir, glue_dir, resume=True))
+    assert without_timing(rows_of(out)) == without_timing(rows_of(uninterrupted))
+    for name in MIXED:
+        assert tensors_equal(adapter_tensors(out / name), adapter_tensors(uninterrupted / name))

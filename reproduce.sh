@@ -372,6 +372,10 @@ stage_8() {
 
 # --- main -----------------------------------------------------------------------------------
 
+# the command this run amounts to, for each stage's provenance line in the report
+INVOCATION="bash reproduce.sh${ONLY:+ --only $ONLY}${SKIP:+ --skip $SKIP}"
+[[ $MODE == FULL ]] && INVOCATION+=" --mode FULL"
+[[ $TINY == 1 ]] && INVOCATION+=" --tiny"
 NAMES=([1]=tests [2]=divergence [3]=glue [4]=sensitivity [5]=bench [6]=generation [7]=mixed_ranks
        [8]=report)
 echo "reproduce.sh: MODE=$MODE TINY=$TINY results in $RESULTS/, data from $DATA," \
@@ -393,8 +397,9 @@ for n in 1 2 3 4 5 6 7 8; do
     status=$([[ $rc == 0 ]] && echo ok || echo "failed($rc)")
     ((rc == 0)) || FAILED+=("$n")
     if [[ $DRY_RUN != 1 ]]; then
-        printf '%s\t%s\t%s\t%s\t%s\n' "$n" "${NAMES[$n]}" "$status" "$((SECONDS - t0))" \
-            "$(date '+%F %T')" >>"$RESULTS/stage_times.tsv"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "${NAMES[$n]}" "$status" \
+            "$((SECONDS - t0))" "$(date '+%F %T')" "$MODE$([[ $TINY == 1 ]] && echo ' TINY')" \
+            "$JOBS" "$THREADS" "$INVOCATION" >>"$RESULTS/stage_times.tsv"
     fi
     echo "stage $n (${NAMES[$n]}): $status in $((SECONDS - t0)) s"
 done

@@ -240,3 +240,38 @@ def test_mixed_rank_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, be
     assert without_timing(rows_of(out)) == without_timing(rows_of(uninterrupted))
     for name in MIXED:
         assert tensors_equal(adapter_tensors(out / name), adapter_tensors(uninterrupted / name))
+
+
+# --- the report's section (stage 7), on run folders written by hand
+
+def test_report_section_for_mixed_ranks(tmp_path):
+    from evidence import report
+    from test_report import config, rows, write_run
+    mixed = dict(rank=16, rank_profile="heavy_tail", clients=4)
+
+    def div(aggregate):
+        mean = {"naive": 0.2, "aggregate": aggregate, "bound": 0.05, "bound_r2": 0.3,
+                "client_r2": aggregate + 0.3}
+        return {"relative_mean": mean, "relative_per_layer": {"layer.0": mean}}
+
+    for seed, (fedit_acc, ours_acc) in enumerate([(0.70, 0.74), (0.72, 0.78)]):
+        cfg = config(seed=seed, **mixed)
+        cfg["facts"]["client_ranks"] = [2, 2, 4, 16]
+        write_run(tmp_path, "mixed_ranks", f"heavy_tail_seed{seed}", cfg,
+                  rows("fedit", {2: 0.6, 4: fedit_acc}, div=div(0.2))
+                  + rows("flora_na", {2: 0.6, 4: ours_acc}, div=div(0.1)))
+        ref = config(seed=seed, rank=2, clients=4, aggregator="fedit")
+        ref["facts"]["client_ranks"] = [2, 2, 2, 2]
+        write_run(tmp_path, "mixed_ranks", f"equal_rank2_seed{seed}", ref,
+                  rows("fedit", {2: 0.6, 4: 0.65}, div=div(0.2)))
+    names = report.Names.of(report.load_runs(str(tmp_path), "mixed_ranks"), "flora_na", "fedit")
+    md = report.mixed_ranks_section(str(tmp_path), str(tmp_path), names)
+    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in md.splitlines() if ln.startswith("| ")}
+    assert "2 x rank 2, 1 x rank 4, 1 x rank 16 per run" in md
+    assert lines["FedIT (mixed ranks)"] == ("| FedIT (mixed ranks) | 0.710 ± 0.014 | 0.710 ± 0.014 "
+                                            "| 2.00 | 0.200 | 0.200 | 0.050 | 0.500 | 0.300 |")
+    assert lines["**FLoRA-NA** (mixed ranks)"].startswith(
+        "| **FLoRA-NA** (mixed ranks) | 0.760 ± 0.028 | 0.760 ± 0.028 | 2.00 | 0.100 |")
+    assert lines["FedIT, all rank 2"].startswith("| FedIT, all rank 2 | 0.650 ± 0.000 |")
+    assert [k for k in lines if k != "aggregator"] == ["FedIT (mixed ranks)", "**FLoRA-NA** (mixed ranks)", "FedIT, all rank 2"]
+    assert (tmp_path / "mixed_ranks.png").stat().st_size > 0

@@ -17,6 +17,7 @@ context.state: the server sends a B only to a node it has not heard from yet.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -26,7 +27,7 @@ from flwr.clientapp import ClientApp
 
 import flora_na as fl
 import train
-from harness import federation
+from harness import federation, models
 
 from flora_na_app import wire
 
@@ -59,7 +60,9 @@ def setup(context: Context, name: str) -> dict:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
         task, data = train.load_data(args)
         model, tokenizer = train.model_loader(args, train.resolve_device(args.device))()
-        _loaded.update(key=key, args=args, data=data, model=model,
+        ranks = train.client_ranks(dataclasses.replace(args, clients=identity(context)[1]))
+        _loaded.update(key=key, args=args, data=data, model=model, ranks=ranks,
+                       scales=train.rank_scales(model, ranks),
                        make_batch=task.batcher(tokenizer, data.train, args.max_length))
     return _loaded
 
@@ -109,6 +112,9 @@ def train_round(msg: Message, context: Context) -> Message:
                              f"no private B for {name} (was the SuperNode restarted?)")
         B = context.state[private].to_torch_state_dict()
     factors = {layer: (A, B[layer]) for layer, A in got["A"].items()}
+    r_u = run["ranks"][u]                         # its share, at its own rank (as train.py)
+    models.set_rank(model, r_u)
+    factors = federation.to_client(factors, r_u, run["scales"][r_u])
     t1 = time.perf_counter()
     upload, head, loss = train.client_update(
         model, run["make_batch"], idx, factors=factors, head=got["head"], lr=args.lr,

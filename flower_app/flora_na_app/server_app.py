@@ -93,6 +93,8 @@ class RegistryStrategy(FedAvg):
         self.clients = clients                      # partition-id -> node id
         self.log_rows, self.device = log_rows, device
         self.has_own_B: set[int] = set()            # clients that keep their B (this process)
+        self.ranks = train.client_ranks(args)       # each client's LoRA rank, as train.py's
+        self.scales = train.rank_scales(model, self.ranks)
         self.chosen: list[int] = []
         self.t_sent = 0.0
 
@@ -165,7 +167,8 @@ class RegistryStrategy(FedAvg):
         divergence = train.server_update(
             self.name, self.state, self.model, uploads, heads, p, ids, n_clients=len(self.clients),
             options=train.aggregator_options(a), track_solvers=a.track_solvers,
-            device=self.device, seed=a.seed, round_=rnd)
+            device=self.device, seed=a.seed, round_=rnd,
+            scales=[self.scales[self.ranks[u]] for u in ids], rank=a.rank)
         t3 = time.perf_counter()
         if self.entry.private_B:
             self.has_own_B.update(ids)
@@ -193,6 +196,7 @@ def main(grid: Grid, context: Context) -> None:
     device = train.resolve_device(args.device)
     clients = find_clients(grid, float(config["node-timeout"]))
     args.clients = len(clients)
+    names = train.check_args(args)              # again: rank profiles depend on the count
     log(INFO, "clients (partition-id: node id): %s", clients)
     task, data = train.load_data(args)
     if args.clients > len(data.train):

@@ -226,6 +226,15 @@ def divergence(A: Tensor, B: Tensor, p: Tensor, P: Tensor, Q: Tensor) -> Tensor:
 # 3. Aggregators, simplest first. One signature: f(A, B, p, **options) -> Aggregate, where
 #    A is a list of U tensors (L, r_u, k) and B a list of U tensors (L, d, r_u) for L layers
 #    of one shape, and p the clients' weights (any scale: they are normalised).
+#
+#    Clients of different ranks (the registry's mixed_ranks): a client of rank r_u applies
+#    s_u B_u A_u, with its own LoRA scaling s_u (peft: alpha / r_u), so the ideal update is
+#    sum_u p_u s_u B_u A_u. Bring every B_u to the global model's scaling s first,
+#    B_u <- (s_u / s) B_u: then M = sum_u p_u B_u A_u as everywhere in this file, and the
+#    global pair (A, B) of rank R applies s B A. A client of rank r_u takes the first r_u
+#    components, A[:r_u] and B[:, :r_u] (s / s_u), which applies s B[:, :r_u] A[:r_u]: the
+#    global update's truncation, exactly. FedIT (zero-padding), FLoRA-NA and FlexLoRA build
+#    a rank-R pair, R the largest client rank unless given; FLoRA needs no common rank.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -275,11 +284,36 @@ def ideal_update(A, B, p) -> Tensor:
     return weighted_sum(p, [b.double() @ a.double() for a, b in zip(A, B)]).to(A[0].dtype)
 
 
-def fedit(A, B, p, **_) -> Aggregate:
-    """FedIT: average A and B separately (the naive, inexact aggregation)."""
-    p = _check_clients(A, B, p, True, "fedit")
-    A_bar, B_bar = weighted_sum(p, A), weighted_sum(p, B)   # (L, r, k), (L, d, r)
-    return Aggregate(A_bar, B_bar, None, _nbytes(*A, *B), len(A) * _nbytes(A_bar, B_bar))
+def pad_ranks(A: Sequence[Tensor], B: Sequence[Tensor], rank: int | None = None
+              ) -> tuple[list[Tensor], list[Tensor]]:
+    """Clients of different ranks as rank-R factors, R = `rank` or the largest r_u: A_u gets
+    zero rows r_u..R (L, R, k), B_u zero columns (L, d, R); no product B_u A_u changes.
+    Factors of rank R already are returned as they are."""
+    ranks = [a.shape[1] for a in A]
+    R = max(ranks) if rank is None else rank
+    if R < max(ranks):
+        raise ValueError(f"rank {R} is below the largest client rank {max(ranks)}")
+    return ([torch.nn.functional.pad(a, (0, 0, 0, R - a.shape[1])) if a.shape[1] < R else a
+             for a in A],
+            [torch.nn.functional.pad(b, (0, R - b.shape[2])) if b.shape[2] < R else b
+             for b in B])
+
+
+def _share_bytes(A: Tensor, B: Tensor, ranks: Sequence[int]) -> int:
+    """Bytes of a global pair A (L, R, k), B (L, d, R) sent to clients of these ranks, each
+    receiving its first r_u components."""
+    return sum(_nbytes(A[:, :r], B[:, :, :r]) for r in ranks)
+
+
+def fedit(A, B, p, rank: int | None = None, **_) -> Aggregate:
+    """FedIT: average A and B separately (the naive, inexact aggregation). With clients of
+    different ranks this is HetLoRA's zero-padding: pad every pair to rank R (default: the
+    largest r_u) with zeros, average, and send each client its first r_u components."""
+    p = _check_clients(A, B, p, False, "fedit")
+    A_pad, B_pad = pad_ranks(A, B, rank)
+    A_bar, B_bar = weighted_sum(p, A_pad), weighted_sum(p, B_pad)   # (L, R, k), (L, d, R)
+    return Aggregate(A_bar, B_bar, None, _nbytes(*A, *B),
+                     _share_bytes(A_bar, B_bar, [a.shape[1] for a in A]))
 
 
 def ffa(A, B, p, **_) -> Aggregate:
@@ -886,7 +920,9 @@ def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
     A and B; the small systems are solved in float64. path="gram" works through r x r Gram
     blocks and never forms a d x k matrix (cost grows as U^2); "matrix_free" (section 4b)
     forms M once and is linear in U; "auto" picks by size (choose_path). bound=True also
-    reports the rank-r bound, a diagnostic that can cost more than the solve.
+    reports the rank-r bound, a diagnostic that can cost more than the solve. Clients of
+    different ranks: stack pad_ranks(A, B) (zero rows and columns; see section 3), which is
+    what the flora_na aggregator does.
     """
     p = _check_factors(A, B, p).to(A.device)
     if path == "auto":
@@ -934,12 +970,17 @@ def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
         iterations=iters)
 
 
-def flora_na(A, B, p, **solver_options) -> Aggregate:
-    """FLoRA-NA: send B_hat = sum P_u B_u and A_hat = sum Q_u A_u, same bytes as FedIT."""
-    p = _check_clients(A, B, p, True, "flora_na")
-    res = solve_flora_na(torch.stack(list(A), 1), torch.stack(list(B), 1), p, **solver_options)
+def flora_na(A, B, p, rank: int | None = None, **solver_options) -> Aggregate:
+    """FLoRA-NA: send B_hat = sum P_u B_u and A_hat = sum Q_u A_u, same bytes as FedIT. With
+    clients of different ranks, P and Q combine the zero-padded factors (pad_ranks, rank R),
+    so FedIT's zero-padding is the solver's starting point, and a client of rank r_u gets
+    the first r_u components of (A_hat, B_hat)."""
+    p = _check_clients(A, B, p, False, "flora_na")
+    A_pad, B_pad = pad_ranks(A, B, rank)
+    res = solve_flora_na(torch.stack(A_pad, 1), torch.stack(B_pad, 1), p, **solver_options)
     return Aggregate(res.A_hat, res.B_hat, None, _nbytes(*A, *B),
-                     len(A) * _nbytes(res.A_hat, res.B_hat), info={"result": res})
+                     _share_bytes(res.A_hat, res.B_hat, [a.shape[1] for a in A]),
+                     info={"result": res})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -963,14 +1004,14 @@ class Aggregator:
 
 
 AGGREGATORS: dict[str, Aggregator] = {
-    "fedit": Aggregator(fedit, "FedIT"),
+    "fedit": Aggregator(fedit, "FedIT", mixed_ranks=True, options={"rank": None}),
     "ffa": Aggregator(ffa, "FFA-LoRA", train_A=False),
     "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True, private_head=True),
     "fedex": Aggregator(fedex, "FedEx-LoRA", folds_into_base=True),
     "flora": Aggregator(flora, "FLoRA", restart=True, folds_into_base=True, mixed_ranks=True),
     "flexlora": Aggregator(flexlora, "FlexLoRA", mixed_ranks=True, options={"rank": None}),
     "lora_fair": Aggregator(lora_fair, "LoRA-FAIR", options={"fair_lambda": 1e-3}),
-    "flora_na": Aggregator(flora_na, "FLoRA-NA", options={
-        "solver": "als", "tie_layers": False, "steps": 200, "lr": 1e-2}),
+    "flora_na": Aggregator(flora_na, "FLoRA-NA", mixed_ranks=True, options={
+        "rank": None, "solver": "als", "tie_layers": False, "steps": 200, "lr": 1e-2}),
 }
 METHOD = "flora_na"              # the aggregator this file is about (train.py's default)

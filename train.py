@@ -54,7 +54,11 @@ class Args:
     optimizer: str = "adamw"
     """client optimizer: adamw or sgd (the authors' choice, lr 0.02)"""
     rank: int = 8
-    """LoRA rank r"""
+    """LoRA rank r (of the global model; clients too unless --client-ranks or --rank-profile)"""
+    client_ranks: str | None = None
+    """comma-separated client LoRA ranks, cycled over the clients (e.g. 4,8,16), each <= --rank"""
+    rank_profile: str | None = None
+    """client ranks drawn (seeded) from 2, 4, 8, .. --rank: uniform, random or heavy_tail"""
     lora_alpha: float = 16.0
     """LoRA alpha (scaling alpha / r)"""
     lora_dropout: float = 0.05
@@ -221,16 +225,20 @@ def start_state(model, run_dir: str, resume: bool) -> dict:
 
 def server_update(name: str, state: dict, model, uploads: list, heads: list[dict], p: torch.Tensor,
                   chosen: list[int], *, n_clients: int, options: dict, track_solvers: bool,
-                  device: torch.device, seed: int, round_: int, private_head: bool) -> dict:
+                  device: torch.device, seed: int, round_: int, private_head: bool,
+                  scales: list[float] | None = None, rank: int | None = None) -> dict:
     """The server's side of round `round_` (0-based) with the registry's aggregator `name`:
     aggregate the uploads and heads of clients `chosen` (weights p), and move `state` (global
     factors and head, changed frozen weights, private Bs and, if private_head, heads of
-    n_clients clients, bytes) and the frozen weights of `model` to the next round. The global
-    head is the p-weighted mean of the uploaded heads, also when each client keeps its own:
-    the global model (evaluation, the saved adapter) uses it. A client that has not trained
-    yet holds the first round's global B and head. Returns the round's relative divergences."""
+    n_clients clients, bytes) and the frozen weights of `model` (at the global rank) to the
+    next round. The global head is the p-weighted mean of the uploaded heads, also when each
+    client keeps its own: the global model (evaluation, the saved adapter) uses it. A client
+    that has not trained yet holds the first round's global B and head. Clients of mixed
+    ranks: scales[i] = s_u / s of the i-th upload, rank the global rank
+    (federation.server_step). Returns the round's relative divergences."""
     entry = fl.AGGREGATORS[name]
-    update = federation.server_step(uploads, p, name, options, device=device)
+    update = federation.server_step(uploads, p, name, options, device=device, scales=scales,
+                                    rank=rank)
     extra = federation.solver_divergences(uploads, p) if track_solvers else None
     # the head (and any other trainable non-LoRA parameter): averaged by p_u
     state["head"] = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
@@ -292,17 +300,21 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                    participation: float, seed: int, eval_every: int, eval_options: dict,
                    options: dict, track_solvers: bool, device: torch.device, out: str,
                    resume: bool, log: list[dict], private_head: bool,
-                   personal_weights: list[int] | None, base_name: str | None = None
-                   ) -> list[dict]:
+                   personal_weights: list[int] | None, base_name: str | None = None,
+                   ranks: list[int] | None = None) -> list[dict]:
     """Federated training with the registry's aggregator `name`; `load()` builds the model and
-    tokenizer; private_head: clients keep their own head; personal_weights: end_round's.
-    Returns its metrics (one dict per round); saves its run folder every round."""
+    tokenizer. ranks[u]: client u's LoRA rank (default: the model's, for all); private_head:
+    clients keep their own head; personal_weights: end_round's. Returns its metrics (one dict
+    per round); saves its run folder every round."""
     entry = fl.AGGREGATORS[name]
     run_dir = os.path.join(out, name)
     os.makedirs(run_dir, exist_ok=True)
     model, tokenizer = load()
     make_batch = task.batcher(tokenizer, data.train, eval_options["max_length"])
     state = start_state(model, run_dir, resume)
+    rank = models.lora_rank(model)                        # the global model's
+    ranks = ranks or [rank] * len(parts)
+    scales = rank_scales(model, ranks)                    # {r_u: s_u / s}
     n_u = torch.tensor([len(ix) for ix in parts], dtype=torch.float64)
     bar = tqdm(range(state["round"], rounds), desc=name, initial=state["round"], total=rounds,
                dynamic_ncols=True)
@@ -314,6 +326,8 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
             factors = dict(state["factors"])
             if state["client_B"] is not None:                 # a private B: the client's own
                 factors = {n: (A, state["client_B"][u][n]) for n, (A, _) in factors.items()}
+            models.set_rank(model, ranks[u])                  # its share, at its own rank
+            factors = federation.to_client(factors, ranks[u], scales[ranks[u]])
             head = state["head"] if state["client_head"] is None else state["client_head"][u]
             upload, head, loss = client_update(
                 model, make_batch, parts[u], factors=factors, head=head, lr=lr,
@@ -323,11 +337,13 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
             heads.append(head)
             losses.append(loss)
         t1 = time.perf_counter()
+        models.set_rank(model, rank)                          # back to the global model
         p = n_u[chosen] / n_u[chosen].sum()
         divergence = server_update(name, state, model, uploads, heads, p, chosen,
                                    n_clients=len(parts), options=options,
                                    track_solvers=track_solvers, device=device, seed=seed,
-                                   round_=rnd, private_head=private_head)
+                                   round_=rnd, private_head=private_head,
+                                   scales=[scales[ranks[u]] for u in chosen], rank=rank)
         t2 = time.perf_counter()
         row = {"aggregator": name, "round": rnd + 1, "clients": chosen,
                "train_loss": sum(losses) / len(losses), "divergence": divergence,
@@ -337,6 +353,19 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                   eval_every=eval_every, eval_options=eval_options, out=out, log=log,
                   personal_weights=personal_weights, base_name=base_name)
     return state["metrics"]
+
+
+def rank_scales(model, ranks: list[int]) -> dict[int, float]:
+    """{r: s_r / s} for every client rank r: its LoRA scaling over the global model's, as
+    peft sets them (set_rank); the model is left at its rank."""
+    rank = models.lora_rank(model)
+    s = models.lora_scaling(model)
+    scales = {rank: 1.0}
+    for r in sorted(set(ranks) - {rank}):
+        models.set_rank(model, r)
+        scales[r] = models.lora_scaling(model) / s
+    models.set_rank(model, rank)
+    return scales
 
 
 def _personal(task, model, tokenizer, data, state, eval_options, weights) -> dict:
@@ -438,12 +467,6 @@ def check_args(args: Args) -> list[str]:
     """Validate everything that can be checked without data, before anything is written;
     returns the aggregator names."""
     get_task(args.task, args.allow_unisolated_exec).check()   # e.g. MBPP without a sandbox
-    names = [a.strip() for a in args.aggregator.split(",") if a.strip()]
-    names = list(fl.AGGREGATORS) if names == ["all"] else names
-    unknown = [a for a in names if a not in fl.AGGREGATORS]
-    if unknown or not names:
-        raise ValueError(f"unknown aggregator(s) {unknown or names}; choose from "
-                         f"{', '.join(fl.AGGREGATORS)} or 'all'")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a folder")
     at_least = {"clients": 1, "rounds": 1, "local_steps": 1, "batch_size": 1, "rank": 1,
@@ -474,9 +497,38 @@ def check_args(args: Args) -> list[str]:
         if getattr(args, key) not in choices:
             raise ValueError(f"--{key.replace('_', '-')} must be {' or '.join(choices)}, got "
                              f"{getattr(args, key)!r}")
+    mixed = any(r != args.rank for r in client_ranks(args))
+    names = [a.strip() for a in args.aggregator.split(",") if a.strip()]
+    if names == ["all"]:                       # with mixed ranks: those that accept them
+        names = [n for n, a in fl.AGGREGATORS.items() if a.mixed_ranks or not mixed]
+    unknown = [a for a in names if a not in fl.AGGREGATORS]
+    if unknown or not names:
+        raise ValueError(f"unknown aggregator(s) {unknown or names}; choose from "
+                         f"{', '.join(fl.AGGREGATORS)} or 'all'")
+    equal_only = [a for a in names if mixed and not fl.AGGREGATORS[a].mixed_ranks]
+    if equal_only:
+        mixed_ok = ", ".join(n for n, a in fl.AGGREGATORS.items() if a.mixed_ranks)
+        raise ValueError(f"{', '.join(equal_only)} need every client at the global rank; with "
+                         f"mixed client ranks use {mixed_ok}")
     resolve_device(args.device)
     _check_writable(args.out)
     return names
+
+
+def client_ranks(args: Args) -> list[int]:
+    """Each client's LoRA rank, from --client-ranks or --rank-profile (else all --rank)."""
+    ranks = None
+    if args.client_ranks is not None:
+        try:
+            ranks = [int(r) for r in args.client_ranks.split(",")]
+        except ValueError:
+            raise ValueError(f"--client-ranks must be comma-separated integers, got "
+                             f"{args.client_ranks!r}") from None
+    try:
+        return federation.client_ranks(args.clients, args.rank, args.seed, ranks,
+                                       args.rank_profile)
+    except ValueError as err:
+        raise ValueError(f"--client-ranks / --rank-profile: {err}") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -517,6 +569,7 @@ def run_facts(args: Args, task: Task, data: TaskData, model) -> dict:
     return {"task": {"display_name": task.display_name, "main_metric": task.main_metric},
             "model": {"hub_id": models.hub_id(args.model), "path": models.resolve_model(args.model)},
             "majority_baseline": task.majority_baseline(data),
+            "client_ranks": client_ranks(args),
             "head": {"modules": [m for m in saved if any(f".{m}." in f".{n}" for n in head)],
                      "bytes": sum(q.numel() * 4 for q in head.values())},    # float32, as sent
             "aggregators": {n: {"display_name": a.display_name,
@@ -598,7 +651,7 @@ def main(args: Args) -> list[dict]:
                        track_solvers=args.track_solvers, device=device, out=args.out,
                        resume=args.resume, log=log, private_head=keeps_own_head(args, name),
                        personal_weights=personal_score_weights(args, [len(ix) for ix in parts]),
-                       base_name=models.hub_id(args.model))
+                       base_name=models.hub_id(args.model), ranks=client_ranks(args))
     return log
 
 

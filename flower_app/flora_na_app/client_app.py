@@ -18,6 +18,7 @@ node it has not heard from yet.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -27,7 +28,7 @@ from flwr.clientapp import ClientApp
 
 import flora_na as fl
 import train
-from harness import federation
+from harness import federation, models
 
 from flora_na_app import wire
 
@@ -60,7 +61,9 @@ def setup(context: Context, name: str) -> dict:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
         task, data = train.load_data(args)
         model, tokenizer = train.model_loader(args, train.resolve_device(args.device))()
-        _loaded.update(key=key, args=args, data=data, model=model,
+        ranks = train.client_ranks(dataclasses.replace(args, clients=identity(context)[1]))
+        _loaded.update(key=key, args=args, data=data, model=model, ranks=ranks,
+                       scales=train.rank_scales(model, ranks),
                        make_batch=task.batcher(tokenizer, data.train, args.max_length))
     return _loaded
 
@@ -116,6 +119,9 @@ def train_round(msg: Message, context: Context) -> Message:
             raise ValueError(f"round {round_ + 1}: the message has no head and this node "
                              f"holds no private head for {name} (was the SuperNode restarted?)")
         head = context.state[private_head].to_torch_state_dict()
+    r_u = run["ranks"][u]                         # its share, at its own rank (as train.py)
+    models.set_rank(model, r_u)
+    factors = federation.to_client(factors, r_u, run["scales"][r_u])
     t1 = time.perf_counter()
     upload, head, loss = train.client_update(
         model, run["make_batch"], idx, factors=factors, head=head, lr=args.lr,

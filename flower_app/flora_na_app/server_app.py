@@ -100,6 +100,8 @@ class RegistryStrategy(FedAvg):
         self.has_own: set[int] = set()              # clients keeping their B, head (this process)
         self.n_examples = [len(ix) for ix in federation.partition(   # train.py's n_u
             data.labels, len(clients), args.dirichlet_alpha or None, args.seed, min_size=1)]
+        self.ranks = train.client_ranks(args)       # each client's LoRA rank, as train.py's
+        self.scales = train.rank_scales(model, self.ranks)
         self.chosen: list[int] = []
         self.t_sent = 0.0
 
@@ -173,7 +175,8 @@ class RegistryStrategy(FedAvg):
         divergence = train.server_update(
             self.name, self.state, self.model, uploads, heads, p, ids, n_clients=len(self.clients),
             options=train.aggregator_options(a), track_solvers=a.track_solvers,
-            device=self.device, seed=a.seed, round_=rnd, private_head=self.private_head)
+            device=self.device, seed=a.seed, round_=rnd, private_head=self.private_head,
+            scales=[self.scales[self.ranks[u]] for u in ids], rank=a.rank)
         t3 = time.perf_counter()
         if self.entry.private_B or self.private_head:
             self.has_own.update(ids)
@@ -204,6 +207,7 @@ def main(grid: Grid, context: Context) -> None:
     device = train.resolve_device(args.device)
     clients = find_clients(grid, float(config["node-timeout"]))
     args.clients = len(clients)
+    names = train.check_args(args)              # again: rank profiles depend on the count
     log(INFO, "clients (partition-id: node id): %s", clients)
     task, data = train.load_data(args)
     if args.clients > len(data.train):

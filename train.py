@@ -574,7 +574,8 @@ def run_facts(args: Args, task: Task, data: TaskData, model) -> dict:
                      "bytes": sum(q.numel() * 4 for q in head.values())},    # float32, as sent
             "aggregators": {n: {"display_name": a.display_name,
                                 "personalised": a.private_B or keeps_own_head(args, n),
-                                "private_head": keeps_own_head(args, n)}
+                                "private_head": keeps_own_head(args, n),
+                                "mixed_ranks": a.mixed_ranks}
                             for n, a in fl.AGGREGATORS.items()}}
 
 
@@ -589,9 +590,12 @@ def _check_config(args: Args, facts: dict) -> None:
                                   f"it, or choose another --out")
         old = json.load(open(path))
         # facts derive from the arguments and this machine (the model's local path): a run
-        # moved to another machine resumes; they are rewritten below
+        # moved to another machine resumes; they are rewritten below. An option added to
+        # train.py since the run started resumes at its default (what the run did without it)
+        default = dataclasses.asdict(Args(data_dir=None))
         diff = {k: (old.get(k), v) for k, v in config.items()
-                if old.get(k) != v and k not in ("threads", "facts")}
+                if old.get(k) != v and k not in ("threads", "facts")
+                and not (k not in old and v == default[k])}
         if diff:
             raise ValueError(f"--resume with a different config than {path}: {diff}")
     os.makedirs(args.out, exist_ok=True)

@@ -109,9 +109,16 @@ class Run:
     def unfinished(self) -> list[str]:
         """Aggregators of this run's config that have not done all their rounds (or none)."""
         names = [a.strip() for a in str(self.config.get("aggregator", "")).split(",") if a.strip()]
-        if names == ["all"]:
-            names = list(self.facts["aggregators"])
+        if names == ["all"]:           # with clients of mixed ranks: those that accept them
+            names = [n for n, info in self.facts["aggregators"].items()
+                     if not self.mixed_ranks or info.get("mixed_ranks", True)]
         return [a for a in names or self.by_aggregator() if not self.finished(a)]
+
+    @property
+    def mixed_ranks(self) -> bool:
+        """Whether the clients' LoRA ranks differ from the global rank (or from each other)."""
+        ranks = self.facts.get("client_ranks") or [self.config.get("rank")]
+        return len(set(ranks)) > 1 or ranks[0] != self.config.get("rank")
 
 
 def load_runs(results: str, stage: str) -> list[Run]:
@@ -923,8 +930,7 @@ def generation_section(results: str, out_dir: str, names: Names) -> str:
 def mixed_rank_key(run: Run, agg: str) -> tuple[int, str]:
     """(0, aggregator) for a run whose clients have mixed ranks, (rank, aggregator) for an
     equal-rank reference: rows sort mixed first, then references by rank."""
-    ranks = run.facts.get("client_ranks") or [run.config["rank"]] * run.config["clients"]
-    return (0 if len(set(ranks)) > 1 or ranks[0] != run.config["rank"] else ranks[0], agg)
+    return (0 if run.mixed_ranks else run.config["rank"], agg)
 
 
 def mixed_ranks_section(results: str, out_dir: str, names: Names) -> str:

@@ -91,10 +91,12 @@ class RoundUpdate:
 
 
 def server_step(client_factors: list[Factors], p: Tensor, name: str, options: dict | None = None,
-                device: str | torch.device = "cpu") -> RoundUpdate:
+                device: str | torch.device = "cpu", previous: Factors | None = None
+                ) -> RoundUpdate:
     """One server step over every adapted layer: client_factors[u] = {layer: (A, B)}, p the
     weights of the clients that answered. `options` may hold any aggregator's options; each
-    aggregator receives those its registry entry declares."""
+    aggregator receives those its registry entry declares, and `previous` (the global factors
+    the clients started from) as option previous = (A (L, r, k), B (L, d, r)) if it declares it."""
     if name not in fl.AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; choose from {', '.join(fl.AGGREGATORS)}")
     entry = fl.AGGREGATORS[name]
@@ -102,6 +104,9 @@ def server_step(client_factors: list[Factors], p: Tensor, name: str, options: di
     mine = {k: v for k, v in (options or {}).items() if k in entry.options}
     update = RoundUpdate(None if entry.restart else {}, {}, 0, 0, {})
     for names, A, B in stacked_groups(client_factors, device):
+        if previous is not None and "previous" in entry.options:
+            mine["previous"] = tuple(torch.stack([previous[n][i] for n in names]).to(device)
+                                     for i in (0, 1))
         agg = entry.aggregate(A, B, p, **mine)
         update.bytes_up += agg.bytes_up
         update.bytes_down += agg.bytes_down

@@ -230,6 +230,7 @@ def evaluate_round(uploads: list[Factors], n: Tensor, previous: Factors, steps: 
 def main(args: Args) -> list[dict]:
     import train
     torch.set_num_threads(args.threads)
+    machine = provenance.record(torch.device("cpu"))                 # the code as it starts
     with tempfile.TemporaryDirectory() as tmp:
         targs = train.Args(task="sst2", data_dir=args.data_dir, model=args.model,
                            target_modules=args.target_modules, aggregator=args.aggregator,
@@ -279,7 +280,7 @@ def main(args: Args) -> list[dict]:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"args": dataclasses.asdict(args), "layers": layers, "rows": rows,
-                       "machine": provenance.record(torch.device("cpu"))}, f, indent=1)
+                       "machine": machine}, f, indent=1)
     return rows
 
 

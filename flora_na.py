@@ -257,6 +257,15 @@ def divergence(A: Tensor, B: Tensor, p: Tensor, P: Tensor, Q: Tensor,
 # 3. Aggregators, simplest first. One signature: f(A, B, p, **options) -> Aggregate, where
 #    A is a list of U tensors (L, r_u, k) and B a list of U tensors (L, d, r_u) for L layers
 #    of one shape, and p the clients' weights (any scale: they are normalised).
+#
+#    Clients of different ranks (the registry's mixed_ranks): a client of rank r_u applies
+#    s_u B_u A_u, with its own LoRA scaling s_u (peft: alpha / r_u), so the ideal update is
+#    sum_u p_u s_u B_u A_u. Bring every B_u to the global model's scaling s first,
+#    B_u <- (s_u / s) B_u: then M = sum_u p_u B_u A_u as everywhere in this file, and the
+#    global pair (A, B) of rank R applies s B A. A client of rank r_u takes the first r_u
+#    components, A[:r_u] and B[:, :r_u] (s / s_u), which applies s B[:, :r_u] A[:r_u]: the
+#    global update's truncation, exactly. FedIT (zero-padding), FLoRA-NA and FlexLoRA build
+#    a rank-R pair, R the largest client rank unless given; FLoRA needs no common rank.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -306,11 +315,36 @@ def ideal_update(A, B, p) -> Tensor:
     return weighted_sum(p, [b.double() @ a.double() for a, b in zip(A, B)]).to(A[0].dtype)
 
 
-def fedit(A, B, p, **_) -> Aggregate:
-    """FedIT: average A and B separately (the naive, inexact aggregation)."""
-    p = _check_clients(A, B, p, True, "fedit")
-    A_bar, B_bar = weighted_sum(p, A), weighted_sum(p, B)   # (L, r, k), (L, d, r)
-    return Aggregate(A_bar, B_bar, None, _nbytes(*A, *B), len(A) * _nbytes(A_bar, B_bar))
+def pad_ranks(A: Sequence[Tensor], B: Sequence[Tensor], rank: int | None = None
+              ) -> tuple[list[Tensor], list[Tensor]]:
+    """Clients of different ranks as rank-R factors, R = `rank` or the largest r_u: A_u gets
+    zero rows r_u..R (L, R, k), B_u zero columns (L, d, R); no product B_u A_u changes.
+    Factors of rank R already are returned as they are."""
+    ranks = [a.shape[1] for a in A]
+    R = max(ranks) if rank is None else rank
+    if R < max(ranks):
+        raise ValueError(f"rank {R} is below the largest client rank {max(ranks)}")
+    return ([torch.nn.functional.pad(a, (0, 0, 0, R - a.shape[1])) if a.shape[1] < R else a
+             for a in A],
+            [torch.nn.functional.pad(b, (0, R - b.shape[2])) if b.shape[2] < R else b
+             for b in B])
+
+
+def _share_bytes(A: Tensor, B: Tensor, ranks: Sequence[int]) -> int:
+    """Bytes of a global pair A (L, R, k), B (L, d, R) sent to clients of these ranks, each
+    receiving its first r_u components."""
+    return sum(_nbytes(A[:, :r], B[:, :, :r]) for r in ranks)
+
+
+def fedit(A, B, p, rank: int | None = None, **_) -> Aggregate:
+    """FedIT: average A and B separately (the naive, inexact aggregation). With clients of
+    different ranks this is HetLoRA's zero-padding: pad every pair to rank R (default: the
+    largest r_u) with zeros, average, and send each client its first r_u components."""
+    p = _check_clients(A, B, p, False, "fedit")
+    A_pad, B_pad = pad_ranks(A, B, rank)
+    A_bar, B_bar = weighted_sum(p, A_pad), weighted_sum(p, B_pad)   # (L, R, k), (L, d, R)
+    return Aggregate(A_bar, B_bar, None, _nbytes(*A, *B),
+                     _share_bytes(A_bar, B_bar, [a.shape[1] for a in A]))
 
 
 def ffa(A, B, p, **_) -> Aggregate:
@@ -323,8 +357,9 @@ def ffa(A, B, p, **_) -> Aggregate:
 
 
 def fedsa(A, B, p, **_) -> Aggregate:
-    """FedSA-LoRA: share and average A only; each client keeps its own B (the registry says
-    so). The global model (for evaluation) uses the average B, which is never sent."""
+    """FedSA-LoRA: share and average A only; each client keeps its own B and, as in its paper,
+    its classification head (the registry says so). The global model (for evaluation) uses
+    the average B and head, which are never sent."""
     p = _check_clients(A, B, p, True, "fedsa")
     A_bar = weighted_sum(p, A)                               # (L, r, k)
     return Aggregate(A_bar, weighted_sum(p, B), None, _nbytes(*A), len(A) * _nbytes(A_bar))
@@ -1037,6 +1072,8 @@ def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
     than the start. previous = (A_g (L, r, k), B_g (L, d, r)): P and Q act on the clients'
     changes relative to these global factors, B_hat = B_g + sum_u P_u (B_u - B_g) (the
     authors' parametrisation; solver="adamw" only, and without the (cP, Q/c) rescaling).
+    Clients of different ranks: stack pad_ranks(A, B) (zero rows and columns; see section 3),
+    which is what the flora_na aggregator does.
     """
     p = _check_factors(A, B, p).to(A.device)
     changes = previous is not None
@@ -1141,10 +1178,13 @@ VARIANTS = {   # presets of flora_na's options (train.py --flora-na-variant)
 }
 
 
-def flora_na(A, B, p, *, target: str = "data", coefficients: str = "factors",
-             init: str = "fedit", previous: tuple[Tensor, Tensor] | None = None,
-             **solver_options) -> Aggregate:
-    """FLoRA-NA: send B_hat = sum P_u B_u and A_hat = sum Q_u A_u, same bytes as FedIT.
+def flora_na(A, B, p, rank: int | None = None, *, target: str = "data",
+             coefficients: str = "factors", init: str = "fedit",
+             previous: tuple[Tensor, Tensor] | None = None, **solver_options) -> Aggregate:
+    """FLoRA-NA: send B_hat = sum P_u B_u and A_hat = sum Q_u A_u, same bytes as FedIT. With
+    clients of different ranks, P and Q combine the zero-padded factors (pad_ranks, rank R),
+    so FedIT's zero-padding is the solver's starting point, and a client of rank r_u gets
+    the first r_u components of (A_hat, B_hat).
 
     The defaults are this file's method: fit the data-weighted M = sum_u p_u B_u A_u, with
     coefficients on the factors, from FedIT (P = Q = p). The other values reproduce the variant
@@ -1159,19 +1199,25 @@ def flora_na(A, B, p, *, target: str = "data", coefficients: str = "factors",
     applies the data weights, p_u c_u = P_u p_u / w_u: with target="uniform" what is sent is
     not the fitted optimum. Divergences are reported against the data-weighted M elsewhere
     (harness/federation.py); info["result"] holds the solve against M_w."""
-    p = _check_clients(A, B, p, True, "flora_na")
+    p = _check_clients(A, B, p, False, "flora_na")
     for name, value in (("target", target), ("coefficients", coefficients), ("init", init)):
         if value not in VARIANT_OPTIONS[name]:
             raise ValueError(f"flora_na: unknown {name} {value!r}: use "
                              f"{' or '.join(map(repr, VARIANT_OPTIONS[name]))}")
-    A_s, B_s = torch.stack(list(A), 1), torch.stack(list(B), 1)       # (L, U, r, k), (L, U, d, r)
+    A_pad, B_pad = pad_ranks(A, B, rank)
+    A_s, B_s = torch.stack(A_pad, 1), torch.stack(B_pad, 1)           # (L, U, R, k), (L, U, d, R)
+    down = lambda A_hat, B_hat: _share_bytes(A_hat, B_hat, [a.shape[1] for a in A])  # noqa: E731
     if (target, coefficients, init) == ("data", "factors", "fedit"):  # the method itself
         res = solve_flora_na(A_s, B_s, p, **solver_options)
         return Aggregate(res.A_hat, res.B_hat, None, _nbytes(*A, *B),
-                         len(A) * _nbytes(res.A_hat, res.B_hat), info={"result": res})
+                         down(res.A_hat, res.B_hat), info={"result": res})
     if coefficients == "changes" and previous is None:
         raise ValueError("flora_na: coefficients='changes' needs the global factors the clients "
                          "started from (previous=(A_g, B_g))")
+    if coefficients == "changes" and any(a.shape[1] != A_s.shape[2] for a in A):
+        raise ValueError(f"flora_na: coefficients='changes' needs every client at the global "
+                         f"rank {A_s.shape[2]} (a client of lower rank started from a "
+                         f"truncation), got ranks {[a.shape[1] for a in A]}")
     glob = previous if coefficients == "changes" else None
     p = p.to(A_s.device)
     w = p if target == "data" else torch.full_like(p, 1 / len(A))      # (U,) target weights
@@ -1185,7 +1231,7 @@ def flora_na(A, B, p, *, target: str = "data", coefficients: str = "factors",
             0 if glob is None else base_A[:, None]))).to(A_s.dtype)   # (L, r, k)
         B_hat = (base_B + torch.einsum("lu,ludr->ldr", P, B_s.double() - (
             0 if glob is None else base_B[:, None]))).to(B_s.dtype)   # (L, d, r)
-    return Aggregate(A_hat, B_hat, None, _nbytes(*A, *B), len(A) * _nbytes(A_hat, B_hat),
+    return Aggregate(A_hat, B_hat, None, _nbytes(*A, *B), down(A_hat, B_hat),
                      info={"result": res})
 
 
@@ -1202,6 +1248,7 @@ class Aggregator:
     display_name: str                    # as tables and figures name it
     train_A: bool = True                 # clients train A (FFA-LoRA: frozen at a shared init)
     private_B: bool = False              # each client keeps its own B; only A travels
+    private_head: bool = False           # each client keeps its own head (e.g. the classifier)
     restart: bool = False                # the update is merged into W, clients restart LoRA
     folds_into_base: bool = False        # (part of) the update is added to the frozen W
     mixed_ranks: bool = False            # accepts clients of different ranks
@@ -1209,16 +1256,16 @@ class Aggregator:
 
 
 AGGREGATORS: dict[str, Aggregator] = {
-    "fedit": Aggregator(fedit, "FedIT"),
+    "fedit": Aggregator(fedit, "FedIT", mixed_ranks=True, options={"rank": None}),
     "ffa": Aggregator(ffa, "FFA-LoRA", train_A=False),
-    "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True),
+    "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True, private_head=True),
     "fedex": Aggregator(fedex, "FedEx-LoRA", folds_into_base=True),
     "flora": Aggregator(flora, "FLoRA", restart=True, folds_into_base=True, mixed_ranks=True),
     "flexlora": Aggregator(flexlora, "FlexLoRA", mixed_ranks=True, options={"rank": None}),
     "lora_fair": Aggregator(lora_fair, "LoRA-FAIR", options={"fair_lambda": 1e-3}),
-    "flora_na": Aggregator(flora_na, "FLoRA-NA", options={
-        "solver": "als", "tie_layers": False, "steps": 200, "lr": 1e-2, "weight_decay": 0.0,
-        "max_iter": 200, "tol": 1e-12, "prox": 1e-6, "path": "auto", "target": "data",
-        "coefficients": "factors", "init": "fedit", "previous": None}),
+    "flora_na": Aggregator(flora_na, "FLoRA-NA", mixed_ranks=True, options={
+        "rank": None, "solver": "als", "tie_layers": False, "steps": 200, "lr": 1e-2,
+        "weight_decay": 0.0, "max_iter": 200, "tol": 1e-12, "prox": 1e-6, "path": "auto",
+        "target": "data", "coefficients": "factors", "init": "fedit", "previous": None}),
 }
 METHOD = "flora_na"              # the aggregator this file is about (train.py's default)

@@ -12,13 +12,16 @@
 #                        client counts (SST-2)
 #   5 solver benchmark   bench_solver.py at LLaMA-2-7B adapter shapes
 #   6 generation         a small federated GSM8K run (SmolLM2-135M; FULL: LLaMA-2-7B)
-#   7 report             python -m evidence.report -> results/REPORT.md and PNGs; RESULTS.md's
+#   7 mixed ranks        clients of different LoRA ranks (heavy-tail profile 2..16) on SST-2:
+#                        every mixed-rank aggregator x 3 seeds, and equal-rank FedIT and FLoRA-NA
+#                        at the smallest and the largest rank as references (QUICK: one seed)
+#   8 report             python -m evidence.report -> results/REPORT.md and PNGs; RESULTS.md's
 #                        generated part (figures in figures/) and README.md's headline table
 #
 # Usage:
 #   bash reproduce.sh                    # QUICK: about 80 minutes on a 2-core CPU
 #   bash reproduce.sh --only 2,3         # some stages (also: STAGES=2,3 bash reproduce.sh);
-#                                        # the report (7) runs after any selection
+#                                        # the report (8) runs after any selection
 #   bash reproduce.sh --skip 1,6         # all but some (also: SKIP=1,6)
 #   MODE=FULL bash reproduce.sh          # paper scale for a GPU (RoBERTa-large, LLaMA-2-7B)
 #   DRY_RUN=1 MODE=FULL bash reproduce.sh  # print the paper-scale commands, run nothing
@@ -56,7 +59,7 @@ while (($#)); do
         --mode=*) MODE=${1#*=}; shift ;;
         --tiny) TINY=1; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
-        --no-report) SKIP="${SKIP:+$SKIP,}7"; shift ;;
+        --no-report) SKIP="${SKIP:+$SKIP,}8"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "reproduce.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -115,6 +118,11 @@ if [[ $MODE == FULL ]]; then
     # in fp32/TF32 on an H100), not measurements.
     T1="~10 min"; T2="~6 GPU-h"; T3="~7 GPU-days (96 aggregator runs of ~1.75 h)"
     T4="~2.5 GPU-days"; T5="~1 min"; T6="~4 GPU-h"
+    # mixed ranks at the paper's GLUE scale (RoBERTa-large), clients 10, 100 rounds
+    MIX_CLIENTS=10; MIX_RANK=16; MIX_REF_SEEDS=$SEEDS
+    MIX_TRAIN=(--rounds 100 --local-steps 10 --batch-size 128 --optimizer sgd --lr 0.02
+               --max-length 128 --lora-alpha 16 --eval-every 10)
+    T7="~2 GPU-days (36 aggregator runs)"
 else
     GLUE_MODEL=(--model minilm)
     # 3 clients (the authors' default), 10 rounds x 6 local AdamW steps of batch 16 at lr 2e-3,
@@ -147,7 +155,13 @@ else
                --eval-batch-size 30 --max-new-tokens 192)
     GEN_AGGS="$BASELINE $METHOD"
     BENCH_ARGS=()
-    T1="~3 min"; T2="~5 min"; T3="~50 min"; T4="~16 min"; T5="~3 min"; T6="~4 min"
+    # 8 clients so that the heavy-tail profile holds every rank of 2, 4, 8, 16 (4, 2, 1, 1
+    # clients); 6 rounds x 4 local steps, the GLUE stage's client settings otherwise; the
+    # equal-rank references with one seed (the mixed-rank runs have three)
+    MIX_CLIENTS=8; MIX_RANK=16; MIX_REF_SEEDS="0"
+    MIX_TRAIN=(--rounds 6 --local-steps 4 --batch-size 16 --lr 2e-3 --max-length 64
+               --max-train-examples 3000 --max-eval-examples 400 --eval-every 3)
+    T1="~3 min"; T2="~5 min"; T3="~50 min"; T4="~16 min"; T5="~3 min"; T6="~4 min"; T7="~15 min"
 fi
 if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningless
     GLUE_TRAIN=(--rounds 2 --local-steps 1 --batch-size 4 --lr 5e-3 --max-length 32
@@ -160,7 +174,9 @@ if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningles
                --max-train-examples 40 --max-eval-examples 2 --eval-every 1
                --eval-batch-size 2 --max-new-tokens 24)
     BENCH_ARGS=(--quick)
-    T1="~2 min"; T2="~1 min"; T3="~6 min"; T4="~2 min"; T5="~1 min"; T6="~2 min"
+    MIX_TRAIN=(--rounds 2 --local-steps 1 --batch-size 4 --max-length 32
+               --max-train-examples 200 --max-eval-examples 24 --eval-every 2)
+    T1="~2 min"; T2="~1 min"; T3="~6 min"; T4="~2 min"; T5="~1 min"; T6="~2 min"; T7="~3 min"
 fi
 COMMON=(--data-dir "$DATA" --threads "$THREADS" --resume)
 if [[ $VARIANT != default ]]; then COMMON+=(--flora-na-variant "$VARIANT"); fi
@@ -169,7 +185,7 @@ GLUE_TASKS=${GLUE_TASKS:-${QUICK_GLUE_TASKS:-rte mrpc stsb sst2}}   # longest ru
 # --- helpers --------------------------------------------------------------------------------
 
 wanted() {   # wanted N: is stage N selected?
-    if [[ -n $ONLY && ",$ONLY," != *",$1,"* && $1 != 7 ]]; then return 1; fi
+    if [[ -n $ONLY && ",$ONLY," != *",$1,"* && $1 != 8 ]]; then return 1; fi
     [[ ",$SKIP," != *",$1,"* ]]
 }
 
@@ -333,7 +349,27 @@ EOF
 }
 
 stage_7() {
-    banner 7 "report: $RESULTS/REPORT.md and figures" "~30 s"
+    banner 7 "mixed ranks: SST-2, $MIX_CLIENTS clients of heavy-tail ranks up to $MIX_RANK, every mixed-rank aggregator x seeds {$SEEDS}" "$T7"
+    pool_start
+    local seed r out
+    for seed in $SEEDS; do
+        out=$RUNS/mixed_ranks/heavy_tail_seed$seed
+        pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator all \
+            --clients "$MIX_CLIENTS" --rank "$MIX_RANK" --rank-profile heavy_tail \
+            --dirichlet-alpha 0.5 --seed "$seed" "${MIX_TRAIN[@]}" "${COMMON[@]}" --out "$out"
+        [[ " $MIX_REF_SEEDS " == *" $seed "* ]] || continue
+        for r in 2 "$MIX_RANK"; do   # references: every client at the smallest / largest rank
+            out=$RUNS/mixed_ranks/equal_rank${r}_seed$seed
+            pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" \
+                --aggregator "$BASELINE,$METHOD" --clients "$MIX_CLIENTS" --rank "$r" \
+                --dirichlet-alpha 0.5 --seed "$seed" "${MIX_TRAIN[@]}" "${COMMON[@]}" --out "$out"
+        done
+    done
+    pool_wait
+}
+
+stage_8() {
+    banner 8 "report: $RESULTS/REPORT.md and figures" "~30 s"
     local pages=()
     # RESULTS.md and README's headline are only rewritten from a real run kept inside this
     # repository (never from TINY plumbing numbers, nor from RESULTS=/somewhere/else); README=0
@@ -349,7 +385,12 @@ stage_7() {
 
 # --- main -----------------------------------------------------------------------------------
 
-NAMES=([1]=tests [2]=divergence [3]=glue [4]=sensitivity [5]=bench [6]=generation [7]=report)
+# the command this run amounts to, for each stage's provenance line in the report
+INVOCATION="bash reproduce.sh${ONLY:+ --only $ONLY}${SKIP:+ --skip $SKIP}"
+[[ $MODE == FULL ]] && INVOCATION+=" --mode FULL"
+[[ $TINY == 1 ]] && INVOCATION+=" --tiny"
+NAMES=([1]=tests [2]=divergence [3]=glue [4]=sensitivity [5]=bench [6]=generation [7]=mixed_ranks
+       [8]=report)
 echo "reproduce.sh: MODE=$MODE TINY=$TINY results in $RESULTS/, data from $DATA," \
      "$JOBS parallel run(s) x $THREADS thread(s) (0 = all), $(date '+%F %T')"
 if [[ $DRY_RUN != 1 ]]; then
@@ -359,7 +400,7 @@ if [[ $DRY_RUN != 1 ]]; then
         "$THREADS" "$ONLY" "$SKIP" >"$RESULTS/pipeline.json"
 fi
 FAILED=()
-for n in 1 2 3 4 5 6 7; do
+for n in 1 2 3 4 5 6 7 8; do
     wanted "$n" || continue
     t0=$SECONDS
     set +e
@@ -369,8 +410,9 @@ for n in 1 2 3 4 5 6 7; do
     status=$([[ $rc == 0 ]] && echo ok || echo "failed($rc)")
     ((rc == 0)) || FAILED+=("$n")
     if [[ $DRY_RUN != 1 ]]; then
-        printf '%s\t%s\t%s\t%s\t%s\n' "$n" "${NAMES[$n]}" "$status" "$((SECONDS - t0))" \
-            "$(date '+%F %T')" >>"$RESULTS/stage_times.tsv"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "${NAMES[$n]}" "$status" \
+            "$((SECONDS - t0))" "$(date '+%F %T')" "$MODE$([[ $TINY == 1 ]] && echo ' TINY')" \
+            "$JOBS" "$THREADS" "$INVOCATION" >>"$RESULTS/stage_times.tsv"
     fi
     echo "stage $n (${NAMES[$n]}): $status in $((SECONDS - t0)) s"
 done

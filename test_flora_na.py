@@ -755,12 +755,13 @@ def test_degenerate_cases_are_exact_or_untouched(options):
 # ---------------------------------------------------------------------------------------------
 
 EXACT = {"fedex", "flora"}                      # exact by going beyond rank r (W or rank U r)
-SAME_RANK = ["fedit", "ffa", "fedsa", "fedex", "lora_fair", "flora_na"]
-ANY_RANK = ["flora", "flexlora"]
+SAME_RANK = ["ffa", "fedsa", "fedex", "lora_fair"]
+ANY_RANK = ["fedit", "flora", "flexlora", "flora_na"]
 
 
 def test_registry_lists_every_method():
     assert set(AGGREGATORS) == EXACT | set(SAME_RANK) | set(ANY_RANK)
+    assert {n for n, a in AGGREGATORS.items() if a.mixed_ranks} == set(ANY_RANK)
 
 
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
@@ -822,6 +823,89 @@ def test_flexlora_attains_the_bound_and_flora_is_exact_for_mixed_ranks(ranks):
     torch.testing.assert_close(div, dense_tail(M, r), atol=atol, rtol=0)
     # a client of rank r_u downloads the leading r_u components
     assert flex.bytes_down == sum(L * (r_u * k + d * r_u) * 4 for r_u in ranks)
+
+
+@st.composite
+def mixed_rank_factors(draw, max_L=2, max_U=6, max_dim=6):
+    """Lists A (U x (L, r_u, k)), B (U x (L, d, r_u)) float32 with at least two different
+    ranks, magnitudes 1e-3 .. 1e3, and weights p (U,)."""
+    L, U = draw(st.integers(1, max_L)), draw(st.integers(2, max_U))
+    d, k = draw(st.integers(2, max_dim)), draw(st.integers(2, max_dim))
+    ranks = draw(st.lists(st.integers(1, min(d, k)), min_size=U, max_size=U)
+                 .filter(lambda rs: len(set(rs)) > 1))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    drift = 10.0 ** draw(st.integers(-3, 0))       # clients near a shared pair, or far apart
+    A0, B0 = torch.randn(L, max(ranks), k, generator=g), torch.randn(L, d, max(ranks), generator=g)
+    A = [A0[:, :r] + drift * torch.randn(L, r, k, generator=g) for r in ranks]
+    B = [B0[:, :, :r] + drift * torch.randn(L, d, r, generator=g) for r in ranks]
+    sA, sB = (10.0 ** draw(st.integers(-3, 3)) for _ in range(2))
+    return [a * sA for a in A], [b * sB for b in B], draw(weights(U))
+
+
+def padded_dense(X: list[Tensor], rows: bool, R: int) -> list[Tensor]:
+    """Zero-pad by explicit copying: A_u into (L, R, k) (rows) or B_u into (L, d, R)."""
+    out = []
+    for x in X:
+        shape = (x.shape[0], R, x.shape[2]) if rows else (x.shape[0], x.shape[1], R)
+        z = torch.zeros(shape, dtype=f64)
+        if rows:
+            z[:, :x.shape[1]] = x.double()
+        else:
+            z[:, :, :x.shape[2]] = x.double()
+        out.append(z)
+    return out
+
+
+def test_pad_ranks_pads_with_zeros_and_leaves_equal_ranks_alone():
+    g = torch.Generator().manual_seed(0)
+    A = [torch.randn(2, r, 5, generator=g) for r in (1, 3, 2)]
+    B = [torch.randn(2, 4, r, generator=g) for r in (1, 3, 2)]
+    A_pad, B_pad = F.pad_ranks(A, B, 4)
+    for got, want in zip(A_pad + B_pad, padded_dense(A, True, 4) + padded_dense(B, False, 4)):
+        assert torch.equal(got.double(), want)
+    A_same, B_same = F.pad_ranks(A[1:2], B[1:2])
+    assert A_same[0] is A[1] and B_same[0] is B[1]
+    with pytest.raises(ValueError, match="below the largest client rank 3"):
+        F.pad_ranks(A, B, 2)
+
+
+@settings(max_examples=40)
+@given(data=st.data())
+def test_mixed_rank_fedit_is_the_zero_padded_average(data):
+    A, B, p = data.draw(mixed_rank_factors())
+    R = max(a.shape[1] for a in A) + data.draw(st.integers(0, 1))
+    agg = F.fedit(A, B, p, rank=R)
+    pn = normalised(p)
+    A_bar = sum(w * a for w, a in zip(pn, padded_dense(A, True, R)))
+    B_bar = sum(w * b for w, b in zip(pn, padded_dense(B, False, R)))
+    torch.testing.assert_close(agg.A.double(), A_bar, rtol=1e-6, atol=1e-6 * A_bar.abs().max())
+    torch.testing.assert_close(agg.B.double(), B_bar, rtol=1e-6, atol=1e-6 * B_bar.abs().max())
+    L, k, d = A[0].shape[0], A[0].shape[2], B[0].shape[1]
+    assert agg.bytes_up == sum(L * a.shape[1] * (k + d) * 4 for a in A)
+    assert agg.bytes_down == agg.bytes_up      # each client gets back a pair of its own rank
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_mixed_rank_flora_na_never_worse_than_zero_padding_per_layer(data):
+    """The equal-rank property, for clients of different ranks: per layer, dense float64,
+    FLoRA-NA's rank-R product is no farther from M than zero-padded FedIT's, and no closer
+    than the rank-R bound."""
+    A, B, p = data.draw(mixed_rank_factors())
+    R = max(a.shape[1] for a in A)
+    pn = normalised(p)
+    M = sum(w * b.double() @ a.double() for w, a, b in zip(pn, A, B))     # (L, d, k)
+    norm_M = M.flatten(1).norm(dim=1)
+    zero_pad = (M - effective_update(F.fedit(A, B, p))).flatten(1).norm(dim=1)
+    agg = F.flora_na(A, B, p)
+    assert agg.A.shape[1] == R and agg.B.shape[2] == R
+    ours = (M - effective_update(agg)).flatten(1).norm(dim=1)
+    A_pad, B_pad = F.pad_ranks(A, B)
+    tol = gram_atol(torch.stack(A_pad, 1), torch.stack(B_pad, 1), p,
+                    agg.info["result"].P, agg.info["result"].Q) + DENSE_RTOL * norm_M
+    assert (ours <= zero_pad + tol).all(), (ours, zero_pad)
+    assert (ours >= dense_tail(M, R) - tol).all()
+    assert agg.bytes_down == F.fedit(A, B, p).bytes_down
 
 
 @settings(max_examples=30)

@@ -54,7 +54,11 @@ class Args:
     optimizer: str = "adamw"
     """client optimizer: adamw or sgd (the authors' choice, lr 0.02)"""
     rank: int = 8
-    """LoRA rank r"""
+    """LoRA rank r (of the global model; clients too unless --client-ranks or --rank-profile)"""
+    client_ranks: str | None = None
+    """comma-separated client LoRA ranks, cycled over the clients (e.g. 4,8,16), each <= --rank"""
+    rank_profile: str | None = None
+    """client ranks drawn (seeded) from 2, 4, 8, .. --rank: uniform, random or heavy_tail"""
     lora_alpha: float = 16.0
     """LoRA alpha (scaling alpha / r)"""
     lora_dropout: float = 0.05
@@ -63,6 +67,8 @@ class Args:
     """comma-separated LoRA targets (default per family: query,value; q_proj,v_proj for Llama)"""
     head_modules: str | None = None
     """non-LoRA modules trained in full and averaged like the classifier (BERT: pooler; 'none')"""
+    head_sharing: str = "registry"
+    """registry: the head stays on each client where the entry sets private_head; averaged: never"""
     dirichlet_alpha: float = 0.5
     """Dirichlet alpha over labels (STS-B: score bins; GSM8K/MBPP: length bins); 0 means IID"""
     participation: float = 1.0
@@ -79,6 +85,10 @@ class Args:
     """evaluate the global model every N rounds (and after the last)"""
     eval_batch_size: int = 64
     """evaluation batch size"""
+    personal_eval: str = "clients"
+    """clients: personalised aggregators also score each client's own model; global: they do not"""
+    personal_weighting: str = "uniform"
+    """mean of the clients' scores: uniform (1/U each) or data (n_u / sum n, as p_u)"""
     solver: str = "als"
     """FLoRA-NA solver: als (exact alternating) or adamw (AdamW in whitened coordinates)"""
     solver_steps: int = 200
@@ -175,6 +185,19 @@ def aggregator_options(args: Args) -> dict:
     return {option: getattr(args, field) for option, field in OPTION_FIELDS.items()}
 
 
+def keeps_own_head(args: Args, name: str) -> bool:
+    """Whether the clients of aggregator `name` keep their own head (--head-sharing)."""
+    return args.head_sharing == "registry" and fl.AGGREGATORS[name].private_head
+
+
+def personal_score_weights(args: Args, n_u: list[int]) -> list[int] | None:
+    """The weight of each client's own model in the personalised score (clients with n_u
+    training examples): 1 each (uniform) or n_u (data); None with --personal-eval global."""
+    if args.personal_eval == "global":
+        return None
+    return [1] * len(n_u) if args.personal_weighting == "uniform" else list(n_u)
+
+
 # ---------------------------------------------------------------------------------------------
 # Clients' batches and evaluation
 # ---------------------------------------------------------------------------------------------
@@ -251,22 +274,34 @@ def start_state(model, run_dir: str, resume: bool) -> dict:
                 layers[n].get_base_layer().weight.copy_(W)
         return state
     return {"round": 0, "factors": fl.read_factors(model), "head": fl.head_state(model),
-            "base": {}, "client_B": None, "metrics": [], "bytes_up": 0, "bytes_down": 0}
+            "base": {}, "client_B": None, "client_head": None, "metrics": [], "bytes_up": 0,
+            "bytes_down": 0}
 
 
 def server_update(name: str, state: dict, model, uploads: list, heads: list[dict], p: torch.Tensor,
                   chosen: list[int], *, n_clients: int, options: dict, track_solvers: bool,
-                  device: torch.device, seed: int, round_: int) -> dict:
+                  device: torch.device, seed: int, round_: int, private_head: bool,
+                  scales: list[float] | None = None, rank: int | None = None) -> dict:
     """The server's side of round `round_` (0-based) with the registry's aggregator `name`:
     aggregate the uploads and heads of clients `chosen` (weights p), and move `state` (global
-    factors and head, changed frozen weights, private Bs of n_clients clients, bytes) and the
-    frozen weights of `model` to the next round. Returns the round's relative divergences."""
+    factors and head, changed frozen weights, private Bs and, if private_head, heads of
+    n_clients clients, bytes) and the frozen weights of `model` (at the global rank) to the
+    next round. The global head is the p-weighted mean of the uploaded heads, also when each
+    client keeps its own: the global model (evaluation, the saved adapter) uses it. A client
+    that has not trained yet holds the first round's global B and head. Clients of mixed
+    ranks: scales[i] = s_u / s of the i-th upload, rank the global rank
+    (federation.server_step). Returns the round's relative divergences."""
     entry = fl.AGGREGATORS[name]
-    update = federation.server_step(uploads, p, name, options, device=device,
-                                    previous=state["factors"])
+    update = federation.server_step(uploads, p, name, options, device=device, scales=scales,
+                                    rank=rank, previous=state["factors"])
     extra = federation.solver_divergences(uploads, p) if track_solvers else None
     # the head (and any other trainable non-LoRA parameter): averaged by p_u
     state["head"] = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
+    if private_head:                                      # each client keeps its own head
+        state["client_head"] = state["client_head"] or [
+            dict(state["head"]) for _ in range(n_clients)]
+        for i, u in enumerate(chosen):
+            state["client_head"][u] = heads[i]
     if update.base_delta:
         fl.add_to_base(model, {n: d.to(device) for n, d in update.base_delta.items()})
         state["base"] = {n: m.get_base_layer().weight.detach().cpu().clone()
@@ -288,19 +323,22 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
 
 def end_round(row: dict, state: dict, model, tokenizer, *, task: Task, data: TaskData,
               rounds: int, eval_every: int, eval_options: dict, out: str, log: list[dict],
-              base_name: str | None = None) -> None:
+              personal_weights: list[int] | None, base_name: str | None = None) -> None:
     """Finish round row["round"] of aggregator row["aggregator"]: evaluate the global model
-    (and the personalised ones) when due, append the row, and save the run folder: state.pt,
-    metrics.jsonl (all aggregators' rows in `log`) and the global adapter."""
+    when due, and, where clients keep private parts (their B or head) and personal_weights
+    is given (one weight per client), each client's own model, recording the weighted mean
+    of their metrics as row["personal_metrics"]; append the row, and save the run folder:
+    state.pt, metrics.jsonl (all aggregators' rows in `log`) and the global adapter."""
     name = row["aggregator"]
     run_dir = os.path.join(out, name)
     if row["round"] % eval_every == 0 or row["round"] == rounds:
         fl.write_factors(model, state["factors"])
         fl.load_head(model, state["head"])
         row["metrics"] = evaluate(task, model, tokenizer, data, **eval_options)
-        if fl.AGGREGATORS[name].private_B:
+        personalised = state["client_B"] is not None or state["client_head"] is not None
+        if personalised and personal_weights is not None:
             row["personal_metrics"] = _personal(task, model, tokenizer, data, state,
-                                                eval_options)
+                                                eval_options, personal_weights)
     state["round"] = row["round"]
     state["metrics"].append(row)
     _atomic_write(os.path.join(run_dir, "state.pt"), lambda path: torch.save(state, path))
@@ -316,15 +354,22 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                    rounds: int, local_steps: int, batch_size: int, lr: float, optimizer: str,
                    participation: float, seed: int, eval_every: int, eval_options: dict,
                    options: dict, track_solvers: bool, device: torch.device, out: str,
-                   resume: bool, log: list[dict], base_name: str | None = None) -> list[dict]:
+                   resume: bool, log: list[dict], private_head: bool,
+                   personal_weights: list[int] | None, base_name: str | None = None,
+                   ranks: list[int] | None = None) -> list[dict]:
     """Federated training with the registry's aggregator `name`; `load()` builds the model and
-    tokenizer. Returns its metrics (one dict per round); saves its run folder every round."""
+    tokenizer. ranks[u]: client u's LoRA rank (default: the model's, for all); private_head:
+    clients keep their own head; personal_weights: end_round's. Returns its metrics (one dict
+    per round); saves its run folder every round."""
     entry = fl.AGGREGATORS[name]
     run_dir = os.path.join(out, name)
     os.makedirs(run_dir, exist_ok=True)
     model, tokenizer = load()
     make_batch = task.batcher(tokenizer, data.train, eval_options["max_length"])
     state = start_state(model, run_dir, resume)
+    rank = models.lora_rank(model)                        # the global model's
+    ranks = ranks or [rank] * len(parts)
+    scales = rank_scales(model, ranks)                    # {r_u: s_u / s}
     n_u = torch.tensor([len(ix) for ix in parts], dtype=torch.float64)
     bar = tqdm(range(state["round"], rounds), desc=name, initial=state["round"], total=rounds,
                dynamic_ncols=True)
@@ -336,19 +381,24 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
             factors = dict(state["factors"])
             if state["client_B"] is not None:                 # a private B: the client's own
                 factors = {n: (A, state["client_B"][u][n]) for n, (A, _) in factors.items()}
+            models.set_rank(model, ranks[u])                  # its share, at its own rank
+            factors = federation.to_client(factors, ranks[u], scales[ranks[u]])
+            head = state["head"] if state["client_head"] is None else state["client_head"][u]
             upload, head, loss = client_update(
-                model, make_batch, parts[u], factors=factors, head=state["head"], lr=lr,
+                model, make_batch, parts[u], factors=factors, head=head, lr=lr,
                 optimizer=optimizer, train_A=entry.train_A, local_steps=local_steps,
                 batch_size=batch_size, seed=seed, round_=rnd, u=u)
             uploads.append(upload)
             heads.append(head)
             losses.append(loss)
         t1 = time.perf_counter()
+        models.set_rank(model, rank)                          # back to the global model
         p = n_u[chosen] / n_u[chosen].sum()
         divergence = server_update(name, state, model, uploads, heads, p, chosen,
                                    n_clients=len(parts), options=options,
                                    track_solvers=track_solvers, device=device, seed=seed,
-                                   round_=rnd)
+                                   round_=rnd, private_head=private_head,
+                                   scales=[scales[ranks[u]] for u in chosen], rank=rank)
         t2 = time.perf_counter()
         row = {"aggregator": name, "round": rnd + 1, "clients": chosen,
                "train_loss": sum(losses) / len(losses), "divergence": divergence,
@@ -356,18 +406,40 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                "client_seconds": t1 - t0, "server_seconds": t2 - t1, "metrics": None}
         end_round(row, state, model, tokenizer, task=task, data=data, rounds=rounds,
                   eval_every=eval_every, eval_options=eval_options, out=out, log=log,
-                  base_name=base_name)
+                  personal_weights=personal_weights, base_name=base_name)
     return state["metrics"]
 
 
-def _personal(task, model, tokenizer, data, state, eval_options) -> dict:
-    """Personalised models (shared A, each client's own B): the mean of their metrics."""
+def rank_scales(model, ranks: list[int]) -> dict[int, float]:
+    """{r: s_r / s} for every client rank r: its LoRA scaling over the global model's, as
+    peft sets them (set_rank); the model is left at its rank."""
+    rank = models.lora_rank(model)
+    s = models.lora_scaling(model)
+    scales = {rank: 1.0}
+    for r in sorted(set(ranks) - {rank}):
+        models.set_rank(model, r)
+        scales[r] = models.lora_scaling(model) / s
+    models.set_rank(model, rank)
+    return scales
+
+
+def _personal(task, model, tokenizer, data, state, eval_options, weights) -> dict:
+    """Personalised models (the global factors and head with each client's own B and head,
+    where it keeps them) on the shared dev set: the mean of their metrics, weighted by
+    `weights` (one per client)."""
     results = []
-    for client_B in state["client_B"]:
-        fl.write_factors(model, {n: (A, client_B[n]) for n, (A, _) in state["factors"].items()})
+    for u in range(len(weights)):
+        factors = state["factors"]
+        if state["client_B"] is not None:
+            factors = {n: (A, state["client_B"][u][n]) for n, (A, _) in factors.items()}
+        fl.write_factors(model, factors)
+        if state["client_head"] is not None:
+            fl.load_head(model, state["client_head"][u])
         results.append(evaluate(task, model, tokenizer, data, **eval_options))
     fl.write_factors(model, state["factors"])
-    return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+    fl.load_head(model, state["head"])
+    return {k: sum(w * r[k] for w, r in zip(weights, results)) / sum(weights)
+            for k in results[0]}
 
 
 def _write_metrics(out: str, log: list[dict]) -> None:
@@ -450,12 +522,6 @@ def check_args(args: Args) -> list[str]:
     """Validate everything that can be checked without data, before anything is written;
     returns the aggregator names."""
     get_task(args.task, args.allow_unisolated_exec).check()   # e.g. MBPP without a sandbox
-    names = [a.strip() for a in args.aggregator.split(",") if a.strip()]
-    names = list(fl.AGGREGATORS) if names == ["all"] else names
-    unknown = [a for a in names if a not in fl.AGGREGATORS]
-    if unknown or not names:
-        raise ValueError(f"unknown aggregator(s) {unknown or names}; choose from "
-                         f"{', '.join(fl.AGGREGATORS)} or 'all'")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a folder")
     at_least = {"clients": 1, "rounds": 1, "local_steps": 1, "batch_size": 1, "rank": 1,
@@ -499,6 +565,28 @@ def check_args(args: Args) -> list[str]:
                          f"{args.flora_na_variant!r}")
     if args.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"--optimizer must be adamw or sgd, got {args.optimizer!r}")
+    for key, choices in (("head_sharing", ("registry", "averaged")),
+                         ("personal_eval", ("clients", "global")),
+                         ("personal_weighting", ("uniform", "data"))):
+        if getattr(args, key) not in choices:
+            raise ValueError(f"--{key.replace('_', '-')} must be {' or '.join(choices)}, got "
+                             f"{getattr(args, key)!r}")
+    mixed = any(r != args.rank for r in client_ranks(args))
+    names = [a.strip() for a in args.aggregator.split(",") if a.strip()]
+    if names == ["all"]:                       # with mixed ranks: those that accept them
+        names = [n for n, a in fl.AGGREGATORS.items() if a.mixed_ranks or not mixed]
+    unknown = [a for a in names if a not in fl.AGGREGATORS]
+    if unknown or not names:
+        raise ValueError(f"unknown aggregator(s) {unknown or names}; choose from "
+                         f"{', '.join(fl.AGGREGATORS)} or 'all'")
+    if mixed and args.flora_na_coefficients == "changes":
+        raise ValueError("--flora-na-coefficients changes needs every client at the global rank "
+                         "(a client of lower rank starts from a truncation of the global factors)")
+    equal_only = [a for a in names if mixed and not fl.AGGREGATORS[a].mixed_ranks]
+    if equal_only:
+        mixed_ok = ", ".join(n for n, a in fl.AGGREGATORS.items() if a.mixed_ranks)
+        raise ValueError(f"{', '.join(equal_only)} need every client at the global rank; with "
+                         f"mixed client ranks use {mixed_ok}")
     resolve_device(args.device)
     _check_writable(args.out)
     return names
@@ -520,6 +608,22 @@ def check_variant_tying(args: Args, names: list[str], model) -> None:
                          f"{sorted(shapes)}; choose --target-modules of one shape, or pass "
                          f"--no-tie-layers (or --tie-layers without the preset: one (P, Q) "
                          f"per shape)")
+
+
+def client_ranks(args: Args) -> list[int]:
+    """Each client's LoRA rank, from --client-ranks or --rank-profile (else all --rank)."""
+    ranks = None
+    if args.client_ranks is not None:
+        try:
+            ranks = [int(r) for r in args.client_ranks.split(",")]
+        except ValueError:
+            raise ValueError(f"--client-ranks must be comma-separated integers, got "
+                             f"{args.client_ranks!r}") from None
+    try:
+        return federation.client_ranks(args.clients, args.rank, args.seed, ranks,
+                                       args.rank_profile)
+    except ValueError as err:
+        raise ValueError(f"--client-ranks / --rank-profile: {err}") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -560,9 +664,12 @@ def run_facts(args: Args, task: Task, data: TaskData, model) -> dict:
     return {"task": {"display_name": task.display_name, "main_metric": task.main_metric},
             "model": {"hub_id": models.hub_id(args.model), "path": models.resolve_model(args.model)},
             "majority_baseline": task.majority_baseline(data),
+            "client_ranks": client_ranks(args),
             "head": {"modules": [m for m in saved if any(f".{m}." in f".{n}" for n in head)],
                      "bytes": sum(q.numel() * 4 for q in head.values())},    # float32, as sent
-            "aggregators": {n: {"display_name": a.display_name, "personalised": a.private_B}
+            "aggregators": {n: {"display_name": a.display_name,
+                                "personalised": a.private_B or keeps_own_head(args, n),
+                                "private_head": keeps_own_head(args, n)}
                             for n, a in fl.AGGREGATORS.items()}}
 
 
@@ -638,7 +745,9 @@ def main(args: Args) -> list[dict]:
                        seed=args.seed, eval_every=args.eval_every,
                        eval_options=eval_options(args), options=aggregator_options(args),
                        track_solvers=args.track_solvers, device=device, out=args.out,
-                       resume=args.resume, log=log, base_name=models.hub_id(args.model))
+                       resume=args.resume, log=log, private_head=keeps_own_head(args, name),
+                       personal_weights=personal_score_weights(args, [len(ix) for ix in parts]),
+                       base_name=models.hub_id(args.model), ranks=client_ranks(args))
     return log
 
 

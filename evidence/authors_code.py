@@ -275,7 +275,8 @@ def main(args: Args) -> list[dict]:
             train.server_update(names[0], state, model, uploads, heads, n / n.sum(),
                                 list(range(args.clients)), n_clients=args.clients,
                                 options={}, track_solvers=False, device=torch.device("cpu"),
-                                seed=args.seed, round_=rnd)
+                                seed=args.seed, round_=rnd,
+                                private_head=train.keeps_own_head(targs, names[0]))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
         with open(args.out, "w") as f:

@@ -14,8 +14,13 @@ order (which fixes the rows' order and the figures' colours). Which aggregator i
 which the baseline is the caller's choice (--method, --baseline); no aggregator is named here.
 
 Every section stands alone: a stage that did not run (or is still running) says so instead of
-failing. Sections, in order: divergence study, GLUE table, sensitivity, solver benchmark,
-generation, how it was run.
+failing. Sections, in order (SECTIONS, at the end, lists them with their stage): divergence
+study, GLUE table, sensitivity, solver benchmark, generation; REPORT.md adds how it was run.
+Each section carries a provenance line under its heading (reproduce.sh command, mode, commit,
+machine, date). On the results page each sits between its own markers
+<!-- results:KEY:start --> / <!-- results:KEY:end -->, and only the sections whose stage has
+results in this folder are rewritten, so rerunning one stage leaves the others' numbers as they
+are. README's headline is rewritten only when the GLUE stage has runs.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Annotated
+from typing import Annotated, Callable
 
 import matplotlib
 import tyro
@@ -42,7 +47,6 @@ from harness import provenance  # noqa: E402
 FIG = "{FIG}"   # stands for the figures' folder as seen from the markdown file; filled in at the end
 NOT_RUN = "\n_Not run: nothing under `{}` yet._\n"
 NEEDS = "\n_Not shown: this section compares two aggregators; pass {}._\n"
-PAGE_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 HEADLINE_MARKERS = ("<!-- headline:start -->", "<!-- headline:end -->")
 
 
@@ -617,12 +621,45 @@ class Glue:
 def head_text(runs: list[Run]) -> str:
     """What the MB column leaves out: the trained non-LoRA head, from the runs' facts."""
     head = next((r.facts["head"] for r in runs if r.facts.get("head")), None)
+    kept = sorted({a["display_name"] for r in runs for n, a in r.facts["aggregators"].items()
+                   if a.get("private_head") and n in r.by_aggregator()})
+    alike = (f"averaged by every method but {', '.join(kept)}, whose clients keep their own"
+             if kept else "averaged alike by every method")
     if head is None:
-        return "the trained head, averaged alike by every method, is not counted"
+        return f"the trained head, {alike}, is not counted"
     if not head["modules"] or not head["bytes"]:
         return "no parameter outside LoRA is trained"
     return (f"the trained head ({' and '.join(head['modules'])}, {head['bytes'] / 2**20:.2f} MB "
-            f"per client each way), averaged alike by every method, is not counted")
+            f"per client each way), {alike}, is not counted")
+
+
+def personal_text(runs: list[Run]) -> str:
+    """What the (personalised) rows are: train.py's --personal-eval, --personal-weighting and
+    --head-sharing, from each run's config and facts (a run from before they were recorded:
+    each client's model, unweighted mean, averaged head), naming the runs when they differ."""
+    protocols: dict[str, list[str]] = {}
+    for run in runs:
+        ran = run.by_aggregator()
+        aggs = [a for n, a in run.facts["aggregators"].items()
+                if a.get("personalised") and n in ran]
+        if run.centralised or not aggs:
+            continue
+        if run.config.get("personal_eval", "clients") == "global":
+            text = "no row, only the global model is scored (--personal-eval global)"
+        else:
+            head = ("its own head" if any(a.get("private_head") for a in aggs)
+                    else "the averaged head")
+            mean = ("mean weighted by the clients' training examples"
+                    if run.config.get("personal_weighting") == "data"
+                    else "unweighted mean over clients")
+            text = (f"each client's own model (the shared factors with its private ones, "
+                    f"{head}) on the shared dev set, {mean}, not a single global model")
+        protocols.setdefault(text, []).append(os.path.basename(run.path))
+    if len(protocols) <= 1:
+        text = next(iter(protocols), "each client's own model, not a single global model")
+    else:
+        text = "; ".join(f"in {', '.join(names)}, {t}" for t, names in protocols.items())
+    return f"(personalised): {text}"
 
 
 def glue_section(results: str, out_dir: str, names: Names) -> str:
@@ -651,8 +688,7 @@ def glue_section(results: str, out_dir: str, names: Names) -> str:
     md.append("\nBold: the best federated global model per column. MB / round: LoRA factors "
               "sent by all clients to the server plus the server's reply, per round, as "
               f"train.py counts them ({head_text(runs)}); aggregators differ in what they "
-              "send (README's aggregators table). (personalised): each client's own model, "
-              "averaged over clients — not a single global model; (global): the same "
+              f"send (README's aggregators table). {personal_text(runs)}; (global): the same "
               "aggregator's global model.\n")
     md.append(g.verdict())
     md.append(_glue_figures(g, out_dir))
@@ -793,7 +829,7 @@ def sensitivity_section(results: str, out_dir: str, names: Names) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_section(results: str) -> str:
+def bench_section(results: str, out_dir: str, names: Names) -> str:
     """bench_solver.py's JSON as a table."""
     path = os.path.join(results, "runs", "bench", "bench_solver.json")
     md = ["## Solver benchmark: Gram-space solver vs AdamW done densely\n"]
@@ -845,7 +881,7 @@ def _load_text(load) -> str:
         return f" Load average: {load}." if load else ""
 
 
-def generation_section(results: str, names: Names) -> str:
+def generation_section(results: str, out_dir: str, names: Names) -> str:
     """Federated generation tasks: final score with the size of the evaluated subset."""
     runs = load_runs(results, "generation")
     title = " / ".join(dict.fromkeys(r.task_name for r in runs)) or "GSM8K"
@@ -880,31 +916,132 @@ def generation_section(results: str, names: Names) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# How it was run
+# Mixed ranks (stage 7)
 # ---------------------------------------------------------------------------------------------
 
 
-STAGE_DIRS = {"2": "divergence", "3": "glue", "4": "sensitivity", "5": "bench", "6": "generation"}
+def mixed_rank_key(run: Run, agg: str) -> tuple[int, str]:
+    """(0, aggregator) for a run whose clients have mixed ranks, (rank, aggregator) for an
+    equal-rank reference: rows sort mixed first, then references by rank."""
+    ranks = run.facts.get("client_ranks") or [run.config["rank"]] * run.config["clients"]
+    return (0 if len(set(ranks)) > 1 or ranks[0] != run.config["rank"] else ranks[0], agg)
 
 
-def stage_provenance(results: str, stage: str) -> tuple[str, str]:
-    """(commits, machines) that produced a stage's results, from each run's provenance.jsonl
-    (a line per start and resume) or the benchmark's JSON; runs from before provenance was
-    recorded are counted as such."""
-    folder = os.path.join(results, "runs", STAGE_DIRS[stage])
+def mixed_ranks_section(results: str, out_dir: str, names: Names) -> str:
+    """Clients of different ranks: every mixed-rank aggregator and the equal-rank references,
+    mean +- std over seeds, bytes per round, and the divergence of each server update."""
+    runs = load_runs(results, "mixed_ranks")
+    md = ["## Mixed ranks: clients of different LoRA ranks\n"]
+    if not runs:
+        return "\n".join(md) + NOT_RUN.format("runs/mixed_ranks/")
+    mixed = [r for r in runs if mixed_rank_key(r, "")[0] == 0]
+    task, metric = runs[0].task_name, runs[0].metric
+    profiles = sorted({r.config.get("rank_profile") or r.config.get("client_ranks") for r in mixed})
+    ranks = sorted(r for run in mixed for r in run.facts["client_ranks"])
+    counts = ", ".join(f"{ranks.count(q) / len(mixed):g} x rank {q}" for q in sorted(set(ranks)))
+    seeds = sorted({r.config.get("seed") for r in runs})
+    md.append(f"{task}, {metric}; {describe(runs[0].config)}; client ranks from the "
+              f"{' / '.join(map(str, profiles))} profile ({counts} per run; the global model has "
+              f"rank {mixed[0].config['rank'] if mixed else '—'}); references: every client at "
+              f"one rank. Seeds {seeds}; majority-class {metric} "
+              f"{runs[0].facts['majority_baseline']:.3f}.\n")
+    partial = [f"{os.path.basename(r.path)} ({', '.join(r.unfinished())})"
+               for r in runs if r.unfinished()]
+    if partial:
+        md.append(f"**Unfinished runs** (the table uses what exists): {'; '.join(partial)}\n")
+    # (kind, aggregator) -> per seed: best, final, MB per round, and per-round mean relative
+    # divergences of the update sent (and the references on the same uploads)
+    cells: dict[tuple[int, str], list[dict]] = {}
+    for run in runs:
+        for agg, rows in run.by_aggregator().items():
+            c = curve(rows, metric, total_rounds=run.config.get("rounds", 0))
+            if c is None:
+                continue
+            div = [r["divergence"]["relative_mean"] for r in rows]
+            cells.setdefault(mixed_rank_key(run, agg), []).append({
+                "best": c.best, "final": c.final,
+                "mb": (rows[-1]["bytes_up"] + rows[-1]["bytes_down"]) / len(rows) / 2**20,
+                "div": div})
+    small = min(ranks) if ranks else None
+    mean_div = lambda xs, k: _nanmean([_nanmean([d.get(k, math.nan) for d in x["div"]])  # noqa: E731
+                                      for x in xs])
+    registry = list(names.registry)
+    order = sorted(cells, key=lambda k: (k[0], registry.index(k[1]) if k[1] in registry
+                                         else len(registry)))
+    rows = []
+    for key in order:
+        xs, (kind, agg) = cells[key], key
+        label = names.display(agg) + (" (mixed ranks)" if kind == 0 else f", all rank {kind}")
+        fmt = lambda k: f"{mean_div(xs, k):.3f}" if mean_div(xs, k) == mean_div(xs, k) else "—"  # noqa: E731
+        rows.append([label, fmt_ms([x["best"] for x in xs], len(seeds)),
+                     fmt_ms([x["final"] for x in xs], len(seeds)),
+                     f"{_nanmean([x['mb'] for x in xs]):.2f}", fmt("aggregate"), fmt("naive"),
+                     fmt("bound"), fmt(f"client_r{small}"), fmt(f"bound_r{small}")])
+    md.append(table(["aggregator", f"best {metric}", f"final {metric}", "MB / round",
+                     "rel. div.", "zero-pad rel. div.", "rank-R bound",
+                     f"rank-{small} client's rel. div.", f"rank-{small} bound"], rows))
+    md.append(f"Mean ± std over seeds. Divergences are ||M - update|| / ||M|| with M = Σ_u p_u "
+              f"s_u B_u A_u (each client's own LoRA scaling s_u = alpha / r_u), the mean over "
+              f"rounds and layers: of the rank-R update the aggregator sends (FLoRA's is exact: it "
+              f"merges M into W), of zero-padded FedIT on the same uploads, of the best rank-R "
+              f"update, and of what a client of rank {small} applies (the first {small} "
+              f"components) against the best rank-{small} update. MB / round: uploads + "
+              f"downloads of all clients, each at its own rank.\n")
+    fig, (ax_acc, ax_div) = plt.subplots(1, 2, figsize=(11, 4))
+    best = [mean_std([x["best"] for x in cells[k]]) for k in order]
+    ax_acc.barh(range(len(order)), [b[0] for b in best], xerr=[b[1] for b in best], capsize=3,
+                color=[names.style(k[1])["color"] for k in order])
+    ax_acc.set_yticks(range(len(order)), [r[0].replace("**", "") for r in rows], fontsize=8)
+    ax_acc.axvline(runs[0].facts["majority_baseline"], color="gray", ls=":", label="majority class")
+    ax_acc.set_xlabel(f"best dev {metric} (mean ± std over seeds)")
+    ax_acc.invert_yaxis()
+    ax_acc.legend(fontsize=8)
+    for kind, agg in (k for k in order if k[0] == 0):
+        xs = cells[(kind, agg)]
+        n = min(len(x["div"]) for x in xs)
+        series = [_nanmean([x["div"][i].get("aggregate", math.nan) for x in xs]) for i in range(n)]
+        ax_div.plot(range(1, n + 1), series, label=names.display(agg, bold=False),
+                    **names.style(agg))
+    mixed_cells = [x for (kind, _), xs in cells.items() if kind == 0 for x in xs]
+    if mixed_cells:
+        n = min(len(x["div"]) for x in mixed_cells)
+        for k, ls, text in (("bound", "--", "rank-R bound"),
+                            (f"bound_r{small}", ":", f"rank-{small} bound")):
+            ax_div.plot(range(1, n + 1), [_nanmean([x["div"][i].get(k, math.nan)
+                                                    for x in mixed_cells]) for i in range(n)],
+                        color="tab:gray", ls=ls, label=text)
+    ax_div.set_xlabel("round")
+    ax_div.set_ylabel("mean rel. divergence of the update sent")
+    ax_div.set_yscale("symlog", linthresh=1e-3)
+    ax_div.grid(alpha=0.3)
+    ax_div.legend(fontsize=8)
+    md.append(f"![mixed ranks]({savefig(fig, out_dir, 'mixed_ranks.png')})\n")
+    return "\n".join(md)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where each section came from
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_provenance(results: str, folder: str) -> tuple[str, str]:
+    """(commits, machines) that produced the results under runs/<folder>/, from each run's
+    provenance.jsonl (a line per start and resume) or the "machine" of a JSON file there (the
+    benchmark's); runs from before provenance was recorded are counted as such."""
+    root = os.path.join(results, "runs", folder)
     records, unrecorded = [], 0
-    if stage == "5":
-        for path in glob.glob(os.path.join(folder, "*.json")):
+    for path in sorted(glob.glob(os.path.join(root, "*.json"))):
+        with open(path) as f:
+            machine = json.load(f).get("machine")
+        if machine is not None:
+            records.append(machine)
+    for run in sorted(glob.glob(os.path.join(root, "*", "config.json"))):
+        path = os.path.join(os.path.dirname(run), "provenance.jsonl")
+        if os.path.isfile(path):
             with open(path) as f:
-                records.append(json.load(f).get("machine", {}))
-    else:
-        for run in sorted(glob.glob(os.path.join(folder, "*", "config.json"))):
-            path = os.path.join(os.path.dirname(run), "provenance.jsonl")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    records += [json.loads(line) for line in f if line.strip()]
-            else:
-                unrecorded += 1
+                records += [json.loads(line) for line in f if line.strip()]
+        else:
+            unrecorded += 1
     commits = sorted({provenance.describe_commit(r.get("git_commit"), r.get("git_dirty", False))
                       for r in records})
     machines = sorted({f"{r.get('device_name', '?')} ({r.get('cpu_count', '?')} cores)"
@@ -914,8 +1051,9 @@ def stage_provenance(results: str, stage: str) -> tuple[str, str]:
 
 
 def stage_times(results: str) -> dict[str, list[str]]:
-    """stage -> [stage, name, status, seconds, finished] of the latest reproduce.sh run of it
-    that did the work (a rerun that found every run done takes seconds)."""
+    """stage -> the stage_times.tsv line of the latest reproduce.sh run of it that did the
+    work (a rerun that found every run done takes seconds): [stage, name, status, seconds,
+    finished] and, since reproduce.sh records them, [mode, jobs, threads, command]."""
     path, latest = os.path.join(results, "stage_times.tsv"), {}
     if os.path.isfile(path):
         with open(path) as f:
@@ -924,6 +1062,28 @@ def stage_times(results: str) -> dict[str, list[str]]:
                 if len(p) >= 5 and (int(p[3]) >= 10 or p[0] not in latest):
                     latest[p[0]] = p
     return latest
+
+
+def provenance_line(results: str, stage: str, folder: str, pipeline: dict) -> str:
+    """One italic line under a section's heading: the reproduce.sh stage and command, mode,
+    parallelism, git commit(s), machine(s), and when the stage finished after how long. The
+    mode, parallelism and command come from the stage's own line in stage_times.tsv, or from
+    pipeline.json (the latest invocation) for a line written before reproduce.sh recorded them."""
+    commits, machines = stage_provenance(results, folder)
+    p = stage_times(results).get(stage)
+    if p is None:
+        return (f"_Runs found under `runs/{folder}/` with no reproduce.sh record of stage "
+                f"{stage}: code of commit {commits} on {machines}._")
+    if len(p) >= 9:
+        mode, jobs, threads, command = p[5:9]
+    else:
+        mode = pipeline.get("mode", "unknown") + (" TINY" if pipeline.get("tiny") else "")
+        jobs, threads, command = pipeline.get("jobs", "?"), pipeline.get("threads", "?"), \
+            "bash reproduce.sh"
+    status = "" if p[2] == "ok" else f" (status: {p[2]})"
+    return (f"_Stage {stage} ({p[1]}) of `{command}`, {mode} mode, {jobs} parallel run(s) x "
+            f"{threads} torch thread(s): code of commit {commits} on {machines}; finished "
+            f"{p[4]} after {int(p[3]) / 60:.1f} min{status}._")
 
 
 def run_section(results: str, pipeline: dict) -> str:
@@ -938,12 +1098,14 @@ def run_section(results: str, pipeline: dict) -> str:
           f"- machine (where report.py ran): {info['cpu_name']}, {info['cpu_count']} cores, "
           f"GPU: {info['gpu'] or 'none'}, torch {info['torch']}, Python {info['python']}"]
     latest, rows = stage_times(results), []
-    for stage in sorted(set(latest) | set(STAGE_DIRS)):
-        commits, machines = stage_provenance(results, stage) if stage in STAGE_DIRS else ("—", "—")
+    folders = {s.stage: s.folder for s in SECTIONS}
+    for stage in sorted(set(latest) | set(folders)):
+        commits, machines = stage_provenance(results, folders[stage]) if stage in folders \
+            else ("—", "—")
         p = latest.get(stage)
         if p is None and commits == "—":
             continue
-        rows.append([f"{stage} {p[1] if p else STAGE_DIRS[stage]}", p[2] if p else "—",
+        rows.append([f"{stage} {p[1] if p else folders[stage]}", p[2] if p else "—",
                      f"{int(p[3]) / 60:.1f} min" if p else "—", p[4] if p else "—",
                      commits, machines])
     if rows:
@@ -959,8 +1121,34 @@ def run_section(results: str, pipeline: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole report, the headline, and writing them
+# The sections, the whole report, the headline, and writing them
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of the report: its marker name on the results page, the reproduce.sh stage
+    and the folder under runs/ its results come from, and the function that writes it."""
+    key: str
+    stage: str
+    folder: str
+    write: Callable[[str, str, Names], str]      # (results, out_dir, names) -> markdown
+
+    def present(self, results: str) -> bool:
+        """Whether runs/<folder>/ holds results (a run's metrics row, or a JSON file): only
+        then is the section's block on the results page rewritten."""
+        root = os.path.join(results, "runs", self.folder)
+        return bool(glob.glob(os.path.join(root, "*.json"))) or any(
+            os.path.getsize(m) > 0 for m in glob.glob(os.path.join(root, "*", "metrics.jsonl")))
+
+
+# In page order. A new section: its function, and one line here.
+SECTIONS = [Section("divergence", "2", "divergence", divergence_section),
+            Section("glue", "3", "glue", glue_section),
+            Section("sensitivity", "4", "sensitivity", sensitivity_section),
+            Section("bench", "5", "bench", bench_section),
+            Section("generation", "6", "generation", generation_section),
+            Section("mixed_ranks", "7", "mixed_ranks", mixed_ranks_section)]
 
 QUICK_NOTE = ("QUICK mode is a CPU-sized stand-in for the paper's experiments: a 6-layer MiniLM "
               "instead of RoBERTa-large, a few rounds of a few local steps, capped train and dev "
@@ -972,9 +1160,11 @@ QUICK_NOTE = ("QUICK mode is a CPU-sized stand-in for the paper's experiments: a
 
 @dataclass
 class Report:
-    """The whole report (markdown, figure links as {FIG}name.png) and README's headline."""
+    """The whole report (markdown, figure links as {FIG}name.png); the blocks of the sections
+    whose stage has results, for the results page; README's headline (None without GLUE runs)."""
     body: str
-    headline: str
+    blocks: dict[str, str]                 # section key -> its markdown, heading first
+    headline: str | None
 
 
 def _pipeline(results: str) -> dict:
@@ -986,26 +1176,28 @@ def _pipeline(results: str) -> dict:
 
 
 def all_runs(results: str) -> list[Run]:
-    return [r for stage in ("divergence", "glue", "sensitivity", "generation")
-            for r in load_runs(results, stage)]
+    return [r for s in SECTIONS for r in load_runs(results, s.folder)]
 
 
-def headline(results: str, names: Names, page: str = "RESULTS.md") -> str:
-    """A few lines for the README: the GLUE best-over-rounds table with the commit and mode it
-    came from, the method against the baseline, and the divergence it removes."""
+def headline(results: str, names: Names, page: str = "RESULTS.md") -> str | None:
+    """A few lines for the README, or None without GLUE runs: the GLUE best-over-rounds table
+    with the commit and mode it came from, the method against the baseline, and the divergence
+    it removes (when the divergence study has runs too)."""
     pipeline, runs = _pipeline(results), load_runs(results, "glue")
     if not runs:
-        return f"_No GLUE results yet: run `bash reproduce.sh`; details in [{page}]({page})._\n"
+        return None
     g = Glue.of(runs, names)
     fed = next((r for r in runs if not r.centralised), runs[0])
     md = [f"From `bash reproduce.sh` in {pipeline.get('mode', 'unknown')} mode"
           + (" (TINY: meaningless numbers)" if pipeline.get("tiny") else
              " (a CPU-sized stand-in for the paper's experiments, not comparable with its "
              "numbers)" if pipeline.get("mode") == "QUICK" else "")
-          + f", code of commit {stage_provenance(results, '3')[0]}; all tables, figures, "
+          + f", code of commit {stage_provenance(results, 'glue')[0]}; all tables, figures, "
             f"calibration and limits in [{page}]({page}). Best dev metric over rounds, mean ± "
             f"std over seeds {g.seeds}; federated: {describe(fed.config)}.\n",
           g.table("best")]
+    if any(k.endswith(PERSONAL) for k in g.keys):
+        md.append(f"- {personal_text(runs)}.")
     versus = g.versus()
     if versus:
         md.append(versus)
@@ -1017,18 +1209,23 @@ def headline(results: str, names: Names, page: str = "RESULTS.md") -> str:
 
 def build_report(results: str, out_dir: str, method: str | None = None,
                  baseline: str | None = None, page: str = "RESULTS.md") -> Report:
-    """Every section of the report, its PNGs written to out_dir, and the headline."""
+    """Every section of the report, each with its provenance line under the heading, its PNGs
+    written to out_dir, and the headline."""
     names = Names.of(all_runs(results), method, baseline)
     pipeline = _pipeline(results)
-    sections = [divergence_section(results, out_dir, names),
-                glue_section(results, out_dir, names),
-                sensitivity_section(results, out_dir, names), bench_section(results),
-                generation_section(results, names), run_section(results, pipeline)]
+    texts, blocks = [], {}
+    for s in SECTIONS:
+        heading, rest = s.write(results, out_dir, names).split("\n", 1)
+        if s.present(results):
+            rest = "\n" + provenance_line(results, s.stage, s.folder, pipeline) + "\n" + rest
+            blocks[s.key] = heading + "\n" + rest
+        texts.append(heading + "\n" + rest)
     mode = pipeline.get("mode", "unknown") + (" / TINY" if pipeline.get("tiny") else "")
     head = [f"# FLoRA-NA reproduction report ({mode})\n"]
     if pipeline.get("mode") == "QUICK" or pipeline.get("tiny"):
         head.append(QUICK_NOTE)
-    return Report("\n".join(head + sections), headline(results, names, page))
+    return Report("\n".join(head + texts + [run_section(results, pipeline)]), blocks,
+                  headline(results, names, page))
 
 
 def write_between(path: str, text: str, markers: tuple[str, str]) -> bool:
@@ -1044,10 +1241,53 @@ def write_between(path: str, text: str, markers: tuple[str, str]) -> bool:
     return True
 
 
-def page_body(body: str) -> str:
-    """The report as the results page holds it: one heading level down, without its title."""
-    demoted = re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", body, flags=re.M)
-    return re.sub(r"^## FLoRA-NA reproduction report.*\n", "", demoted, count=1)
+def section_markers(key: str) -> tuple[str, str]:
+    return f"<!-- results:{key}:start -->", f"<!-- results:{key}:end -->"
+
+
+def write_sections(path: str, blocks: dict[str, str]) -> list[str]:
+    """Write each block between its section's markers on the results page, leaving every
+    other block (a stage with no results here) as it is. A section whose markers the page
+    lacks is added with them right after the nearest earlier section on the page (or before
+    the nearest later one); a page with no section markers at all, or with only one marker of
+    a pair, is left unchanged for that section. Returns one message per section."""
+    with open(path) as f:
+        page = f.read()
+    order, messages = [s.key for s in SECTIONS], []
+    for key, text in blocks.items():
+        start, end = section_markers(key)
+        block = f"{start}\n{text.strip()}\n{end}"
+        found = (page.count(start), page.count(end))
+        if found == (1, 1) and page.index(start) < page.index(end):
+            page = page[:page.index(start)] + block + page[page.index(end) + len(end):]
+            messages.append(f"updated section {key!r}")
+            continue
+        if found != (0, 0):
+            messages.append(f"section {key!r} NOT written: {path} has {found[0]} {start} and "
+                            f"{found[1]} {end} (expected one of each, start first); fix the page")
+            continue
+        i = order.index(key)
+        before = [k for k in reversed(order[:i]) if section_markers(k)[1] in page]
+        after = [k for k in order[i + 1:] if section_markers(k)[0] in page]
+        if before:
+            at = page.index(section_markers(before[0])[1]) + len(section_markers(before[0])[1])
+            page = page[:at] + "\n\n" + block + page[at:]
+            messages.append(f"added section {key!r} after section {before[0]!r}")
+        elif after:
+            at = page.index(section_markers(after[0])[0])
+            page = page[:at] + block + "\n\n" + page[at:]
+            messages.append(f"added section {key!r} before section {after[0]!r}")
+        else:
+            messages.append(f"section {key!r} NOT written: {path} has no results section "
+                            f"markers to place it by; add {start} ... {end} where it belongs")
+    with open(path, "w") as f:
+        f.write(page)
+    return messages
+
+
+def demote(markdown: str) -> str:
+    """A section as the results page holds it: one heading level down."""
+    return re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", markdown, flags=re.M)
 
 
 def main(args: Args) -> None:
@@ -1063,14 +1303,19 @@ def main(args: Args) -> None:
     if args.page:
         figures = os.path.join(os.path.dirname(os.path.abspath(args.page)), "figures")
         os.makedirs(figures, exist_ok=True)
-        for png in re.findall(re.escape(FIG) + r"([\w.-]+\.png)", report.body):
+        blocks = {k: demote(v).replace(FIG, "figures/") for k, v in report.blocks.items()}
+        for png in re.findall(re.escape(FIG) + r"([\w.-]+\.png)", "".join(report.blocks.values())):
             shutil.copy(os.path.join(args.results, png), figures)
-        if write_between(args.page, page_body(report.body).replace(FIG, "figures/"), PAGE_MARKERS):
-            print(f"updated the generated results in {args.page} (figures in {figures}/)")
-        else:
-            print(f"{args.page} has no {' / '.join(PAGE_MARKERS)} markers: left unchanged")
+        skipped = [s.key for s in SECTIONS if s.key not in blocks]
+        for message in write_sections(args.page, blocks) if blocks else []:
+            print(f"{args.page}: {message}")
+        if skipped:
+            print(f"{args.page}: left as they are (no results for their stage here): "
+                  f"{', '.join(skipped)}")
     if args.readme:
-        if write_between(args.readme, report.headline, HEADLINE_MARKERS):
+        if report.headline is None:
+            print(f"{args.readme}: headline left as it is (no GLUE runs here)")
+        elif write_between(args.readme, report.headline, HEADLINE_MARKERS):
             print(f"updated the headline of {args.readme}")
         else:
             print(f"{args.readme} has no {' / '.join(HEADLINE_MARKERS)} markers: left unchanged")

@@ -54,8 +54,8 @@ def compare(before: str, after: str) -> list[str]:
             if a[key].get(field) != b[key].get(field):
                 diffs.append(f"{key} {field}: {a[key].get(field)} != {b[key].get(field)}")
         da, db = a[key]["divergence"]["relative_mean"], b[key]["divergence"]["relative_mean"]
-        largest = max([largest] + [abs(x - y) for x, y in zip(da.values(), db.values())
-                                   if math.isfinite(x) and math.isfinite(y)])
+        largest = max([largest] + [abs(da[k] - db[k]) for k in da.keys() & db.keys()
+                                   if math.isfinite(da[k]) and math.isfinite(db[k])])
     aggregators = sorted({k[0] for k in a})
     n_tensors = 0
     for name in aggregators:

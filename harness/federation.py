@@ -25,10 +25,14 @@ Factors = dict[str, tuple[Tensor, Tensor]]          # {layer name: (A (r, k), B 
 
 
 def exact_divergences(A: Sequence[Tensor], B: Sequence[Tensor], p: Tensor,
-                      agg: fl.Aggregate) -> dict[str, Tensor]:
+                      agg: fl.Aggregate, client_ranks: Sequence[int] = ()) -> dict[str, Tensor]:
     """Per layer (L,) in float64: ||M|| ("norm_M"), ||M - B_bar A_bar|| of FedIT ("naive"),
     ||M - effective update|| of `agg` ("aggregate") and the rank-r Eckart-Young bound
-    ("bound", r the largest client rank), for A (U x (L, r_u, k)), B (U x (L, d, r_u)).
+    ("bound", r the largest client rank), for A (U x (L, r, k)), B (U x (L, d, r)) (clients
+    of mixed ranks zero-padded to r, flora_na.pad_ranks). For each rank rho < r in
+    `client_ranks`, also the rank-rho bound ("bound_r<rho>") and, when the aggregate is a
+    pair (A', B'), what a client of rank rho applies, its first rho components
+    ("client_r<rho>": ||M - B'[:, :rho] A'[:rho]||).
 
     One QR of the stacked factors Z_B = [p_1 B_1 .. p_U B_U | B_bar | B'] (L, d, m) and
     Z_A = [A_1; ..; A_U; A_bar; A'] (L, m, k) gives Z_B = Q_b R_b, Z_A^T = Q_a R_a, and every
@@ -56,6 +60,11 @@ def exact_divergences(A: Sequence[Tensor], B: Sequence[Tensor], p: Tensor,
     out = {"norm_M": S.square().sum(-1).sqrt(),
            "naive": core(sel((n_M, 1.0), (r_bar, -1.0), (r_new, 0.0))).flatten(1).norm(dim=1),
            "bound": S[:, rank:].square().sum(-1).sqrt()}
+    for rho in sorted({q for q in client_ranks if q < rank}):
+        out[f"bound_r{rho}"] = S[:, rho:].square().sum(-1).sqrt()
+        if agg.base_delta is None and agg.A is not None:
+            out[f"client_r{rho}"] = core(sel((n_M, 1.0), (r_bar, 0.0), (rho, -1.0),
+                                             (r_new - rho, 0.0))).flatten(1).norm(dim=1)
     if agg.base_delta is None:
         out["aggregate"] = core(sel((n_M, 1.0), (r_bar, 0.0), (r_new, -1.0))).flatten(1).norm(dim=1)
     else:                                                        # dense: W itself changes
@@ -91,17 +100,30 @@ class RoundUpdate:
 
 
 def server_step(client_factors: list[Factors], p: Tensor, name: str, options: dict | None = None,
-                device: str | torch.device = "cpu", previous: Factors | None = None
-                ) -> RoundUpdate:
+                device: str | torch.device = "cpu", scales: Sequence[float] | None = None,
+                rank: int | None = None, previous: Factors | None = None) -> RoundUpdate:
     """One server step over every adapted layer: client_factors[u] = {layer: (A, B)}, p the
     weights of the clients that answered. `options` may hold any aggregator's options; each
     aggregator receives those its registry entry declares, and `previous` (the global factors
-    the clients started from) as option previous = (A (L, r, k), B (L, d, r)) if it declares it."""
+    the clients started from) as option previous = (A (L, r, k), B (L, d, r)) if it declares it.
+
+    Clients of different ranks: scales[u] = s_u / s, client u's LoRA scaling over the global
+    model's, and `rank` the global rank R. Each B_u is brought to the global scaling first
+    (flora_na.py section 3), so the aggregate is a rank-R pair in the global model's units
+    (to_client gives each client its share); only aggregators with mixed_ranks accept this."""
     if name not in fl.AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; choose from {', '.join(fl.AGGREGATORS)}")
     entry = fl.AGGREGATORS[name]
     p = fl.check_weights(p, len(client_factors), name)
-    mine = {k: v for k, v in (options or {}).items() if k in entry.options}
+    ranks = [next(iter(cf.values()))[0].shape[0] for cf in client_factors]
+    mixed = len(set(ranks)) > 1 or (rank is not None and ranks[0] != rank)
+    if mixed and not entry.mixed_ranks:
+        raise ValueError(f"{name} needs every client at the global rank; got ranks {ranks}")
+    if scales is not None and any(c != 1 for c in scales):
+        client_factors = [{n: (A, B * c) for n, (A, B) in cf.items()}
+                          for cf, c in zip(client_factors, scales)]
+    mine = {k: v for k, v in {**(options or {}), "rank": rank}.items()
+            if k in entry.options and v is not None}
     update = RoundUpdate(None if entry.restart else {}, {}, 0, 0, {})
     for names, A, B in stacked_groups(client_factors, device):
         if previous is not None and "previous" in entry.options:
@@ -110,14 +132,69 @@ def server_step(client_factors: list[Factors], p: Tensor, name: str, options: di
         agg = entry.aggregate(A, B, p, **mine)
         update.bytes_up += agg.bytes_up
         update.bytes_down += agg.bytes_down
-        div = {k: v.tolist() for k, v in exact_divergences(A, B, p.to(A[0].device), agg).items()}
+        A_pad, B_pad = fl.pad_ranks(A, B, rank if mixed else None)
+        div = {k: v.tolist() for k, v in exact_divergences(
+            A_pad, B_pad, p.to(A[0].device), agg, ranks if mixed else ()).items()}
         for i, n in enumerate(names):
             if update.factors is not None:
                 update.factors[n] = (agg.A[i].cpu(), agg.B[i].cpu())
             if agg.base_delta is not None:
                 update.base_delta[n] = agg.base_delta[i].cpu()
-            update.divergence[n] = {k: div[k][i] for k in ("naive", "aggregate", "bound", "norm_M")}
+            update.divergence[n] = {k: v[i] for k, v in div.items()}
     return update
+
+
+def to_client(factors: Factors, rank: int, scale: float) -> Factors:
+    """A client's share of the global pair: its first `rank` components, with B brought to
+    the client's LoRA scaling (scale = s_u / s), so the client applies s B[:, :r] A[:r]
+    (flora_na.py section 3). At the global rank and scaling the factors are returned as
+    they are."""
+    if scale == 1 and all(A.shape[0] == rank for A, _ in factors.values()):
+        return dict(factors)
+    return {n: (A[:rank].clone(), B[:, :rank] / scale) for n, (A, B) in factors.items()}
+
+
+RANK_PROFILES = ("uniform", "random", "heavy_tail")
+
+
+def client_ranks(n_clients: int, rank: int, seed: int, ranks: Sequence[int] | None = None,
+                 profile: str | None = None) -> list[int]:
+    """Each client's LoRA rank. `ranks` (e.g. [4, 8, 16]) is cycled over the clients; a
+    `profile` draws from the ladder 2, 4, 8, .. below `rank`, plus `rank` itself (rank 16:
+    2, 4, 8, 16), in the manner of FlexLoRA's resource profiles (the proportions are ours):
+    "uniform" gives each ladder rank an equal share of the clients, "heavy_tail" shares
+    falling by half at each step up (rank 16: 8/15, 4/15, 2/15, 1/15: most clients small, a
+    few large), both as exact quantiles (the largest rank appears once there are enough
+    clients), assigned in a seeded random order; "random" draws each client's rank uniformly
+    from the ladder. Neither: every client at `rank`."""
+    if ranks is not None and profile is not None:
+        raise ValueError("give client ranks or a rank profile, not both")
+    if ranks is not None:
+        bad = [r for r in ranks if not 1 <= r <= rank]
+        if not ranks or bad:
+            raise ValueError(f"client ranks must be in 1..{rank} (the global --rank), got "
+                             f"{list(ranks)}")
+        return [ranks[u % len(ranks)] for u in range(n_clients)]
+    if profile is None:
+        return [rank] * n_clients
+    if profile not in RANK_PROFILES:
+        raise ValueError(f"unknown rank profile {profile!r}; choose from {', '.join(RANK_PROFILES)}")
+    ladder = [2 ** i for i in range(1, rank.bit_length()) if 2 ** i < rank] + [rank]
+    g = torch.Generator().manual_seed(_mix(seed, 7))
+    if profile == "random":
+        return [ladder[i] for i in torch.randint(len(ladder), (n_clients,), generator=g).tolist()]
+    w = torch.ones(len(ladder), dtype=torch.float64)
+    if profile == "heavy_tail":
+        w = 0.5 ** torch.arange(len(ladder), dtype=torch.float64)
+    cdf = torch.cumsum(w / w.sum(), 0)
+    quantiles = (torch.arange(n_clients, dtype=torch.float64) + 0.5) / n_clients
+    picks = torch.searchsorted(cdf, quantiles).clamp(max=len(ladder) - 1)
+    order = torch.randperm(n_clients, generator=g)
+    return [ladder[i] for i in picks[order].tolist()]
+
+
+def _mix(seed: int, salt: int) -> int:
+    return (seed * 1_000_003 + salt) % (1 << 62)
 
 
 def solver_divergences(client_factors: list[Factors], p: Tensor) -> dict[str, dict[str, float]]:

@@ -67,6 +67,36 @@ def add_lora(model, rank: int, alpha: float, dropout: float = 0.05,
     return get_peft_model(model, config)
 
 
+def lora_rank(model) -> int:
+    """The rank the model's LoRA layers have now (set_rank may have changed it)."""
+    import flora_na as fl
+    ranks = {m.r["default"] for m in fl.lora_layers(model).values()}
+    if len(ranks) != 1:
+        raise ValueError(f"the model's LoRA layers have different ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+@torch.no_grad()
+def set_rank(model, rank: int) -> None:
+    """Give every LoRA layer of the model rank `rank`, as peft builds a layer of that rank
+    (fresh lora_A, lora_B and dropout, scaling alpha / rank, trainable): a client of its own
+    rank in a federation of mixed ranks. Only the LoRA factors change (write_factors loads
+    them next); the frozen weights and the head stay. A no-op at the current rank. The
+    adapter's config keeps the global rank, so save the model at that rank."""
+    import flora_na as fl
+    if lora_rank(model) == rank:
+        return
+    config = model.peft_config["default"]
+    for m in fl.lora_layers(model).values():
+        m.update_layer("default", rank, config.lora_alpha, config)
+
+
+def lora_scaling(model) -> float:
+    """The LoRA scaling s of the model's layers at their current rank (alpha / r)."""
+    import flora_na as fl
+    return next(iter(fl.lora_layers(model).values())).scaling["default"]
+
+
 # --- offline models
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -223,11 +223,12 @@ def write_own_data(folder: Path, glue_dir: Path, examples: list) -> Path:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, bert_dir, glue_dir) -> dict:
     """One SuperLink and three SuperNodes, each a separate process on its own free port, and
-    2 rounds of FLoRA-NA through them. Clients 0 and 1 hold their own data (own-data=true):
-    exactly train.py's two partitions of the SST-2 set; client 2's data folder is empty, so
-    its training raises every round. Also train.py's 2-client run, as the reference."""
+    2 rounds of FLoRA-NA through them, the clients at different LoRA ranks (1, 2, 1; global
+    rank 2). Clients 0 and 1 hold their own data (own-data=true): exactly train.py's two
+    partitions of the SST-2 set; client 2's data folder is empty, so its training raises
+    every round. Also train.py's 2-client run, as the reference."""
     root = tmp_path_factory.mktemp("deployment")
-    ref = tiny_args(root / "ref", bert_dir, glue_dir, clients=2)
+    ref = tiny_args(root / "ref", bert_dir, glue_dir, clients=2, client_ranks="1,2")
     train.main(ref)
     task, data = train.load_data(ref)
     parts = federation.partition(data.labels, 2, ref.dirichlet_alpha, ref.seed, min_size=1)
@@ -248,11 +249,13 @@ def deployment(tmp_path_factory, bert_dir, glue_dir) -> dict:
 
 def test_deployment_equals_train_py(deployment):
     """Separate processes with their own node config (partition-id, num-partitions, their own
-    data): the rows and the saved adapter are train.py's 2-client run (the failing client
-    left out, p renormalised over the others), the adapter loads as train.py's does, and
+    data), each client training at its own rank: the rows and the saved adapter are train.py's
+    2-client run (the failing client left out, p renormalised over the others), the adapter
+    loads as train.py's does, and
     every process, with those Flower started under it, is gone after the run."""
     assert (deployment["out"] / "metrics.jsonl").exists(), deployment["log"][-3000:]
     largest = assert_same_run(deployment["ref"], deployment["out"], ["flora_na"], failing=(2,))
+    assert "client_r1" in rows_of(deployment["out"])[0]["divergence"]["relative_mean"]
     model, _ = train.load_global(str(deployment["out"] / "flora_na"))
     state = torch.load(deployment["out"] / "flora_na" / "state.pt", weights_only=False)
     for name, (A, B) in fl.read_factors(model).items():

@@ -188,6 +188,42 @@ def test_head_size_and_verdicts(built):
            "SST-2 0.950 vs 0.810." in md
 
 
+OLD_PROTOCOL = ("(personalised): each client's own model (the shared factors with its private "
+                "ones, the averaged head) on the shared dev set, unweighted mean over clients, "
+                "not a single global model")
+
+
+def test_the_personalised_rows_name_how_they_were_scored(built, tmp_path):
+    """Every personalised number says which protocol produced it (train.py's --personal-eval,
+    --personal-weighting, --head-sharing, read from each run's config and facts; runs from
+    before these were recorded: as train.py scored them then), naming the runs where they
+    differ; the MB note says whose clients keep their head."""
+    assert OLD_PROTOCOL in built[0].body and f"- {OLD_PROTOCOL}." in built[0].headline
+    kept = {**REGISTRY, "fedsa": {**REGISTRY["fedsa"], "private_head": True}}
+    metrics = rows("fedit", {4: 0.6}) + rows("fedsa", {4: 0.7}, personal={4: 0.65})
+    write_run(tmp_path, "glue", "sst2_seed0", config(registry=kept, personal_eval="clients",
+                                                     personal_weighting="data"), metrics)
+    write_run(tmp_path, "glue", "sst2_seed1", config(seed=1, personal_eval="clients",
+                                                     personal_weighting="uniform"), metrics)
+    write_run(tmp_path, "glue", "sst2_seed2", config(seed=2, registry=kept,
+                                                     personal_eval="global"),
+              rows("fedit", {4: 0.6}) + rows("fedsa", {4: 0.7}))
+    runs = report.load_runs(str(tmp_path), "glue")
+    text = ("(personalised): in sst2_seed0, each client's own model (the shared factors with its "
+            "private ones, its own head) on the shared dev set, mean weighted by the clients' "
+            "training examples, not a single global model; in sst2_seed1, "
+            + OLD_PROTOCOL.removeprefix("(personalised): ")
+            + "; in sst2_seed2, no row, only the global model is scored (--personal-eval global)")
+    assert report.personal_text(runs) == text
+    assert report.personal_text(runs[2:]) == ("(personalised): no row, only the global model is "
+                                              "scored (--personal-eval global)")
+    md = report.build_report(str(tmp_path), str(tmp_path)).body
+    assert text in md
+    assert ("(classifier and pooler, 0.57 MB per client each way), averaged by every method but "
+            "FedSA-LoRA, whose clients keep their own, is not counted") in md
+    assert "averaged alike by every method" in report.head_text(runs[1:2])
+
+
 def test_divergence_sensitivity_generation_bench_and_provenance(built):
     md = built[0].body
     assert line(md, "| FLoRA-NA, ALS solver (default) |")[0].split(" | ")[1:6] == [
@@ -276,32 +312,99 @@ def test_a_regression_task_and_a_headless_model(tmp_path):
     assert "(no parameter outside LoRA is trained)" in md
 
 
-def test_command_line_writes_report_page_and_readme_headline(tmp_path):
-    """The CLI as reproduce.sh calls it, in a subprocess: REPORT.md in the results folder, the
-    page's generated part and README's headline replaced between their markers, the figures
-    copied beside the page; text outside the markers untouched."""
+def page_with(*keys: str, between: str = "hand-written\n") -> str:
+    """A results page holding a stale block for each section key, `between` after each."""
+    blocks = "".join(f"<!-- results:{k}:start -->\nSTALE {k}\n<!-- results:{k}:end -->\n{between}"
+                     for k in keys)
+    return "# Results\nkept\n" + blocks
+
+
+def test_command_line_rewrites_only_the_sections_with_results_and_the_headline(tmp_path):
+    """The CLI as reproduce.sh calls it, in a subprocess, on a folder with GLUE runs only:
+    REPORT.md in the results folder; on the page, the GLUE block is replaced (with its
+    provenance line and figure, copied beside the page) and the divergence and generation
+    blocks stay as they were; README's headline is replaced; text outside the markers is
+    untouched."""
     results = tmp_path / "results"
     write_run(results, "glue", "sst2_seed0", config(),
               rows("fedit", {4: 0.6}) + rows("flora_na", {4: 0.7}))
-    (tmp_path / "RESULTS.md").write_text("# Results\nkept\n<!-- results:start -->\nSTALE\n"
-                                         "<!-- results:end -->\nhand-written\n")
+    (results / "stage_times.tsv").write_text(
+        "3\tglue\tok\t90\t2026-01-02 03:04:05\tQUICK\t2\t1\tbash reproduce.sh --only 3\n")
+    (tmp_path / "RESULTS.md").write_text(page_with("divergence", "glue", "generation"))
     (tmp_path / "README.md").write_text("pitch\n<!-- headline:start -->\nSTALE\n"
                                         "<!-- headline:end -->\nrest\n")
     env = {**os.environ, "PYTHONPATH": str(HERE)}
-    subprocess.run([sys.executable, "-m", "evidence.report", "results", "--method", "flora_na",
-                    "--baseline", "fedit", "--page", "RESULTS.md", "--readme", "README.md"],
-                   cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "evidence.report", "results", "--method",
+                          "flora_na", "--baseline", "fedit", "--page", "RESULTS.md", "--readme",
+                          "README.md"], cwd=tmp_path, env=env, check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert "RESULTS.md: left as they are (no results for their stage here): divergence, " \
+           "sensitivity, bench, generation" in out
     assert (results / "REPORT.md").read_text().startswith("# FLoRA-NA reproduction report")
     page = (tmp_path / "RESULTS.md").read_text()
-    assert page.startswith("# Results\nkept\n<!-- results:start -->\n") and "STALE" not in page
-    assert page.endswith("<!-- results:end -->\nhand-written\n")
-    assert "### GLUE: every aggregator" in page
-    assert "![dev metric vs round](figures/glue_metric_vs_round.png)" in page
+    stale = page_with("divergence", "glue", "generation")
+    glue_start, glue_end = page.index("<!-- results:glue:start -->"), page.index("<!-- results:glue:end -->")
+    assert page[:glue_start] == stale[:stale.index("<!-- results:glue:start -->")]
+    assert page[glue_end:] == stale[stale.index("<!-- results:glue:end -->"):]
+    glue = page[glue_start:glue_end]
+    assert "STALE" not in glue and glue.startswith(
+        "<!-- results:glue:start -->\n### GLUE: every aggregator, mean ± std over seeds\n\n"
+        "_Stage 3 (glue) of `bash reproduce.sh --only 3`, QUICK mode, 2 parallel run(s) x 1 "
+        "torch thread(s): code of commit `abc1234` on Test CPU (2 cores); finished "
+        "2026-01-02 03:04:05 after 1.5 min._\n")
+    assert "![dev metric vs round](figures/glue_metric_vs_round.png)" in glue
     assert (tmp_path / "figures" / "glue_metric_vs_round.png").stat().st_size > 1000
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("pitch\n<!-- headline:start -->\nFrom `bash reproduce.sh`")
     assert readme.endswith("<!-- headline:end -->\nrest\n") and "STALE" not in readme
     assert line(readme, "| **FLoRA-NA** | **0.700** | 0.700 | 2.00 |")
+
+
+def test_without_glue_runs_the_headline_is_left_alone(tmp_path, capsys):
+    results = tmp_path / "results"
+    gsm = {"display_name": "GSM8K", "main_metric": "accuracy"}
+    write_run(results, "generation", "gsm8k_fedit",
+              config("gsm8k", gsm, None, aggregator="fedit", rounds=2), rows("fedit", {2: 0.1}, 2))
+    (tmp_path / "README.md").write_text("<!-- headline:start -->\nOLD\n<!-- headline:end -->\n")
+    report.main(report.Args(str(results), readme=str(tmp_path / "README.md")))
+    assert (tmp_path / "README.md").read_text() == "<!-- headline:start -->\nOLD\n<!-- headline:end -->\n"
+    assert "headline left as it is (no GLUE runs here)" in capsys.readouterr().out
+
+
+def test_a_section_without_markers_is_added_beside_its_neighbours(tmp_path):
+    """The page lacks the sensitivity markers: the block goes right after the nearest earlier
+    section (glue) in SECTIONS order, or before the nearest later one; a page with no section
+    markers at all is left unchanged with a message naming the markers to add; a broken pair
+    is refused."""
+    page = tmp_path / "RESULTS.md"
+    page.write_text(page_with("divergence", "glue", "bench"))
+    assert report.write_sections(str(page), {"sensitivity": "## Sensitivity\nnew"}) == [
+        "added section 'sensitivity' after section 'glue'"]
+    text = page.read_text()
+    assert text.replace("\n\n<!-- results:sensitivity:start -->\n## Sensitivity\nnew\n"
+                        "<!-- results:sensitivity:end -->", "") == page_with(
+        "divergence", "glue", "bench")
+    assert text.index("results:glue:end") < text.index("results:sensitivity:start") \
+        < text.index("results:bench:start")
+    page.write_text(page_with("bench"))
+    assert report.write_sections(str(page), {"divergence": "## D"}) == [
+        "added section 'divergence' before section 'bench'"]
+    assert page.read_text().startswith("# Results\nkept\n<!-- results:divergence:start -->\n## D\n"
+                                       "<!-- results:divergence:end -->\n\n<!-- results:bench:start -->")
+    page.write_text("# Results\nno markers\n")
+    message, = report.write_sections(str(page), {"glue": "## G"})
+    assert message.startswith("section 'glue' NOT written") and "<!-- results:glue:start -->" in message
+    assert page.read_text() == "# Results\nno markers\n"
+    page.write_text("<!-- results:glue:start -->\nno end\n")
+    message, = report.write_sections(str(page), {"glue": "## G"})
+    assert "has 1 <!-- results:glue:start --> and 0 <!-- results:glue:end -->" in message
+    assert page.read_text() == "<!-- results:glue:start -->\nno end\n"
+
+
+def test_every_section_has_a_stage_folder_and_distinct_markers():
+    keys = [s.key for s in report.SECTIONS]
+    assert len(set(keys)) == len(keys) and len({s.stage for s in report.SECTIONS}) == len(keys)
+    assert all(callable(s.write) for s in report.SECTIONS)
 
 
 def test_report_imports_no_training_code_and_names_no_aggregator():

@@ -542,9 +542,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, bert_dir, glu
     for name in RESUMED:
         assert tensors_equal(adapter_tensors(out / name), adapter_tensors(uninterrupted / name))
         a, b = load_state(out / name), load_state(uninterrupted / name)
-        for key in ("round", "factors", "head", "base", "client_B", "bytes_up", "bytes_down"):
+        for key in ("round", "factors", "head", "base", "client_B", "client_head", "bytes_up",
+                    "bytes_down"):
             assert tensors_equal(a[key], b[key]), (name, key)
     assert load_state(out / "fedsa")["client_B"] is not None
+    assert load_state(out / "fedsa")["client_head"] is not None
     assert load_state(out / "flora")["base"]
     starts = [json.loads(line) for line in open(out / "provenance.jsonl")]
     assert len(starts) == 2 and all(s["git_commit"] == provenance.git_commit()[0] for s in starts)
@@ -557,6 +559,141 @@ def test_resume_of_a_finished_run_changes_nothing(bert_dir, glue_dir, uninterrup
     assert rows_of(uninterrupted) == rows          # timings too: no round was run again
     for name in RESUMED:
         assert tensors_equal(adapter_tensors(uninterrupted / name), saved[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Personalised aggregators: FedSA-LoRA's private head, and how personalised models are scored
+# ---------------------------------------------------------------------------------------------
+
+
+def spy_on_clients(monkeypatch) -> list[dict]:
+    """Record every client_update: its round, client, number of examples, the head it started
+    from and the head it sent."""
+    calls, client_update = [], train.client_update
+
+    def spy(model, make_batch, idx, *, head, round_, u, **kw):
+        factors, sent, loss = client_update(model, make_batch, idx, head=head, round_=round_,
+                                            u=u, **kw)
+        calls.append({"round": round_, "u": u, "n": len(idx), "start": head, "sent": sent})
+        return factors, sent, loss
+
+    monkeypatch.setattr(train, "client_update", spy)
+    return calls
+
+
+def test_fedsa_keeps_each_clients_head_and_the_global_head_is_their_mean(
+        tmp_path, monkeypatch, bert_dir, glue_dir):
+    """FedSA-LoRA as its paper defines it: each client trains from the head it kept (one that
+    has not trained yet from the first round's global head), clients with different data end
+    with different heads, and the global model (evaluation, saved adapter) holds the
+    data-weighted mean of the heads of the round's clients (float64 oracle)."""
+    calls = spy_on_clients(monkeypatch)
+    out = tmp_path / "run"
+    train.main(bert_args(out, bert_dir, glue_dir, aggregator="fedsa", rounds=3,
+                         participation=0.67))
+    state = load_state(out / "fedsa")
+
+    def mean_head(rnd: int) -> dict:          # sum_u n_u h_u / sum_u n_u over round rnd's clients
+        mine = [c for c in calls if c["round"] == rnd]
+        total = sum(c["n"] for c in mine)
+        return {k: sum(c["n"] * c["sent"][k].double() for c in mine) / total
+                for k in mine[0]["sent"]}
+
+    assert [(c["round"], c["u"]) for c in calls] == [(0, 0), (0, 2), (1, 1), (1, 2), (2, 0), (2, 2)]
+    kept = {}
+    for c in calls:
+        if c["round"] == 0:                               # everyone starts from the model's head
+            assert tensors_equal(c["start"], calls[0]["start"])
+        elif c["u"] in kept:                              # the head it sent last time
+            assert tensors_equal(c["start"], kept[c["u"]])
+        else:                                             # client 1 in round 2: round 1's mean
+            torch.testing.assert_close(c["start"], {k: v.float() for k, v in mean_head(0).items()},
+                                       rtol=1e-6, atol=1e-7)
+        kept[c["u"]] = c["sent"]
+    assert tensors_equal(state["client_head"], [kept[u] for u in range(3)])
+    assert not torch.equal(kept[0]["base_model.model.classifier.modules_to_save.default.weight"],
+                           kept[2]["base_model.model.classifier.modules_to_save.default.weight"])
+    expected = {k: v.float() for k, v in mean_head(2).items()}
+    torch.testing.assert_close(state["head"], expected, rtol=1e-6, atol=1e-7)
+    saved = adapter_tensors(out / "fedsa")                # the global model's head
+    assert tensors_equal({k.replace("modules_to_save.default.", ""): v
+                          for k, v in state["head"].items()},
+                         {k: v for k, v in saved.items() if "lora_" not in k})
+
+
+def test_head_sharing_averaged_is_fedsa_with_a_shared_head_exactly(tmp_path, monkeypatch,
+                                                                  bert_dir, glue_dir):
+    """--head-sharing averaged is FedSA-LoRA as it ran before its head stayed on the clients:
+    bit for bit the run of a registry entry without private_head, in which every client
+    starts each round from the global head; keeping the head private changes the run."""
+    kw = dict(aggregator="fedsa", rounds=3, participation=0.67)
+    calls = spy_on_clients(monkeypatch)
+    train.main(bert_args(tmp_path / "averaged", bert_dir, glue_dir, head_sharing="averaged", **kw))
+    for rnd in range(3):
+        starts = [c["start"] for c in calls if c["round"] == rnd]
+        assert len(starts) == 2 and tensors_equal(starts[0], starts[1])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(fl.AGGREGATORS, "fedsa",
+                   dataclasses.replace(fl.AGGREGATORS["fedsa"], private_head=False))
+        train.main(bert_args(tmp_path / "shared", bert_dir, glue_dir, **kw))
+    train.main(bert_args(tmp_path / "private", bert_dir, glue_dir, **kw))
+    averaged, shared, private = (tmp_path / d for d in ("averaged", "shared", "private"))
+    assert without_timing(rows_of(averaged)) == without_timing(rows_of(shared))
+    assert tensors_equal(adapter_tensors(averaged / "fedsa"), adapter_tensors(shared / "fedsa"))
+    a, b = load_state(averaged / "fedsa"), load_state(shared / "fedsa")
+    assert a["client_head"] is None and b["client_head"] is None
+    for key in ("factors", "head", "client_B"):
+        assert tensors_equal(a[key], b[key]), key
+    assert [r["train_loss"] for r in rows_of(private)][1:] != [
+        r["train_loss"] for r in rows_of(averaged)][1:]
+    assert not tensors_equal(adapter_tensors(private / "fedsa"), adapter_tensors(averaged / "fedsa"))
+
+
+def score(factors: dict, head: dict) -> float:
+    """A stand-in dev metric that tells two models apart: the sum of their B factors and head
+    (A, shared by all clients, left out)."""
+    return (sum(B.double().sum().item() for _, B in factors.values())
+            + sum(v.double().sum().item() for v in head.values()))
+
+
+def score_metric(task, model, tokenizer, data, **options) -> dict:
+    """train.evaluate's stand-in: {"score": score of the model as it stands}."""
+    return {"score": score(fl.read_factors(model), fl.head_state(model))}
+
+
+@pytest.mark.parametrize("personal_eval, weighting, head_sharing", [
+    ("clients", "uniform", "registry"), ("clients", "data", "registry"),
+    ("clients", "data", "averaged"), ("global", "uniform", "registry")])
+def test_each_personal_evaluation_protocol_computes_what_it_says(
+        tmp_path, monkeypatch, bert_dir, glue_dir, personal_eval, weighting, head_sharing):
+    """--personal-eval clients scores each client's own model (its B with the shared A, its
+    own head or, with --head-sharing averaged, the global one): personal_metrics is their
+    unweighted mean or their mean weighted by n_u, as computed here from state.pt; global
+    records no personal_metrics. The global model's score uses the averaged head."""
+    monkeypatch.setattr(train, "evaluate", score_metric)
+    args = bert_args(tmp_path / "run", bert_dir, glue_dir, aggregator="fedsa",
+                     personal_eval=personal_eval, personal_weighting=weighting,
+                     head_sharing=head_sharing)
+    log = train.main(args)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["personal_eval"], config["personal_weighting"], config["head_sharing"]) == (
+        personal_eval, weighting, head_sharing)
+    state, last = load_state(tmp_path / "run" / "fedsa"), log[-1]
+    assert last["metrics"] == {"score": score(state["factors"], state["head"])}
+    if personal_eval == "global":
+        assert all("personal_metrics" not in r for r in log)
+        return
+    _, data = train.load_data(args)
+    n_u = [len(ix) for ix in federation.partition(data.labels, 3, 0.5, 0, min_size=1)]
+    heads = state["client_head"] or [state["head"]] * 3
+    assert (state["client_head"] is None) == (head_sharing == "averaged")
+    scores = [score({n: (A, state["client_B"][u][n]) for n, (A, _) in state["factors"].items()},
+                    heads[u]) for u in range(3)]
+    uniform = sum(scores) / 3
+    by_data = sum(n * s for n, s in zip(n_u, scores)) / sum(n_u)
+    assert abs(uniform - by_data) > 1e-6                 # the two weightings differ here
+    expected = uniform if weighting == "uniform" else by_data
+    assert last["personal_metrics"]["score"] == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -817,6 +954,12 @@ BAD = {  # name: (Args changes, exception, message pattern); {tmp} is the test's
     "participation": (dict(participation=1.5), ValueError, r"--participation must be in \(0, 1\]"),
     "solver": (dict(solver="lbfgs"), ValueError, "--solver must be als or adamw, got 'lbfgs'"),
     "optimizer": (dict(optimizer="adam"), ValueError, r"optimizer\b.*'adam'"),
+    "head sharing": (dict(head_sharing="private"), ValueError,
+                     "--head-sharing must be registry or averaged, got 'private'"),
+    "personal eval": (dict(personal_eval="each"), ValueError,
+                      "--personal-eval must be clients or global, got 'each'"),
+    "personal weighting": (dict(personal_weighting="weighted"), ValueError,
+                           "--personal-weighting must be uniform or data, got 'weighted'"),
     "missing model": (dict(model="{tmp}/no-model"), SystemExit,
                       "error: could not load model '{tmp}/no-model'"),
 }

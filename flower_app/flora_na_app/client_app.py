@@ -12,11 +12,13 @@ A Flower simulation sets partition-id and num-partitions itself.
 Each train message carries the aggregator's name, the round, and the global LoRA factors,
 head and changed frozen weights (wire.py); the node trains with train.client_update, exactly
 what train.py does for client u, and replies with its factors, head, loss and num-examples.
-An aggregator whose clients keep a private B (the registry's private_B) finds it in the node's
-context.state: the server sends a B only to a node it has not heard from yet.
+An aggregator whose clients keep a private B (the registry's private_B) or head
+(train.keeps_own_head) finds them in the node's context.state: the server sends them only to a
+node it has not heard from yet.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -26,7 +28,7 @@ from flwr.clientapp import ClientApp
 
 import flora_na as fl
 import train
-from harness import federation
+from harness import federation, models
 
 from flora_na_app import wire
 
@@ -59,7 +61,9 @@ def setup(context: Context, name: str) -> dict:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
         task, data = train.load_data(args)
         model, tokenizer = train.model_loader(args, train.resolve_device(args.device))()
-        _loaded.update(key=key, args=args, data=data, model=model,
+        ranks = train.client_ranks(dataclasses.replace(args, clients=identity(context)[1]))
+        _loaded.update(key=key, args=args, data=data, model=model, ranks=ranks,
+                       scales=train.rank_scales(model, ranks),
                        make_batch=task.batcher(tokenizer, data.train, args.max_length))
     return _loaded
 
@@ -109,13 +113,24 @@ def train_round(msg: Message, context: Context) -> Message:
                              f"no private B for {name} (was the SuperNode restarted?)")
         B = context.state[private].to_torch_state_dict()
     factors = {layer: (A, B[layer]) for layer, A in got["A"].items()}
+    private_head, head = f"private-head/{name}", got["head"]
+    if not head and fl.head_state(model):         # the server left this node its own head
+        if private_head not in context.state:
+            raise ValueError(f"round {round_ + 1}: the message has no head and this node "
+                             f"holds no private head for {name} (was the SuperNode restarted?)")
+        head = context.state[private_head].to_torch_state_dict()
+    r_u = run["ranks"][u]                         # its share, at its own rank (as train.py)
+    models.set_rank(model, r_u)
+    factors = federation.to_client(factors, r_u, run["scales"][r_u])
     t1 = time.perf_counter()
     upload, head, loss = train.client_update(
-        model, run["make_batch"], idx, factors=factors, head=got["head"], lr=args.lr,
+        model, run["make_batch"], idx, factors=factors, head=head, lr=args.lr,
         optimizer=args.optimizer, train_A=entry.train_A, local_steps=args.local_steps,
         batch_size=args.batch_size, seed=args.seed, round_=round_, u=u)
     if entry.private_B:
         context.state[private] = ArrayRecord({layer: B for layer, (_, B) in upload.items()})
+    if train.keeps_own_head(args, name):
+        context.state[private_head] = ArrayRecord(head)
     metrics = MetricRecord({"num-examples": len(idx), "train-loss": loss, "partition-id": u,
                             "load-seconds": t1 - t0, "train-seconds": time.perf_counter() - t1})
     return Message(RecordDict({"arrays": wire.to_record(upload, head), "metrics": metrics}),

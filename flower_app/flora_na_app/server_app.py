@@ -5,13 +5,17 @@ aggregator named in the run config with a FedAvg subclass whose
 
   configure_train  picks train.py's participants of the round (federation.participants, by
                    partition id) and sends each its message: the global factors, head and
-                   changed frozen weights, and a B only to a node that keeps a private B
-                   (the registry's private_B) and has not answered yet;
+                   changed frozen weights, but a B and a head only to a node that does not
+                   keep its own (the registry's private_B, train.keeps_own_head) or has not
+                   answered yet;
   aggregate_train  drops replies with errors (logged: which client, which node, why),
                    renormalises p over the clients that answered, and calls train.py's own
                    server_update (the registry's aggregator through federation.server_step,
                    the head averaged by p) and end_round (evaluation on the server's data,
-                   metrics.jsonl, state.pt and the peft adapter, every round).
+                   metrics.jsonl, state.pt and the peft adapter, every round). Clients'
+                   scores are weighted (--personal-weighting data) by train.py's partition
+                   of the server's data, or by the num-examples a node has reported since
+                   the ServerApp started (own-data nodes).
 
 The run directory (run config `out`, on the server's machine) therefore has train.py's layout
 and schema, so evidence/report.py reads a Flower run as any other, and `resume=true` continues
@@ -92,7 +96,12 @@ class RegistryStrategy(FedAvg):
         self.task, self.data, self.args = task, data, args
         self.clients = clients                      # partition-id -> node id
         self.log_rows, self.device = log_rows, device
-        self.has_own_B: set[int] = set()            # clients that keep their B (this process)
+        self.private_head = train.keeps_own_head(args, name)
+        self.has_own: set[int] = set()              # clients keeping their B, head (this process)
+        self.n_examples = [len(ix) for ix in federation.partition(   # train.py's n_u
+            data.labels, len(clients), args.dirichlet_alpha or None, args.seed, min_size=1)]
+        self.ranks = train.client_ranks(args)       # each client's LoRA rank, as train.py's
+        self.scales = train.rank_scales(model, self.ranks)
         self.chosen: list[int] = []
         self.t_sent = 0.0
 
@@ -109,13 +118,14 @@ class RegistryStrategy(FedAvg):
                                               rnd, self.args.seed)
         messages = []
         for u in self.chosen:
-            if not self.entry.private_B or s["client_B"] is None:
-                record = self.global_record()
-            elif u in self.has_own_B:               # it trains with the B it kept
-                record = wire.to_record(s["factors"], s["head"], s["base"], without_B=True)
-            else:                                   # train.py's B for client u, sent once
-                factors = {n: (A, s["client_B"][u][n]) for n, (A, _) in s["factors"].items()}
-                record = wire.to_record(factors, s["head"], s["base"])
+            # private parts (B, head): train.py's for client u, sent once; then it keeps them
+            factors, head, own = s["factors"], s["head"], u in self.has_own
+            if s["client_B"] is not None:
+                factors = {n: (A, s["client_B"][u][n]) for n, (A, _) in factors.items()}
+            if s["client_head"] is not None:
+                head = {} if own else s["client_head"][u]
+            record = wire.to_record(factors, head, s["base"],
+                                    without_B=own and s["client_B"] is not None)
             content = RecordDict({"arrays": record, "config": ConfigRecord(
                 {"aggregator": self.name, "round": rnd})})
             messages.append(Message(content, dst_node_id=self.clients[u],
@@ -165,10 +175,13 @@ class RegistryStrategy(FedAvg):
         divergence = train.server_update(
             self.name, self.state, self.model, uploads, heads, p, ids, n_clients=len(self.clients),
             options=train.aggregator_options(a), track_solvers=a.track_solvers,
-            device=self.device, seed=a.seed, round_=rnd)
+            device=self.device, seed=a.seed, round_=rnd, private_head=self.private_head,
+            scales=[self.scales[self.ranks[u]] for u in ids], rank=a.rank)
         t3 = time.perf_counter()
-        if self.entry.private_B:
-            self.has_own_B.update(ids)
+        if self.entry.private_B or self.private_head:
+            self.has_own.update(ids)
+        for u, n_examples in zip(ids, n_u):
+            self.n_examples[u] = n_examples
         row = {"aggregator": self.name, "round": rnd + 1, "clients": ids,
                "train_loss": sum(losses) / len(losses), "divergence": divergence,
                "bytes_up": self.state["bytes_up"], "bytes_down": self.state["bytes_down"],
@@ -178,6 +191,7 @@ class RegistryStrategy(FedAvg):
         train.end_round(row, self.state, self.model, self.tokenizer, task=self.task,
                         data=self.data, rounds=a.rounds, eval_every=a.eval_every,
                         eval_options=train.eval_options(a), out=a.out, log=self.log_rows,
+                        personal_weights=train.personal_score_weights(a, self.n_examples),
                         base_name=models.hub_id(a.model))
         return self.global_record(), MetricRecord({"train-loss": row["train_loss"]})
 
@@ -193,6 +207,7 @@ def main(grid: Grid, context: Context) -> None:
     device = train.resolve_device(args.device)
     clients = find_clients(grid, float(config["node-timeout"]))
     args.clients = len(clients)
+    names = train.check_args(args)              # again: rank profiles depend on the count
     log(INFO, "clients (partition-id: node id): %s", clients)
     task, data = train.load_data(args)
     if args.clients > len(data.train):

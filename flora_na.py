@@ -1166,7 +1166,7 @@ def _solve_changes(A, B, p, tie_layers, steps, lr, weight_decay, bound, start, p
 
 
 VARIANT_OPTIONS = {"target": ("data", "uniform"), "coefficients": ("factors", "changes"),
-                   "init": ("fedit", "ones")}   # flora_na's own options; the first is the default
+                   "init": ("average", "ones")}   # flora_na's own options; the first is the default
 VARIANTS = {   # presets of flora_na's options (train.py --flora-na-variant)
     "default": {},
     # the authors' released code (FederatedScope fork, chickbong221/Fed-LoRA): one (P, Q) for
@@ -1179,7 +1179,7 @@ VARIANTS = {   # presets of flora_na's options (train.py --flora-na-variant)
 
 
 def flora_na(A, B, p, rank: int | None = None, *, target: str = "data",
-             coefficients: str = "factors", init: str = "fedit",
+             coefficients: str = "factors", init: str = "average",
              previous: tuple[Tensor, Tensor] | None = None, **solver_options) -> Aggregate:
     """FLoRA-NA: send B_hat = sum P_u B_u and A_hat = sum Q_u A_u, same bytes as FedIT. With
     clients of different ranks, P and Q combine the zero-padded factors (pad_ranks, rank R),
@@ -1187,7 +1187,7 @@ def flora_na(A, B, p, rank: int | None = None, *, target: str = "data",
     the first r_u components of (A_hat, B_hat).
 
     The defaults are this file's method: fit the data-weighted M = sum_u p_u B_u A_u, with
-    coefficients on the factors, from FedIT (P = Q = p). The other values reproduce the variant
+    coefficients on the factors, from FedIT's average (P = Q = p, init="average"). The other values reproduce the variant
     of the authors' released code (train.py --flora-na-variant authors sets all three):
       target="uniform"        fit M_w = sum_u w_u B_u A_u with w_u = 1/U instead of p_u;
       coefficients="changes"  B_hat = B_g + sum_u P_u (B_u - B_g), A_hat likewise, relative to
@@ -1207,7 +1207,7 @@ def flora_na(A, B, p, rank: int | None = None, *, target: str = "data",
     A_pad, B_pad = pad_ranks(A, B, rank)
     A_s, B_s = torch.stack(A_pad, 1), torch.stack(B_pad, 1)           # (L, U, R, k), (L, U, d, R)
     down = lambda A_hat, B_hat: _share_bytes(A_hat, B_hat, [a.shape[1] for a in A])  # noqa: E731
-    if (target, coefficients, init) == ("data", "factors", "fedit"):  # the method itself
+    if (target, coefficients, init) == ("data", "factors", "average"):  # the method itself
         res = solve_flora_na(A_s, B_s, p, **solver_options)
         return Aggregate(res.A_hat, res.B_hat, None, _nbytes(*A, *B),
                          down(res.A_hat, res.B_hat), info={"result": res})
@@ -1221,7 +1221,7 @@ def flora_na(A, B, p, rank: int | None = None, *, target: str = "data",
     glob = previous if coefficients == "changes" else None
     p = p.to(A_s.device)
     w = p if target == "data" else torch.full_like(p, 1 / len(A))      # (U,) target weights
-    res = solve_flora_na(A_s, B_s, w, start=p if init == "fedit" else w, previous=glob,
+    res = solve_flora_na(A_s, B_s, w, start=p if init == "average" else w, previous=glob,
                          **solver_options)
     A_hat, B_hat = res.A_hat, res.B_hat
     if target != "data":                          # fitted with w, sent with the data weights
@@ -1266,6 +1266,6 @@ AGGREGATORS: dict[str, Aggregator] = {
     "flora_na": Aggregator(flora_na, "FLoRA-NA", mixed_ranks=True, options={
         "rank": None, "solver": "als", "tie_layers": False, "steps": 200, "lr": 1e-2,
         "weight_decay": 0.0, "max_iter": 200, "tol": 1e-12, "prox": 1e-6, "path": "auto",
-        "target": "data", "coefficients": "factors", "init": "fedit", "previous": None}),
+        "target": "data", "coefficients": "factors", "init": "average", "previous": None}),
 }
 METHOD = "flora_na"              # the aggregator this file is about (train.py's default)

@@ -350,6 +350,9 @@ EOF
 
 stage_7() {
     banner 7 "mixed ranks: SST-2, $MIX_CLIENTS clients of heavy-tail ranks up to $MIX_RANK, every mixed-rank aggregator x seeds {$SEEDS}" "$T7"
+    if [[ $VARIANT != default ]]; then   # its coefficients act on changes from one global rank
+        echo "  skipped: FLORA_NA_VARIANT=$VARIANT needs every client at the global rank"; return 0
+    fi
     pool_start
     local seed r out
     for seed in $SEEDS; do
@@ -389,6 +392,7 @@ stage_8() {
 INVOCATION="bash reproduce.sh${ONLY:+ --only $ONLY}${SKIP:+ --skip $SKIP}"
 [[ $MODE == FULL ]] && INVOCATION+=" --mode FULL"
 [[ $TINY == 1 ]] && INVOCATION+=" --tiny"
+[[ $VARIANT != default ]] && INVOCATION="FLORA_NA_VARIANT=$VARIANT $INVOCATION"
 NAMES=([1]=tests [2]=divergence [3]=glue [4]=sensitivity [5]=bench [6]=generation [7]=mixed_ranks
        [8]=report)
 echo "reproduce.sh: MODE=$MODE TINY=$TINY results in $RESULTS/, data from $DATA," \

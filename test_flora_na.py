@@ -565,9 +565,9 @@ def whitened_dense_adamw(A, B, w, start, previous, tie_layers, steps, lr):
 VARIANT_CASES = [  # (seed, L, U, target weights, start, on the changes, tie_layers, path)
     (0, 3, 4, "uniform", "ones", True, True, "gram"),          # the authors' variant
     (1, 2, 5, "uniform", "ones", True, True, "matrix_free"),
-    (2, 2, 3, "uniform", "fedit", False, False, "gram"),
+    (2, 2, 3, "uniform", "average", False, False, "gram"),
     (3, 1, 6, "data", "ones", True, False, "matrix_free"),
-    (4, 2, 4, "data", "fedit", False, True, "gram"),            # the method's own AdamW
+    (4, 2, 4, "data", "average", False, True, "gram"),          # the method's own AdamW
 ]
 
 
@@ -578,7 +578,7 @@ def test_variant_adamw_follows_a_dense_adamw(seed, L, U, target, init, changes, 
     A, B, n, previous = round_factors(seed, L, U, 8, 7, 2, 1e-1, 0.3, True)
     p = normalised(n)
     w = p if target == "data" else torch.full_like(p, 1 / U)
-    start = p if init == "fedit" else w
+    start = p if init == "average" else w
     previous = previous if changes else None
     res = solve_flora_na(A, B, w, solver="adamw", steps=10, lr=1e-2, tie_layers=tie,
                          start=start, previous=previous, path=path)

@@ -111,8 +111,8 @@ class Args:
     """FLoRA-NA fits M weighted by data size (data) or uniformly (uniform); sent: by data size"""
     flora_na_coefficients: str = "factors"
     """FLoRA-NA coefficients on the factors, or on the changes from the global ones (changes)"""
-    flora_na_init: str = "fedit"
-    """FLoRA-NA solver start: FedIT's weights (fedit) or the target weights (ones)"""
+    flora_na_init: str = "average"
+    """FLoRA-NA solver start: FedIT's average (average) or the target weights (ones)"""
     flora_na_variant: str = "default"
     """FLoRA-NA preset: default or authors (flora_na.VARIANTS); explicit switches win over it"""
     track_solvers: bool = False

@@ -936,7 +936,7 @@ BAD = {  # name: (Args changes, exception, message pattern); {tmp} is the test's
     "flora-na coefficients": (dict(flora_na_coefficients="deltas"), ValueError,
                               "--flora-na-coefficients must be factors or changes, got 'deltas'"),
     "flora-na init": (dict(flora_na_init="zeros"), ValueError,
-                      "--flora-na-init must be fedit or ones, got 'zeros'"),
+                      "--flora-na-init must be average or ones, got 'zeros'"),
     "flora-na variant": (dict(flora_na_variant="paper"), ValueError,
                          "--flora-na-variant must be one of default, authors, got 'paper'"),
     "changes need adamw": (dict(flora_na_coefficients="changes"), ValueError,

@@ -25,6 +25,9 @@
 #   bash reproduce.sh --skip 1,6         # all but some (also: SKIP=1,6)
 #   MODE=FULL bash reproduce.sh          # paper scale for a GPU (RoBERTa-large, LLaMA-2-7B)
 #   DRY_RUN=1 MODE=FULL bash reproduce.sh  # print the paper-scale commands, run nothing
+#   MODE=FULL FLORA_NA_VARIANT=authors bash reproduce.sh   # FLoRA-NA as the authors' released
+#                                        # code runs it (train.py --flora-na-variant authors),
+#                                        # into results/full_authors/; RESULTS.md is left alone
 #   TINY=1 bash reproduce.sh             # plumbing check in minutes, into results/tiny/
 #
 # Every training run has its own --out under $RESULTS/runs/<stage>/ and is started with
@@ -32,7 +35,8 @@
 # Environment: FLORA_DATA (data root, default ../shared/data), JOBS (parallel runs, default:
 # CPU cores in QUICK, 1 in FULL), THREADS (torch threads per run: 1 in QUICK, all in FULL),
 # PYTHON, PYTEST_ARGS, ROBERTA and LLAMA (local folders for the FULL models, no Hub needed),
-# RESULTS (output folder), README=0 (leave README.md and RESULTS.md alone). After changing a
+# RESULTS (output folder), README=0 (leave README.md and RESULTS.md alone), FLORA_NA_VARIANT
+# (FULL only: a train.py --flora-na-variant preset, e.g. authors). After changing a
 # budget, delete the affected results/runs/<stage>/ folders: train.py refuses to resume with
 # another config.
 set -euo pipefail
@@ -62,6 +66,10 @@ while (($#)); do
 done
 MODE=${MODE^^}
 [[ $MODE == QUICK || $MODE == FULL ]] || { echo "MODE must be QUICK or FULL, got $MODE" >&2; exit 2; }
+VARIANT=${FLORA_NA_VARIANT:-default}
+if [[ $VARIANT != default && $MODE != FULL ]]; then
+    echo "FLORA_NA_VARIANT=$VARIANT is for MODE=FULL (QUICK keeps the method's own solver)" >&2; exit 2
+fi
 
 # The comparison the report draws: the method, and the baseline it is measured against
 # (stages 2 and 4 run only these two; stage 3 runs every registered aggregator)
@@ -73,6 +81,7 @@ DATA=${FLORA_DATA:-../shared/data}
 CORES=$(nproc 2>/dev/null || echo 2)
 if [[ $MODE == FULL ]]; then
     JOBS=${JOBS:-1}; THREADS=${THREADS:-0}; RESULTS=${RESULTS:-results/full}
+    if [[ $VARIANT != default ]]; then RESULTS=${RESULTS%/}_$VARIANT; fi
 else
     # Two single-thread runs side by side beat one two-thread run on 2 cores, and stay fast
     # when other processes load the machine (a 2-thread torch run slowed ~10x under load).
@@ -170,6 +179,7 @@ if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningles
     T1="~2 min"; T2="~1 min"; T3="~6 min"; T4="~2 min"; T5="~1 min"; T6="~2 min"; T7="~3 min"
 fi
 COMMON=(--data-dir "$DATA" --threads "$THREADS" --resume)
+if [[ $VARIANT != default ]]; then COMMON+=(--flora-na-variant "$VARIANT"); fi
 GLUE_TASKS=${GLUE_TASKS:-${QUICK_GLUE_TASKS:-rte mrpc stsb sst2}}   # longest runs first
 
 # --- helpers --------------------------------------------------------------------------------
@@ -340,6 +350,9 @@ EOF
 
 stage_7() {
     banner 7 "mixed ranks: SST-2, $MIX_CLIENTS clients of heavy-tail ranks up to $MIX_RANK, every mixed-rank aggregator x seeds {$SEEDS}" "$T7"
+    if [[ $VARIANT != default ]]; then   # its coefficients act on changes from one global rank
+        echo "  skipped: FLORA_NA_VARIANT=$VARIANT needs every client at the global rank"; return 0
+    fi
     pool_start
     local seed r out
     for seed in $SEEDS; do
@@ -364,7 +377,8 @@ stage_8() {
     # RESULTS.md and README's headline are only rewritten from a real run kept inside this
     # repository (never from TINY plumbing numbers, nor from RESULTS=/somewhere/else); README=0
     # turns both off
-    if [[ $TINY != 1 && ${README:-1} != 0 && $RESULTS != /* && $RESULTS != ..* ]]; then
+    if [[ $TINY != 1 && ${README:-1} != 0 && $VARIANT == default && $RESULTS != /* \
+          && $RESULTS != ..* ]]; then
         pages=(--page RESULTS.md --readme README.md)
     fi
     local cmd=("$PY" -m evidence.report "$RESULTS" --method "$METHOD" --baseline "$BASELINE" "${pages[@]}")
@@ -378,6 +392,7 @@ stage_8() {
 INVOCATION="bash reproduce.sh${ONLY:+ --only $ONLY}${SKIP:+ --skip $SKIP}"
 [[ $MODE == FULL ]] && INVOCATION+=" --mode FULL"
 [[ $TINY == 1 ]] && INVOCATION+=" --tiny"
+[[ $VARIANT != default ]] && INVOCATION="FLORA_NA_VARIANT=$VARIANT $INVOCATION"
 NAMES=([1]=tests [2]=divergence [3]=glue [4]=sensitivity [5]=bench [6]=generation [7]=mixed_ranks
        [8]=report)
 echo "reproduce.sh: MODE=$MODE TINY=$TINY results in $RESULTS/, data from $DATA," \

@@ -90,13 +90,31 @@ class Args:
     personal_weighting: str = "uniform"
     """mean of the clients' scores: uniform (1/U each) or data (n_u / sum n, as p_u)"""
     solver: str = "als"
-    """FLoRA-NA solver: als (exact alternating) or adamw (the paper's)"""
+    """FLoRA-NA solver: als (exact alternating) or adamw (AdamW in whitened coordinates)"""
     solver_steps: int = 200
     """AdamW steps of the adamw solver"""
     solver_lr: float = 1e-2
-    """AdamW learning rate of the adamw solver"""
+    """AdamW learning rate of the adamw solver (a fraction of FedIT's divergence per step)"""
+    solver_weight_decay: float = 0.0
+    """AdamW weight decay of the adamw solver, towards its start (FedIT); 0: none"""
+    solver_max_iter: int = 200
+    """ALS sweeps of the als solver (matrix-free path: iterations)"""
+    solver_tol: float = 1e-12
+    """als stops once a sweep lowers the squared divergence by <= this times ||M||^2"""
+    solver_prox: float = 1e-6
+    """als proximal weight, relative to the mean diagonal of each half-step's matrix"""
+    solver_path: str = "auto"
+    """FLoRA-NA solver path: auto (by size), gram (cost ~U^2) or matrix_free (linear in U)"""
     tie_layers: bool = False
     """FLoRA-NA: one (P, Q) for all layers of a shape, as the authors' released code does"""
+    flora_na_target: str = "data"
+    """FLoRA-NA fits M weighted by data size (data) or uniformly (uniform); sent: by data size"""
+    flora_na_coefficients: str = "factors"
+    """FLoRA-NA coefficients on the factors, or on the changes from the global ones (changes)"""
+    flora_na_init: str = "average"
+    """FLoRA-NA solver start: FedIT's average (average) or the target weights (ones)"""
+    flora_na_variant: str = "default"
+    """FLoRA-NA preset: default or authors (flora_na.VARIANTS); explicit switches win over it"""
     track_solvers: bool = False
     """also record the divergence FLoRA-NA's als and adamw solvers would reach each round"""
     max_new_tokens: int = 256
@@ -117,17 +135,54 @@ class Args:
     """continue the run in --out where it stopped"""
 
 
+# aggregator option -> the Args field that sets it
+OPTION_FIELDS = {"solver": "solver", "tie_layers": "tie_layers", "steps": "solver_steps",
+                 "lr": "solver_lr", "weight_decay": "solver_weight_decay",
+                 "max_iter": "solver_max_iter", "tol": "solver_tol", "prox": "solver_prox",
+                 "path": "solver_path", "target": "flora_na_target",
+                 "coefficients": "flora_na_coefficients", "init": "flora_na_init"}
+
+
 def parse_args(argv=None) -> Args:
-    """Args from the command line; every field's docstring becomes its --help text."""
+    """Args from the command line; every field's docstring becomes its --help text. A
+    --flora-na-variant preset fills the fields it sets that the command line does not give."""
     import tyro
-    return tyro.cli(Args, args=argv)
+    args = tyro.cli(Args, args=argv)
+    preset = fl.VARIANTS.get(args.flora_na_variant, {})
+    if not preset:
+        return args
+    # A field the command line gives parses to the same value whatever its default; one it
+    # does not give parses to the default. So parse again with every preset field's default
+    # changed: the fields that did not change were given.
+    fields = [OPTION_FIELDS[k] for k in preset]
+    probe = tyro.cli(Args, args=argv, default=dataclasses.replace(
+        Args(), **{f: _other(getattr(Args(), f)) for f in fields}))
+    given = {f for f in fields if getattr(probe, f) == getattr(args, f)}
+    return apply_variant(args, given)
+
+
+def _other(value):
+    """A value of value's type (bool, str or number) that differs from it."""
+    if isinstance(value, bool):
+        return not value
+    return value + "\0" if isinstance(value, str) else value + 1
+
+
+def apply_variant(args: Args, given=()) -> Args:
+    """args with the --flora-na-variant preset's values in the fields it sets, except those
+    named in `given` (switches given explicitly win)."""
+    if args.flora_na_variant not in fl.VARIANTS:
+        raise ValueError(f"--flora-na-variant must be one of {', '.join(fl.VARIANTS)}, got "
+                         f"{args.flora_na_variant!r}")
+    return dataclasses.replace(args, **{
+        OPTION_FIELDS[k]: v for k, v in fl.VARIANTS[args.flora_na_variant].items()
+        if OPTION_FIELDS[k] not in given})
 
 
 def aggregator_options(args: Args) -> dict:
     """Every aggregator option the command line sets; each aggregator takes the ones its
     registry entry declares."""
-    return {"solver": args.solver, "tie_layers": args.tie_layers, "steps": args.solver_steps,
-            "lr": args.solver_lr}
+    return {option: getattr(args, field) for option, field in OPTION_FIELDS.items()}
 
 
 def keeps_own_head(args: Args, name: str) -> bool:
@@ -238,7 +293,7 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
     (federation.server_step). Returns the round's relative divergences."""
     entry = fl.AGGREGATORS[name]
     update = federation.server_step(uploads, p, name, options, device=device, scales=scales,
-                                    rank=rank)
+                                    rank=rank, previous=state["factors"])
     extra = federation.solver_divergences(uploads, p) if track_solvers else None
     # the head (and any other trainable non-LoRA parameter): averaged by p_u
     state["head"] = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
@@ -470,16 +525,21 @@ def check_args(args: Args) -> list[str]:
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a folder")
     at_least = {"clients": 1, "rounds": 1, "local_steps": 1, "batch_size": 1, "rank": 1,
-                "eval_every": 1, "eval_batch_size": 1, "solver_steps": 1, "max_new_tokens": 1,
-                "max_length": 8, "max_train_examples": 1, "max_eval_examples": 1, "threads": 0}
+                "eval_every": 1, "eval_batch_size": 1, "solver_steps": 1, "solver_max_iter": 1,
+                "max_new_tokens": 1, "max_length": 8, "max_train_examples": 1,
+                "max_eval_examples": 1, "threads": 0}
     for key, low in at_least.items():
         value = getattr(args, key)
         if value is not None and value < low:
             raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
-    for key in ("lr", "lora_alpha", "solver_lr"):
+    for key in ("lr", "lora_alpha", "solver_lr", "solver_prox"):
         value = getattr(args, key)
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{key.replace('_', '-')} must be finite and > 0, got {value}")
+    for key in ("solver_weight_decay", "solver_tol"):
+        value = getattr(args, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{key.replace('_', '-')} must be finite and >= 0, got {value}")
     if not (0 <= args.lora_dropout < 1):
         raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if not (math.isfinite(args.dirichlet_alpha) and args.dirichlet_alpha >= 0):
@@ -489,6 +549,20 @@ def check_args(args: Args) -> list[str]:
         raise ValueError(f"--participation must be in (0, 1], got {args.participation}")
     if args.solver not in ("als", "adamw"):
         raise ValueError(f"--solver must be als or adamw, got {args.solver!r}")
+    if args.solver_path not in ("auto", "gram", "matrix_free"):
+        raise ValueError(f"--solver-path must be auto, gram or matrix_free, got "
+                         f"{args.solver_path!r}")
+    for option, values in fl.VARIANT_OPTIONS.items():
+        value = getattr(args, OPTION_FIELDS[option])
+        if value not in values:
+            raise ValueError(f"--{OPTION_FIELDS[option].replace('_', '-')} must be "
+                             f"{' or '.join(values)}, got {value!r}")
+    if args.flora_na_coefficients == "changes" and args.solver != "adamw":
+        raise ValueError("--flora-na-coefficients changes is solved by --solver adamw only, got "
+                         f"--solver {args.solver}")
+    if args.flora_na_variant not in fl.VARIANTS:
+        raise ValueError(f"--flora-na-variant must be one of {', '.join(fl.VARIANTS)}, got "
+                         f"{args.flora_na_variant!r}")
     if args.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"--optimizer must be adamw or sgd, got {args.optimizer!r}")
     for key, choices in (("head_sharing", ("registry", "averaged")),
@@ -505,6 +579,9 @@ def check_args(args: Args) -> list[str]:
     if unknown or not names:
         raise ValueError(f"unknown aggregator(s) {unknown or names}; choose from "
                          f"{', '.join(fl.AGGREGATORS)} or 'all'")
+    if mixed and args.flora_na_coefficients == "changes":
+        raise ValueError("--flora-na-coefficients changes needs every client at the global rank "
+                         "(a client of lower rank starts from a truncation of the global factors)")
     equal_only = [a for a in names if mixed and not fl.AGGREGATORS[a].mixed_ranks]
     if equal_only:
         mixed_ok = ", ".join(n for n, a in fl.AGGREGATORS.items() if a.mixed_ranks)
@@ -513,6 +590,24 @@ def check_args(args: Args) -> list[str]:
     resolve_device(args.device)
     _check_writable(args.out)
     return names
+
+
+def check_variant_tying(args: Args, names: list[str], model) -> None:
+    """A --flora-na-variant with --tie-layers ties one (P, Q) across every LoRA layer of the
+    model, as the authors' code does by stacking them; tie_layers ties the layers of one shape,
+    so for a model whose layers come in several shapes (a GQA Llama's q and v) refuse rather
+    than tie less than the variant says."""
+    uses = any("tie_layers" in fl.AGGREGATORS[n].options for n in names)
+    if args.flora_na_variant == "default" or not args.tie_layers or not uses:
+        return
+    shapes = {(tuple(m.lora_B["default"].weight.shape), tuple(m.lora_A["default"].weight.shape))
+              for m in fl.lora_layers(model).values()}
+    if len(shapes) > 1:
+        raise ValueError(f"--flora-na-variant {args.flora_na_variant} ties one (P, Q) across all "
+                         f"LoRA layers, but this model's come in {len(shapes)} shapes (B, A): "
+                         f"{sorted(shapes)}; choose --target-modules of one shape, or pass "
+                         f"--no-tie-layers (or --tie-layers without the preset: one (P, Q) "
+                         f"per shape)")
 
 
 def client_ranks(args: Args) -> list[int]:
@@ -639,6 +734,7 @@ def main(args: Args) -> list[dict]:
                                  args.seed, min_size=1)
     load = model_loader(args, device)
     meta_model, _ = load(weights=False)        # model, LoRA targets, rank: before --out
+    check_variant_tying(args, names, meta_model)
     _check_config(args, run_facts(args, task, data, meta_model))
     with open(os.path.join(args.out, "provenance.jsonl"), "a") as f:
         f.write(json.dumps(provenance.record(device)) + "\n")

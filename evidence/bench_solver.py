@@ -12,7 +12,9 @@ clients) and checks that the fast solver reaches at least the dense baseline's d
 Rows of the table:
   dense AdamW (baseline)  the above in float32 (what a straightforward implementation does),
                           timed on the first --dense-layers layers, one layer at a time
-  Gram AdamW              solve_flora_na(solver="adamw"): same lr, steps, start, best iterate
+  Gram AdamW              solve_flora_na(solver="adamw"): same steps, lr, decay, start and
+                          best iterate, in flora_na.py's whitened coordinates (section 4), so
+                          its trajectory differs: compare divergences
   Gram ALS                solve_flora_na(solver="als", bound=True): with the rank-r bound, an
                           opt-in diagnostic whose QR of the stacked factors costs more than
                           the solve
@@ -182,9 +184,9 @@ def dense_adamw(A: Tensor, B: Tensor, p: Tensor, steps: int, lr: float, weight_d
     """One layer, A (U, r, k) and B (U, d, r) float32, the straightforward way: M formed densely
     once, B_hat A_hat (d, k) formed every step, loss ||M - B_hat A_hat||_F^2 in float32, AdamW on
     (P, Q) from P = Q = p, keeping the best iterate (as solve_flora_na's AdamW does; tracked on
-    the device, so no per-step host sync). solve_flora_na's AdamW minimises the same loss divided
-    by ||M||^2; Adam is invariant to a constant scale up to its eps, and the two runs end within
-    ~1e-9 of each other in relative divergence. Returns P, Q (U,) float32."""
+    the device, so no per-step host sync). solve_flora_na's AdamW minimises the same loss, but
+    in whitened coordinates (flora_na.py section 4), and ends at least as low. Returns P, Q (U,)
+    float32."""
     p = p.to(A.dtype)
     M = sum(p[u] * (B[u] @ A[u]) for u in range(len(p)))                   # (d, k), once
     P, Q = p.clone().requires_grad_(True), p.clone().requires_grad_(True)  # (U,) each

@@ -296,7 +296,7 @@ def div_labels(names: Names) -> dict[str, str]:
     m = names.display(names.method, bold=False)
     return {"naive": "naive average (Σ p_u B_u)(Σ p_u A_u)",
             "solver_als": f"{m}, ALS solver (default)",
-            "solver_adamw": f"{m}, AdamW solver (paper's)",
+            "solver_adamw": f"{m}, AdamW solver",
             "bound": "rank-r bound (best any rank-r update can do)"}
 
 
@@ -404,7 +404,7 @@ def divergence_verdict(series: dict[str, list[list[float]]], names: Names) -> li
     red = divergence_reduction(series)
     als, adamw, bound = red["solver_als"], red["solver_adamw"], red["bound"]
     out = [f"{names.display(names.method, bold=False)}'s ALS solver removes {100 * als:.1f}% "
-           f"of the naive average's divergence on average and the paper's AdamW solver "
+           f"of the naive average's divergence on average and its AdamW solver "
            f"{100 * adamw:.1f}%; no rank-r update can remove more than {100 * bound:.1f}% (the "
            f"bound).",
            "Both solvers reach the same divergence (within 0.1 point)." if abs(adamw - als) < 1e-3
@@ -839,7 +839,7 @@ def sensitivity_section(results: str, out_dir: str, names: Names) -> str:
 def bench_section(results: str, out_dir: str, names: Names) -> str:
     """bench_solver.py's JSON as a table."""
     path = os.path.join(results, "runs", "bench", "bench_solver.json")
-    md = ["## Solver benchmark: Gram-space solver vs the paper's AdamW done densely\n"]
+    md = ["## Solver benchmark: Gram-space solver vs AdamW done densely\n"]
     if not os.path.isfile(path):
         return "\n".join(md) + NOT_RUN.format("runs/bench/bench_solver.json")
     with open(path) as f:

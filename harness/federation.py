@@ -101,10 +101,11 @@ class RoundUpdate:
 
 def server_step(client_factors: list[Factors], p: Tensor, name: str, options: dict | None = None,
                 device: str | torch.device = "cpu", scales: Sequence[float] | None = None,
-                rank: int | None = None) -> RoundUpdate:
+                rank: int | None = None, previous: Factors | None = None) -> RoundUpdate:
     """One server step over every adapted layer: client_factors[u] = {layer: (A, B)}, p the
     weights of the clients that answered. `options` may hold any aggregator's options; each
-    aggregator receives those its registry entry declares.
+    aggregator receives those its registry entry declares, and `previous` (the global factors
+    the clients started from) as option previous = (A (L, r, k), B (L, d, r)) if it declares it.
 
     Clients of different ranks: scales[u] = s_u / s, client u's LoRA scaling over the global
     model's, and `rank` the global rank R. Each B_u is brought to the global scaling first
@@ -125,6 +126,9 @@ def server_step(client_factors: list[Factors], p: Tensor, name: str, options: di
             if k in entry.options and v is not None}
     update = RoundUpdate(None if entry.restart else {}, {}, 0, 0, {})
     for names, A, B in stacked_groups(client_factors, device):
+        if previous is not None and "previous" in entry.options:
+            mine["previous"] = tuple(torch.stack([previous[n][i] for n in names]).to(device)
+                                     for i in (0, 1))
         agg = entry.aggregate(A, B, p, **mine)
         update.bytes_up += agg.bytes_up
         update.bytes_down += agg.bytes_down

@@ -132,3 +132,31 @@ def test_no_aggregator_is_named_outside_the_registry(path):
     code = [line.split("#")[0] for line in (ROOT / path).read_text().splitlines()]
     hits = [line for line in code if re.search(rf"[\"']({names})[\"']", line)]
     assert hits == [], f"{path} names an aggregator: {hits}"
+
+
+def test_server_step_passes_the_previous_global_factors_only_to_aggregators_that_declare_them(
+        monkeypatch):
+    """`previous` reaches an aggregator as the option previous = (A (L, r, k), B (L, d, r)),
+    stacked in the layer order of its shape group, only if its registry entry declares it."""
+    A, B, p = drifted(0, 1e-2, L=3)
+    names = ["layer.0.q", "layer.0.v", "layer.1.q"]
+    clients = [{n: (a[i], b[i]) for i, n in enumerate(names)} for a, b in zip(A, B)]
+    previous = {n: (A[0][i] * 2, B[0][i] * 3) for i, n in enumerate(names)}
+    got = {}
+
+    def strict(A, B, p):                       # no **options: any extra option would raise
+        return fl.fedit(A, B, p)
+
+    def wants(A, B, p, previous=None):
+        got["previous"] = previous
+        return fl.fedit(A, B, p)
+    monkeypatch.setitem(fl.AGGREGATORS, "strict", fl.Aggregator(strict, "Strict"))
+    monkeypatch.setitem(fl.AGGREGATORS, "wants", fl.Aggregator(wants, "Wants",
+                                                               options={"previous": None}))
+    federation.server_step(clients, p, "strict", {}, previous=previous)
+    federation.server_step(clients, p, "wants", {}, previous=previous)
+    A_g, B_g = got["previous"]
+    assert torch.equal(A_g, torch.stack([previous[n][0] for n in names]))
+    assert torch.equal(B_g, torch.stack([previous[n][1] for n in names]))
+    federation.server_step(clients, p, "wants", {})       # no previous given: none passed
+    assert got["previous"] is None

@@ -229,7 +229,7 @@ def test_divergence_sensitivity_generation_bench_and_provenance(built):
     assert line(md, "| FLoRA-NA, ALS solver (default) |")[0].split(" | ")[1:6] == [
         "0.1150", "0.1150", "0.1150", "22.5%", "20.0% / 25.0%"]
     assert ("FLoRA-NA's ALS solver removes 22.5% of the naive average's divergence on average "
-            "and the paper's AdamW solver 20.0%; no rank-r update can remove more than 50.0% "
+            "and its AdamW solver 20.0%; no rank-r update can remove more than 50.0% "
             "(the bound). AdamW (fixed steps and learning rate) stays behind ALS.") in md
     assert line(md, "| alpha | 0.5 | 10 |") == [
         "| alpha | 0.5 | 10 | 0.700 | 0.750 | +0.050 | 0.700 | 0.750 | 0.120 | 0.100 |"]

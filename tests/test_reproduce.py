@@ -21,7 +21,8 @@ from evidence import bench_solver, report
 HERE = Path(__file__).resolve().parent.parent   # the repository root
 
 
-SETTINGS = ("STAGES", "SKIP", "GLUE_TASKS", "MODE", "TINY", "RESULTS", "README", "JOBS", "THREADS")
+SETTINGS = ("STAGES", "SKIP", "GLUE_TASKS", "MODE", "TINY", "RESULTS", "README", "JOBS", "THREADS",
+            "FLORA_NA_VARIANT")
 
 
 def dry_run(tmp_path, *argv, **env) -> subprocess.CompletedProcess:
@@ -77,7 +78,8 @@ def test_reproduce_sh_names_only_the_aggregators_it_compares():
     """No list of every aggregator: outside comments the script names the method, the
     baseline, FedIT for the centralised reference and FedSA-LoRA for the paper's GSM8K table."""
     code = "\n".join(line.split("#", 1)[0] for line in (HERE / "reproduce.sh").read_text().splitlines())
-    named = {name for name in fl.AGGREGATORS if re.search(rf"\b{name}\b", code)}
+    # a name as a word of its own, not part of an option such as --flora-na-variant
+    named = {name for name in fl.AGGREGATORS if re.search(rf"(?<![\w-]){name}(?![\w-])", code)}
     assert named == {"fedit", "fedsa", "flora_na"}
 
 
@@ -91,3 +93,22 @@ def test_reproduce_sh_selects_stages_and_rejects_bad_options(tmp_path):
     assert res.returncode == 2 and "unknown option --bogus" in res.stderr
     res = dry_run(tmp_path, MODE="huge")
     assert res.returncode == 2 and "MODE must be QUICK or FULL" in res.stderr
+
+
+def test_full_mode_runs_the_authors_variant_apart(tmp_path):
+    """FLORA_NA_VARIANT=authors (FULL only): every train.py run gets the preset, into its own
+    results folder, and the report leaves RESULTS.md and README.md alone."""
+    res = dry_run(tmp_path, MODE="FULL", FLORA_NA_VARIANT="authors", README="1")
+    assert res.returncode == 0, res.stderr
+    runs = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
+    preset = fl.VARIANTS["authors"]
+    assert runs
+    for a in runs:
+        assert a.out.startswith("results/full_authors/runs/")
+        options = train.aggregator_options(a)
+        assert {k: options[k] for k in preset} == preset
+        train.check_args(a)
+    report = [argv for argv in commands(res) if argv[1:3] == ["-m", "evidence.report"]]
+    assert len(report) == 1 and "--page" not in report[0] and "--readme" not in report[0]
+    res = dry_run(tmp_path, MODE="QUICK", FLORA_NA_VARIANT="authors")
+    assert res.returncode == 2 and "FLORA_NA_VARIANT=authors is for MODE=FULL" in res.stderr

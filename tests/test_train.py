@@ -916,6 +916,35 @@ BAD = {  # name: (Args changes, exception, message pattern); {tmp} is the test's
     "eval batch 0": (dict(eval_batch_size=0), ValueError, "--eval-batch-size must be >= 1, got 0"),
     "no new tokens": (dict(max_new_tokens=0), ValueError, "--max-new-tokens must be >= 1"),
     "no solver steps": (dict(solver_steps=0), ValueError, "--solver-steps must be >= 1"),
+    "negative solver decay": (dict(solver_weight_decay=-0.1), ValueError,
+                              "--solver-weight-decay must be finite and >= 0, got -0.1"),
+    "nan solver decay": (dict(solver_weight_decay=float("nan")), ValueError,
+                         "--solver-weight-decay must be finite and >= 0, got nan"),
+    "no solver sweeps": (dict(solver_max_iter=0), ValueError, "--solver-max-iter must be >= 1"),
+    "negative solver tol": (dict(solver_tol=-1e-9), ValueError,
+                            "--solver-tol must be finite and >= 0, got -1e-09"),
+    "inf solver tol": (dict(solver_tol=float("inf")), ValueError,
+                       "--solver-tol must be finite and >= 0, got inf"),
+    "zero solver prox": (dict(solver_prox=0.0), ValueError,
+                         "--solver-prox must be finite and > 0, got 0.0"),
+    "nan solver prox": (dict(solver_prox=float("nan")), ValueError,
+                        "--solver-prox must be finite and > 0, got nan"),
+    "solver path": (dict(solver_path="dense"), ValueError,
+                    "--solver-path must be auto, gram or matrix_free, got 'dense'"),
+    "flora-na target": (dict(flora_na_target="mean"), ValueError,
+                        "--flora-na-target must be data or uniform, got 'mean'"),
+    "flora-na coefficients": (dict(flora_na_coefficients="deltas"), ValueError,
+                              "--flora-na-coefficients must be factors or changes, got 'deltas'"),
+    "flora-na init": (dict(flora_na_init="zeros"), ValueError,
+                      "--flora-na-init must be average or ones, got 'zeros'"),
+    "flora-na variant": (dict(flora_na_variant="paper"), ValueError,
+                         "--flora-na-variant must be one of default, authors, got 'paper'"),
+    "changes need adamw": (dict(flora_na_coefficients="changes"), ValueError,
+                           "--flora-na-coefficients changes is solved by --solver adamw only"),
+    "authors' tying needs one shape": (
+        dict(aggregator="flora_na", flora_na_variant="authors", tie_layers=True, solver="adamw",
+             target_modules="query,dense"), ValueError,
+        r"ties one \(P, Q\) across all LoRA layers, but this model's come in 3 shapes"),
     "negative threads": (dict(threads=-1), ValueError, "--threads must be >= 0, got -1"),
     "unknown device": (dict(device="tpu0"), ValueError, "--device 'tpu0' is not a device name"),
     "absent cuda device": (dict(device="cuda:99"), ValueError, "--device cuda:99: "),
@@ -1221,6 +1250,52 @@ def test_command_line_help_and_errors(tmp_path):
         code, stdout, stderr = res[argv]
         assert code == 1 and stdout == ""
         assert len(stderr.strip().splitlines()) == 1 and stderr.startswith(message), stderr
+
+
+def test_the_authors_preset_sets_its_options_and_explicit_switches_win(monkeypatch):
+    """--flora-na-variant authors sets every option of flora_na.VARIANTS["authors"]; a switch
+    given on the command line keeps its value, even one equal to the base default."""
+    monkeypatch.delenv("FLORA_DATA", raising=False)
+    preset = fl.VARIANTS["authors"]
+    args = train.parse_args(["--flora-na-variant", "authors"])
+    assert {k: v for k, v in train.aggregator_options(args).items() if k in preset} == preset
+    args = train.parse_args(["--flora-na-variant", "authors", "--solver", "als",
+                             "--no-tie-layers", "--solver-steps", "50",
+                             "--flora-na-target", "data"])
+    assert (args.solver, args.tie_layers, args.solver_steps) == ("als", False, 50)
+    assert (args.flora_na_target, args.flora_na_coefficients, args.flora_na_init) == (
+        "data", "changes", "ones")
+    assert train.parse_args(["--flora-na-variant", "default"]) == train.Args(
+        flora_na_variant="default")
+    # programmatic use: apply_variant fills the preset's fields except those named as given
+    args = train.apply_variant(train.Args(flora_na_variant="authors", solver_lr=0.1),
+                               given={"solver_lr"})
+    assert (args.solver, args.solver_lr, args.flora_na_coefficients) == ("adamw", 0.1, "changes")
+
+
+def test_every_flora_na_option_reaches_the_aggregator(tmp_path, monkeypatch, bert_dir, glue_dir):
+    """The command line's solver and variant options, and the global factors the clients
+    started from, arrive in the flora_na aggregator's call (and only there)."""
+    seen = {}
+    entry = fl.AGGREGATORS["flora_na"]
+
+    def spy(A, B, p, **options):
+        seen.update(options)
+        return entry.aggregate(A, B, p, **options)
+    monkeypatch.setitem(fl.AGGREGATORS, "flora_na", dataclasses.replace(entry, aggregate=spy))
+    args = train.apply_variant(bert_args(tmp_path / "run", bert_dir, glue_dir,
+                                         aggregator="flora_na", rounds=1,
+                                         flora_na_variant="authors", solver_weight_decay=0.5,
+                                         solver_max_iter=7, solver_tol=1e-9, solver_prox=1e-5,
+                                         solver_path="gram"),
+                               given={"solver_steps"})
+    train.main(args)
+    expected = {**train.aggregator_options(args)}
+    assert {k: seen[k] for k in expected} == expected
+    assert (seen["weight_decay"], seen["max_iter"], seen["steps"]) == (0.5, 7, 20)
+    A_g, B_g = seen["previous"]                     # round 1: the initial global factors
+    assert A_g.shape[0] == B_g.shape[0] == 4        # 2 layers x (query, value), one shape
+    assert (B_g == 0).all() and (A_g != 0).any()
 
 
 def test_parse_args_round_trip(monkeypatch):

@@ -88,7 +88,7 @@ class Args:
     tie_layers: bool = False
     """FLoRA-NA: one (P, Q) for all layers of a shape, as the authors' released code does"""
     track_solvers: bool = False
-    """also record the divergence FLoRA-NA's als and adamw solvers would reach each round"""
+    """also record each round the divergence of FLoRA-NA's variants (federation.TRACKED_VARIANTS)"""
     max_new_tokens: int = 256
     """generation length for GSM8K/MBPP scoring"""
     allow_unisolated_exec: bool = False

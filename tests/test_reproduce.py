@@ -91,3 +91,28 @@ def test_reproduce_sh_selects_stages_and_rejects_bad_options(tmp_path):
     assert res.returncode == 2 and "unknown option --bogus" in res.stderr
     res = dry_run(tmp_path, MODE="huge")
     assert res.returncode == 2 and "MODE must be QUICK or FULL" in res.stderr
+
+
+@pytest.mark.parametrize("mode", ["QUICK", "FULL"])
+def test_regime_study_changes_one_factor_at_a_time_with_every_variant_tracked(tmp_path, mode):
+    """Stage 2's sweep: the baseline alone, seed 0, --track-solvers, one run per setting under
+    runs/regime/; every run differs from the base run in at most one of local steps, lr,
+    Dirichlet alpha, rank (LoRA alpha following it) and clients, and together they cover local
+    steps 1, 5, 10, 25, 50, two more client lrs, alpha 0.1, 0.5 and IID, and ranks 4, 8, 16."""
+    res = dry_run(tmp_path, "--only", "2", MODE=mode)
+    assert res.returncode == 0, res.stderr
+    runs = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
+    assert all(a.aggregator == "fedit" and a.track_solvers and a.seed == 0 and a.task == "sst2"
+               and "/runs/regime/" in a.out for a in runs)
+    for a in runs:
+        train.check_args(a)
+    base, = [a for a in runs if a.out.endswith("/base")]
+    factors = ("local_steps", "lr", "dirichlet_alpha", "rank", "clients")
+    for a in runs:
+        assert sum(getattr(a, f) != getattr(base, f) for f in factors) <= 1, a.out
+        assert a.lora_alpha / a.rank == base.lora_alpha / base.rank
+    values = {f: {getattr(a, f) for a in runs} for f in factors}
+    assert values["local_steps"] == {1, 5, 10, 25, 50}
+    assert len(values["lr"]) == 3 and values["rank"] == {4, 8, 16}
+    assert values["dirichlet_alpha"] == {0.1, 0.5, 0.0} and len(values["clients"]) == 2
+    assert "at the 2 setting(s) with the largest fedit divergence" in res.stdout

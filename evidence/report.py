@@ -590,8 +590,8 @@ class Setting:
     worst: float                     # largest FedIT relative divergence of any (round, layer)
 
     @property
-    def fedit(self) -> float:
-        """The baseline's (FedIT's) relative divergence, mean over rounds and layers."""
+    def naive(self) -> float:
+        """The naive average's (FedIT's update) relative divergence, mean over rounds, layers."""
         return self.sums["naive"] / self.count
 
     def removed(self, key: str) -> float:
@@ -611,12 +611,15 @@ def tracked(run: Run) -> bool:
 
 
 def regime_settings(results: str) -> list[Setting]:
-    """The study's tracked runs, each placed against the base: the base value of a factor is
-    its most common value among the runs (each run changes at most one factor)."""
+    """The study's tracked runs, each placed against the base setting: that of the run in
+    runs/regime/base/ (reproduce.sh's name for it), else the most common value of each factor
+    among the runs. Each run may change one factor."""
     runs = [r for r in load_runs(results, "regime") if tracked(r)]
     if not runs:
         return []
-    base = {f: max((r.config[f] for r in runs), key=[r.config[f] for r in runs].count)
+    named = [r.config for r in runs if os.path.basename(r.path) == "base"]
+    base = {f: named[0][f] if named else
+            max((r.config[f] for r in runs), key=[r.config[f] for r in runs].count)
             for f in FACTORS}
     out = []
     for run in runs:
@@ -637,7 +640,7 @@ def regime_settings(results: str) -> list[Setting]:
 def largest_error(results: str, n: int) -> list[str]:
     """The folders of the n regime-study runs with the largest FedIT divergence (mean over
     rounds and layers): where reproduce.sh's stage 2 compares accuracy over seeds."""
-    return [s.name for s in sorted(regime_settings(results), key=lambda s: -s.fedit)[:n]]
+    return [s.name for s in sorted(regime_settings(results), key=lambda s: -s.naive)[:n]]
 
 
 def _sweeps(settings: list[Setting]) -> dict[str, list[tuple[float, Setting]]]:
@@ -703,7 +706,7 @@ def regime_section(results: str, out_dir: str, names: Names) -> str:
                       if r.get("metrics")), None)
         rows.append(["base" if s.factor is None else FACTORS[s.factor],
                      "—" if s.factor is None else factor_value(s.factor, s.value),
-                     f"{s.fedit:.3f} ({s.worst:.3f})", f"{s.sums['bound'] / s.count:.3f}",
+                     f"{s.naive:.3f} ({s.worst:.3f})", f"{s.sums['bound'] / s.count:.3f}",
                      f"{100 * s.removed('bound'):.0f}%"]
                     + [f"{100 * s.removed(k):.1f}%" for k in variants]
                     + [f"{100 * s.gap_closed('solver_als'):.0f}%",
@@ -737,7 +740,7 @@ def _regime_figure(settings: list[Setting], out_dir: str, names: Names) -> str:
     for col, (f, along) in enumerate(sweeps.items()):
         xs, values, along = range(len(along)), [v for v, _ in along], [s for _, s in along]
         top, bottom = axes[0][col], axes[1][col]
-        top.plot(xs, [s.fedit for s in along], marker="o", color=names.style(names.baseline)[
+        top.plot(xs, [s.naive for s in along], marker="o", color=names.style(names.baseline)[
             "color"], label=f"{B} (naive average)")
         top.plot(xs, [s.sums["solver_als"] / s.count for s in along], marker=".",
                  color="black", lw=2, label=f"{M}, per-layer")
@@ -777,14 +780,14 @@ def _regime_verdict(settings: list[Setting], names: Names) -> str:
     M, B = names.display(names.method, bold=False), names.display(names.baseline, bold=False)
     label = lambda s: ("the base setting" if s.factor is None       # noqa: E731
                        else f"{FACTORS[s.factor]} {factor_value(s.factor, s.value)}")
-    by_error = sorted(settings, key=lambda s: -s.fedit)
+    by_error = sorted(settings, key=lambda s: -s.naive)
     removed = [s.removed("solver_als") for s in settings]
     bound = [s.removed("bound") for s in settings]
     uniform = [s.removed("solver_als_uniform") for s in settings]
     return (f"{B}'s relative divergence is largest at {label(by_error[0])} "
-            f"({by_error[0].fedit:.3f})"
-            + (f" and {label(by_error[1])} ({by_error[1].fedit:.3f})" if len(by_error) > 1 else "")
-            + f", smallest at {label(by_error[-1])} ({by_error[-1].fedit:.3f}). {M} (per-layer) "
+            f"({by_error[0].naive:.3f})"
+            + (f" and {label(by_error[1])} ({by_error[1].naive:.3f})" if len(by_error) > 1 else "")
+            + f", smallest at {label(by_error[-1])} ({by_error[-1].naive:.3f}). {M} (per-layer) "
               f"removes {100 * min(removed):.1f}% to {100 * max(removed):.1f}% of it across "
               f"settings, where the rank-r bound would allow {100 * min(bound):.0f}% to "
               f"{100 * max(bound):.0f}%; fitted to the uniform mean it removes "
@@ -802,7 +805,7 @@ def _regime_accuracy_table(results: str, settings: list[Setting], names: Names) 
     by_name = {s.name: s for s in settings}
     metric = settings[0].run.metric
     rows, lines = [], []
-    for name, curves in sorted(acc.items(), key=lambda kv: -by_name[kv[0]].fedit):
+    for name, curves in sorted(acc.items(), key=lambda kv: -by_name[kv[0]].naive):
         s = by_name[name]
         label = ("base" if s.factor is None else f"{FACTORS[s.factor]} "
                  f"{factor_value(s.factor, s.value)}")
@@ -811,7 +814,7 @@ def _regime_accuracy_table(results: str, settings: list[Setting], names: Names) 
         for agg in (b, m):
             cs = curves.get(agg, [])
             cells += [fmt_ms([c.best for c in cs], n), fmt_ms([c.final for c in cs], n)]
-        rows.append([label, f"{s.fedit:.3f}"] + cells)
+        rows.append([label, f"{s.naive:.3f}"] + cells)
         if curves.get(m) and curves.get(b):
             (mb, sb), (mm, sm) = (mean_std([c.best for c in curves[x]]) for x in (b, m))
             d, noise = mm - mb, max(sb, sm)

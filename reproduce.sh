@@ -20,7 +20,7 @@
 #                        generated part (figures in figures/) and README.md's headline table
 #
 # Usage:
-#   bash reproduce.sh                    # QUICK: about 80 minutes on a 2-core CPU
+#   bash reproduce.sh                    # QUICK: about 85 minutes on an idle 2-core CPU
 #   bash reproduce.sh --only 2,3         # some stages (also: STAGES=2,3 bash reproduce.sh);
 #                                        # the report (7) runs after any selection
 #   bash reproduce.sh --skip 1,6         # all but some (also: SKIP=1,6)
@@ -62,6 +62,10 @@ while (($#)); do
     esac
 done
 MODE=${MODE^^}
+if [[ ",$ONLY," == *",4,"* ]]; then
+    echo "reproduce.sh: stage 4 (sensitivity) is retired; stage 2, the regime study, varies alpha" \
+         "and client count" >&2; exit 2
+fi
 [[ $MODE == QUICK || $MODE == FULL ]] || { echo "MODE must be QUICK or FULL, got $MODE" >&2; exit 2; }
 
 # The comparison the report draws: the method, and the baseline it is measured against

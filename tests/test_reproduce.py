@@ -87,6 +87,8 @@ def test_reproduce_sh_selects_stages_and_rejects_bad_options(tmp_path):
     assert res.returncode == 0 and stages == ["2", "5", "7"]     # the report runs after any
     res = dry_run(tmp_path, "--skip", "1,3,4,6", "--no-report")
     assert re.findall(r"Stage (\d):", res.stdout) == ["2", "5"]
+    res = dry_run(tmp_path, "--only", "3,4")
+    assert res.returncode == 2 and "stage 4 (sensitivity) is retired" in res.stderr
     res = dry_run(tmp_path, "--bogus")
     assert res.returncode == 2 and "unknown option --bogus" in res.stderr
     res = dry_run(tmp_path, MODE="huge")

@@ -683,15 +683,21 @@ def regime_section(results: str, out_dir: str, names: Names) -> str:
     if names.method is None or names.baseline is None:
         return "\n".join(md) + NEEDS.format("--method and --baseline")
     M, B = names.display(names.method, bold=False), names.display(names.baseline, bold=False)
-    base = next((s for s in settings if s.factor is None), settings[0])
-    rounds = base.run.config["rounds"]
-    L = len(base.run.rows[0]["divergence"]["relative_per_layer"])
+    base = next((s for s in settings if s.factor is None), None)
+    if base is None:                     # the base run has not finished: describe another's
+        ref = settings[0]
+        described = (describe({**ref.run.config, ref.factor: "?"}) + f" (the base run itself "
+                     f"has not written results yet; {FACTORS[ref.factor]} unknown)")
+    else:
+        ref, described = base, describe(base.run.config)
+    rounds = ref.run.config["rounds"]
+    L = len(ref.run.rows[0]["divergence"]["relative_per_layer"])
     sweeps = _sweeps(settings)
     varied = "; ".join(f"{FACTORS[f]} " + ", ".join(factor_value(f, v) for v, _ in along)
                        for f, along in sweeps.items())
     scalings = {s.run.config["lora_alpha"] / s.run.config["rank"] for s in settings}
     scaling = f"; LoRA alpha = {scalings.pop():g} r" if len(scalings) == 1 else ""
-    md.append(f"{base.run.task_name}, {B} trained; base setting: {describe(base.run.config)}. "
+    md.append(f"{ref.run.task_name}, {B} trained; base setting: {described}. "
               f"Each other setting changes one factor ({varied}{scaling}). Every "
               f"round the server also solved {M} on the same client uploads (ALS solver; one "
               f"(P, Q) per layer or one tied across all {L} LoRA layers; fitted to the "
@@ -701,7 +707,7 @@ def regime_section(results: str, out_dir: str, names: Names) -> str:
               f"||M||_F against the data-weighted M, per layer and round (rounds 1–{rounds}).\n")
     variants = list(VARIANTS)
     rows = []
-    for s in [base] + [s for along in sweeps.values() for _, s in along if s.factor]:
+    for s in [base] * bool(base) + [s for along in sweeps.values() for _, s in along if s.factor]:
         final = next((metric_value(r["metrics"], s.run.metric) for r in reversed(s.run.rows)
                       if r.get("metrics")), None)
         rows.append(["base" if s.factor is None else FACTORS[s.factor],
@@ -713,9 +719,9 @@ def regime_section(results: str, out_dir: str, names: Names) -> str:
                        "—" if final is None else f"{final:.3f}"])
     md.append(table(["factor", "value", f"{B} rel. div. mean (max)", "rank-r bound",
                      "bound removes"] + [VARIANTS[k][0] for k in variants]
-                    + ["gap closed (per-layer)", f"{B} final dev {base.run.metric}"],
+                    + ["gap closed (per-layer)", f"{B} final dev {ref.run.metric}"],
                     rows, "ll" + "r" * (5 + len(variants))))
-    majority = base.run.facts.get("majority_baseline")
+    majority = ref.run.facts.get("majority_baseline")
     md.append(f"\nMeans are over rounds and layers (max: the largest (round, layer)). The "
               f"columns from \"{VARIANTS[variants[0]][0]}\" to \"{VARIANTS[variants[-1]][0]}\" "
               f"give the share of {B}'s relative divergence, summed over (round, layer), that "

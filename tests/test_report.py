@@ -441,3 +441,17 @@ def test_report_imports_no_training_code_and_names_no_aggregator():
     strings = {n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant)
                and isinstance(n.value, str)}
     assert not set(flora_na.AGGREGATORS) & strings
+
+
+def test_regime_study_before_its_base_run_has_finished(tmp_path):
+    """The base run comes last in the stage: until it writes, the section says so, and each
+    run is still placed against the most common value of every factor."""
+    regime = dict(aggregator="fedit", track_solvers=True, rounds=2, clients=4, local_steps=10,
+                  dirichlet_alpha=0.5)
+    for name, kw in (("steps50", {"local_steps": 50}), ("iid", {"dirichlet_alpha": 0}),
+                     ("clients10", {"clients": 10})):
+        write_run(tmp_path, "regime", name, config(**{**regime, **kw}),
+                  rows("fedit", {2: 0.7}, rounds=2, div=tracked_div(0.2, 0.1)))
+    md = report.build_report(str(tmp_path), str(tmp_path), "flora_na", "fedit").body
+    assert "(the base run itself has not written results yet;" in md
+    assert not line(md, "| base |") and line(md, "| local steps | 50 |") and line(md, "| clients | 10 |")

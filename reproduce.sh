@@ -301,10 +301,15 @@ stage_2() {
     picked=$($PY -c 'import sys; from evidence.report import largest_error
 print(*largest_error(sys.argv[1], int(sys.argv[2])))' "$RESULTS" "$REGIME_PICK")
     echo "  largest $BASELINE divergence: $picked; $METHOD vs $BASELINE over seeds {$REGIME_SEEDS}"
+    # longest runs first (clients x local steps; seed 0 trains one aggregator), so that the
+    # pool's two jobs end together
+    picked=$(for name in $picked; do
+        read -r _ clients _ steps _ <<<"$(regime_args "$name")"; echo "$((clients * steps)) $name"
+    done | sort -rn | cut -d' ' -f2)
     pool_start
     for name in $picked; do
         setting=$(regime_args "$name")
-        for seed in $REGIME_SEEDS; do  # seed 0's FedIT run is the tracked one above
+        for seed in $(printf '%s\n' $REGIME_SEEDS | sort -r); do  # seed 0's FedIT is the tracked run
             local aggs="$BASELINE,$METHOD"
             [[ $seed == 0 ]] && aggs=$METHOD
             # shellcheck disable=SC2086

@@ -766,8 +766,9 @@ def _regime_figure(settings: list[Setting], out_dir: str, names: Names) -> str:
             ax.grid(alpha=0.3)
         bottom.set_xlabel(FACTORS[f] + " (* base)")
     axes[0][0].set_ylabel("rel. divergence\n(mean over rounds, layers)")
-    axes[1][0].set_ylabel(f"% of {B}'s divergence removed\n(axis cut at -100%)")
-    axes[1][0].set_ylim(max(-100, axes[1][0].get_ylim()[0]), 100)   # worse than -100%: cut off
+    axes[1][0].set_ylabel(f"% of {B}'s divergence removed\n(below -20%: off the axis, "
+                          f"see the table)")
+    axes[1][0].set_ylim(max(-20, axes[1][0].get_ylim()[0]), min(100, axes[1][0].get_ylim()[1]))
     legend = {}
     for ax in (axes[0][0], axes[1][0]):
         for handle, label in zip(*ax.get_legend_handles_labels()):

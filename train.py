@@ -116,7 +116,7 @@ class Args:
     flora_na_variant: str = "default"
     """FLoRA-NA preset: default or authors (flora_na.VARIANTS); explicit switches win over it"""
     track_solvers: bool = False
-    """also record the divergence FLoRA-NA's als and adamw solvers would reach each round"""
+    """also record each round the divergence of FLoRA-NA's variants (federation.TRACKED_VARIANTS)"""
     max_new_tokens: int = 256
     """generation length for GSM8K/MBPP scoring"""
     allow_unisolated_exec: bool = False

@@ -248,20 +248,6 @@ def test_the_personalised_rows_name_how_they_were_scored(built, tmp_path):
     assert "averaged alike by every method" in report.head_text(runs[1:2])
 
 
-def test_divergence_sensitivity_generation_bench_and_provenance(built):
-    md = built[0].body
-    assert line(md, "| FLoRA-NA, ALS solver (default) |")[0].split(" | ")[1:6] == [
-        "0.1150", "0.1150", "0.1150", "22.5%", "20.0% / 25.0%"]
-    assert ("FLoRA-NA's ALS solver removes 22.5% of the naive average's divergence on average "
-            "and its AdamW solver 20.0%; no rank-r update can remove more than 50.0% "
-            "(the bound). AdamW (fixed steps and learning rate) stays behind ALS.") in md
-    assert line(md, "| alpha | 0.5 | 10 |") == [
-        "| alpha | 0.5 | 10 | 0.700 | 0.750 | +0.050 | 0.700 | 0.750 | 0.120 | 0.100 |"]
-    assert line(md, "| alpha | 0.1 | 10 |") == ["| alpha | 0.1 | 10 | not run |  |  |  |  |  |  |"]
-    assert "| FedIT best | FLoRA-NA best |" in md
-    assert "FLoRA-NA's best dev accuracy is higher than FedIT's in 2 of 2 rows" in md   # (0.5, 10) is in both sweeps
-
-
 def test_regime_study_table_verdict_and_accuracy(built):
     """Per setting: FedIT's mean (max) relative divergence, the bound, and each variant's share
     of FedIT's summed divergence removed; the base first, then each factor's sweep; the

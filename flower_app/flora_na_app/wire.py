@@ -24,7 +24,7 @@ def args_from(run_config: dict, **override) -> train.Args:
     """train.Args from a Flower run config, parsed by train.py's own command line (types,
     choices) so that a bad value fails as it would there; `override` sets fields directly.
     Options at train.py's default are not passed, so that a --flora-na-variant preset fills
-    them as it does on the command line."""
+    them as it does on the command line (a value equal to the default cannot override it)."""
     fields = {f.name for f in dataclasses.fields(train.Args)}
     defaults = train.Args()
     argv = []

@@ -151,6 +151,21 @@ def test_run_config_values_become_train_args():
         wire.args_from({"rank": "eight"})
 
 
+def test_the_flora_na_variant_preset_works_from_the_run_config():
+    """The full run config (every option at its default) with flora-na-variant = "authors"
+    gives the preset's options, as `train.py --flora-na-variant authors` does; an option set
+    to a value other than train.py's default wins (one at the default cannot be told from
+    one left alone: the preset fills it)."""
+    config = tomllib.loads((flower_local.APP / "pyproject.toml").read_text())
+    config = {**config["tool"]["flwr"]["app"]["config"], "flora-na-variant": "authors"}
+    preset = fl.VARIANTS["authors"]
+    options = train.aggregator_options(wire.args_from(config))
+    assert {k: options[k] for k in preset} == preset
+    args = wire.args_from({**config, "solver-steps": 50, "flora-na-init": "average"})
+    assert (args.solver_steps, args.flora_na_init, args.flora_na_coefficients) == (
+        50, "ones", "changes")
+
+
 def test_arrays_travel_exactly():
     """Factors, head and frozen weights come back bit for bit; bfloat16 travels as float32
     and casts back exactly; without_B sends only the A factors."""

@@ -22,8 +22,11 @@ FROM_NODES = ("clients",)                      # set by the SuperNodes that conn
 
 def args_from(run_config: dict, **override) -> train.Args:
     """train.Args from a Flower run config, parsed by train.py's own command line (types,
-    choices) so that a bad value fails as it would there; `override` sets fields directly."""
+    choices) so that a bad value fails as it would there; `override` sets fields directly.
+    Options at train.py's default are not passed, so that a --flora-na-variant preset fills
+    them as it does on the command line (a value equal to the default cannot override it)."""
     fields = {f.name for f in dataclasses.fields(train.Args)}
+    defaults = train.Args()
     argv = []
     for key, value in run_config.items():
         name = key.replace("-", "_")
@@ -31,6 +34,8 @@ def args_from(run_config: dict, **override) -> train.Args:
             continue
         if name not in fields or name in FROM_NODES:
             raise ValueError(f"run config key {key!r} is not a train.py option this app takes")
+        if value == getattr(defaults, name) and type(value) is type(getattr(defaults, name)):
+            continue
         if isinstance(value, bool):
             argv.append(f"--{key}" if value else f"--no-{key}")
         elif value != "":

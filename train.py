@@ -116,7 +116,7 @@ class Args:
     flora_na_variant: str = "default"
     """FLoRA-NA preset: default or authors (flora_na.VARIANTS); explicit switches win over it"""
     track_solvers: bool = False
-    """also record the divergence FLoRA-NA's als and adamw solvers would reach each round"""
+    """also record each round the divergence of FLoRA-NA's variants (federation.TRACKED_VARIANTS)"""
     max_new_tokens: int = 256
     """generation length for GSM8K/MBPP scoring"""
     allow_unisolated_exec: bool = False
@@ -669,7 +669,8 @@ def run_facts(args: Args, task: Task, data: TaskData, model) -> dict:
                      "bytes": sum(q.numel() * 4 for q in head.values())},    # float32, as sent
             "aggregators": {n: {"display_name": a.display_name,
                                 "personalised": a.private_B or keeps_own_head(args, n),
-                                "private_head": keeps_own_head(args, n)}
+                                "private_head": keeps_own_head(args, n),
+                                "mixed_ranks": a.mixed_ranks}
                             for n, a in fl.AGGREGATORS.items()}}
 
 
@@ -684,9 +685,12 @@ def _check_config(args: Args, facts: dict) -> None:
                                   f"it, or choose another --out")
         old = json.load(open(path))
         # facts derive from the arguments and this machine (the model's local path): a run
-        # moved to another machine resumes; they are rewritten below
+        # moved to another machine resumes; they are rewritten below. An option added to
+        # train.py since the run started resumes at its default (what the run did without it)
+        default = dataclasses.asdict(Args(data_dir=None))
         diff = {k: (old.get(k), v) for k, v in config.items()
-                if old.get(k) != v and k not in ("threads", "facts")}
+                if old.get(k) != v and k not in ("threads", "facts")
+                and not (k not in old and v == default[k])}
         if diff:
             raise ValueError(f"--resume with a different config than {path}: {diff}")
     os.makedirs(args.out, exist_ok=True)

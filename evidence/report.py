@@ -5,7 +5,7 @@
         --page RESULTS.md --readme README.md     # also the results page and README's headline
 
 Reads run files only, never training code: runs/<stage>/<run>/{config.json, metrics.jsonl,
-provenance.jsonl} written by train.py (stages divergence, glue, sensitivity, generation),
+provenance.jsonl} written by train.py (stages regime, glue, generation),
 runs/bench/bench_solver.json written by bench_solver.py, and pipeline.json / stage_times.tsv
 written by reproduce.sh. What a table needs beyond the metrics comes from the "facts" that
 train.py writes into config.json: the task's display name and main metric, the majority-class
@@ -14,8 +14,9 @@ order (which fixes the rows' order and the figures' colours). Which aggregator i
 which the baseline is the caller's choice (--method, --baseline); no aggregator is named here.
 
 Every section stands alone: a stage that did not run (or is still running) says so instead of
-failing. Sections, in order (SECTIONS, at the end, lists them with their stage): divergence
-study, GLUE table, sensitivity, solver benchmark, generation; REPORT.md adds how it was run.
+failing. Sections, in order (SECTIONS, at the end, lists them with their stage): regime study
+(aggregation error by local steps, lr, heterogeneity, rank and clients), GLUE table, solver
+benchmark, generation; REPORT.md adds how it was run.
 Each section carries a provenance line under its heading (reproduce.sh command, mode, commit,
 machine, date). On the results page each sits between its own markers
 <!-- results:KEY:start --> / <!-- results:KEY:end -->, and only the sections whose stage has
@@ -40,7 +41,6 @@ import tyro
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 from harness import provenance  # noqa: E402
 
@@ -55,7 +55,7 @@ class Args:
     results: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RESULTS")] = "results"
     """folder reproduce.sh wrote (runs/, pipeline.json, ...); REPORT.md and the PNGs go here too"""
     method: str | None = None
-    """aggregator the verdicts, the divergence study and the sensitivity table are about"""
+    """aggregator the verdicts, the regime study and its accuracy table are about"""
     baseline: str | None = None
     """aggregator the method is compared with"""
     page: str | None = None
@@ -109,9 +109,16 @@ class Run:
     def unfinished(self) -> list[str]:
         """Aggregators of this run's config that have not done all their rounds (or none)."""
         names = [a.strip() for a in str(self.config.get("aggregator", "")).split(",") if a.strip()]
-        if names == ["all"]:
-            names = list(self.facts["aggregators"])
+        if names == ["all"]:           # with clients of mixed ranks: those that accept them
+            names = [n for n, info in self.facts["aggregators"].items()
+                     if not self.mixed_ranks or info.get("mixed_ranks", True)]
         return [a for a in names or self.by_aggregator() if not self.finished(a)]
+
+    @property
+    def mixed_ranks(self) -> bool:
+        """Whether the clients' LoRA ranks differ from the global rank (or from each other)."""
+        ranks = self.facts.get("client_ranks") or [self.config.get("rank")]
+        return len(set(ranks)) > 1 or ranks[0] != self.config.get("rank")
 
 
 def load_runs(results: str, stage: str) -> list[Run]:
@@ -271,142 +278,6 @@ def savefig(fig, out_dir: str, name: str) -> str:
     fig.savefig(os.path.join(out_dir, name), dpi=110)
     plt.close(fig)
     return f"{FIG}{name}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Divergence study (stage 2)
-# ---------------------------------------------------------------------------------------------
-
-# keys of divergence.relative_per_layer[layer] that train.py --track-solvers writes
-DIV_KEYS = ("naive", "solver_als", "solver_adamw", "bound")
-DIV_LINE = {"naive": ("tab:blue", {"lw": 1.4}), "solver_als": ("black", {"lw": 2.6}),
-            "solver_adamw": ("tab:orange", {"ls": "--", "lw": 1.4}),
-            "bound": ("tab:green", {"lw": 1.4})}
-NEGLIGIBLE = 1e-4   # naive relative divergence below this: reductions are numerical noise
-
-
-def div_labels(names: Names) -> dict[str, str]:
-    m = names.display(names.method, bold=False)
-    return {"naive": "naive average (Σ p_u B_u)(Σ p_u A_u)",
-            "solver_als": f"{m}, ALS solver (default)",
-            "solver_adamw": f"{m}, AdamW solver",
-            "bound": "rank-r bound (best any rank-r update can do)"}
-
-
-def tracked(run: Run) -> bool:
-    return any("solver_als" in row["divergence"]["relative_mean"] for row in run.rows)
-
-
-def divergence_series(run: Run) -> tuple[list[int], dict[str, list[list[float]]]]:
-    """Rounds and, per key of DIV_KEYS, a (rounds x layers) list of relative divergences."""
-    rows = sorted((r for r in run.rows if "solver_als" in r["divergence"]["relative_mean"]),
-                  key=lambda r: r["round"])
-    layers = sorted(rows[0]["divergence"]["relative_per_layer"]) if rows else []
-    series = {k: [[r["divergence"]["relative_per_layer"][l].get(k, math.nan) for l in layers]
-                  for r in rows] for k in DIV_KEYS}
-    return [r["round"] for r in rows], series
-
-
-def divergence_reduction(series: dict[str, list[list[float]]]) -> dict[str, float]:
-    """Per key, the mean over (round, layer) of 1 - div / div_naive (pairs with a negligible
-    naive divergence left out)."""
-    naive = [x for v in series["naive"] for x in v]
-    return {k: _nanmean([1 - x / n for x, n in zip((x for v in series[k] for x in v), naive)
-                         if n > NEGLIGIBLE]) for k in DIV_KEYS}
-
-
-def divergence_section(results: str, out_dir: str, names: Names) -> str:
-    """Per round and layer, ||M - B_hat A_hat|| / ||M|| for the naive average, both of the
-    method's solvers and the rank-r bound."""
-    runs = [r for r in load_runs(results, "divergence") if tracked(r)]
-    md = ["## Divergence study: how close each server update gets to the ideal update\n"]
-    if not runs:
-        return "\n".join(md) + NOT_RUN.format("runs/divergence/ (with --track-solvers)")
-    if names.method is None:
-        return "\n".join(md) + NEEDS.format("--method (the aggregator whose solvers "
-                                            "--track-solvers recorded)")
-    run, labels = runs[0], div_labels(names)
-    rounds, s = divergence_series(run)
-    L = len(s["naive"][0])
-    md.append(f"One federated run on {run.task_name} ({describe(run.config)}; global model "
-              f"trained with `{run.config['aggregator']}`). Every round the server also solved "
-              f"{names.display(names.method, bold=False)} on the same client uploads with both "
-              f"solvers, so all numbers below share one trajectory. Divergence is normalised: "
-              f"||M - B̂Â||_F / ||M||_F with M = Σ_u p_u B_u A_u, per layer ({L} LoRA layers), "
-              f"rounds {rounds[0]}–{rounds[-1]}"
-              + ("" if run.finished(run.config["aggregator"]) else " (run not finished)") + ".\n")
-
-    # figure: mean over layers (line) and min-max band; right: reduction of the naive divergence
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for k in DIV_KEYS:
-        color, line = DIV_LINE[k]
-        ax1.plot(rounds, [sum(v) / len(v) for v in s[k]], color=color, label=labels[k],
-                 marker=".", **line)
-        ax1.fill_between(rounds, [min(v) for v in s[k]], [max(v) for v in s[k]], color=color,
-                         alpha=0.15)
-        if k == "naive":
-            continue
-        red = [[1 - x / n if n > NEGLIGIBLE else math.nan for x, n in zip(v, nv)]
-               for v, nv in zip(s[k], s["naive"])]
-        ax2.plot(rounds, [_nanmean(r) for r in red], color=color, label=labels[k], marker=".",
-                 **line)
-        ax2.fill_between(rounds, [min(_finite(r), default=math.nan) for r in red],
-                         [max(_finite(r), default=math.nan) for r in red],
-                         color=color, alpha=0.15)
-    ax1.set(xlabel="round", ylabel="||M - B̂Â|| / ||M||", ylim=(0, None),
-            title="relative divergence (line: mean over layers;\nband: min–max over layers)")
-    ax2.set(xlabel="round", ylabel="1 - divergence / naive divergence",
-            title="reduction of the naive average's divergence\n(line: mean over layers; band: "
-                  "min–max)")
-    ax1.legend(fontsize=7)
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    png = savefig(fig, out_dir, "divergence.png")
-
-    rows = []
-    naive_flat = [x for v in s["naive"] for x in v]
-    bound_flat = [x for v in s["bound"] for x in v]
-    for k in DIV_KEYS:
-        flat = [x for v in s[k] for x in v]
-        red = _finite([1 - x / n for x, n in zip(flat, naive_flat) if n > NEGLIGIBLE])
-        gap = [(n - x) / (n - b) for x, n, b in zip(flat, naive_flat, bound_flat)
-               if n > NEGLIGIBLE and n - b > 1e-6 * n]
-        rows.append([labels[k], f"{_nanmean(flat):.4f}", f"{_nanmean(s[k][0]):.4f}",
-                     f"{_nanmean(s[k][-1]):.4f}"]
-                    + (["—"] * 3 if k == "naive" or not red else
-                       [f"{100 * _nanmean(red):.1f}%",
-                        f"{100 * min(red):.1f}% / {100 * max(red):.1f}%",
-                        f"{100 * _nanmean(gap):.0f}%"]))
-    md.append(table(["server update", "mean rel. divergence", f"round {rounds[0]}",
-                     f"round {rounds[-1]}", "mean reduction vs naive", "min / max reduction",
-                     "naive→bound gap closed"], rows))
-    skipped = sum(n <= NEGLIGIBLE for n in naive_flat)
-    md.append("Means are over rounds and layers; the reduction is 1 - div / div_naive per "
-              "(round, layer); the gap closed is (div_naive - div) / (div_naive - div_bound)"
-              + (f"; {skipped} of {len(naive_flat)} (round, layer) pairs where the naive "
-                 f"relative divergence is below {NEGLIGIBLE:g} (typically round 1, when every "
-                 f"client starts from B = 0) are left out of the ratios" if skipped else "") + ".\n")
-    md.append(f"![divergence per round]({png})\n")
-    md.append(" ".join(divergence_verdict(s, names)) + "\n")
-    return "\n".join(md)
-
-
-def divergence_verdict(series: dict[str, list[list[float]]], names: Names) -> list[str]:
-    """Sentences: how much of the naive divergence each solver removes, against the bound."""
-    red = divergence_reduction(series)
-    als, adamw, bound = red["solver_als"], red["solver_adamw"], red["bound"]
-    out = [f"{names.display(names.method, bold=False)}'s ALS solver removes {100 * als:.1f}% "
-           f"of the naive average's divergence on average and its AdamW solver "
-           f"{100 * adamw:.1f}%; no rank-r update can remove more than {100 * bound:.1f}% (the "
-           f"bound).",
-           "Both solvers reach the same divergence (within 0.1 point)." if abs(adamw - als) < 1e-3
-           else "AdamW does better than ALS here." if adamw > als
-           else "AdamW (fixed steps and learning rate) stays behind ALS."]
-    if bound - als > 0.01:
-        out.append("The remaining gap to the bound is the price of restricting B̂, Â to "
-                   "combinations of the clients' factors.")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,102 +597,283 @@ def _glue_figures(g: Glue, out_dir: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sensitivity (stage 4)
+# Regime study (stage 2): where the aggregation error grows, and how much of it the method removes
 # ---------------------------------------------------------------------------------------------
 
+# The factors the study varies one at a time around a base setting (config.json keys)
+FACTORS = {"local_steps": "local steps", "lr": "client lr", "dirichlet_alpha": "Dirichlet alpha",
+           "rank": "LoRA rank", "clients": "clients"}
+# The method's variants that --track-solvers records (harness.federation.TRACKED_VARIANTS), in
+# the table's order, with their colour and line in the figure
+VARIANTS = {"solver_als": ("per-layer", "black", "-"),
+            "solver_adamw": ("per-layer, AdamW", "tab:orange", ":"),
+            "solver_als_tied": ("tied", "tab:purple", "-"),
+            "solver_als_uniform": ("uniform target", "tab:red", "--"),
+            "solver_als_tied_uniform": ("tied, uniform target", "tab:brown", "--")}
 
-SENS_ALPHAS, SENS_CLIENTS = (0.1, 0.5, 1.0), (3, 10, 20)   # what reproduce.sh's stage 4 runs
+
+def factor_value(factor: str, value) -> str:
+    return "IID" if factor == "dirichlet_alpha" and not value else f"{value:g}"
 
 
-def _pm(ms: tuple[float, float]) -> str:
-    m, s = ms
-    return "—" if m != m else (f"{m:.3f} ± {s:.3f}" if s else f"{m:.3f}")
+@dataclass
+class Setting:
+    """One tracked run of the regime study: which factor it changes from the base (None: the
+    base itself), to what, and the sums over (round, layer) of each relative divergence."""
+    name: str                        # the run's folder
+    factor: str | None
+    value: float
+    run: Run
+    sums: dict[str, float]           # key -> sum over (round, layer) of the relative divergence
+    count: int                       # (round, layer) pairs
+    worst: float                     # largest FedIT relative divergence of any (round, layer)
+
+    @property
+    def naive(self) -> float:
+        """The naive average's (FedIT's update) relative divergence, mean over rounds, layers."""
+        return self.sums["naive"] / self.count
+
+    def removed(self, key: str) -> float:
+        """Share of FedIT's summed divergence that `key` removes: sum(naive - div) / sum(naive)
+        over (round, layer); negative where it does worse than FedIT."""
+        return 1 - self.sums[key] / self.sums["naive"]
+
+    def gap_closed(self, key: str) -> float:
+        """Share of the FedIT -> rank-r bound gap that `key` closes."""
+        gap = self.sums["naive"] - self.sums["bound"]
+        return (self.sums["naive"] - self.sums[key]) / gap if gap > 0 else math.nan
 
 
-def sensitivity_section(results: str, out_dir: str, names: Names) -> str:
-    """The method against the baseline across Dirichlet alpha and client counts."""
-    runs = load_runs(results, "sensitivity")
-    md = ["## Sensitivity: data heterogeneity and number of clients\n"]
+def tracked(run: Run) -> bool:
+    return bool(run.rows) and all(k in run.rows[0]["divergence"]["relative_mean"]
+                                  for k in ("naive", "bound", *VARIANTS))
+
+
+def regime_settings(results: str) -> list[Setting]:
+    """The study's tracked runs, each placed against the base setting: that of the run in
+    runs/regime/base/ (reproduce.sh's name for it), else the most common value of each factor
+    among the runs. Each run may change one factor."""
+    runs = [r for r in load_runs(results, "regime") if tracked(r)]
     if not runs:
-        return "\n".join(md) + NOT_RUN.format("runs/sensitivity/")
+        return []
+    named = [r.config for r in runs if os.path.basename(r.path) == "base"]
+    base = {f: named[0][f] if named else
+            max((r.config[f] for r in runs), key=[r.config[f] for r in runs].count)
+            for f in FACTORS}
+    out = []
+    for run in runs:
+        changed = [f for f in FACTORS if run.config[f] != base[f]]
+        if len(changed) > 1:
+            raise ValueError(f"{run.path} changes {', '.join(changed)} from the base setting "
+                             f"{base}: the regime study varies one factor at a time")
+        factor = changed[0] if changed else None
+        cells = [layer for row in run.rows
+                 for layer in row["divergence"]["relative_per_layer"].values()]
+        sums = {k: sum(c[k] for c in cells) for k in ("naive", "bound", *VARIANTS)}
+        out.append(Setting(os.path.basename(run.path), factor,
+                           run.config[factor] if factor else math.nan, run, sums, len(cells),
+                           max(c["naive"] for c in cells)))
+    return out
+
+
+def largest_error(results: str, n: int) -> list[str]:
+    """The folders of the n regime-study runs with the largest FedIT divergence (mean over
+    rounds and layers): where reproduce.sh's stage 2 compares accuracy over seeds."""
+    return [s.name for s in sorted(regime_settings(results), key=lambda s: -s.naive)[:n]]
+
+
+def _sweeps(settings: list[Setting]) -> dict[str, list[tuple[float, Setting]]]:
+    """factor -> (value, setting) along it, the base included, by value (IID last)."""
+    base = [s for s in settings if s.factor is None]
+    order = lambda f, v: math.inf if f == "dirichlet_alpha" and not v else v   # noqa: E731
+    out = {}
+    for f in FACTORS:
+        along = [(s.value, s) for s in settings if s.factor == f]
+        if along:
+            along += [(s.run.config[f], s) for s in base]
+            out[f] = sorted(along, key=lambda vs: order(f, vs[0]))
+    return out
+
+
+def regime_accuracy(results: str, settings: list[Setting]) -> dict[str, dict[str, list[Curve]]]:
+    """Setting name -> aggregator -> one Curve per seed, for the settings that have runs of
+    more than one seed (the accuracy comparison). Untracked runs join the tracked run with the
+    same factors; the tracked run's own aggregator (FedIT) counts as its seed."""
+    by_key = {tuple(s.run.config[f] for f in FACTORS): s.name for s in settings}
+    curves: dict[str, dict[str, list[Curve]]] = {}
+    for run in load_runs(results, "regime"):
+        name = by_key.get(tuple(run.config[f] for f in FACTORS))
+        if name is None:
+            continue
+        for agg, rows in run.by_aggregator().items():
+            c = curve(rows, run.metric, total_rounds=run.config.get("rounds", 0))
+            if c:
+                curves.setdefault(name, {}).setdefault(agg, []).append(c)
+    return {k: v for k, v in curves.items() if max(len(cs) for cs in v.values()) > 1}
+
+
+def regime_section(results: str, out_dir: str, names: Names) -> str:
+    """Per setting, FedIT's divergence, the bound, and the share each FLoRA-NA variant removes;
+    one figure; at the settings with the largest error, accuracy over seeds."""
+    settings = regime_settings(results)
+    md = ["## Regime study: where the aggregation error grows, and how much of it is removed\n"]
+    if not settings:
+        return "\n".join(md) + NOT_RUN.format("runs/regime/ (with --track-solvers)")
     if names.method is None or names.baseline is None:
         return "\n".join(md) + NEEDS.format("--method and --baseline")
     M, B = names.display(names.method, bold=False), names.display(names.baseline, bold=False)
-    task, metric = runs[0].task_name, runs[0].metric
-    # (alpha, clients) -> aggregator -> list over seeds of (best, final, mean rel. divergence)
-    cells: dict[tuple[float, int], dict[str, list[tuple]]] = {}
-    for run in runs:
-        key = (float(run.config["dirichlet_alpha"]), int(run.config["clients"]))
-        for agg, rows in run.by_aggregator().items():
-            c = curve(rows, metric, total_rounds=run.config.get("rounds", 0))
-            if c:
-                div = _nanmean([r["divergence"]["relative_mean"].get("aggregate", math.nan)
-                                for r in rows])
-                cells.setdefault(key, {}).setdefault(agg, []).append((c.best, c.final, div))
-    seeds = sorted({r.config.get("seed") for r in runs})
-    partial = [f"{os.path.basename(r.path)} ({', '.join(r.unfinished())})"
-               for r in runs if r.unfinished()]
-    if partial:
-        md.append(f"**Unfinished runs** (the table uses what exists): {'; '.join(partial)}\n")
-    md.append(f"{task}, {metric}; {describe(runs[0].config)} (clients and alpha varied as "
-              f"listed); seeds {seeds}. Divergence: mean over rounds of the mean relative "
-              f"divergence over layers of the update the aggregator sent.\n")
-
-    def ms(key, agg, i):
-        xs = [v[i] for v in cells.get(key, {}).get(agg, [])]
-        return mean_std(xs) if xs else (math.nan, math.nan)
-
-    rows, verdict = [], []
-    b, m = names.baseline, names.method
-    for sweep, keys in (("alpha", sorted({k for k in cells if k[1] == 10}
-                                         | {(a, 10) for a in SENS_ALPHAS})),
-                        ("clients", sorted({k for k in cells if k[0] == 0.5}
-                                           | {(0.5, u) for u in SENS_CLIENTS},
-                                           key=lambda k: k[1]))):
-        for key in keys:
-            if key not in cells:
-                rows.append([sweep, f"{key[0]:g}", str(key[1])] + ["not run"] + [""] * 6)
-                continue
-            bb, mb = ms(key, b, 0), ms(key, m, 0)
-            rows.append([sweep, f"{key[0]:g}", str(key[1]), _pm(bb), _pm(mb),
-                         f"{mb[0] - bb[0]:+.3f}", _pm(ms(key, b, 1)), _pm(ms(key, m, 1)),
-                         f"{ms(key, b, 2)[0]:.3f}", f"{ms(key, m, 2)[0]:.3f}"])
-            if mb[0] == mb[0] and bb[0] == bb[0]:
-                verdict.append(mb[0] - bb[0])
-    md.append(table(["sweep", "Dirichlet alpha", "clients", f"{B} best", f"{M} best", "Δ best",
-                     f"{B} final", f"{M} final", f"{B} rel. div.", f"{M} rel. div."],
-                    rows, "lrr" + "r" * 7))
-    n_up = sum(d > 0 for d in verdict)
-    md.append(f"\n{M}'s best dev {metric} is higher than {B}'s in {n_up} of {len(verdict)} rows "
-              f"and lower or equal in {len(verdict) - n_up}"
-              + (" (one seed per setting: differences of a point or two are within run-to-run "
-                 "noise)" if len(seeds) == 1 else "") + ". Lower divergence does not by itself "
-              "guarantee a better model at this budget.\n")
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex="col")
-    for col, (sweep, pick, xlabel, logx) in enumerate(
-            (("alpha", lambda k: k[1] == 10, "Dirichlet alpha (10 clients)", True),
-             ("clients", lambda k: k[0] == 0.5, "clients (alpha 0.5)", False))):
-        keys = sorted((k for k in cells if pick(k)), key=lambda k: k[col])
-        xs = [k[col] for k in keys]
-        for agg, label, marker in ((b, B, "o"), (m, M, "s")):
-            for row, i, ylabel in ((0, 0, f"best dev {metric}"), (1, 2, "mean rel. divergence")):
-                ys = [ms(k, agg, i) for k in keys]
-                style = {k: v for k, v in names.style(agg).items() if k != "ls"}
-                axes[row][col].errorbar(xs, [y[0] for y in ys], yerr=[y[1] for y in ys],
-                                        marker=marker, capsize=3, label=label, **style)
-                axes[row][col].set_ylabel(ylabel)
-                axes[row][col].grid(alpha=0.3)
-        axes[1][col].set_xlabel(xlabel)
-        if logx:
-            axes[1][col].set_xscale("log")
-        if xs:
-            axes[1][col].set_xticks(xs, [f"{x:g}" for x in xs])
-            axes[1][col].xaxis.set_minor_formatter(NullFormatter())
-        axes[0][col].set_title(f"vs {sweep}")
-    axes[0][0].legend()
-    md.append(f"![sensitivity]({savefig(fig, out_dir, 'sensitivity.png')})\n")
+    base = next((s for s in settings if s.factor is None), None)
+    if base is None:                     # the base run has not finished: describe another's
+        ref = settings[0]
+        described = (describe({**ref.run.config, ref.factor: "?"}) + f" (the base run itself "
+                     f"has not written results yet; {FACTORS[ref.factor]} unknown)")
+    else:
+        ref, described = base, describe(base.run.config)
+    rounds = ref.run.config["rounds"]
+    L = len(ref.run.rows[0]["divergence"]["relative_per_layer"])
+    sweeps = _sweeps(settings)
+    varied = "; ".join(f"{FACTORS[f]} " + ", ".join(factor_value(f, v) for v, _ in along)
+                       for f, along in sweeps.items())
+    scalings = {s.run.config["lora_alpha"] / s.run.config["rank"] for s in settings}
+    scaling = f"; LoRA alpha = {scalings.pop():g} r" if len(scalings) == 1 else ""
+    md.append(f"{ref.run.task_name}, {B} trained; base setting: {described}. "
+              f"Each other setting changes one factor ({varied}{scaling}). Every "
+              f"round the server also solved {M} on the same client uploads (ALS solver; one "
+              f"(P, Q) per layer or one tied across all {L} LoRA layers; fitted to the "
+              f"data-weighted mean M = Σ_u p_u B_u A_u or, as the authors' released code does, "
+              f"to the uniform mean (1/U) Σ_u B_u A_u; and per layer with the AdamW solver at "
+              f"solve_flora_na's defaults) and computed the rank-r bound. Every divergence is ||M - B̂Â||_F / "
+              f"||M||_F against the data-weighted M, per layer and round (rounds 1–{rounds}).\n")
+    variants = list(VARIANTS)
+    rows = []
+    for s in [base] * bool(base) + [s for along in sweeps.values() for _, s in along if s.factor]:
+        final = next((metric_value(r["metrics"], s.run.metric) for r in reversed(s.run.rows)
+                      if r.get("metrics")), None)
+        rows.append(["base" if s.factor is None else FACTORS[s.factor],
+                     "—" if s.factor is None else factor_value(s.factor, s.value),
+                     f"{s.naive:.3f} ({s.worst:.3f})", f"{s.sums['bound'] / s.count:.3f}",
+                     f"{100 * s.removed('bound'):.0f}%"]
+                    + [f"{100 * s.removed(k):.1f}%" for k in variants]
+                    + [f"{100 * s.gap_closed('solver_als'):.0f}%",
+                       "—" if final is None else f"{final:.3f}"])
+    md.append(table(["factor", "value", f"{B} rel. div. mean (max)", "rank-r bound",
+                     "bound removes"] + [VARIANTS[k][0] for k in variants]
+                    + ["gap closed (per-layer)", f"{B} final dev {ref.run.metric}"],
+                    rows, "ll" + "r" * (5 + len(variants))))
+    majority = ref.run.facts.get("majority_baseline")
+    md.append(f"\nMeans are over rounds and layers (max: the largest (round, layer)). The "
+              f"columns from \"{VARIANTS[variants[0]][0]}\" to \"{VARIANTS[variants[-1]][0]}\" "
+              f"give the share of {B}'s relative divergence, summed over (round, layer), that "
+              f"each variant of {M} removes: Σ(div_{B} - div_X) / Σ div_{B}; a negative share is "
+              f"an update worse than {B}'s. The gap closed is Σ(div_{B} - div_X) / Σ(div_{B} - "
+              f"div_bound) for the per-layer solver. The last column checks that the runs learn"
+              + (f" (majority class of the dev subset: {majority:.3f})" if majority else "")
+              + ".\n")
+    md.append(f"![regime study]({_regime_figure(settings, out_dir, names)})\n")
+    md.append(_regime_verdict(settings, names))
+    md.append(_regime_accuracy_table(results, settings, names))
     return "\n".join(md)
+
+
+def _regime_figure(settings: list[Setting], out_dir: str, names: Names) -> str:
+    """Top: the baseline's divergence, the method's per-layer one and the bound, per factor;
+    bottom: the share of the baseline's divergence each variant removes, and of the gap."""
+    sweeps = _sweeps(settings)
+    M, B = names.display(names.method, bold=False), names.display(names.baseline, bold=False)
+    fig, axes = plt.subplots(2, len(sweeps), figsize=(3.3 * len(sweeps), 6.4), squeeze=False,
+                             sharey="row")
+    for col, (f, along) in enumerate(sweeps.items()):
+        xs, values, along = range(len(along)), [v for v, _ in along], [s for _, s in along]
+        top, bottom = axes[0][col], axes[1][col]
+        top.plot(xs, [s.naive for s in along], marker="o", color=names.style(names.baseline)[
+            "color"], label=f"{B} (naive average)")
+        top.plot(xs, [s.sums["solver_als"] / s.count for s in along], marker=".",
+                 color="black", lw=2, label=f"{M}, per-layer")
+        top.plot(xs, [s.sums["bound"] / s.count for s in along], marker=".", color="tab:green",
+                 label="rank-r bound")
+        for k, (label, color, ls) in VARIANTS.items():
+            bottom.plot(xs, [100 * s.removed(k) for s in along], marker=".", color=color, ls=ls,
+                        lw=2 if k == "solver_als" else 1.4, label=f"{M}, {label}")
+        bottom.plot(xs, [100 * s.gap_closed("solver_als") for s in along], marker="x",
+                    color="gray", ls="-.", label=f"{M}, per-layer: % of the gap to the bound")
+        bottom.plot(xs, [100 * s.removed("bound") for s in along], marker=".", color="tab:green",
+                    label="rank-r bound")
+        bottom.axhline(0, color="black", lw=0.6)
+        for ax in (top, bottom):
+            ax.set_xticks(xs, [factor_value(f, v) + ("*" if s.factor is None else "")
+                               for v, s in zip(values, along)])
+            ax.grid(alpha=0.3)
+        bottom.set_xlabel(FACTORS[f] + " (* base)")
+    axes[0][0].set_ylabel("rel. divergence\n(mean over rounds, layers)")
+    axes[1][0].set_ylabel(f"% of {B}'s divergence removed\n(below -20%: off the axis, "
+                          f"see the table)")
+    axes[1][0].set_ylim(max(-20, axes[1][0].get_ylim()[0]), min(100, axes[1][0].get_ylim()[1]))
+    legend = {}
+    for ax in (axes[0][0], axes[1][0]):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, fontsize=7)
+    fig.suptitle(f"{B}'s aggregation error and the share {M} removes, one factor at a time")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(os.path.join(out_dir, "regime.png"), dpi=110)
+    plt.close(fig)
+    return f"{FIG}regime.png"
+
+
+def _regime_verdict(settings: list[Setting], names: Names) -> str:
+    """Plain sentences: where the baseline's error is largest and smallest, and the range of
+    what the method's per-layer solver removes against what the bound allows."""
+    M, B = names.display(names.method, bold=False), names.display(names.baseline, bold=False)
+    label = lambda s: ("the base setting" if s.factor is None       # noqa: E731
+                       else f"{FACTORS[s.factor]} {factor_value(s.factor, s.value)}")
+    by_error = sorted(settings, key=lambda s: -s.naive)
+    removed = [s.removed("solver_als") for s in settings]
+    bound = [s.removed("bound") for s in settings]
+    uniform = [s.removed("solver_als_uniform") for s in settings]
+    return (f"{B}'s relative divergence is largest at {label(by_error[0])} "
+            f"({by_error[0].naive:.3f})"
+            + (f" and {label(by_error[1])} ({by_error[1].naive:.3f})" if len(by_error) > 1 else "")
+            + f", smallest at {label(by_error[-1])} ({by_error[-1].naive:.3f}). {M} (per-layer) "
+              f"removes {100 * min(removed):.1f}% to {100 * max(removed):.1f}% of it across "
+              f"settings, where the rank-r bound would allow {100 * min(bound):.0f}% to "
+              f"{100 * max(bound):.0f}%; fitted to the uniform mean it removes "
+              f"{100 * min(uniform):.0f}% to {100 * max(uniform):.0f}% (negative: worse than "
+              f"{B}).\n")
+
+
+def _regime_accuracy_table(results: str, settings: list[Setting], names: Names) -> str:
+    """At the settings with runs of several seeds: best and final dev metric of the method and
+    the baseline, mean ± std over seeds, and their difference against the seeds' std."""
+    acc = regime_accuracy(results, settings)
+    m, b = names.method, names.baseline
+    if not acc:
+        return "\n_No accuracy comparison over seeds yet (it follows the sweep in stage 2)._\n"
+    by_name = {s.name: s for s in settings}
+    metric = settings[0].run.metric
+    rows, lines = [], []
+    for name, curves in sorted(acc.items(), key=lambda kv: -by_name[kv[0]].naive):
+        s = by_name[name]
+        label = ("base" if s.factor is None else f"{FACTORS[s.factor]} "
+                 f"{factor_value(s.factor, s.value)}")
+        n = max(len(cs) for cs in curves.values())
+        cells = []
+        for agg in (b, m):
+            cs = curves.get(agg, [])
+            cells += [fmt_ms([c.best for c in cs], n), fmt_ms([c.final for c in cs], n)]
+        rows.append([label, f"{s.naive:.3f}"] + cells)
+        if curves.get(m) and curves.get(b):
+            (mb, sb), (mm, sm) = (mean_std([c.best for c in curves[x]]) for x in (b, m))
+            d, noise = mm - mb, max(sb, sm)
+            lines.append(f"{label}: {d:+.3f} best-over-rounds ("
+                         + ("within" if abs(d) <= noise else "beyond")
+                         + f" one std, {noise:.3f})")
+    M, B = names.display(m, bold=False), names.display(b, bold=False)
+    return ("\n**Accuracy where the error is largest** (the settings stage 2 picked with "
+            f"`largest_error`; {metric}, mean ± std over seeds; {B}'s seed 0 is the tracked run "
+            "above):\n\n"
+            + table(["setting", f"{B} rel. div.", f"{B} best", f"{B} final", f"{M} best",
+                     f"{M} final"], rows)
+            + f"\n{M} - {B}: " + "; ".join(lines) + ".\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -923,8 +975,7 @@ def generation_section(results: str, out_dir: str, names: Names) -> str:
 def mixed_rank_key(run: Run, agg: str) -> tuple[int, str]:
     """(0, aggregator) for a run whose clients have mixed ranks, (rank, aggregator) for an
     equal-rank reference: rows sort mixed first, then references by rank."""
-    ranks = run.facts.get("client_ranks") or [run.config["rank"]] * run.config["clients"]
-    return (0 if len(set(ranks)) > 1 or ranks[0] != run.config["rank"] else ranks[0], agg)
+    return (0 if run.mixed_ranks else run.config["rank"], agg)
 
 
 def mixed_ranks_section(results: str, out_dir: str, names: Names) -> str:
@@ -1143,9 +1194,8 @@ class Section:
 
 
 # In page order. A new section: its function, and one line here.
-SECTIONS = [Section("divergence", "2", "divergence", divergence_section),
+SECTIONS = [Section("regime", "2", "regime", regime_section),
             Section("glue", "3", "glue", glue_section),
-            Section("sensitivity", "4", "sensitivity", sensitivity_section),
             Section("bench", "5", "bench", bench_section),
             Section("generation", "6", "generation", generation_section),
             Section("mixed_ranks", "7", "mixed_ranks", mixed_ranks_section)]
@@ -1201,9 +1251,11 @@ def headline(results: str, names: Names, page: str = "RESULTS.md") -> str | None
     versus = g.versus()
     if versus:
         md.append(versus)
-    div = [r for r in load_runs(results, "divergence") if tracked(r)]
-    if div and names.method is not None:
-        md.append("- " + divergence_verdict(divergence_series(div[0])[1], names)[0])
+    settings = regime_settings(results)
+    if settings and names.method is not None and names.baseline is not None:
+        md.append(f"- Aggregation error (stage 2, code of commit "
+                  f"{stage_provenance(results, 'regime')[0]}): "
+                  + _regime_verdict(settings, names).strip())
     return "\n".join(md) + "\n"
 
 

@@ -197,16 +197,36 @@ def _mix(seed: int, salt: int) -> int:
     return (seed * 1_000_003 + salt) % (1 << 62)
 
 
+# FLoRA-NA variants the divergence tracking solves on each round's uploads: key -> (solver,
+# tie_layers, target). The target weights the ideal update the solver fits: "data" is p (the
+# clients' data sizes), "uniform" is 1/U, as the authors' released code fits; every variant's
+# divergence is measured against the data-weighted M = sum_u p_u B_u A_u that the round
+# should deliver. "solver_als" and "solver_adamw" are the keys the divergence study has
+# recorded since it began.
+TRACKED_VARIANTS = {"solver_als": ("als", False, "data"),
+                    "solver_adamw": ("adamw", False, "data"),
+                    "solver_als_tied": ("als", True, "data"),
+                    "solver_als_uniform": ("als", False, "uniform"),
+                    "solver_als_tied_uniform": ("als", True, "uniform")}
+
+
 def solver_divergences(client_factors: list[Factors], p: Tensor) -> dict[str, dict[str, float]]:
-    """Per layer, the divergence FLoRA-NA's two solvers (als, adamw) reach on these uploads,
-    as "solver_als" and "solver_adamw": the divergence study's extra columns."""
+    """Per layer, the divergence ||M - B_hat A_hat|| each of FLoRA-NA's TRACKED_VARIANTS
+    reaches on these uploads (per-layer or tied (P, Q), fitted to the data-weighted or the
+    uniform mean), all measured against the data-weighted M with exact_divergences: the
+    divergence studies' extra columns."""
+    p = p.to(torch.float64)
+    uniform = torch.full_like(p, 1.0 / len(p))                   # (U,)
     out: dict[str, dict[str, float]] = {}
     for names, A, B in stacked_groups(client_factors):
-        for solver in ("als", "adamw"):
-            res = fl.solve_flora_na(torch.stack(A, 1), torch.stack(B, 1), p, solver=solver,
-                                    bound=False)
+        for key, (solver, tie, target) in TRACKED_VARIANTS.items():
+            res = fl.solve_flora_na(torch.stack(A, 1), torch.stack(B, 1),
+                                    p if target == "data" else uniform, solver=solver,
+                                    tie_layers=tie, bound=False)
+            agg = fl.Aggregate(res.A_hat, res.B_hat, None, 0, 0)
+            div = exact_divergences(A, B, p, agg)["aggregate"]   # (L,)
             for i, n in enumerate(names):
-                out.setdefault(n, {})[f"solver_{solver}"] = res.divergence[i].item()
+                out.setdefault(n, {})[key] = div[i].item()
     return out
 
 

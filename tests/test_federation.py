@@ -108,6 +108,35 @@ def test_server_step_routes_only_the_options_an_entry_declares():
         federation.server_step(factors_of(A, B), p, "nope")
 
 
+def test_solver_tracking_measures_every_variant_against_the_data_weighted_update():
+    """--track-solvers' columns, per layer, against dense float64 products: each variant is
+    ||M_p - B_hat A_hat|| with M_p = sum_u p_u B_u A_u, whatever weights the variant fitted;
+    per-layer data-weighted variants lie between the bound and FedIT, the tied one's sum of
+    squares is at most FedIT's and at least the per-layer optimum's, and the uniform-target
+    variants are the solver run on 1/U, measured against M_p (so they can be worse than FedIT
+    when client sizes are skewed)."""
+    A, B, p = drifted(5, 3e-1, L=3, U=4)
+    p = torch.tensor([0.55, 0.25, 0.15, 0.05], dtype=f64)                 # skewed sizes
+    got = federation.solver_divergences(factors_of(A, B, ("q", "k", "v")), p)
+    assert all(set(v) == set(federation.TRACKED_VARIANTS) for v in got.values())
+    M, naive = dense(A, B, p)
+    naive = (M - naive).flatten(1).norm(dim=1)                                   # (L,)
+    bound = torch.linalg.svdvals(M)[:, A[0].shape[1]:].square().sum(-1).sqrt()  # (L,)
+    col = lambda key: torch.tensor([got[n][key] for n in ("q", "k", "v")], dtype=f64)  # noqa: E731
+    for key, (solver, tie, target) in federation.TRACKED_VARIANTS.items():
+        w = p if target == "data" else torch.full((4,), 0.25, dtype=f64)
+        res = fl.solve_flora_na(torch.stack(A, 1), torch.stack(B, 1), w, solver=solver,
+                                tie_layers=tie)
+        want = (M - res.B_hat.double() @ res.A_hat.double()).flatten(1).norm(dim=1)
+        torch.testing.assert_close(col(key), want, rtol=1e-6, atol=1e-12, msg=key)
+    for key in ("solver_als", "solver_adamw"):
+        assert ((bound - 1e-9 <= col(key)) & (col(key) <= naive + 1e-9)).all(), key
+    tied, untied = col("solver_als_tied").square().sum(), col("solver_als").square().sum()
+    assert untied - 1e-9 <= tied <= naive.square().sum() + 1e-9
+    # the uniform fit answers another question: here it is measurably off the data-weighted M
+    assert (col("solver_als_uniform") > col("solver_als") * 1.05).all()
+
+
 def test_mixed_ranks_are_accepted_exactly_where_the_registry_says():
     g = torch.Generator().manual_seed(4)
     A = [torch.randn(1, r, 5, generator=g) for r in (2, 4, 3)]

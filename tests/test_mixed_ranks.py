@@ -246,7 +246,7 @@ def test_mixed_rank_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, be
 
 def test_report_section_for_mixed_ranks(tmp_path):
     from evidence import report
-    from test_report import config, rows, write_run
+    from test_report import REGISTRY, config, rows, write_run
     mixed = dict(rank=16, rank_profile="heavy_tail", clients=4)
 
     def div(aggregate):
@@ -254,8 +254,10 @@ def test_report_section_for_mixed_ranks(tmp_path):
                 "client_r2": aggregate + 0.3}
         return {"relative_mean": mean, "relative_per_layer": {"layer.0": mean}}
 
+    registry = {n: {**info, "mixed_ranks": n in ("fedit", "flora_na")}
+                for n, info in REGISTRY.items()}
     for seed, (fedit_acc, ours_acc) in enumerate([(0.70, 0.74), (0.72, 0.78)]):
-        cfg = config(seed=seed, **mixed)
+        cfg = config(seed=seed, registry=registry, **mixed)
         cfg["facts"]["client_ranks"] = [2, 2, 4, 16]
         write_run(tmp_path, "mixed_ranks", f"heavy_tail_seed{seed}", cfg,
                   rows("fedit", {2: 0.6, 4: fedit_acc}, div=div(0.2))
@@ -268,6 +270,7 @@ def test_report_section_for_mixed_ranks(tmp_path):
     md = report.mixed_ranks_section(str(tmp_path), str(tmp_path), names)
     lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in md.splitlines() if ln.startswith("| ")}
     assert "2 x rank 2, 1 x rank 4, 1 x rank 16 per run" in md
+    assert "Unfinished" not in md          # 'all' with mixed ranks: only those that accept them
     assert lines["FedIT (mixed ranks)"] == ("| FedIT (mixed ranks) | 0.710 ± 0.014 | 0.710 ± 0.014 "
                                             "| 2.00 | 0.200 | 0.200 | 0.050 | 0.500 | 0.300 |")
     assert lines["**FLoRA-NA** (mixed ranks)"].startswith(
@@ -275,3 +278,19 @@ def test_report_section_for_mixed_ranks(tmp_path):
     assert lines["FedIT, all rank 2"].startswith("| FedIT, all rank 2 | 0.650 ± 0.000 |")
     assert [k for k in lines if k != "aggregator"] == ["FedIT (mixed ranks)", "**FLoRA-NA** (mixed ranks)", "FedIT, all rank 2"]
     assert (tmp_path / "mixed_ranks.png").stat().st_size > 0
+
+
+def test_a_run_from_before_an_option_existed_resumes_at_its_default(tmp_path, bert_dir,
+                                                                    glue_dir):
+    """A run started before --client-ranks existed has no such key in config.json: it resumes
+    at the option's default, and refuses another value."""
+    train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, rounds=1))
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    del config["client_ranks"]
+    path.write_text(json.dumps(config))
+    train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, rounds=1, resume=True))
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'client_ranks': \(None, '1,2'\)"):
+        train.main(bert_args(tmp_path / "run", bert_dir, glue_dir, rounds=1, resume=True,
+                             client_ranks="1,2"))

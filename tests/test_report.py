@@ -54,6 +54,22 @@ def divergence(naive: float, aggregate: float, bound: float, solvers=None) -> di
     return {"relative_mean": mean, "relative_per_layer": per_layer}
 
 
+def tracked_div(naive, bound, solver_als=None) -> dict:
+    """divergence as train.py --track-solvers logs it, for two layers: each argument a value for
+    both layers or a (layer 0, layer 1) pair. FLoRA-NA's variants, relative to FedIT's naive
+    divergence n: per-layer ALS 0.75 n (unless given), AdamW 0.8 n, tied 0.9 n, uniform target
+    1.5 n, tied uniform 1.6 n."""
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)               # noqa: E731
+    n, b = pair(naive), pair(bound)
+    als = pair(solver_als) if solver_als is not None else tuple(0.75 * x for x in n)
+    per_layer = {f"layer.{i}": {"naive": n[i], "aggregate": n[i], "bound": b[i],
+                                "solver_als": als[i], "solver_adamw": 0.8 * n[i],
+                                "solver_als_tied": 0.9 * n[i], "solver_als_uniform": 1.5 * n[i],
+                                "solver_als_tied_uniform": 1.6 * n[i]} for i in (0, 1)}
+    mean = {k: (per_layer["layer.0"][k] + per_layer["layer.1"][k]) / 2 for k in per_layer["layer.0"]}
+    return {"relative_mean": mean, "relative_per_layer": per_layer}
+
+
 def rows(agg: str, values: dict[int, float], rounds: int = 4, metric: str = "accuracy",
          mb_up: float = 1.0, personal: dict[int, float] | None = None, div=None,
          n_eval: int = 400) -> list[dict]:
@@ -108,17 +124,24 @@ def results(tmp_path_factory) -> Path:
     write_run(res, "glue", "sst2_centralised_seed0",
               config(clients=1, dirichlet_alpha=0, local_steps=18, aggregator="fedit"),
               rows("fedit", {2: 0.90, 4: 0.95}))
-    # divergence study: FedIT trained, both solvers tracked, two layers, two rounds
-    div = divergence(0.2, 0.2, 0.1, {"solver_als": (0.15, 0.08), "solver_adamw": (0.16, 0.08)})
-    div["relative_per_layer"]["layer.1"].update(naive=0.1, aggregate=0.1, bound=0.05)
-    write_run(res, "divergence", "sst2", config(aggregator="fedit", rounds=2, clients=10,
-                                                track_solvers=True),
-              rows("fedit", {2: 0.7}, rounds=2, div=div))
-    # sensitivity: one cell of the alpha sweep
-    write_run(res, "sensitivity", "alpha0.5_clients10_seed0",
-              config(aggregator="fedit,flora_na", clients=10),
-              rows("fedit", {4: 0.70}, div=divergence(0.12, 0.12, 0.05))
-              + rows("flora_na", {4: 0.75}, div=divergence(0.12, 0.10, 0.05)))
+    # regime study: FedIT trained with FLoRA-NA's variants tracked (two layers, two rounds) at
+    # the base, 50 local steps and IID; the accuracy runs at 50 local steps (seed 0: FLoRA-NA
+    # alone, its FedIT is the tracked run; seed 1: both)
+    regime = dict(aggregator="fedit", track_solvers=True, rounds=2, clients=4, local_steps=10,
+                  lr=0.002, dirichlet_alpha=0.5, rank=8, lora_alpha=16.0)
+    write_run(res, "regime", "base", config(**regime),
+              rows("fedit", {1: 0.60, 2: 0.70}, rounds=2, div=tracked_div(0.2, 0.1)))
+    write_run(res, "regime", "steps50", config(**{**regime, "local_steps": 50}),
+              rows("fedit", {1: 0.70, 2: 0.80}, rounds=2,
+                   div=tracked_div((0.4, 0.6), (0.2, 0.2), solver_als=(0.3, 0.5))))
+    write_run(res, "regime", "iid", config(**{**regime, "dirichlet_alpha": 0}),
+              rows("fedit", {1: 0.65, 2: 0.75}, rounds=2, div=tracked_div(0.1, 0.08)))
+    acc = {**regime, "local_steps": 50, "track_solvers": False}
+    write_run(res, "regime", "steps50_seed0", config(**{**acc, "aggregator": "flora_na"}),
+              rows("flora_na", {1: 0.72, 2: 0.84}, rounds=2))
+    write_run(res, "regime", "steps50_seed1",
+              config(**{**acc, "aggregator": "fedit,flora_na", "seed": 1}),
+              rows("fedit", {1: 0.70, 2: 0.76}, rounds=2) + rows("flora_na", {1: 0.70, 2: 0.80}, rounds=2))
     # generation: no majority baseline, 30 problems
     gsm = {"display_name": "GSM8K", "main_metric": "accuracy"}
     write_run(res, "generation", "gsm8k_flora_na",
@@ -146,7 +169,8 @@ def results(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def built(results, tmp_path_factory):
     out = tmp_path_factory.mktemp("figures")
-    return report.build_report(str(results), str(out), method="flora_na", baseline="fedit"), out
+    return (report.build_report(str(results), str(out), method="flora_na", baseline="fedit"), out,
+            results)
 
 
 def line(md: str, start: str) -> list[str]:
@@ -224,26 +248,57 @@ def test_the_personalised_rows_name_how_they_were_scored(built, tmp_path):
     assert "averaged alike by every method" in report.head_text(runs[1:2])
 
 
-def test_divergence_sensitivity_generation_bench_and_provenance(built):
+def test_regime_study_table_verdict_and_accuracy(built):
+    """Per setting: FedIT's mean (max) relative divergence, the bound, and each variant's share
+    of FedIT's summed divergence removed; the base first, then each factor's sweep; the
+    accuracy table joins the tracked FedIT run (seed 0) with the untracked seeds."""
     md = built[0].body
-    assert line(md, "| FLoRA-NA, ALS solver (default) |")[0].split(" | ")[1:6] == [
-        "0.1150", "0.1150", "0.1150", "22.5%", "20.0% / 25.0%"]
-    assert ("FLoRA-NA's ALS solver removes 22.5% of the naive average's divergence on average "
-            "and its AdamW solver 20.0%; no rank-r update can remove more than 50.0% "
-            "(the bound). AdamW (fixed steps and learning rate) stays behind ALS.") in md
-    assert line(md, "| alpha | 0.5 | 10 |") == [
-        "| alpha | 0.5 | 10 | 0.700 | 0.750 | +0.050 | 0.700 | 0.750 | 0.120 | 0.100 |"]
-    assert line(md, "| alpha | 0.1 | 10 |") == ["| alpha | 0.1 | 10 | not run |  |  |  |  |  |  |"]
-    assert "| FedIT best | FLoRA-NA best |" in md
-    assert "FLoRA-NA's best dev accuracy is higher than FedIT's in 2 of 2 rows" in md   # (0.5, 10) is in both sweeps
+    assert "| factor | value | FedIT rel. div. mean (max) | rank-r bound | bound removes | " \
+           "per-layer | per-layer, AdamW | tied | uniform target | tied, uniform target | " \
+           "gap closed (per-layer) | FedIT final dev accuracy |" in md
+    # base: naive 0.2, bound 0.1, ALS 0.15, AdamW 0.16, tied 0.18, uniform 0.3, tied uniform 0.32
+    assert line(md, "| base |") == ["| base | — | 0.200 (0.200) | 0.100 | 50% | 25.0% | 20.0% | "
+                                    "10.0% | -50.0% | -60.0% | 50% | 0.700 |"]
+    # 50 steps: naive (0.4, 0.6), ALS (0.3, 0.5): removes 1 - 0.8 / 1.0; gap 0.2 / 0.6
+    assert line(md, "| local steps | 50 |") == ["| local steps | 50 | 0.500 (0.600) | 0.200 | 60% | "
+                                               "20.0% | 20.0% | 10.0% | -50.0% | -60.0% | 33% | "
+                                               "0.800 |"]
+    assert line(md, "| Dirichlet alpha | IID |")
+    assert md.index("| base |") < md.index("| local steps | 50 |") < md.index("| Dirichlet alpha | IID |")
+    assert "(LoRA alpha = 2 r)" not in md and "local steps 10, 50; Dirichlet alpha 0.5, IID; " \
+        "LoRA alpha = 2 r)" in md
+    assert ("FedIT's relative divergence is largest at local steps 50 (0.500) and the base "
+            "setting (0.200), smallest at Dirichlet alpha IID (0.100). FLoRA-NA (per-layer) "
+            "removes 20.0% to 25.0% of it across settings, where the rank-r bound would allow "
+            "20% to 60%; fitted to the uniform mean it removes -50% to -50%") in md
+    # accuracy at 50 local steps: FedIT seeds (0.80 tracked, 0.76), FLoRA-NA (0.84, 0.80)
+    assert line(md, "| local steps 50 |") == [
+        "| local steps 50 | 0.500 | 0.780 ± 0.028 | 0.780 ± 0.028 | 0.820 ± 0.028 | "
+        "0.820 ± 0.028 |"]
+    assert "FLoRA-NA - FedIT: local steps 50: +0.040 best-over-rounds (beyond one std, 0.028)." in md
+    assert report.largest_error(str(built[2]), 2) == ["steps50", "base"]
+
+
+def test_generation_bench_and_provenance(built):
+    md = built[0].body
     assert line(md, "| **FLoRA-NA** | GSM8K (accuracy) |") == [
         "| **FLoRA-NA** | GSM8K (accuracy) | 0.100 (3/30) | 2 | 0.600 → 0.500 |"]
     assert line(md, "| Gram ALS | 3 |")
     # which code and machine produced each stage, from provenance.jsonl and the bench JSON
     assert line(md, "| 3 glue | ok | 10.0 min | 2026-01-01 00:10:00 | `abc1234` | Test CPU (2 cores) |")
     assert line(md, "| 5 bench | — | — | — | `abc1234` | Test CPU (2 cores) |")
-    for png in ("divergence", "glue_metric_vs_round", "glue_metric_vs_bytes", "sensitivity"):
+    assert line(md, "| 2 regime | — | — | — | `abc1234` | Test CPU (2 cores) |")
+    for png in ("regime", "glue_metric_vs_round", "glue_metric_vs_bytes"):
         assert (built[1] / f"{png}.png").stat().st_size > 1000
+
+
+def test_regime_runs_that_change_two_factors_are_refused(tmp_path):
+    regime = dict(aggregator="fedit", track_solvers=True, rounds=2, clients=4, local_steps=10)
+    for name, kw in (("a", {}), ("b", {}), ("c", {"local_steps": 5, "rank": 4})):
+        write_run(tmp_path, "regime", name, config(**{**regime, **kw}),
+                  rows("fedit", {2: 0.7}, rounds=2, div=tracked_div(0.2, 0.1)))
+    with pytest.raises(ValueError, match="c changes local_steps, rank from the base setting"):
+        report.regime_settings(str(tmp_path))
 
 
 def test_headline_names_the_commit_and_the_comparison(built):
@@ -254,13 +309,14 @@ def test_headline_names_the_commit_and_the_comparison(built):
                            "[RESULTS.md](RESULTS.md).")
     assert line(head, "| **FLoRA-NA** |") == ["| **FLoRA-NA** | 0.800 ± 0.071 | 0.800 | 2.00 |"]
     assert "- **FLoRA-NA vs FedIT**" in head
-    assert "- FLoRA-NA's ALS solver removes 22.5%" in head
-    assert "**Final-round" not in head and "Sensitivity" not in head
+    assert "- Aggregation error (stage 2, code of commit `abc1234`): FedIT's relative " \
+           "divergence is largest at local steps 50 (0.500)" in head
+    assert "**Final-round" not in head and "Regime study" not in head
 
 
 def test_without_method_and_baseline_the_comparisons_say_what_they_need(results, tmp_path):
     md = report.build_report(str(results), str(tmp_path)).body
-    assert md.count("_Not shown: this section compares two aggregators; pass ") == 2
+    assert md.count("_Not shown: this section compares two aggregators; pass ") == 1
     assert "- No comparison lines: pass --method and --baseline" in md
     assert line(md, "| FLoRA-NA |")                        # tables still there, nobody bold
     assert "**FLoRA-NA**" not in md
@@ -322,7 +378,7 @@ def page_with(*keys: str, between: str = "hand-written\n") -> str:
 def test_command_line_rewrites_only_the_sections_with_results_and_the_headline(tmp_path):
     """The CLI as reproduce.sh calls it, in a subprocess, on a folder with GLUE runs only:
     REPORT.md in the results folder; on the page, the GLUE block is replaced (with its
-    provenance line and figure, copied beside the page) and the divergence and generation
+    provenance line and figure, copied beside the page) and the regime and generation
     blocks stay as they were; README's headline is replaced; text outside the markers is
     untouched."""
     results = tmp_path / "results"
@@ -330,7 +386,7 @@ def test_command_line_rewrites_only_the_sections_with_results_and_the_headline(t
               rows("fedit", {4: 0.6}) + rows("flora_na", {4: 0.7}))
     (results / "stage_times.tsv").write_text(
         "3\tglue\tok\t90\t2026-01-02 03:04:05\tQUICK\t2\t1\tbash reproduce.sh --only 3\n")
-    (tmp_path / "RESULTS.md").write_text(page_with("divergence", "glue", "generation"))
+    (tmp_path / "RESULTS.md").write_text(page_with("regime", "glue", "generation"))
     (tmp_path / "README.md").write_text("pitch\n<!-- headline:start -->\nSTALE\n"
                                         "<!-- headline:end -->\nrest\n")
     env = {**os.environ, "PYTHONPATH": str(HERE)}
@@ -338,11 +394,11 @@ def test_command_line_rewrites_only_the_sections_with_results_and_the_headline(t
                           "flora_na", "--baseline", "fedit", "--page", "RESULTS.md", "--readme",
                           "README.md"], cwd=tmp_path, env=env, check=True, capture_output=True,
                          text=True, timeout=120).stdout
-    assert "RESULTS.md: left as they are (no results for their stage here): divergence, " \
-           "sensitivity, bench, generation" in out
+    assert "RESULTS.md: left as they are (no results for their stage here): regime, bench, " \
+           "generation" in out
     assert (results / "REPORT.md").read_text().startswith("# FLoRA-NA reproduction report")
     page = (tmp_path / "RESULTS.md").read_text()
-    stale = page_with("divergence", "glue", "generation")
+    stale = page_with("regime", "glue", "generation")
     glue_start, glue_end = page.index("<!-- results:glue:start -->"), page.index("<!-- results:glue:end -->")
     assert page[:glue_start] == stale[:stale.index("<!-- results:glue:start -->")]
     assert page[glue_end:] == stale[stale.index("<!-- results:glue:end -->"):]
@@ -372,25 +428,25 @@ def test_without_glue_runs_the_headline_is_left_alone(tmp_path, capsys):
 
 
 def test_a_section_without_markers_is_added_beside_its_neighbours(tmp_path):
-    """The page lacks the sensitivity markers: the block goes right after the nearest earlier
+    """The page lacks the bench markers: the block goes right after the nearest earlier
     section (glue) in SECTIONS order, or before the nearest later one; a page with no section
     markers at all is left unchanged with a message naming the markers to add; a broken pair
     is refused."""
     page = tmp_path / "RESULTS.md"
-    page.write_text(page_with("divergence", "glue", "bench"))
-    assert report.write_sections(str(page), {"sensitivity": "## Sensitivity\nnew"}) == [
-        "added section 'sensitivity' after section 'glue'"]
+    page.write_text(page_with("regime", "glue", "generation"))
+    assert report.write_sections(str(page), {"bench": "## Bench\nnew"}) == [
+        "added section 'bench' after section 'glue'"]
     text = page.read_text()
-    assert text.replace("\n\n<!-- results:sensitivity:start -->\n## Sensitivity\nnew\n"
-                        "<!-- results:sensitivity:end -->", "") == page_with(
-        "divergence", "glue", "bench")
-    assert text.index("results:glue:end") < text.index("results:sensitivity:start") \
-        < text.index("results:bench:start")
-    page.write_text(page_with("bench"))
-    assert report.write_sections(str(page), {"divergence": "## D"}) == [
-        "added section 'divergence' before section 'bench'"]
-    assert page.read_text().startswith("# Results\nkept\n<!-- results:divergence:start -->\n## D\n"
-                                       "<!-- results:divergence:end -->\n\n<!-- results:bench:start -->")
+    assert text.replace("\n\n<!-- results:bench:start -->\n## Bench\nnew\n"
+                        "<!-- results:bench:end -->", "") == page_with(
+        "regime", "glue", "generation")
+    assert text.index("results:glue:end") < text.index("results:bench:start") \
+        < text.index("results:generation:start")
+    page.write_text(page_with("generation"))
+    assert report.write_sections(str(page), {"regime": "## R"}) == [
+        "added section 'regime' before section 'generation'"]
+    assert page.read_text().startswith("# Results\nkept\n<!-- results:regime:start -->\n## R\n"
+                                       "<!-- results:regime:end -->\n\n<!-- results:generation:start -->")
     page.write_text("# Results\nno markers\n")
     message, = report.write_sections(str(page), {"glue": "## G"})
     assert message.startswith("section 'glue' NOT written") and "<!-- results:glue:start -->" in message
@@ -421,3 +477,17 @@ def test_report_imports_no_training_code_and_names_no_aggregator():
     strings = {n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant)
                and isinstance(n.value, str)}
     assert not set(flora_na.AGGREGATORS) & strings
+
+
+def test_regime_study_before_its_base_run_has_finished(tmp_path):
+    """The base run comes last in the stage: until it writes, the section says so, and each
+    run is still placed against the most common value of every factor."""
+    regime = dict(aggregator="fedit", track_solvers=True, rounds=2, clients=4, local_steps=10,
+                  dirichlet_alpha=0.5)
+    for name, kw in (("steps50", {"local_steps": 50}), ("iid", {"dirichlet_alpha": 0}),
+                     ("clients10", {"clients": 10})):
+        write_run(tmp_path, "regime", name, config(**{**regime, **kw}),
+                  rows("fedit", {2: 0.7}, rounds=2, div=tracked_div(0.2, 0.1)))
+    md = report.build_report(str(tmp_path), str(tmp_path), "flora_na", "fedit").body
+    assert "(the base run itself has not written results yet;" in md
+    assert not line(md, "| base |") and line(md, "| local steps | 50 |") and line(md, "| clients | 10 |")

@@ -89,6 +89,8 @@ def test_reproduce_sh_selects_stages_and_rejects_bad_options(tmp_path):
     assert res.returncode == 0 and stages == ["2", "5", "8"]     # the report runs after any
     res = dry_run(tmp_path, "--skip", "1,3,4,6,7", "--no-report")
     assert re.findall(r"Stage (\d):", res.stdout) == ["2", "5"]
+    res = dry_run(tmp_path, "--only", "3,4")
+    assert res.returncode == 2 and "stage 4 (sensitivity) is retired" in res.stderr
     res = dry_run(tmp_path, "--bogus")
     assert res.returncode == 2 and "unknown option --bogus" in res.stderr
     res = dry_run(tmp_path, MODE="huge")
@@ -112,3 +114,28 @@ def test_full_mode_runs_the_authors_variant_apart(tmp_path):
     assert len(report) == 1 and "--page" not in report[0] and "--readme" not in report[0]
     res = dry_run(tmp_path, MODE="QUICK", FLORA_NA_VARIANT="authors")
     assert res.returncode == 2 and "FLORA_NA_VARIANT=authors is for MODE=FULL" in res.stderr
+
+
+@pytest.mark.parametrize("mode", ["QUICK", "FULL"])
+def test_regime_study_changes_one_factor_at_a_time_with_every_variant_tracked(tmp_path, mode):
+    """Stage 2's sweep: the baseline alone, seed 0, --track-solvers, one run per setting under
+    runs/regime/; every run differs from the base run in at most one of local steps, lr,
+    Dirichlet alpha, rank (LoRA alpha following it) and clients, and together they cover local
+    steps 1, 5, 10, 25, 50, two more client lrs, alpha 0.1, 0.5 and IID, and ranks 4, 8, 16."""
+    res = dry_run(tmp_path, "--only", "2", MODE=mode)
+    assert res.returncode == 0, res.stderr
+    runs = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
+    assert all(a.aggregator == "fedit" and a.track_solvers and a.seed == 0 and a.task == "sst2"
+               and "/runs/regime/" in a.out for a in runs)
+    for a in runs:
+        train.check_args(a)
+    base, = [a for a in runs if a.out.endswith("/base")]
+    factors = ("local_steps", "lr", "dirichlet_alpha", "rank", "clients")
+    for a in runs:
+        assert sum(getattr(a, f) != getattr(base, f) for f in factors) <= 1, a.out
+        assert a.lora_alpha / a.rank == base.lora_alpha / base.rank
+    values = {f: {getattr(a, f) for a in runs} for f in factors}
+    assert values["local_steps"] == {1, 5, 10, 25, 50}
+    assert len(values["lr"]) == 3 and values["rank"] == {4, 8, 16}
+    assert values["dirichlet_alpha"] == {0.1, 0.5, 0.0} and len(values["clients"]) == 2
+    assert "at the 2 setting(s) with the largest fedit divergence" in res.stdout

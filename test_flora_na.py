@@ -396,9 +396,10 @@ def round_factors(seed, L, U, d, k, r, drift, noise, global_B):
 @st.composite
 def rounds(draw, max_L=2, max_U=12, max_dim=12):
     """round_factors with hypothesis-chosen sizes, drifts 1e-3..1 and noise 0.03..1, and LoRA's
-    shape: r at most half of d and k. (Where r reaches d or k, M can be fitted exactly by large
-    coefficients along a curved valley, and AdamW's 200 steps can stop short of 90% of the gap:
-    0.88 on a 2 x 6 layer of rank 2. The never-worse-than-FedIT properties cover those shapes.)
+    shape: r at most half of d and k. (Beyond it the optimum can need large coefficients along
+    a curved valley, and AdamW's 200 steps, whitened at FedIT's point, can stop short of 90% of
+    the gap: 0.52 on a 5 x 2 layer of rank 2 with 7 clients, 0.78 after 2000 steps. The
+    never-worse-than-FedIT properties cover those shapes.)
     Drift 1e-3 only in round one (B_g = 0): with B_g != 0 FedIT's relative divergence is then
     ~1e-7, where the Gram-space objective (module docstring) resolves nothing of the gap."""
     L, U = draw(st.integers(1, max_L)), draw(st.integers(2, max_U))
@@ -445,13 +446,14 @@ def test_adamw_closes_most_of_the_gap_fixed_cases(seed, L, U, d, k, r, drift, no
 @settings(max_examples=15)
 @given(data=st.data())
 def test_adamw_closes_most_of_the_gap_to_the_als_optimum(data):
-    """At its defaults AdamW closes >= 90% of the gap on most such cases (59 of 60 random ones,
-    and all 22 of evidence/adamw_gap.py), but not on all: on rare ill-conditioned ones
-    (near-collinear clients, U = 7, r = 2, found by hypothesis) 200 steps close 0.56 to 0.61
-    and 2000 steps 0.98, since the whitening is fixed at FedIT's point. So this property asks
-    for half the gap; test_adamw_closes_the_gap_on_the_evidence_cases asks for 90%."""
+    """At its defaults AdamW closes >= 90% of the gap on round factors of LoRA's shape (a sweep
+    of 250 random examples found no exception). Below 90% hypothesis had found cases with 7
+    clients of rank 2 (0.56 to 0.61); a search of 400 such random cases found 6 below 90%
+    (0.52 to 0.88), each with r above half of d or k, outside `rounds` (its docstring). Cases
+    that ran off along round-off directions, which the whitening's floor now stops, are kept in
+    ADAMW_RUN_OFF."""
     A, B, p, _ = data.draw(rounds())
-    _check_closes_the_gap(A, B, p, share=0.5)
+    _check_closes_the_gap(A, B, p)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -469,12 +471,11 @@ def test_tied_adamw_minimises_the_objective_it_keeps(data):
     """Tied across layers of very different sizes, AdamW minimises the sum of the layers'
     squared divergences, the objective tied ALS minimises and by which the best iterate is
     kept. (The previous AdamW, which minimised the sum of relative ones and kept the best
-    iterate by the absolute sum, fails this on most cases with layers 1e3 apart.) Half the gap,
-    as in the untied property above, for the same rare ill-conditioned cases."""
+    iterate by the absolute sum, fails this on most cases with layers 1e3 apart.)"""
     A, B, p, _ = data.draw(rounds(max_L=3))
     scales = torch.tensor(data.draw(st.lists(st.sampled_from([1.0, 1e-1, 1e-3]),
                                              min_size=A.shape[0], max_size=A.shape[0])))
-    _check_closes_the_gap(A, B * scales[:, None, None, None], p, tie_layers=True, share=0.5)
+    _check_closes_the_gap(A, B * scales[:, None, None, None], p, tie_layers=True)
 
 
 @pytest.mark.parametrize("path", ["gram", "matrix_free"])

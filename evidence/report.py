@@ -847,8 +847,8 @@ def _regime_verdict(settings: list[Setting], names: Names) -> str:
               f"{100 * max(bound):.0f}%; fitted to the uniform mean it removes "
               f"{100 * min(uniform):.0f}% to {100 * max(uniform):.0f}% (negative: worse than "
               f"{B})"
-            + (f"; its AdamW solver (defaults) removes {100 * min(adamw):.0f}% to "
-               f"{100 * max(adamw):.0f}% of what the per-layer ALS optimum removes" if adamw else "")
+            + (f"; its AdamW solver (defaults) removes {100 * min(adamw):.1f}% to "
+               f"{100 * max(adamw):.1f}% of what the per-layer ALS optimum removes" if adamw else "")
             + ".\n")
 
 

@@ -271,7 +271,7 @@ def test_regime_study_table_verdict_and_accuracy(built):
             "setting (0.200), smallest at Dirichlet alpha IID (0.100). FLoRA-NA (per-layer) "
             "removes 20.0% to 25.0% of it across settings, where the rank-r bound would allow "
             "20% to 60%; fitted to the uniform mean it removes -50% to -50% (negative: worse than "
-            "FedIT); its AdamW solver (defaults) removes 80% to 100% of what the per-layer ALS "
+            "FedIT); its AdamW solver (defaults) removes 80.0% to 100.0% of what the per-layer ALS "
             "optimum removes.") in md
     # accuracy at 50 local steps: FedIT seeds (0.80 tracked, 0.76), FLoRA-NA (0.84, 0.80)
     assert line(md, "| local steps 50 |") == [

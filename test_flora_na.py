@@ -17,6 +17,7 @@ Tolerances, and why:
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -443,15 +444,21 @@ def test_adamw_closes_most_of_the_gap_fixed_cases(seed, L, U, d, k, r, drift, no
     _check_closes_the_gap(A, B, p)
 
 
-@settings(max_examples=15)
+# Examples per run of the two AdamW gap properties below; a longer search of the same property:
+#   FLORA_NA_GAP_EXAMPLES=300 python -m pytest -q test_flora_na.py -k "gap_to_the_als or \
+#   tied_adamw" --hypothesis-seed=100
+GAP_EXAMPLES = int(os.environ.get("FLORA_NA_GAP_EXAMPLES", "0"))
+
+
+@settings(max_examples=GAP_EXAMPLES or 15)
 @given(data=st.data())
 def test_adamw_closes_most_of_the_gap_to_the_als_optimum(data):
-    """At its defaults AdamW closes >= 90% of the gap on round factors of LoRA's shape (a sweep
-    of 250 random examples found no exception). Below 90% hypothesis had found cases with 7
-    clients of rank 2 (0.56 to 0.61); a search of 400 such random cases found 6 below 90%
-    (0.52 to 0.88), each with r above half of d or k, outside `rounds` (its docstring). Cases
-    that ran off along round-off directions, which the whitening's floor now stops, are kept in
-    ADAMW_RUN_OFF."""
+    """At its defaults AdamW closes >= 90% of the gap on round factors of LoRA's shape (no
+    exception in 850 random examples: 250, and 300 at each of hypothesis seeds 100 and 101 with
+    GAP_EXAMPLES). Below 90% hypothesis had found cases with 7 clients of rank 2 (0.56 to 0.61);
+    a search of 400 such random cases found 6 below 90% (0.52 to 0.88), each with r above half
+    of d or k, outside `rounds` (its docstring). Cases that ran off along round-off directions,
+    which the whitening's floor now stops, are kept in ADAMW_RUN_OFF."""
     A, B, p, _ = data.draw(rounds())
     _check_closes_the_gap(A, B, p)
 
@@ -465,13 +472,15 @@ def test_adamw_closes_the_gap_on_the_evidence_cases(seed):
     _check_closes_the_gap(A, B, p)
 
 
-@settings(max_examples=10)
+@settings(max_examples=GAP_EXAMPLES or 10)
 @given(data=st.data())
 def test_tied_adamw_minimises_the_objective_it_keeps(data):
     """Tied across layers of very different sizes, AdamW minimises the sum of the layers'
     squared divergences, the objective tied ALS minimises and by which the best iterate is
-    kept. (The previous AdamW, which minimised the sum of relative ones and kept the best
-    iterate by the absolute sum, fails this on most cases with layers 1e3 apart.)"""
+    kept: >= 90% of the gap (no exception in 120 random examples, and 200 at each of
+    hypothesis seeds 100 and 101). (The previous AdamW, which minimised the sum of relative
+    ones and kept the best iterate by the absolute sum, fails this on most cases with layers
+    1e3 apart.)"""
     A, B, p, _ = data.draw(rounds(max_L=3))
     scales = torch.tensor(data.draw(st.lists(st.sampled_from([1.0, 1e-1, 1e-3]),
                                              min_size=A.shape[0], max_size=A.shape[0])))

@@ -23,7 +23,7 @@
 #                        generated part (figures in figures/) and README.md's headline table
 #
 # Usage:
-#   bash reproduce.sh                    # QUICK: about 95 minutes on an idle 2-core CPU
+#   bash reproduce.sh                    # QUICK: ~96 min on an idle 2-core Xeon (~3 h on an EPYC)
 #   bash reproduce.sh --only 2,3         # some stages (also: STAGES=2,3 bash reproduce.sh);
 #                                        # the report (8) runs after any selection
 #   bash reproduce.sh --skip 1,6         # all but some (also: SKIP=1,6)
@@ -179,7 +179,7 @@ else
     MIX_CLIENTS=8; MIX_RANK=16; MIX_REF_SEEDS="0"
     MIX_TRAIN=(--rounds 6 --local-steps 4 --batch-size 16 --lr 2e-3 --max-length 64
                --max-train-examples 3000 --max-eval-examples 400 --eval-every 3)
-    T1="~3 min"; T2="~25 min"; T3="~50 min"; T5="~3 min"; T6="~4 min"; T7="~12 min"
+    T1="~5 min"; T2="~25 min"; T3="~50 min"; T5="~3 min"; T6="~4 min"; T7="~12 min"
 fi
 if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningless
     GLUE_TRAIN=(--rounds 2 --local-steps 1 --batch-size 4 --lr 5e-3 --max-length 32

@@ -638,14 +638,10 @@ class Setting:
         over (round, layer); negative where it does worse than FedIT."""
         return 1 - self.sums[key] / self.sums["naive"]
 
-    def share_of_als(self, key: str) -> float:
-        """What `key` removes as a share of what the per-layer ALS optimum removes."""
-        gap = self.sums["naive"] - self.sums["solver_als"]
-        return (self.sums["naive"] - self.sums[key]) / gap if gap > 0 else math.nan
-
-    def gap_closed(self, key: str) -> float:
-        """Share of the FedIT -> rank-r bound gap that `key` closes."""
-        gap = self.sums["naive"] - self.sums["bound"]
+    def gap_closed(self, key: str, towards: str = "bound") -> float:
+        """Share of the gap from FedIT to `towards` (the rank-r bound, or a solver's key: what
+        `key` removes as a share of what that one removes) that `key` closes."""
+        gap = self.sums["naive"] - self.sums[towards]
         return (self.sums["naive"] - self.sums[key]) / gap if gap > 0 else math.nan
 
 
@@ -836,7 +832,7 @@ def _regime_verdict(settings: list[Setting], names: Names) -> str:
     bound = [s.removed("bound") for s in settings]
     uniform = [s.removed("solver_als_uniform") for s in settings]
     # AdamW (the paper's optimiser family, flora_na's whitened one) against the ALS optimum
-    adamw = [s.share_of_als("solver_adamw") for s in settings]
+    adamw = [s.gap_closed("solver_adamw", towards="solver_als") for s in settings]
     adamw = [a for a in adamw if not math.isnan(a)]
     return (f"{B}'s relative divergence is largest at {label(by_error[0])} "
             f"({by_error[0].naive:.3f})"

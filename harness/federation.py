@@ -219,10 +219,10 @@ def solver_divergences(client_factors: list[Factors], p: Tensor) -> dict[str, di
     uniform = torch.full_like(p, 1.0 / len(p))                   # (U,)
     out: dict[str, dict[str, float]] = {}
     for names, A, B in stacked_groups(client_factors):
+        A_s, B_s = torch.stack(A, 1), torch.stack(B, 1)          # (L, U, r, k), (L, U, d, r)
         for key, (solver, tie, target) in TRACKED_VARIANTS.items():
-            res = fl.solve_flora_na(torch.stack(A, 1), torch.stack(B, 1),
-                                    p if target == "data" else uniform, solver=solver,
-                                    tie_layers=tie, bound=False)
+            res = fl.solve_flora_na(A_s, B_s, p if target == "data" else uniform,
+                                    solver=solver, tie_layers=tie, bound=False)
             agg = fl.Aggregate(res.A_hat, res.B_hat, None, 0, 0)
             div = exact_divergences(A, B, p, agg)["aggregate"]   # (L,)
             for i, n in enumerate(names):

@@ -324,7 +324,7 @@ stage_2() {
         return 0
     fi
     local picked
-    picked=$($PY -c 'import sys; from evidence.report import largest_error
+    picked=$($PY -c 'import sys; from evidence.report_regime import largest_error
 print(*largest_error(sys.argv[1], int(sys.argv[2])))' "$RESULTS" "$REGIME_PICK")
     echo "  largest $BASELINE divergence: $picked; $METHOD vs $BASELINE over seeds {$REGIME_SEEDS}"
     # longest runs first (clients x local steps; seed 0 trains one aggregator), so that the

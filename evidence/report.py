@@ -39,11 +39,11 @@ from typing import Annotated, Callable
 import tyro
 
 from evidence.report_bench import bench_section
-from evidence.report_common import FIG, PERSONAL, Names, Run, describe, load_runs, table
+from evidence.report_common import FIG, PERSONAL, Names, Run, describe, load_runs, plt, table
 from evidence.report_generation import generation_section
 from evidence.report_glue import Glue, glue_section, personal_text
 from evidence.report_mixed_ranks import mixed_ranks_section
-from evidence.report_provenance import provenance_line, stage_provenance, stage_times
+from evidence.report_provenance import failed_line, provenance_line, stage_provenance, stage_times
 from evidence.report_regime import regime_verdict, regime_section, regime_settings
 from harness import provenance
 
@@ -99,6 +99,11 @@ QUICK_NOTE = ("QUICK mode is a CPU-sized stand-in for the paper's experiments: a
               "accuracy numbers are not comparable with the paper's, and differences smaller "
               "than the std over seeds are noise. `MODE=FULL bash reproduce.sh` runs the "
               "paper-scale commands on a GPU.\n")
+SMOKE = "smoke test: numbers are not results"
+SMOKE_NOTE = (f"**{SMOKE}.** A TINY run trains every code path on a few dozen examples for a "
+              "round or two: it checks that the pipeline runs end to end, and this report draws "
+              "no conclusion from it (no best value marked, no verdicts, no targets). "
+              "`bash reproduce.sh` runs QUICK, the CPU-sized experiments.\n")
 
 
 @dataclass
@@ -190,21 +195,55 @@ def build_report(results: str, out_dir: str, method: str | None = None,
                  baseline: str | None = None, page: str = "RESULTS.md") -> Report:
     """Every section of the report, each with its provenance line under the heading, its PNGs
     written to out_dir, and the headline."""
-    names = Names.of(all_runs(results), method, baseline)
     pipeline = _pipeline(results)
+    smoke = bool(pipeline.get("tiny"))
+    names = Names.of(all_runs(results), method, baseline, smoke)
     texts, blocks = [], {}
     for s in SECTIONS:
         heading, rest = s.write(results, out_dir, names).split("\n", 1)
+        failed = failed_line(results, s.stage, s.folder)
+        if not s.present(results) and failed:
+            rest = failed
         if s.present(results):
             rest = "\n" + provenance_line(results, s.stage, s.folder, pipeline) + "\n" + rest
             blocks[s.key] = heading + "\n" + rest
         texts.append(heading + "\n" + rest)
     mode = pipeline.get("mode", "unknown") + (" / TINY" if pipeline.get("tiny") else "")
     head = [f"# FLoRA-NA reproduction report ({mode})\n"]
-    if pipeline.get("mode") == "QUICK" or pipeline.get("tiny"):
+    texts.append(run_section(results, pipeline))
+    if smoke:
+        head.append(SMOKE_NOTE)
+        texts = [mark_smoke(t, out_dir) for t in texts]
+    elif pipeline.get("mode") == "QUICK":
         head.append(QUICK_NOTE)
-    return Report("\n".join(head + texts + [run_section(results, pipeline)]), blocks,
-                  headline(results, names, page))
+    return Report("\n".join(head + texts), blocks, headline(results, names, page))
+
+
+def mark_smoke(markdown: str, out_dir: str) -> str:
+    """A smoke run's section: no bold anywhere, the SMOKE line above every table and under every
+    figure, and the figures' PNGs (in out_dir) stamped with it across their face."""
+    lines, out = markdown.replace("**", "").split("\n"), []
+    for i, line in enumerate(lines):
+        if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
+            out += [f"_{SMOKE}:_", ""]
+        out.append(line)
+        for png in re.findall(re.escape(FIG) + r"([\w.-]+\.png)", line):
+            stamp(os.path.join(out_dir, png))
+            out[-1] += f" _{SMOKE}_"
+    return "\n".join(out)
+
+
+def stamp(png: str) -> None:
+    """Write SMOKE across a PNG, in place, at its own size."""
+    image = plt.imread(png)
+    height, width = image.shape[:2]
+    fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
+    fig.figimage(image)
+    fig.text(0.5, 0.5, SMOKE, color="red", alpha=0.35, fontsize=max(12, width // 40),
+             rotation=15, ha="center", va="center", weight="bold")
+    fig.text(0.01, 0.99, SMOKE, color="red", fontsize=10, ha="left", va="top")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def write_between(path: str, text: str, markers: tuple[str, str]) -> bool:

@@ -129,9 +129,11 @@ class Names:
     registry: dict[str, dict]          # name -> {"display_name", "personalised"}
     method: str | None = None
     baseline: str | None = None
+    smoke: bool = False                # a smoke run (TINY): no bold, no verdicts, no targets
 
     @classmethod
-    def of(cls, runs: list[Run], method: str | None, baseline: str | None) -> Names:
+    def of(cls, runs: list[Run], method: str | None, baseline: str | None,
+           smoke: bool = False) -> Names:
         registry: dict[str, dict] = {}
         for run in runs:
             for name, info in run.facts["aggregators"].items():
@@ -142,7 +144,7 @@ class Names:
                                  f"choose from {', '.join(registry)}")
         if method is not None and method == baseline:
             raise ValueError(f"--method and --baseline are both {method!r}")
-        return cls(registry, method, baseline)
+        return cls(registry, method, baseline, smoke)
 
     def display(self, key: str, bold: bool = True) -> str:
         """A row key as the tables print it; the method in bold (markdown) if `bold`."""
@@ -151,7 +153,7 @@ class Names:
         if key.endswith(PERSONAL):
             return self.display(key.removesuffix(PERSONAL), bold) + PERSONAL
         text = self.registry.get(key, {}).get("display_name", key)
-        return f"**{text}**" if bold and key == self.method else text
+        return f"**{text}**" if bold and key == self.method and not self.smoke else text
 
     def order(self, keys) -> list[str]:
         """Row keys in registry order, each aggregator followed by its personalised row, then

@@ -89,7 +89,7 @@ class Glue:
         best_fed = {}
         for t in self.tasks:
             v = list(self.federated(what, t).values())
-            best_fed[t] = max(v) if v and max(v) - min(v) > 1e-9 else None
+            best_fed[t] = max(v) if v and max(v) - min(v) > 1e-9 and not self.names.smoke else None
         personalised = {k.removesuffix(PERSONAL) for k in self.keys
                         if k.endswith(PERSONAL)}
         rows = []
@@ -256,12 +256,14 @@ def glue_section(results: str, out_dir: str, names: Names) -> str:
     md.append(g.table("best"))
     md.append("\n**Final-round dev metric:**\n")
     md.append(g.table("final"))
-    md.append("\nBold: the best federated global model per column. MB / round: LoRA factors "
+    md.append("\n" + ("" if names.smoke else "Bold: the best federated global model per column. ")
+              + "MB / round: LoRA factors "
               "sent by all clients to the server plus the server's reply, per round, as "
               f"train.py counts them ({head_text(runs)}); aggregators differ in what they "
               f"send (README's aggregators table). {personal_text(runs)}; (global): the same "
               "aggregator's global model.\n")
-    md.append(g.verdict())
+    if not names.smoke:
+        md.append(g.verdict())
     md.append(_glue_figures(g, out_dir))
     return "\n".join(md)
 

@@ -44,9 +44,25 @@ def stage_times(results: str) -> dict[str, list[str]]:
         with open(path) as f:
             for line in f:
                 p = line.rstrip("\n").split("\t")
-                if len(p) >= 5 and (int(p[3]) >= 10 or p[0] not in latest):
+                if len(p) >= 5 and (int(p[3]) >= 10 or p[0] not in latest or p[2] != "ok"):
                     latest[p[0]] = p
     return latest
+
+
+def first_error(p: list[str]) -> str:
+    """"; first error: ..." from a failed stage's stage_times.tsv line, if reproduce.sh recorded it."""
+    return f"; first error: {p[9]}" if len(p) >= 10 and p[9] else ""
+
+
+def failed_line(results: str, stage: str, folder: str) -> str | None:
+    """The line a section shows instead of "not run" when its stage ran, failed and left no
+    results; None otherwise."""
+    p = stage_times(results).get(stage)
+    if p is None or p[2] == "ok":
+        return None
+    command = f" of `{p[8]}`" if len(p) >= 9 else ""
+    return (f"\n_Failed: stage {stage} ({p[1]}){command} ended {p[2]} on {p[4]} with no results"
+            f"{first_error(p) or '; no error recorded'}. Logs: `runs/{folder}/*/log.txt`._\n")
 
 
 def provenance_line(results: str, stage: str, folder: str, pipeline: dict) -> str:
@@ -65,7 +81,7 @@ def provenance_line(results: str, stage: str, folder: str, pipeline: dict) -> st
         mode = pipeline.get("mode", "unknown") + (" TINY" if pipeline.get("tiny") else "")
         jobs, threads, command = pipeline.get("jobs", "?"), pipeline.get("threads", "?"), \
             "bash reproduce.sh"
-    status = "" if p[2] == "ok" else f" (status: {p[2]})"
+    status = "" if p[2] == "ok" else f" (status: {p[2]}{first_error(p)})"
     return (f"_Stage {stage} ({p[1]}) of `{command}`, {mode} mode, {jobs} parallel run(s) x "
             f"{threads} torch thread(s): code of commit {commits} on {machines}; finished "
             f"{p[4]} after {int(p[3]) / 60:.1f} min{status}._")

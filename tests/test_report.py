@@ -4,6 +4,7 @@ the results page's sections and where each came from, on run folders written by 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -155,3 +156,42 @@ def test_each_stage_says_which_code_and_machine_produced_it(built):
     assert line(md, "| 2 regime | — | — | — | `abc1234` | Test CPU (2 cores) |")
     for png in ("regime", "glue_metric_vs_round", "glue_metric_vs_bytes"):
         assert (built[1] / f"{png}.png").stat().st_size > 1000
+
+
+def test_a_smoke_run_cannot_be_misread(results, tmp_path):
+    """A TINY run's report: the smoke line above every table and under every figure, each PNG
+    stamped, no bold, no verdict lines, no target checks."""
+    import shutil
+
+    import matplotlib.pyplot as plt
+    tiny = tmp_path / "tiny"
+    shutil.copytree(results, tiny)
+    pipeline = json.loads((tiny / "pipeline.json").read_text())
+    (tiny / "pipeline.json").write_text(json.dumps({**pipeline, "tiny": True}))
+    plain = report.build_report(str(results), str(tmp_path), "flora_na", "fedit").body
+    body = report.build_report(str(tiny), str(tiny), "flora_na", "fedit").body
+    lines = body.splitlines()
+    tables = [i for i, l in enumerate(lines) if l.startswith("|") and not lines[i - 1].startswith("|")]
+    assert len(tables) >= 6 and all(lines[i - 2] == f"_{report.SMOKE}:_" for i in tables)
+    figures = [l for l in lines if l.startswith("![")]
+    assert len(figures) == 3 and all(l.endswith(f" _{report.SMOKE}_") for l in figures)
+    assert body.count("**") == 2 and lines[2].startswith(f"**{report.SMOKE}.**")  # the note only
+    for verdict in ("vs FedIT", "rank among", "Speed-up target", "largest at", "Bold:",
+                    "FLoRA-NA - FedIT:", "shows the divergence effect"):
+        assert verdict in plain and verdict not in body, verdict
+    for png in ("regime", "glue_metric_vs_round", "glue_metric_vs_bytes"):
+        stamped, clean = plt.imread(tiny / f"{png}.png"), plt.imread(tmp_path / f"{png}.png")
+        assert stamped.shape == clean.shape and (stamped != clean).any()
+
+
+def test_a_stage_that_failed_says_so_with_its_first_error(tmp_path):
+    """A stage that ran and failed without results is reported as failed, never as not run."""
+    (tmp_path / "stage_times.tsv").write_text(
+        "3\tglue\tfailed(1)\t37\t2026-01-02 03:04:05\tQUICK\t2\t1\tbash reproduce.sh\t"
+        "results/runs/glue/sst2_seed0: error: no data\n")
+    md = report.build_report(str(tmp_path), str(tmp_path)).body
+    assert ("_Failed: stage 3 (glue) of `bash reproduce.sh` ended failed(1) on 2026-01-02 "
+            "03:04:05 with no results; first error: results/runs/glue/sst2_seed0: error: no data. "
+            "Logs: `runs/glue/*/log.txt`._") in md
+    assert "_Not run: nothing under `runs/glue/` yet._" not in md
+    assert "_Not run: nothing under `runs/bench/bench_solver.json` yet._" in md

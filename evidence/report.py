@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import textwrap
 from dataclasses import dataclass
 from typing import Annotated, Callable
 
@@ -188,7 +189,20 @@ def headline(results: str, names: Names, page: str = "RESULTS.md") -> str | None
         md.append(f"- Aggregation error (stage 2, code of commit "
                   f"{stage_provenance(results, 'regime')[0]}): "
                   + regime_verdict(settings, names).strip())
-    return "\n".join(md) + "\n"
+    return wrap("\n".join(md) + "\n")
+
+
+def wrap(markdown: str, width: int = 100) -> str:
+    """Prose lines (paragraphs, "- " bullets) wrapped at `width` for the README; table rows and
+    blank lines as they are. Markdown renders the result exactly as the unwrapped text."""
+    out = []
+    for line in markdown.split("\n"):
+        if not line.strip() or line.startswith("|"):
+            out.append(line)
+        else:
+            out.append(textwrap.fill(line, width, subsequent_indent="  " * line.startswith("- "),
+                                     break_long_words=False, break_on_hyphens=False))
+    return "\n".join(out)
 
 
 def build_report(results: str, out_dir: str, method: str | None = None,

@@ -173,3 +173,30 @@ def test_regime_study_changes_one_factor_at_a_time_with_every_variant_tracked(tm
     assert len(values["lr"]) == 3 and values["rank"] == {4, 8, 16}
     assert values["dirichlet_alpha"] == {0.1, 0.5, 0.0} and len(values["clients"]) == 2
     assert "at the 2 setting(s) with the largest fedit divergence" in res.stdout
+
+
+def test_a_fresh_clone_stops_without_data_and_stays_clean_after_a_tiny_run(tmp_path):
+    """From a fresh clone (of this repository's HEAD): with no data anywhere and the Hub off,
+    `bash reproduce.sh` stops in seconds, before the test stage, naming the three ways to supply
+    data; a TINY run of the benchmark stage and the report (the cheapest selection that writes a
+    report, ~30 s) leaves `git status --porcelain` empty."""
+    import time
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(HERE), str(clone)], check=True, timeout=120)
+    inherited = {k: v for k, v in os.environ.items() if k not in SETTINGS + ("FLORA_DATA",)}
+    offline = {**inherited, "PYTHON": "python", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HOME": str(tmp_path / "hf")}
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", "reproduce.sh"], cwd=clone, env=offline, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and time.monotonic() - t0 < 30
+    assert "Supply the data one of three ways" in res.stderr and "Stage 1" not in res.stdout
+    res = subprocess.run(["bash", "reproduce.sh", "--tiny", "--only", "5"], cwd=clone,
+                         env={**offline, "THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "the report is results/tiny/REPORT.md" in res.stdout
+    assert "smoke test: numbers are not results" in (clone / "results/tiny/REPORT.md").read_text()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True,
+                            text=True, check=True).stdout
+    assert status == ""

@@ -178,6 +178,9 @@ def main(argv=None) -> int:
     try:
         if args.command == "fetch":
             names = ALL_TASKS if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+            if not hub_reachable():
+                raise RuntimeError("fetch reads the Hugging Face Hub, which is unreachable from "
+                                   "here. " + tasks.DATA_HELP)
             for path in fetch(args.out, names):
                 print(f"wrote {path}")
         elif args.command == "check":

@@ -11,6 +11,7 @@ each test file runs in seconds.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,11 @@ def built(results, tmp_path_factory):
     out = tmp_path_factory.mktemp("figures")
     return (report.build_report(str(results), str(out), method="flora_na", baseline="fedit"), out,
             results)
+
+
+def unwrap(markdown: str) -> str:
+    """README's headline with its prose wraps undone (report.wrap), for matching whole sentences."""
+    return re.sub(r"\n(?:  )?(?![\n|]|- )", " ", markdown)
 
 
 def line(md: str, start: str) -> list[str]:

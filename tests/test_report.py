@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 
 from evidence import report
 from report_runs import (HERE, built, config, line, page_with, results, rows,  # noqa: F401
-                         write_run)
+                         unwrap, write_run)
 
 
 
@@ -22,7 +21,7 @@ def test_headline_names_the_commit_and_the_comparison(built):
     """README's headline, its prose wrapped at 100 columns (read here with the wraps undone)."""
     wrapped = built[0].headline
     assert max(len(l) for l in wrapped.splitlines() if not l.startswith("|")) <= 100
-    head = re.sub(r"\n(?:  )?(?![\n|]|- )", " ", wrapped)
+    head = unwrap(wrapped)
     assert head.startswith("From `bash reproduce.sh` in QUICK mode (a CPU-sized stand-in for the "
                            "paper's experiments, not comparable with its numbers), code of commit "
                            "`abc1234`; all tables, figures, calibration and limits in "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from evidence import report, report_common, report_glue
-from report_runs import (REGISTRY, built, config, line, results, rows,  # noqa: F401
+from report_runs import (REGISTRY, built, config, line, results, rows, unwrap,  # noqa: F401
                          write_run)
 
 
@@ -51,7 +51,7 @@ def test_the_personalised_rows_name_how_they_were_scored(built, tmp_path):
     --personal-weighting, --head-sharing, read from each run's config and facts; runs from
     before these were recorded: as train.py scored them then), naming the runs where they
     differ; the MB note says whose clients keep their head."""
-    assert OLD_PROTOCOL in built[0].body and f"- {OLD_PROTOCOL}." in built[0].headline
+    assert OLD_PROTOCOL in built[0].body and f"- {OLD_PROTOCOL}." in unwrap(built[0].headline)
     kept = {**REGISTRY, "fedsa": {**REGISTRY["fedsa"], "private_head": True}}
     metrics = rows("fedit", {4: 0.6}) + rows("fedsa", {4: 0.7}, personal={4: 0.65})
     write_run(tmp_path, "glue", "sst2_seed0", config(registry=kept, personal_eval="clients",

@@ -521,7 +521,7 @@ for n in 1 2 3 5 6 7 8; do
     if ((rc != 0)); then
         FAILED+=("$n")
         error=$(cat "$FIRST_ERROR" 2>/dev/null || echo "exit status $rc; see the output above")
-        error=$(tr '\t\n' '  ' <<<"$error")
+        error=$(printf '%s' "$error" | tr '\t\n' '  ')
     fi
     if [[ $DRY_RUN != 1 ]]; then
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "${NAMES[$n]}" "$status" \

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,20 @@ def test_a_fresh_clone_stops_without_data_and_stays_clean_after_a_tiny_run(tmp_p
     status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True,
                             text=True, check=True).stdout
     assert status == ""
+    # a stage whose runs fail: recorded with its first error, and reported as failed
+    (tmp_path / "data/gsm8k").mkdir(parents=True)
+    for split in ("train", "test"):
+        (tmp_path / f"data/gsm8k/{split}.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    python = tmp_path / "python"                      # train.py fails, everything else runs
+    python.write_text(f'#!/bin/sh\n[ "$1" = train.py ] && {{ echo "error: boom" >&2; exit 1; }}\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    res = subprocess.run(["bash", "reproduce.sh", "--tiny", "--only", "6", "--data-dir",
+                          str(tmp_path / "data")], cwd=clone, env={**offline, "PYTHON": str(python)},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "stage(s) 6 failed" in res.stderr
+    record = (clone / "results/tiny/stage_times.tsv").read_text().splitlines()[-2].split("\t")
+    assert record[:3] == ["6", "generation", "failed(1)"]
+    assert record[9] == "results/tiny/runs/generation/gsm8k_flora_na: error: boom"
+    assert ("_Failed: stage 6 (generation) of `bash reproduce.sh --only 6 --tiny` ended failed(1)"
+            in (clone / "results/tiny/REPORT.md").read_text())

@@ -110,10 +110,12 @@ SMOKE_NOTE = (f"**{SMOKE}.** A TINY run trains every code path on a few dozen ex
 @dataclass
 class Report:
     """The whole report (markdown, figure links as {FIG}name.png); the blocks of the sections
-    whose stage has results, for the results page; README's headline (None without GLUE runs)."""
+    whose stage has results, for the results page; README's headline (None without GLUE runs).
+    A smoke run's report has neither blocks nor headline: it is never published."""
     body: str
     blocks: dict[str, str]                 # section key -> its markdown, heading first
     headline: str | None
+    smoke: bool = False
 
 
 def run_section(results: str, pipeline: dict) -> str:
@@ -230,6 +232,8 @@ def build_report(results: str, out_dir: str, method: str | None = None,
         texts = [mark_smoke(t, out_dir) for t in texts]
     elif pipeline.get("mode") == "QUICK":
         head.append(QUICK_NOTE)
+    if smoke:
+        return Report("\n".join(head + texts), {}, None, smoke=True)
     return Report("\n".join(head + texts), blocks, headline(results, names, page))
 
 
@@ -332,6 +336,10 @@ def main(args: Args) -> None:
     with open(path, "w") as f:
         f.write(report.body.replace(FIG, ""))
     print(f"wrote {path} and its figures in {args.results}/")
+    if report.smoke and (args.page or args.readme):
+        kept = " and ".join(p for p in (args.page, args.readme) if p)
+        print(f"{args.results} holds a smoke run (TINY), never published: {kept} left as is")
+        return
     if args.page:
         figures = os.path.join(os.path.dirname(os.path.abspath(args.page)), "figures")
         os.makedirs(figures, exist_ok=True)

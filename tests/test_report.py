@@ -182,6 +182,8 @@ def test_a_smoke_run_cannot_be_misread(results, tmp_path):
     for verdict in ("vs FedIT", "rank among", "Speed-up target", "largest at", "Bold:",
                     "FLoRA-NA - FedIT:", "shows the divergence effect"):
         assert verdict in plain and verdict not in body, verdict
+    smoke = report.build_report(str(tiny), str(tiny), "flora_na", "fedit")
+    assert smoke.blocks == {} and smoke.headline is None           # never published
     for png in ("regime", "glue_metric_vs_round", "glue_metric_vs_bytes"):
         stamped, clean = plt.imread(tiny / f"{png}.png"), plt.imread(tmp_path / f"{png}.png")
         assert stamped.shape == clean.shape and (stamped != clean).any()

@@ -13,8 +13,8 @@ baseline, the trained head's size, and every registered aggregator's display nam
 order (which fixes the rows' order and the figures' colours). Which aggregator is the method and
 which the baseline is the caller's choice (--method, --baseline); no aggregator is named here.
 
-Every section stands alone, in its own module, and says so when its stage did not run (or is
-still running) instead of failing. Sections, in order (SECTIONS lists them with their stage):
+Every section stands alone, in its own module, and says so when its stage did not run, failed
+(with the first error reproduce.sh recorded) or is still running, instead of failing. Sections, in order (SECTIONS lists them with their stage):
 report_regime (aggregation error by local steps, lr, heterogeneity, rank and clients),
 report_glue (the GLUE table), report_bench (solver benchmark), report_generation, and
 report_mixed_ranks; report_common holds what they share (runs, names, curves, formatting),
@@ -23,7 +23,9 @@ Each section carries a provenance line under its heading (reproduce.sh command, 
 machine, date). On the results page each sits between its own markers
 <!-- results:KEY:start --> / <!-- results:KEY:end -->, and only the sections whose stage has
 results in this folder are rewritten, so rerunning one stage leaves the others' numbers as they
-are. README's headline is rewritten only when the GLUE stage has runs.
+are. README's headline is rewritten only when the GLUE stage has runs. A smoke run's report
+(TINY) marks every table and figure "smoke test: numbers are not results", draws no conclusion
+(no bold, verdicts or targets) and is never published.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 GLUE is read from the classic `glue_data/<TASK>/{train,dev}.tsv` layout that
 `download_glue_data.py` makes (and `python -m harness.data fetch` writes), or from the Hub's
 `nyu-mll/glue` when no folder is found (data_root); both give the Hub's label ids, so results
-agree either way. GSM8K and MBPP are causal-LM tasks: a plain-text
-prompt, a target, and loss on the target tokens only.
+agree either way. GSM8K and MBPP are causal-LM tasks: a plain-text prompt, a target, and loss on
+the target tokens only.
 
 Sections: GLUE task table -> GLUE loading -> GLUE metrics -> GSM8K and MBPP -> tokenising and
 batching -> tasks as objects (load, partition key, batches, evaluation: what train.py calls).

@@ -66,6 +66,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from contextlib import nullcontext
@@ -77,6 +78,10 @@ TMPFS_BYTES = 32 << 20  # the sandbox's whole writable disk (/tmp)
 FILE_BYTES = 16 << 20  # RLIMIT_FSIZE
 OPEN_FILES = 64  # RLIMIT_NOFILE
 OUTPUT_LIMIT = 1 << 20  # stdout + stderr bytes after which the run is killed
+# Raw memory (ctypes, the C-API test modules), subinterpreters without the audit hook.
+HIDDEN_MODULES = ("_ctypes", "_ctypes_test", "_testcapi", "_testinternalcapi", "_testbuffer",
+                  "_testclinic", "_testimportmultiple", "_testmultiphase", "_xxsubinterpreters",
+                  "_xxinterpchannels", "_xxtestfuzz", "xxlimited", "xxlimited_35", "xxsubtype")
 TAIL_BYTES = 4096  # how much of stdout and stderr a result keeps
 RESULT_LIMIT = 1 << 20  # calls mode: bytes of return values read back (beyond: not passed)
 _INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`, Fedora: "
@@ -101,6 +106,7 @@ class SandboxResult:
     isolated: bool  # False only when run without bwrap by the caller's opt-in
     peak_memory: int | None = None  # bytes the run's memory cgroup peaked at (None: no cgroup)
     returns: list[str] | None = None  # calls mode: what the sandbox says each call returned
+    verdict: str = "in_sandbox"  # "trusted": decided by the caller from the returned values
 
 
 # --- the syscall filter (seccomp) -----------------------------------------------------------
@@ -292,6 +298,12 @@ def _read_only_binds() -> list[str]:
                 args += ["--perms", "0755", "--dir", parent]
                 made.add(parent)
         args += ["--ro-bind", path, path]
+    # Extension modules that reach raw memory or run code without the audit hook are empty
+    # files in the sandbox, under any name they are loaded by (dotted names included).
+    dynload = Path(sysconfig.get_path("platstdlib")) / "lib-dynload"
+    for name in HIDDEN_MODULES:
+        for path in sorted(dynload.glob(f"{name}.*so")) + sorted(dynload.glob(f"{name}.so")):
+            args += ["--ro-bind", "/dev/null", os.path.realpath(path)]
     return args
 
 

@@ -20,12 +20,27 @@ Isolation. Each run is a fresh bubblewrap sandbox (`bwrap`, Debian package `bubb
     tail and kills the run past OUTPUT_LIMIT bytes), --new-session, --die-with-parent, and a
     wall-clock deadline that SIGKILLs bwrap's process group; when the namespace's init dies the
     kernel kills every process in it, so nothing outlives the run.
+  - A seccomp filter (DENIED_SYSCALLS below, built with libseccomp through pyseccomp and
+    handed to `bwrap --seccomp`): keyrings, io_uring, mounts and namespaces, ptrace and other
+    processes' memory, bpf, perf, modules, kexec, clocks, the xattr family, personality, and
+    every syscall from clone3 (Linux 5.3) on except a few harmless ones, at least what Docker's
+    default profile denies for these classes. Without it the sandbox refuses to run, as
+    without bwrap, unless the caller opts in to running unisolated.
+  - A memory cgroup per run where this process may make one (root with cgroup v1, or a v2
+    cgroup that delegates memory): memory_mb + /tmp + MEMORY_SLACK_BYTES of memory, kernel
+    memory included, so inode floods on /tmp (which no rlimit or tmpfs size bounds; bwrap 0.8
+    cannot set nr_inodes) are cut at that budget. SandboxResult.peak_memory says what a run used.
+  - The extension modules that reach raw memory or make subinterpreters without the audit hook
+    (HIDDEN_MODULES: _ctypes, _testcapi, _xxsubinterpreters, ...) are empty files in the
+    sandbox, so no name, dotted or not, loads them.
 The audit hook of harness/sandbox_child.py is a second layer: it refuses process creation and
 signals, sockets, ctypes, tracing, gc walks, links, and file changes outside /tmp. It is
 tamper-proof: its tables are immutable values in its closure, it calls nothing the program can
 redefine, and nothing but the interpreter references it.
 
-The verdict. A run passes only when the parent sees, before the deadline, exit status 0 and,
+The verdict. For MBPP, harness/scoring.py decides it outside the sandbox wherever the asserts
+allow (run_calls: the sandbox only returns values); what follows is the in-sandbox verdict of
+run_sandboxed, which the few other problems use. A run passes only when the parent sees, before the deadline, exit status 0 and,
 on a pipe whose read end only the parent holds, exactly `passed <token>`, the token being 128
 random bits drawn for this run. The prelude reads the token from a payload descriptor, empties
 and closes it before untrusted code exists, and leaves the pass line in the buffer of an
@@ -43,10 +58,11 @@ printing or writing "passed ..." to any descriptor, resuming or closing the vaul
 the worker's code, or a weakref callback or finalizer that fires between the solution and the
 tests all end unpassed.
 
-What it cannot do. The asserts share the interpreter with the solution, so a solution can make
-them vacuous: a return value whose __eq__ is always True, or shadowed builtins. Those false
-passes belong to assert-based tests, not to the sandbox. A program that exploited a
-memory-safety bug of CPython itself could read the token; the kernel sandbox still holds then.
+What it cannot do. In run_sandboxed the asserts share the interpreter with the solution, so a
+solution can make them vacuous (an __eq__ that is always True, shadowed builtins), and a
+program that reached its own process's memory (a memory-safety bug of CPython, or a route to
+raw memory the hidden modules and the hook do not cover) could forge the pass line; the kernel
+sandbox still holds then. run_calls has neither weakness: its caller judges plain values.
 
 Without a working bwrap, run_sandboxed refuses (SandboxUnavailable, naming the package) unless
 the caller passes allow_unisolated=True: then the program runs in a plain child process with

@@ -709,7 +709,9 @@ def _check_config(args: Args, facts: dict, numerics: dict) -> dict | None:
         if diff:
             raise ValueError(f"--resume with a different config than {path}: {diff}")
         change = run_folder.numerics_change(old, numerics)
-        if change and not args.allow_numerics_change:
+        # a run started before numerics were recorded resumes (its earlier numerics are
+        # unknown, not known to differ); provenance.jsonl records them as "unknown" -> now
+        if change and "numerics" in old and not args.allow_numerics_change:
             raise ValueError(f"--resume under different numerics than {path} records: {change}; "
                              f"the result would mix two numerics. Resume where they match, or "
                              f"pass --allow-numerics-change (then recorded in provenance.jsonl)")

@@ -12,8 +12,9 @@ anything, and what --resume verifies before it reuses a file.
 - What changes the numbers a run computes besides its config (torch threads, the versions of
   torch, transformers and peft, the CPU vendor, the device) is recorded in config.json under
   "numerics"; --resume under different numerics is refused unless --allow-numerics-change,
-  which provenance.jsonl then records. A run from before this record (no "numerics") counts
-  as unknown numerics: it resumes with --allow-numerics-change.
+  which provenance.jsonl then records. A run from before this record (no "numerics") resumes:
+  its earlier numerics are unknown, not known to differ (runs of earlier versions must go on);
+  provenance.jsonl records them as "unknown" -> today's, and config.json records today's.
 """
 from __future__ import annotations
 

@@ -130,13 +130,14 @@ def test_resume_under_other_numerics_needs_consent(run, bert_dir, glue_dir):  # 
 
 
 def test_a_run_from_before_numerics_were_recorded(run, bert_dir, glue_dir):  # noqa: F811
-    """Unknown numerics: --resume asks for consent, then goes on and records them."""
+    """Unknown numerics: --resume goes on (runs of earlier versions must resume) and records
+    them, in config.json and, as unknown -> today's, in provenance.jsonl."""
     config = json.loads((run / "config.json").read_text())
     del config["numerics"]
     (run / "config.json").write_text(json.dumps(config))
     for checksums in run.glob("*/checksums.json"):
         checksums.unlink()  # nor checksums
-    with pytest.raises(ValueError, match="'threads': \\('unknown', 1\\)"):
-        resume(run, bert_dir, glue_dir)
-    resume(run, bert_dir, glue_dir, allow_numerics_change=True)
+    resume(run, bert_dir, glue_dir)
     assert json.loads((run / "config.json").read_text())["numerics"]["threads"] == 1
+    last = json.loads((run / "provenance.jsonl").read_text().splitlines()[-1])
+    assert last["numerics_change"]["threads"] == ["unknown", 1]

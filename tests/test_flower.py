@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import re
 import sys
 import time
 import tomllib
@@ -27,7 +27,7 @@ pytest.importorskip("flwr", reason="the Flower app needs pip install -r requirem
 
 import flora_na as fl
 import train
-from harness import federation, flower_local
+from harness import flower_local
 from harness.flower_local import LocalFederation
 from test_train import adapter_tensors, build_bert, rows_of, run_killed_in_round_2, write_sst2
 
@@ -225,76 +225,68 @@ def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_d
     print(f"largest adapter difference, simulation vs train.py: {largest:.3g}")
 
 
-def write_own_data(folder: Path, glue_dir: Path, examples: list) -> Path:
-    """An SST-2 folder whose training set is `examples` (in this order) and whose dev set is
-    glue_dir's: what a client machine holds of its own."""
-    (folder / "SST-2").mkdir(parents=True)
-    rows = ["sentence\tlabel"] + [f"{e.text_a}\t{e.label}" for e in examples]
-    (folder / "SST-2" / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    shutil.copy(glue_dir / "glue_data" / "SST-2" / "dev.tsv", folder / "SST-2" / "dev.tsv")
-    return folder
+def rows_when(out: Path, n: int, proc, timeout: float = 300) -> list[dict]:
+    """metrics.jsonl's rows once it holds n of them (while `proc`, the run, goes on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(rows := rows_of(out)) >= n:
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"no row {n} in {out} (run exit code {proc.poll()})")
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory, bert_dir, glue_dir) -> dict:
-    """One SuperLink and three SuperNodes, each a separate process on its own free port, and
-    2 rounds of FLoRA-NA through them, the clients at different LoRA ranks (1, 2, 1; global
-    rank 2). Clients 0 and 1 hold their own data (own-data=true): exactly train.py's two
-    partitions of the SST-2 set; client 2's data folder is empty, so its training raises
-    every round. Also train.py's 2-client run, as the reference."""
-    root = tmp_path_factory.mktemp("deployment")
-    ref = tiny_args(root / "ref", bert_dir, glue_dir, clients=2, client_ranks="1,2")
+def test_deployment_survives_lost_nodes_and_a_superlink_restart(tmp_path, bert_dir, glue_dir):
+    """One SuperLink (with --database) and three SuperNodes, separate processes on free
+    localhost ports, 3 rounds of FLoRA-NA with min-clients=2: SuperNode 2 is killed (SIGKILL)
+    as round 2 starts, SuperNode 1 stopped (SIGTERM) as round 3 starts. Round 2 goes on
+    without client 2 (Flower's "node unavailable" reply, sent by the SuperLink, is client 2's
+    failure; p renormalised; the row's "failed"); round 3, left with one client, fails the
+    run. Round 1 is train.py's 3-client round 1. Then the SuperLink restarts on the same
+    database: SuperNode 0 survives it, 1 and 2 start again, and `resume=true` redoes round 3
+    with all three, numbered 3/3 in Flower's log too. Warm clients: each node loads the
+    model once (round 2 loads nothing). About 2 min, most of it Flower noticing the killed
+    node (2 missed heartbeats, ~45 s) and the clients' first load."""
+    ref = tiny_args(tmp_path / "ref", bert_dir, glue_dir, rounds=1, aggregator="flora_na")
     train.main(ref)
-    task, data = train.load_data(ref)
-    parts = federation.partition(data.labels, 2, ref.dirichlet_alpha, ref.seed, min_size=1)
-    own = [write_own_data(root / f"client{u}", glue_dir, [data.train[i] for i in parts[u]])
-           for u in range(2)] + [root / "client2"]
-    own[2].mkdir()
-    got = dataclasses.replace(ref, out=str(root / "flower"))
-    with LocalFederation(root / "fed") as fed:
+    got = dataclasses.replace(ref, out=str(tmp_path / "flower"), rounds=3)
+    out = tmp_path / "flower"
+    config = run_config(got, **{"round-timeout": 120, "min-clients": 2})
+    with LocalFederation(tmp_path / "fed") as fed:
         fed.start_superlink()
-        nodes = [fed.start_supernode(u, 3, data_dir=str(own[u]), own_data=True)
-                 for u in range(3)]
-        done = fed.run(run_config(got))
-        family = [p.pid for p in fed.procs] + [
-            pid for p in fed.procs for pid in flower_local._descendants(p.pid)]
-    return {"ref": root / "ref", "out": root / "flower", "log": done.stdout, "nodes": nodes,
-            "alive_after": [pid for pid in family if flower_local._alive(pid)]}
-
-
-def test_deployment_equals_train_py(deployment):
-    """Separate processes with their own node config (partition-id, num-partitions, their own
-    data), each client training at its own rank: the rows and the saved adapter are train.py's
-    2-client run (the failing client left out, p renormalised over the others), the adapter
-    loads as train.py's does, and
-    every process, with those Flower started under it, is gone after the run."""
-    assert (deployment["out"] / "metrics.jsonl").exists(), deployment["log"][-3000:]
-    largest = assert_same_run(deployment["ref"], deployment["out"], ["flora_na"], failing=(2,))
-    assert "client_r1" in rows_of(deployment["out"])[0]["divergence"]["relative_mean"]
-    model, _ = train.load_global(str(deployment["out"] / "flora_na"))
-    state = torch.load(deployment["out"] / "flora_na" / "state.pt", weights_only=False)
-    for name, (A, B) in fl.read_factors(model).items():
-        assert torch.equal(A, state["factors"][name][0])
-        assert torch.equal(B, state["factors"][name][1])
-    assert all(p.poll() is not None for p in deployment["nodes"])
-    assert deployment["alive_after"] == []
-    print(f"largest adapter difference, deployment vs train.py: {largest:.3g}")
-
-
-def test_a_failing_client_is_left_out_with_p_renormalised(deployment):
-    """Client 2 raises in every round: each round completes on clients 0 and 1, the row names
-    the failure, and the log says which client and node failed, why, and the new p."""
-    rows = rows_of(deployment["out"])
-    assert [r["clients"] for r in rows] == [[0, 1], [0, 1]], deployment["log"][-3000:]
-    for row in rows:
-        [failure] = row["failed"]
-        assert failure["client"] == 2 and "FileNotFoundError" in failure["error"]
-        assert "GLUE sst2 train: expected the file" in failure["error"]
-    log = deployment["log"]
-    for rnd in (1, 2):
-        assert f"round {rnd}: client 2 (node {rows[0]['failed'][0]['node']}) failed" in log
-        assert f"round {rnd}: p renormalised over clients [0, 1]:" in log
-    assert "FileNotFoundError" in log and str(Path("client2") / "SST-2" / "train.tsv") in log
+        nodes = [fed.start_supernode(u, 3) for u in range(3)]
+        first = fed.submit(config, name="run1")
+        rows_when(out, 1, first)
+        nodes[2].kill()                             # lost in round 2
+        rows_when(out, 2, first)
+        nodes[1].terminate()                        # stopped before round 3 reaches it
+        first.wait(300)
+        fed.restart_superlink()
+        nodes += [fed.start_supernode(u, 3) for u in (1, 2)]
+        second = fed.run({**config, "resume": True}, name="run2")
+        survived = nodes[0].poll() is None
+        family = [p.pid for p in fed.procs] + [pid for p in fed.procs for pid in
+                                               flower_local._descendants(p.pid) +
+                                               flower_local._session(p.pid)]
+    log1, log2 = (tmp_path / "fed" / "run1.log").read_text(), second.stdout
+    rows = rows_of(out)
+    assert [(r["round"], r["clients"], [f["client"] for f in r["failed"]]) for r in rows] == [
+        (1, [0, 1, 2], []), (2, [0, 1], [2]), (3, [0, 1, 2], [])], log1[-3000:] + log2[-3000:]
+    assert "Node Unavailable" in rows[1]["failed"][0]["error"]
+    ref_row = rows_of(tmp_path / "ref")[0]
+    assert _close({k: v for k, v in rows[0].items() if k in ref_row and k not in TIMING},
+                  {k: v for k, v in ref_row.items() if k not in TIMING})
+    assert "round 2: client 2 (node " in log1 and "left out of the round" in log1
+    assert "round 2: p renormalised over clients [0, 1]: [0.5, 0.5]" in log1
+    assert "round 3: 1 client(s) answered, fewer than min-clients=2" in log1
+    assert "Exit Code: 201" in log1 and "Exit Code" not in log2
+    assert second.returncode == 0 and survived
+    assert "[ROUND 2/3]" in log1 and "[ROUND 3/3]" in log2 and "[ROUND 1/" not in log2
+    found = re.findall(r"clients \(partition-id: node id\): \{.*?\b0: (\d+)", log1 + log2)
+    assert len(found) == 2 and found[0] == found[1]           # the same SuperNode 0
+    assert max(rows[1]["client_load_seconds"]) < 0.2 * min(rows[0]["client_load_seconds"])
+    assert not [pid for pid in family if flower_local._alive(pid)]
+    print(f"flwr run's exit codes: {first.returncode}, {second.returncode}; rounds (s): "
+          f"{[round(r['client_seconds'] + r['server_seconds'], 1) for r in rows]}")
 
 
 def test_every_process_is_stopped_when_the_block_fails(tmp_path):

@@ -19,6 +19,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -182,6 +183,83 @@ def test_arrays_travel_exactly():
     assert torch.equal(got["W"]["l0.q"].bfloat16(), base["l0.q"])
     only_A = wire.from_record(wire.to_record(factors, without_B=True))
     assert only_A["B"] == {} and only_A["head"] == {} and only_A["A"].keys() == factors.keys()
+
+
+class FakeGrid:
+    """A Grid whose nodes answer queries at once: `answers` maps a node id to its
+    (partition-id, num-partitions), or to an error reason; an error reply comes from node 1
+    (the SuperLink), as Flower's "node unavailable" does."""
+
+    def __init__(self, answers: dict):
+        self.answers, self.sent = answers, {}
+
+    def get_node_ids(self):
+        return list(self.answers)
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            ids.append(f"m{len(self.sent)}")
+            self.sent[ids[-1]] = msg
+        return ids
+
+    def pull_messages(self, ids):
+        replies = []
+        for msg_id in ids:
+            node = self.sent[msg_id].metadata.dst_node_id
+            answer, error = self.answers[node], None
+            if isinstance(answer, str):
+                error, node = SimpleNamespace(reason=answer, code=5), 1
+            content = None if error else {"node": {"partition-id": answer[0],
+                                                   "num-partitions": answer[1]}}
+            replies.append(SimpleNamespace(
+                metadata=SimpleNamespace(reply_to_message_id=msg_id, src_node_id=node),
+                has_error=lambda e=error: e is not None, error=error, content=content))
+        return replies
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's Message needs the identity of the process's task (set by Flower at run time)."""
+    from flwr.supercore.task_identity import TaskIdentity
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+def test_replies_belong_to_their_requests_and_a_node_without_identity_is_left_out(
+        task_identity, caplog):
+    """find_clients maps partition ids to nodes by the message each reply answers: node 11
+    (no node config: its ClientApp raised) and node 13 (lost: the SuperLink answers for it,
+    from node id 1) are left out with a warning, the others make the federation; every
+    query carries the server's code version."""
+    sys.path.insert(0, str(flower_local.APP))
+    from flora_na_app import server_app, version
+    grid = FakeGrid({10: (1, 2), 11: "ValueError: node config {} needs partition-id",
+                     12: (0, 2), 13: "Node Unavailable"})
+    assert server_app.find_clients(grid, timeout=5) == {1: 10, 0: 12}
+    assert {m.content["config"]["code-version"] for m in grid.sent.values()} == {
+        version.code_version()}
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for text in ("node 11 cannot say which client it is and is left out",
+                 "node config {} needs partition-id", "node 13 cannot say", "Node Unavailable"):
+        assert text in warned, warned
+
+
+def test_a_client_of_another_code_version_refuses():
+    from flora_na_app import version
+    version.check(version.code_version())
+    with pytest.raises(ValueError, match="this client runs code version .* the server 0000"):
+        version.check("0000")
+
+
+def test_the_dirichlet_failure_says_which_options_fix_it():
+    from flora_na_app import client_work
+    args = train.Args(dirichlet_alpha=0.01)
+    with pytest.raises(ValueError, match="raise dirichlet-alpha .* set dirichlet-alpha=0 .* "
+                       "raise max-train-examples, or run fewer clients"):
+        client_work.partition([0, 1] * 50, 100, args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from harness.flower_local import LocalFederation
 from test_train import adapter_tensors, build_bert, rows_of, run_killed_in_round_2, write_sst2
 
 sys.path.insert(0, str(flower_local.APP))   # the app's package, as Flower's processes see it
-from flora_na_app import wire               # noqa: E402
+from flora_na_app import client_work, wire  # noqa: E402
 
 TIMING = ("client_seconds", "server_seconds")
 pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py's: and restored after
@@ -255,7 +255,6 @@ def test_a_client_of_another_code_version_refuses():
 
 
 def test_the_dirichlet_failure_says_which_options_fix_it():
-    from flora_na_app import client_work
     args = train.Args(dirichlet_alpha=0.01)
     with pytest.raises(ValueError, match="raise dirichlet-alpha .* set dirichlet-alpha=0 .* "
                        "raise max-train-examples, or run fewer clients"):
@@ -303,6 +302,17 @@ def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_d
     print(f"largest adapter difference, simulation vs train.py: {largest:.3g}")
 
 
+def write_own_data(folder: Path, glue_dir: Path, examples: list) -> Path:
+    """An SST-2 folder whose training set is `examples` (in this order) and whose dev set is
+    glue_dir's: what a client machine holds of its own."""
+    (folder / "SST-2").mkdir(parents=True)
+    rows = ["sentence\tlabel"] + [f"{e.text_a}\t{e.label}" for e in examples]
+    (folder / "SST-2" / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (folder / "SST-2" / "dev.tsv").write_bytes(
+        (glue_dir / "glue_data" / "SST-2" / "dev.tsv").read_bytes())
+    return folder
+
+
 def rows_when(out: Path, n: int, proc, timeout: float = 300) -> list[dict]:
     """metrics.jsonl's rows once it holds n of them (while `proc`, the run, goes on)."""
     deadline = time.monotonic() + timeout
@@ -320,7 +330,7 @@ def test_deployment_survives_lost_nodes_and_a_superlink_restart(tmp_path, bert_d
     without client 2 (Flower's "node unavailable" reply, sent by the SuperLink, is client 2's
     failure; p renormalised; the row's "failed"); round 3, left with one client, fails the
     run. Round 1 is train.py's 3-client round 1. Then the SuperLink restarts on the same
-    database: SuperNode 0 survives it, 1 and 2 start again, and `resume=true` redoes round 3
+    database: SuperNode 0 (which holds its own data: train.py's partition 0) survives it, 1 and 2 start again, and `resume=true` redoes round 3
     with all three, numbered 3/3 in Flower's log too. Warm clients: each node loads the
     model once (round 2 loads nothing). About 2 min, most of it Flower noticing the killed
     node (2 missed heartbeats, ~45 s) and the clients' first load."""
@@ -329,9 +339,13 @@ def test_deployment_survives_lost_nodes_and_a_superlink_restart(tmp_path, bert_d
     got = dataclasses.replace(ref, out=str(tmp_path / "flower"), rounds=3)
     out = tmp_path / "flower"
     config = run_config(got, **{"round-timeout": 120, "min-clients": 2})
+    task, data = train.load_data(ref)                 # client 0 holds its own data
+    part0 = client_work.partition(data.labels, 3, ref)[0]
+    own = write_own_data(tmp_path / "client0", glue_dir, [data.train[i] for i in part0])
     with LocalFederation(tmp_path / "fed") as fed:
         fed.start_superlink()
-        nodes = [fed.start_supernode(u, 3) for u in range(3)]
+        nodes = [fed.start_supernode(0, 3, data_dir=str(own), own_data=True)] + [
+            fed.start_supernode(u, 3) for u in (1, 2)]
         first = fed.submit(config, name="run1")
         rows_when(out, 1, first)
         nodes[2].kill()                             # lost in round 2
@@ -362,6 +376,10 @@ def test_deployment_survives_lost_nodes_and_a_superlink_restart(tmp_path, bert_d
     found = re.findall(r"clients \(partition-id: node id\): \{.*?\b0: (\d+)", log1 + log2)
     assert len(found) == 2 and found[0] == found[1]           # the same SuperNode 0
     assert max(rows[1]["client_load_seconds"]) < 0.2 * min(rows[0]["client_load_seconds"])
+    model, _ = train.load_global(str(out / "flora_na"))   # the adapter loads as train.py's
+    state = torch.load(out / "flora_na" / "state.pt", weights_only=False)
+    for name, (A, B) in fl.read_factors(model).items():
+        assert torch.equal(A, state["factors"][name][0]) and torch.equal(B, state["factors"][name][1])
     assert not [pid for pid in family if flower_local._alive(pid)]
     print(f"flwr run's exit codes: {first.returncode}, {second.returncode}; rounds (s): "
           f"{[round(r['client_seconds'] + r['server_seconds'], 1) for r in rows]}")

@@ -61,7 +61,8 @@ class Args:
 
 def train_args(args: Args, out: Path) -> train.Args:
     """The measured run as train.py's options: MiniLM, SST-2, train.py's default aggregator."""
-    return train.Args(task="sst2", data_dir=args.data_dir, clients=args.clients,
+    data_dir = os.path.abspath(args.data_dir) if args.data_dir else None   # Flower's cwd differs
+    return train.Args(task="sst2", data_dir=data_dir, clients=args.clients,
                       rounds=args.rounds, local_steps=args.local_steps,
                       batch_size=args.batch_size, max_train_examples=args.max_train_examples,
                       max_eval_examples=args.max_eval_examples, max_length=args.max_length,

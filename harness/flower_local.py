@@ -5,11 +5,14 @@ every process stopped by its pid, with the processes it started, also when somet
 It drives Flower's command-line tools (flower-superlink, flower-supernode, flwr) found next
 to this Python, never imports flwr, and sets what Flower needs to run with no network
 beyond localhost (OFFLINE_ENV). Each process gets its own FLWR_HOME under `workdir`, where
-Flower unpacks the app bundle, and PYTHONPATH holds the repository, which the app imports.
+Flower unpacks the app bundle. The app imports the project (flora_na, train, harness): where it
+is installed (pip install -e .) the processes find it there; in a plain clone that is not
+installed, and only then, PYTHONPATH gives them the repository.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -26,7 +29,18 @@ APP = ROOT / "flower_app"
 # check PyPI for updates and send telemetry; the Hub libraries would look for updates.
 OFFLINE_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               # how often a SuperNode's superexec looks for a message to run (Flower: 1 s)
+               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+
+
+def installed() -> bool:
+    """True where the project is installed (pip install -e . or a wheel), not merely a clone."""
+    try:
+        importlib.metadata.distribution("flora-na")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def free_port() -> int:
@@ -72,6 +86,21 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _session(pid: int) -> list[int]:
+    """Every process in the session that `pid` leads (what it started, also orphans such as
+    the app's warm workers, unless they left the session)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid:
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[4]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -89,13 +118,16 @@ class LocalFederation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         self.address: str | None = None
+        self.superlink: subprocess.Popen | None = None
 
     def env(self, home: str) -> dict:
         """This machine's environment plus Flower's offline settings, its own FLWR_HOME,
-        the repository on PYTHONPATH and Flower's tools on PATH."""
+        Flower's tools on PATH and, in a clone where the project is not installed, the
+        repository on PYTHONPATH."""
         env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.workdir / home)}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [
-            os.environ.get("PYTHONPATH")] if p])
+        if not installed():
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [
+                os.environ.get("PYTHONPATH")] if p])
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
         return env
 
@@ -106,13 +138,17 @@ class LocalFederation:
         self.procs.append(proc)
         return proc
 
-    def start_superlink(self, simulation: bool = False, timeout: float = 120) -> str:
+    def start_superlink(self, simulation: bool = False, timeout: float = 120,
+                        port: int | None = None) -> str:
         """A SuperLink (with --simulation: one that runs `flwr run` as a simulation) on a
-        free port; returns its address once it accepts connections."""
-        port = free_port()
+        free port, or `port`, keeping its state in workdir/superlink.db (so it survives a
+        restart); returns its address once it accepts connections."""
+        port = port or free_port()
         argv = [tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
-                str(port), "--disable-runtime-dependency-installation"]
+                str(port), "--disable-runtime-dependency-installation",
+                "--database", str(self.workdir / "superlink.db")]
         proc = self._start(argv + (["--simulation"] if simulation else []), "superlink", "link")
+        self.superlink = proc
         deadline = time.monotonic() + timeout
         while True:
             with socket.socket() as s:
@@ -139,27 +175,50 @@ class LocalFederation:
         argv = [tool("flower-supernode"), "--insecure", "--superlink", self.address,
                 "--host", "127.0.0.1", "--port", str(free_port()),
                 "--node-config", run_config(config)]
-        return self._start(argv, f"supernode{partition_id}", f"node{partition_id}")
+        return self._start(argv, f"supernode{partition_id}-{len(self.procs)}",
+                           f"node{partition_id}")
 
-    def run(self, config: dict, federation_config: dict | None = None, timeout: float = 600
-            ) -> subprocess.CompletedProcess:
-        """`flwr run flower_app local-test --run-config ... --stream`, waited for; its output
-        (the ServerApp's log) is in .stdout and in flwr-run.log."""
+    def restart_superlink(self, timeout: float = 30) -> str:
+        """SIGTERM to the SuperLink, wait for it and its children, start it again on the same
+        port with the same database."""
+        old, port = self.superlink, int(self.address.rsplit(":", 1)[1])
+        family = [old.pid] + _descendants(old.pid) + _session(old.pid)
+        old.terminate()
+        old.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while any(_alive(p) for p in family) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.procs.remove(old)
+        return self.start_superlink(port=port)
+
+    def submit(self, config: dict, federation_config: dict | None = None, name: str = "flwr-run"
+               ) -> subprocess.Popen:
+        """`flwr run flower_app local-test --run-config ... --stream`, started; its output
+        (the ServerApp's log) goes to workdir/<name>.log."""
         argv = [tool("flwr"), "run", str(APP), "local-test", "--run-config", run_config(config),
                 "--stream"]
         if federation_config:
             argv += ["--federation-config", run_config(federation_config)]
-        done = subprocess.run(argv, capture_output=True, text=True, env=self.env("cli"),
-                              cwd=self.workdir, timeout=timeout)
-        (self.workdir / "flwr-run.log").write_text(done.stdout + done.stderr)
-        return done
+        return self._start(argv, name, "cli")
+
+    def run(self, config: dict, federation_config: dict | None = None, timeout: float = 600,
+            name: str = "flwr-run") -> subprocess.CompletedProcess:
+        """submit, waited for: .returncode and .stdout (the ServerApp's log)."""
+        proc = self.submit(config, federation_config, name)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return subprocess.CompletedProcess(proc.args, proc.returncode,
+                                           (self.workdir / f"{name}.log").read_text(), "")
 
     def stop(self, timeout: float = 15) -> None:
         """SIGTERM to every process started here, newest first, then SIGKILL to any of them
         or their descendants (Flower's superexec and app processes) still alive."""
         family = []
         for proc in reversed(self.procs):
-            family += [proc.pid] + _descendants(proc.pid)
+            family += [proc.pid] + _descendants(proc.pid) + _session(proc.pid)
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import re
 import sys
 import time
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,12 +28,12 @@ pytest.importorskip("flwr", reason="the Flower app needs pip install -r requirem
 
 import flora_na as fl
 import train
-from harness import federation, flower_local
+from harness import flower_local
 from harness.flower_local import LocalFederation
 from test_train import adapter_tensors, build_bert, rows_of, run_killed_in_round_2, write_sst2
 
 sys.path.insert(0, str(flower_local.APP))   # the app's package, as Flower's processes see it
-from flora_na_app import wire               # noqa: E402
+from flora_na_app import client_work, wire  # noqa: E402
 
 TIMING = ("client_seconds", "server_seconds")
 pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py's: and restored after
@@ -184,6 +185,82 @@ def test_arrays_travel_exactly():
     assert only_A["B"] == {} and only_A["head"] == {} and only_A["A"].keys() == factors.keys()
 
 
+class FakeGrid:
+    """A Grid whose nodes answer queries at once: `answers` maps a node id to its
+    (partition-id, num-partitions), or to an error reason; an error reply comes from node 1
+    (the SuperLink), as Flower's "node unavailable" does."""
+
+    def __init__(self, answers: dict):
+        self.answers, self.sent = answers, {}
+
+    def get_node_ids(self):
+        return list(self.answers)
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            ids.append(f"m{len(self.sent)}")
+            self.sent[ids[-1]] = msg
+        return ids
+
+    def pull_messages(self, ids):
+        replies = []
+        for msg_id in ids:
+            node = self.sent[msg_id].metadata.dst_node_id
+            answer, error = self.answers[node], None
+            if isinstance(answer, str):
+                error, node = SimpleNamespace(reason=answer, code=5), 1
+            content = None if error else {"node": {"partition-id": answer[0],
+                                                   "num-partitions": answer[1]}}
+            replies.append(SimpleNamespace(
+                metadata=SimpleNamespace(reply_to_message_id=msg_id, src_node_id=node),
+                has_error=lambda e=error: e is not None, error=error, content=content))
+        return replies
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's Message needs the identity of the process's task (set by Flower at run time)."""
+    from flwr.supercore.task_identity import TaskIdentity
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+def test_replies_belong_to_their_requests_and_a_node_without_identity_is_left_out(
+        task_identity, caplog):
+    """find_clients maps partition ids to nodes by the message each reply answers: node 11
+    (no node config: its ClientApp raised) and node 13 (lost: the SuperLink answers for it,
+    from node id 1) are left out with a warning, the others make the federation; every
+    query carries the server's code version."""
+    sys.path.insert(0, str(flower_local.APP))
+    from flora_na_app import server_app, version
+    grid = FakeGrid({10: (1, 2), 11: "ValueError: node config {} needs partition-id",
+                     12: (0, 2), 13: "Node Unavailable"})
+    assert server_app.find_clients(grid, timeout=5) == {1: 10, 0: 12}
+    assert {m.content["config"]["code-version"] for m in grid.sent.values()} == {
+        version.code_version()}
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for text in ("node 11 cannot say which client it is and is left out",
+                 "node config {} needs partition-id", "node 13 cannot say", "Node Unavailable"):
+        assert text in warned, warned
+
+
+def test_a_client_of_another_code_version_refuses():
+    from flora_na_app import version
+    version.check(version.code_version())
+    with pytest.raises(ValueError, match="this client runs code version .* the server 0000"):
+        version.check("0000")
+
+
+def test_the_dirichlet_failure_says_which_options_fix_it():
+    args = train.Args(dirichlet_alpha=0.01)
+    with pytest.raises(ValueError, match="raise dirichlet-alpha .* set dirichlet-alpha=0 .* "
+                       "raise max-train-examples, or run fewer clients"):
+        client_work.partition([0, 1] * 50, 100, args)
+
+
 # ---------------------------------------------------------------------------------------------
 # Flower's simulation and a local deployment against train.py's in-process loop
 # ---------------------------------------------------------------------------------------------
@@ -231,70 +308,81 @@ def write_own_data(folder: Path, glue_dir: Path, examples: list) -> Path:
     (folder / "SST-2").mkdir(parents=True)
     rows = ["sentence\tlabel"] + [f"{e.text_a}\t{e.label}" for e in examples]
     (folder / "SST-2" / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    shutil.copy(glue_dir / "glue_data" / "SST-2" / "dev.tsv", folder / "SST-2" / "dev.tsv")
+    (folder / "SST-2" / "dev.tsv").write_bytes(
+        (glue_dir / "glue_data" / "SST-2" / "dev.tsv").read_bytes())
     return folder
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory, bert_dir, glue_dir) -> dict:
-    """One SuperLink and three SuperNodes, each a separate process on its own free port, and
-    2 rounds of FLoRA-NA through them, the clients at different LoRA ranks (1, 2, 1; global
-    rank 2). Clients 0 and 1 hold their own data (own-data=true): exactly train.py's two
-    partitions of the SST-2 set; client 2's data folder is empty, so its training raises
-    every round. Also train.py's 2-client run, as the reference."""
-    root = tmp_path_factory.mktemp("deployment")
-    ref = tiny_args(root / "ref", bert_dir, glue_dir, clients=2, client_ranks="1,2")
+def rows_when(out: Path, n: int, proc, timeout: float = 300) -> list[dict]:
+    """metrics.jsonl's rows once it holds n of them (while `proc`, the run, goes on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(rows := rows_of(out)) >= n:
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"no row {n} in {out} (run exit code {proc.poll()})")
+
+
+def test_deployment_survives_lost_nodes_and_a_superlink_restart(tmp_path, bert_dir, glue_dir):
+    """One SuperLink (with --database) and three SuperNodes, separate processes on free
+    localhost ports, 3 rounds of FLoRA-NA with min-clients=2: SuperNode 2 is killed (SIGKILL)
+    as round 2 starts, SuperNode 1 stopped (SIGTERM) as round 3 starts. Round 2 goes on
+    without client 2 (Flower's "node unavailable" reply, sent by the SuperLink, is client 2's
+    failure; p renormalised; the row's "failed"); round 3, left with one client, fails the
+    run. Round 1 is train.py's 3-client round 1. Then the SuperLink restarts on the same
+    database: SuperNode 0 (which holds its own data: train.py's partition 0) survives it, 1 and 2 start again, and `resume=true` redoes round 3
+    with all three, numbered 3/3 in Flower's log too. Warm clients: each node loads the
+    model once (round 2 loads nothing). About 2 min, most of it Flower noticing the killed
+    node (2 missed heartbeats, ~45 s) and the clients' first load."""
+    ref = tiny_args(tmp_path / "ref", bert_dir, glue_dir, rounds=1, aggregator="flora_na")
     train.main(ref)
-    task, data = train.load_data(ref)
-    parts = federation.partition(data.labels, 2, ref.dirichlet_alpha, ref.seed, min_size=1)
-    own = [write_own_data(root / f"client{u}", glue_dir, [data.train[i] for i in parts[u]])
-           for u in range(2)] + [root / "client2"]
-    own[2].mkdir()
-    got = dataclasses.replace(ref, out=str(root / "flower"))
-    with LocalFederation(root / "fed") as fed:
+    got = dataclasses.replace(ref, out=str(tmp_path / "flower"), rounds=3)
+    out = tmp_path / "flower"
+    config = run_config(got, **{"round-timeout": 120, "min-clients": 2})
+    task, data = train.load_data(ref)                 # client 0 holds its own data
+    part0 = client_work.partition(data.labels, 3, ref)[0]
+    own = write_own_data(tmp_path / "client0", glue_dir, [data.train[i] for i in part0])
+    with LocalFederation(tmp_path / "fed") as fed:
         fed.start_superlink()
-        nodes = [fed.start_supernode(u, 3, data_dir=str(own[u]), own_data=True)
-                 for u in range(3)]
-        done = fed.run(run_config(got))
-        family = [p.pid for p in fed.procs] + [
-            pid for p in fed.procs for pid in flower_local._descendants(p.pid)]
-    return {"ref": root / "ref", "out": root / "flower", "log": done.stdout, "nodes": nodes,
-            "alive_after": [pid for pid in family if flower_local._alive(pid)]}
-
-
-def test_deployment_equals_train_py(deployment):
-    """Separate processes with their own node config (partition-id, num-partitions, their own
-    data), each client training at its own rank: the rows and the saved adapter are train.py's
-    2-client run (the failing client left out, p renormalised over the others), the adapter
-    loads as train.py's does, and
-    every process, with those Flower started under it, is gone after the run."""
-    assert (deployment["out"] / "metrics.jsonl").exists(), deployment["log"][-3000:]
-    largest = assert_same_run(deployment["ref"], deployment["out"], ["flora_na"], failing=(2,))
-    assert "client_r1" in rows_of(deployment["out"])[0]["divergence"]["relative_mean"]
-    model, _ = train.load_global(str(deployment["out"] / "flora_na"))
-    state = torch.load(deployment["out"] / "flora_na" / "state.pt", weights_only=False)
+        nodes = [fed.start_supernode(0, 3, data_dir=str(own), own_data=True)] + [
+            fed.start_supernode(u, 3) for u in (1, 2)]
+        first = fed.submit(config, name="run1")
+        rows_when(out, 1, first)
+        nodes[2].kill()                             # lost in round 2
+        rows_when(out, 2, first)
+        nodes[1].terminate()                        # stopped before round 3 reaches it
+        first.wait(300)
+        fed.restart_superlink()
+        nodes += [fed.start_supernode(u, 3) for u in (1, 2)]
+        second = fed.run({**config, "resume": True}, name="run2")
+        survived = nodes[0].poll() is None
+        family = [p.pid for p in fed.procs] + [pid for p in fed.procs for pid in
+                                               flower_local._descendants(p.pid) +
+                                               flower_local._session(p.pid)]
+    log1, log2 = (tmp_path / "fed" / "run1.log").read_text(), second.stdout
+    rows = rows_of(out)
+    assert [(r["round"], r["clients"], [f["client"] for f in r["failed"]]) for r in rows] == [
+        (1, [0, 1, 2], []), (2, [0, 1], [2]), (3, [0, 1, 2], [])], log1[-3000:] + log2[-3000:]
+    assert "Node Unavailable" in rows[1]["failed"][0]["error"]
+    ref_row = rows_of(tmp_path / "ref")[0]
+    assert _close({k: v for k, v in rows[0].items() if k in ref_row and k not in TIMING},
+                  {k: v for k, v in ref_row.items() if k not in TIMING})
+    assert "round 2: client 2 (node " in log1 and "left out of the round" in log1
+    assert "round 2: p renormalised over clients [0, 1]: [0.5, 0.5]" in log1
+    assert "round 3: 1 client(s) answered, fewer than min-clients=2" in log1
+    assert "Exit Code: 201" in log1 and "Exit Code" not in log2
+    assert second.returncode == 0 and survived
+    assert "[ROUND 2/3]" in log1 and "[ROUND 3/3]" in log2 and "[ROUND 1/" not in log2
+    found = re.findall(r"clients \(partition-id: node id\): \{.*?\b0: (\d+)", log1 + log2)
+    assert len(found) == 2 and found[0] == found[1]           # the same SuperNode 0
+    assert max(rows[1]["client_load_seconds"]) < 0.2 * min(rows[0]["client_load_seconds"])
+    model, _ = train.load_global(str(out / "flora_na"))   # the adapter loads as train.py's
+    state = torch.load(out / "flora_na" / "state.pt", weights_only=False)
     for name, (A, B) in fl.read_factors(model).items():
-        assert torch.equal(A, state["factors"][name][0])
-        assert torch.equal(B, state["factors"][name][1])
-    assert all(p.poll() is not None for p in deployment["nodes"])
-    assert deployment["alive_after"] == []
-    print(f"largest adapter difference, deployment vs train.py: {largest:.3g}")
-
-
-def test_a_failing_client_is_left_out_with_p_renormalised(deployment):
-    """Client 2 raises in every round: each round completes on clients 0 and 1, the row names
-    the failure, and the log says which client and node failed, why, and the new p."""
-    rows = rows_of(deployment["out"])
-    assert [r["clients"] for r in rows] == [[0, 1], [0, 1]], deployment["log"][-3000:]
-    for row in rows:
-        [failure] = row["failed"]
-        assert failure["client"] == 2 and "FileNotFoundError" in failure["error"]
-        assert "GLUE sst2 train: expected the file" in failure["error"]
-    log = deployment["log"]
-    for rnd in (1, 2):
-        assert f"round {rnd}: client 2 (node {rows[0]['failed'][0]['node']}) failed" in log
-        assert f"round {rnd}: p renormalised over clients [0, 1]:" in log
-    assert "FileNotFoundError" in log and str(Path("client2") / "SST-2" / "train.tsv") in log
+        assert torch.equal(A, state["factors"][name][0]) and torch.equal(B, state["factors"][name][1])
+    assert not [pid for pid in family if flower_local._alive(pid)]
+    print(f"flwr run's exit codes: {first.returncode}, {second.returncode}; rounds (s): "
+          f"{[round(r['client_seconds'] + r['server_seconds'], 1) for r in rows]}")
 
 
 def test_every_process_is_stopped_when_the_block_fails(tmp_path):

@@ -1,7 +1,10 @@
 """FLoRA-NA and every other aggregator of flora_na.AGGREGATORS on Flower (Message API).
 
-server_app.py: the ServerApp, a FedAvg subclass whose aggregate_train calls the registry;
-client_app.py: the ClientApp, train.client_update on the node's own partition;
-wire.py: what travels (run config -> train.Args, LoRA factors and head <-> ArrayRecord).
-The repository's root (flora_na.py, train.py, harness/) must be importable: see README.md.
+server_app.py: the ServerApp, a Strategy whose aggregate_train calls the registry;
+client_app.py: the ClientApp (no torch import), which hands each round to client_work.py, in
+its own process in a simulation or in the node's warm worker (worker.py) in a deployment;
+wire.py: what travels (run config -> train.Args, LoRA factors and head <-> ArrayRecord);
+version.py: the code version every message carries and every client checks.
+The project (flora_na.py, train.py, harness/) is installed with `pip install -e .` at the
+repository's root: see README.md.
 """

@@ -9,32 +9,38 @@ Its node config says which client it is and where its data lies:
                  of U exactly as train.py splits it (--dirichlet-alpha, --seed)
 A Flower simulation sets partition-id and num-partitions itself.
 
-Each train message carries the aggregator's name, the round, and the global LoRA factors,
-head and changed frozen weights (wire.py); the node trains with train.client_update, exactly
-what train.py does for client u, and replies with its factors, head, loss and num-examples.
-An aggregator whose clients keep a private B (the registry's private_B) or head
-(train.keeps_own_head) finds them in the node's context.state: the server sends them only to a
-node it has not heard from yet.
+Each message carries the server's code version (version.py), which the node checks before
+anything else. A train message carries the aggregator's name, the round, and the global LoRA
+factors, head and changed frozen weights (wire.py); the node trains with train.client_update,
+exactly what train.py does for client u (client_work.py), and replies with its factors, head,
+loss and num-examples. An aggregator whose clients keep a private B (the registry's private_B)
+or head (train.keeps_own_head) finds them in the node's context.state: the server sends them
+only to a node it has not heard from yet.
+
+Where the work runs: in this process in a simulation (Ray keeps it, with the model, between
+rounds); in a deployment, where Flower starts a fresh `flwr-clientapp` process for every
+message, in the node's warm worker (worker.py), which keeps the model loaded. This module
+imports no torch, so a deployment's per-message process costs only Python and flwr.
 """
 from __future__ import annotations
 
-import dataclasses
+import fcntl
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from collections import OrderedDict
+from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-import flora_na as fl
-import train
-from harness import federation, models
-
-from flora_na_app import wire
+from flora_na_app import version, worker
 
 app = ClientApp()
-
-_loaded: dict = {}    # the model and data this process loaded last (simulation reuses them)
+WORKER_START_SECONDS = 60      # a worker binds its socket before importing torch: seconds
 
 
 def identity(context: Context) -> tuple[int, int]:
@@ -49,89 +55,98 @@ def identity(context: Context) -> tuple[int, int]:
     return u, n
 
 
-def setup(context: Context, name: str) -> dict:
-    """This node's run: its train.Args, data, model and batcher, loaded once per run
-    and aggregator (the model's frozen weights then change only as the server says)."""
-    data_dir = context.node_config.get("data-dir", None)
-    override = {} if data_dir in (None, "") else {"data_dir": str(data_dir)}
-    args = wire.args_from(context.run_config, **override)
-    key = (context.run_id, name, args.data_dir)
-    if _loaded.get("key") != key:
-        _loaded.clear()                         # one model in memory at a time
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
-        task, data = train.load_data(args)
-        model, tokenizer = train.model_loader(args, train.resolve_device(args.device))()
-        ranks = train.client_ranks(dataclasses.replace(args, clients=identity(context)[1]))
-        _loaded.update(key=key, args=args, data=data, model=model, ranks=ranks,
-                       scales=train.rank_scales(model, ranks),
-                       make_batch=task.batcher(tokenizer, data.train, args.max_length))
-    return _loaded
-
-
-def my_examples(context: Context, run: dict) -> list[int]:
-    """Indices of this node's training examples: all of them with own-data, else its part of
-    train.py's partition."""
-    u, n = identity(context)
-    data, args = run["data"], run["args"]
-    if context.node_config.get("own-data", False):
-        return list(range(len(data.train)))
-    parts = federation.partition(data.labels, n, args.dirichlet_alpha or None, args.seed,
-                                 min_size=1)
-    return parts[u]
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Who this node is: the server maps partition ids to node ids before the first round."""
+    version.check(str(msg.content["config"]["code-version"]))
     u, n = identity(context)
     return Message(RecordDict({"node": ConfigRecord({"partition-id": u, "num-partitions": n})}),
                    reply_to=msg)
+
+
+def one_message_per_process() -> bool:
+    """True in a deployment: Flower runs each message in a fresh flwr-clientapp process."""
+    return Path(sys.argv[0]).name == "flwr-clientapp"
+
+
+def _supernode_pid() -> int:
+    """The SuperNode above this process (flower-supernode -> flower-superexec ->
+    flwr-clientapp), else the parent."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            if b"flower-supernode" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return os.getppid()
+
+
+def _connect(node_id: int) -> socket.socket:
+    """A connection to this node's warm worker, started first if none is running."""
+    folder = Path(tempfile.gettempdir()) / f"flora-na-workers-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_mode & 0o077:
+        raise PermissionError(f"{folder} must be private (mode 0700): it holds worker sockets")
+    path = str(folder / f"node-{node_id}.sock")
+
+    def attempt():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return s
+        except OSError:
+            s.close()
+            return None
+
+    if (s := attempt()) is not None:
+        return s
+    with open(path + ".lock", "w") as lock:        # one starter per node
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (s := attempt()) is not None:
+            return s
+        with open(folder / f"node-{node_id}.log", "a") as log:
+            proc = subprocess.Popen([sys.executable, worker.__file__, path,
+                                     str(_supernode_pid())], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, close_fds=True)
+        deadline = time.monotonic() + WORKER_START_SECONDS
+        while (s := attempt()) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the warm worker did not start (exit code {proc.poll()}); "
+                                   f"see {folder / f'node-{node_id}.log'}")
+            time.sleep(0.05)
+        return s
+
+
+def _in_worker(node_id: int, request: dict):
+    """client_work.train_round(**request) in the node's warm worker."""
+    with _connect(node_id) as s:
+        worker.send(s, request)
+        answer = worker.receive(s)
+    if answer[0] == "error":
+        raise RuntimeError(f"{answer[1]}\n(in the node's warm worker)\n{answer[2]}")
+    return answer[1]
 
 
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
     """One round of client u: train.client_update from the global model in the message."""
     config = msg.content["config"]
-    name, round_ = str(config["aggregator"]), int(config["round"])
-    entry = fl.AGGREGATORS[name]
-    t0 = time.perf_counter()
-    run = setup(context, name)
-    args, model = run["args"], run["model"]
-    u, _ = identity(context)
-    idx = my_examples(context, run)
-    got = wire.from_record(msg.content["arrays"])
-    if got["W"]:                                  # frozen weights the aggregator changed
-        layers = fl.lora_layers(model)
-        with torch.no_grad():
-            for layer, W in got["W"].items():
-                layers[layer].get_base_layer().weight.copy_(W)
-    private = f"private-B/{name}"
-    B = got["B"]
-    if not B:                                     # the server left this node its own B
-        if not entry.private_B or private not in context.state:
-            raise ValueError(f"round {round_ + 1}: the message has no B and this node holds "
-                             f"no private B for {name} (was the SuperNode restarted?)")
-        B = context.state[private].to_torch_state_dict()
-    factors = {layer: (A, B[layer]) for layer, A in got["A"].items()}
-    private_head, head = f"private-head/{name}", got["head"]
-    if not head and fl.head_state(model):         # the server left this node its own head
-        if private_head not in context.state:
-            raise ValueError(f"round {round_ + 1}: the message has no head and this node "
-                             f"holds no private head for {name} (was the SuperNode restarted?)")
-        head = context.state[private_head].to_torch_state_dict()
-    r_u = run["ranks"][u]                         # its share, at its own rank (as train.py)
-    models.set_rank(model, r_u)
-    factors = federation.to_client(factors, r_u, run["scales"][r_u])
-    t1 = time.perf_counter()
-    upload, head, loss = train.client_update(
-        model, run["make_batch"], idx, factors=factors, head=head, lr=args.lr,
-        optimizer=args.optimizer, train_A=entry.train_A, local_steps=args.local_steps,
-        batch_size=args.batch_size, seed=args.seed, round_=round_, u=u)
-    if entry.private_B:
-        context.state[private] = ArrayRecord({layer: B for layer, (_, B) in upload.items()})
-    if train.keeps_own_head(args, name):
-        context.state[private_head] = ArrayRecord(head)
-    metrics = MetricRecord({"num-examples": len(idx), "train-loss": loss, "partition-id": u,
-                            "load-seconds": t1 - t0, "train-seconds": time.perf_counter() - t1})
-    return Message(RecordDict({"arrays": wire.to_record(upload, head), "metrics": metrics}),
+    version.check(str(config["code-version"]))
+    identity(context)
+    kept = {key: {k: a.numpy() for k, a in record.items()}
+            for key, record in context.state.array_records.items()}
+    request = dict(run_config=dict(context.run_config), node_config=dict(context.node_config),
+                   run_id=context.run_id, config=dict(config),
+                   arrays={k: a.numpy() for k, a in msg.content["arrays"].items()}, kept=kept)
+    if one_message_per_process():
+        upload, keep, metrics = _in_worker(context.node_id, request)
+    else:
+        from flora_na_app import client_work   # noqa: PLC0415 (torch: only where it runs)
+        upload, keep, metrics = client_work.train_round(**request)
+    for key, arrays in keep.items():
+        context.state[key] = ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items()))
+    record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in upload.items()))
+    return Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)

@@ -1,28 +1,35 @@
 """The ServerApp: train.py's federated loop with Flower carrying the clients' rounds.
 
 It asks every SuperNode which client it is (partition-id, num-partitions), then runs each
-aggregator named in the run config with a FedAvg subclass whose
+aggregator named in the run config with RegistryStrategy, a Flower Strategy whose
 
+  start            runs rounds state["round"] + 1 .. rounds (so Flower's "[ROUND t/T]" is
+                   the app's round t also after a resume), sending each round's messages and
+                   collecting the replies by message id (send_and_receive below);
   configure_train  picks train.py's participants of the round (federation.participants, by
-                   partition id) and sends each its message: the global factors, head and
-                   changed frozen weights, but a B and a head only to a node that does not
-                   keep its own (the registry's private_B, train.keeps_own_head) or has not
-                   answered yet;
-  aggregate_train  drops replies with errors (logged: which client, which node, why),
-                   renormalises p over the clients that answered, and calls train.py's own
-                   server_update (the registry's aggregator through federation.server_step,
-                   the head averaged by p) and end_round (evaluation on the server's data,
-                   metrics.jsonl, state.pt and the peft adapter, every round). Clients'
-                   scores are weighted (--personal-weighting data) by train.py's partition
-                   of the server's data, or by the num-examples a node has reported since
-                   the ServerApp started (own-data nodes).
+                   partition id) and sends each its message, built from the global model that
+                   Flower hands it (the ArrayRecord aggregate_train returned last round): the
+                   global factors, head and changed frozen weights, but a B and a head only to
+                   a node that does not keep its own (the registry's private_B,
+                   train.keeps_own_head) or has not answered yet;
+  aggregate_train  leaves out every client that failed (its ClientApp raised, its node was
+                   lost: Flower's error reply then comes from the SuperLink, or no reply within
+                   round-timeout), logged with client, node and reason, renormalises p over the
+                   clients that answered (the round fails if fewer than min-clients did), and
+                   calls train.py's own server_update (the registry's aggregator through
+                   federation.server_step, the head averaged by p) and end_round (evaluation on
+                   the server's data, metrics.jsonl, state.pt and the peft adapter, every
+                   round). Clients' scores are weighted (--personal-weighting data) by train.py's
+                   partition of the server's data, or by the num-examples a node has reported
+                   since the ServerApp started (own-data nodes).
 
-The run directory (run config `out`, on the server's machine) therefore has train.py's layout
-and schema, so evidence/report.py reads a Flower run as any other, and `resume=true` continues
-it from its last saved round. Rows gain "failed" (client, node, error) and, per client in
-"clients", "client_load_seconds" and "client_train_seconds" (loading data and model in the
-ClientApp's process, and train.client_update); "client_seconds" spans sending the round to
-holding every reply.
+Every message carries the server's code version (version.py); a client of another version
+refuses it. The run directory (run config `out`, on the server's machine) has train.py's
+layout and schema, so evidence/report.py reads a Flower run as any other, and `resume=true`
+continues it from its last saved round. Rows gain "failed" (client, node, error) and, per
+client in "clients", "client_load_seconds" and "client_train_seconds" (loading data and model
+in the ClientApp, zero once warm, and train.client_update); "client_seconds" spans sending
+the round to holding every reply.
 """
 from __future__ import annotations
 
@@ -38,72 +45,110 @@ from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, 
                       RecordDict)
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Result, Strategy
 
 import flora_na as fl
 import train
 from harness import federation, models, provenance
 
-from flora_na_app import wire
+from flora_na_app import client_work, version, wire
 
 app = ServerApp()
+POLL_SECONDS = 0.1      # how often the server asks the SuperLink for replies (Flower's: 3 s)
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float
+                     ) -> tuple[dict[str, Message], list[str | None]]:
+    """Push `messages`, then pull replies until each has one or `timeout` seconds passed:
+    ({message id: reply}, the message ids in the order of `messages`, None where the
+    SuperLink refused one). A reply belongs to the message it answers (reply_to_message_id),
+    whoever sent it: Flower's own error replies for a lost node come from the SuperLink."""
+    ids = list(grid.push_messages(messages)) if messages else []
+    waiting, replies = {i for i in ids if i is not None}, {}
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(waiting)):
+            replies[reply.metadata.reply_to_message_id] = reply
+            waiting.discard(reply.metadata.reply_to_message_id)
+        if waiting:
+            time.sleep(POLL_SECONDS)
+    return replies, ids
 
 
 def find_clients(grid: Grid, timeout: float) -> dict[int, int]:
     """{partition-id: node id} once every client of the federation has said who it is: all
     nodes must report the same num-partitions U and distinct partition ids 0..U-1. Waits up
-    to `timeout` seconds for late SuperNodes; ValueError for a duplicate or bad identity."""
+    to `timeout` seconds for late SuperNodes. A node that cannot say (no node config, another
+    code version, lost) is left out with a warning; ValueError for a duplicate identity."""
     deadline = time.monotonic() + timeout
     who: dict[int, tuple[int, int]] = {}            # node id -> (partition-id, num-partitions)
+    left_out: dict[int, str] = {}                   # node id -> why
+    code = ConfigRecord({"code-version": version.code_version()})
     while True:
-        new = [node for node in grid.get_node_ids() if node not in who]
-        asks = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+        new = [node for node in grid.get_node_ids() if node not in who and node not in left_out]
+        asks = [Message(RecordDict({"config": code}), dst_node_id=node,
                         message_type=MessageType.QUERY) for node in new]
-        replies = grid.send_and_receive(asks, timeout=max(deadline - time.monotonic(), 1)
-                                        ) if asks else []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                raise ValueError(f"node {node} cannot say which client it is: "
-                                 f"{reply.error.reason}")
+        replies, ids = send_and_receive(grid, asks, max(deadline - time.monotonic(), 1))
+        for node, msg_id in zip(new, ids):
+            reply = replies.get(msg_id)
+            if reply is None or reply.has_error():
+                why = reply.error.reason.strip() if reply is not None else "no reply"
+                left_out[node] = why.splitlines()[-1] if why else "?"
+                log(WARNING, "node %d cannot say which client it is and is left out: %s",
+                    node, why)
+                continue
             ident = reply.content["node"]
             who[node] = (int(ident["partition-id"]), int(ident["num-partitions"]))
         sizes = {n for _, n in who.values()}
         if len(sizes) > 1:
             raise ValueError(f"the SuperNodes disagree on num-partitions: {who} "
                              f"(node id: (partition-id, num-partitions))")
-        ids = sorted(u for u, _ in who.values())
-        if len(set(ids)) < len(ids):
+        ids_u = sorted(u for u, _ in who.values())
+        if len(set(ids_u)) < len(ids_u):
             raise ValueError(f"two SuperNodes have the same partition-id: {who}")
-        if sizes and len(ids) == next(iter(sizes)):
+        if sizes and len(ids_u) == next(iter(sizes)):
             return {u: node for node, (u, _) in who.items()}
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(ids)} client(s) {ids} of {sizes or '?'} connected "
-                               f"within node-timeout={timeout} s")
+            raise TimeoutError(f"{len(ids_u)} client(s) {ids_u} of {sizes or '?'} connected "
+                               f"within node-timeout={timeout} s; left out: {left_out}")
         time.sleep(1.0)
 
 
-class RegistryStrategy(FedAvg):
-    """FedAvg's round driver (Strategy.start) with the aggregation of flora_na's registry and
-    train.py's server state; one instance runs one aggregator."""
+class RegistryStrategy(Strategy):
+    """One aggregator of flora_na's registry over Flower's clients, with train.py's server
+    state; Flower's Strategy interface, driven by its own start (rounds by their number)."""
 
     def __init__(self, name: str, *, state: dict, model, tokenizer, task, data,
                  args: train.Args, clients: dict[int, int], log_rows: list[dict],
-                 device: torch.device):
-        super().__init__(fraction_evaluate=0.0, min_available_nodes=len(clients))
+                 device: torch.device, min_clients: int):
         self.name, self.entry = name, fl.AGGREGATORS[name]
         self.state, self.model, self.tokenizer = state, model, tokenizer
         self.task, self.data, self.args = task, data, args
         self.clients = clients                      # partition-id -> node id
         self.log_rows, self.device = log_rows, device
+        self.min_clients = min_clients
         self.private_head = train.keeps_own_head(args, name)
         self.has_own: set[int] = set()              # clients keeping their B, head (this process)
-        self.n_examples = [len(ix) for ix in federation.partition(   # train.py's n_u
-            data.labels, len(clients), args.dirichlet_alpha or None, args.seed, min_size=1)]
+        self.n_examples = [len(ix) for ix in client_work.partition(   # train.py's n_u
+            data.labels, len(clients), args)]
         self.ranks = train.client_ranks(args)       # each client's LoRA rank, as train.py's
         self.scales = train.rank_scales(model, self.ranks)
+        self.code = version.code_version()
+        self.sent: dict[str, int] = {}              # message id -> client u, this round
         self.chosen: list[int] = []
         self.t_sent = 0.0
+
+    def summary(self) -> None:
+        """What this strategy does, for Flower's log."""
+        a = self.args
+        log(INFO, "\t├──> Aggregator: %s (flora_na.AGGREGATORS), one message per client",
+            self.name)
+        log(INFO, "\t├──> Clients: %d (partition-id: node id %s), participation %.2f "
+            "(train.py's participants)", len(self.clients), self.clients, a.participation)
+        log(INFO, "\t├──> Weighted by: train.py's p_u = num-examples of the clients that "
+            "answered; a failed client is left out, the round needs %d", self.min_clients)
+        log(INFO, "\t└──> Evaluation: on the server's data every %d rounds (no federated "
+            "evaluation)", a.eval_every)
 
     def global_record(self) -> ArrayRecord:
         """The global model as it travels: factors, head, changed frozen weights."""
@@ -112,56 +157,62 @@ class RegistryStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """train.py's participants of this round, each with its own message."""
-        s, rnd = self.state, self.state["round"]
+        """train.py's participants of this round, each with its own message built from
+        `arrays` (the global model) and `config` (sent with the aggregator and round)."""
+        s, rnd = self.state, server_round - 1
+        assert rnd == s["round"], (server_round, s["round"])
+        glob = wire.from_record(arrays)
+        factors = {layer: (A, glob["B"][layer]) for layer, A in glob["A"].items()}
         self.chosen = federation.participants(len(self.clients), self.args.participation,
                                               rnd, self.args.seed)
         messages = []
         for u in self.chosen:
             # private parts (B, head): train.py's for client u, sent once; then it keeps them
-            factors, head, own = s["factors"], s["head"], u in self.has_own
+            mine, head, own = factors, glob["head"], u in self.has_own
             if s["client_B"] is not None:
-                factors = {n: (A, s["client_B"][u][n]) for n, (A, _) in factors.items()}
+                mine = {n: (A, s["client_B"][u][n]) for n, (A, _) in factors.items()}
             if s["client_head"] is not None:
                 head = {} if own else s["client_head"][u]
-            record = wire.to_record(factors, head, s["base"],
+            record = wire.to_record(mine, head, glob["W"],
                                     without_B=own and s["client_B"] is not None)
             content = RecordDict({"arrays": record, "config": ConfigRecord(
-                {"aggregator": self.name, "round": rnd})})
+                {**dict(config), "aggregator": self.name, "round": rnd,
+                 "code-version": self.code})})
             messages.append(Message(content, dst_node_id=self.clients[u],
                                     message_type=MessageType.TRAIN))
-        self.t_sent = time.perf_counter()
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop failed clients, aggregate the others with the registry, finish the round."""
+        """Leave out failed clients, aggregate the others with the registry, finish the
+        round. `replies` answer the messages recorded in self.sent (by message id)."""
         t1 = time.perf_counter()
-        replies = list(replies)
-        rnd, node_to_u = self.state["round"], {node: u for u, node in self.clients.items()}
+        rnd = self.state["round"]
         answers, failed = {}, []
-        for reply in replies:
-            u = node_to_u[reply.metadata.src_node_id]
-            if reply.has_error():
-                reason = reply.error.reason.strip()
-                failed.append({"client": u, "node": reply.metadata.src_node_id,
-                               "error": reason.splitlines()[-1] if reason else ""})
-                log(WARNING, "round %d: client %d (node %d) failed and is left out of the "
-                    "round: %s", rnd + 1, u, reply.metadata.src_node_id, reason)
+        got = {reply.metadata.reply_to_message_id: reply for reply in replies}
+        for msg_id, u in self.sent.items():
+            node, reply = self.clients[u], got.get(msg_id)
+            if reply is None:
+                why = "no reply within round-timeout" if msg_id else "the SuperLink refused it"
+            elif reply.has_error():
+                why = reply.error.reason.strip() or f"error code {reply.error.code}"
+            elif reply.metadata.src_node_id != node:
+                why = f"the reply came from node {reply.metadata.src_node_id}"
             else:
                 answers[u] = reply.content
-        for u in sorted(set(self.chosen) - set(answers) - {f["client"] for f in failed}):
-            failed.append({"client": u, "node": self.clients[u], "error": "no reply in time"})
-            log(WARNING, "round %d: client %d (node %d) did not reply within round-timeout",
-                rnd + 1, u, self.clients[u])
-        if not answers:
-            raise RuntimeError(f"round {rnd + 1}: no client answered: {failed}")
+                continue
+            failed.append({"client": u, "node": node, "error": why.splitlines()[-1]})
+            log(WARNING, "round %d: client %d (node %d) failed and is left out of the round: "
+                "%s", rnd + 1, u, node, why)
+        if len(answers) < self.min_clients:
+            raise RuntimeError(f"round {rnd + 1}: {len(answers)} client(s) answered, fewer "
+                               f"than min-clients={self.min_clients}: failed {failed}")
         ids = sorted(answers)                       # train.py's order: by client index
         uploads, heads, losses, n_u, spent = [], [], [], [], {"load": [], "train": []}
         for u in ids:
-            got, metrics = wire.from_record(answers[u]["arrays"]), answers[u]["metrics"]
-            uploads.append({layer: (A, got["B"][layer]) for layer, A in got["A"].items()})
-            heads.append(got["head"])
+            got_u, metrics = wire.from_record(answers[u]["arrays"]), answers[u]["metrics"]
+            uploads.append({layer: (A, got_u["B"][layer]) for layer, A in got_u["A"].items()})
+            heads.append(got_u["head"])
             losses.append(float(metrics["train-loss"]))
             n_u.append(int(metrics["num-examples"]))
             for kind in spent:
@@ -193,7 +244,41 @@ class RegistryStrategy(FedAvg):
                         eval_options=train.eval_options(a), out=a.out, log=self.log_rows,
                         personal_weights=train.personal_score_weights(a, self.n_examples),
                         base_name=models.hub_id(a.model))
-        return self.global_record(), MetricRecord({"train-loss": row["train_loss"]})
+        return self.global_record(), MetricRecord({"train-loss": row["train_loss"],
+                                                   "clients": len(ids),
+                                                   "failed": len(failed)})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """No federated evaluation: the server evaluates on its data (train.end_round)."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return None
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
+        """Rounds state["round"] + 1 .. state["round"] + num_rounds, each numbered as the
+        app numbers it; the arrays aggregate_train returns are the next round's."""
+        first, last = self.state["round"] + 1, self.state["round"] + num_rounds
+        log(INFO, "Starting %s strategy, rounds %d to %d:", type(self).__name__, first, last)
+        self.summary()
+        result, arrays = Result(), initial_arrays
+        config = ConfigRecord() if train_config is None else train_config
+        for t in range(first, last + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", t, self.args.rounds)
+            messages = list(self.configure_train(t, arrays, config, grid))
+            self.t_sent = time.perf_counter()
+            replies, ids = send_and_receive(grid, messages, timeout)
+            self.sent = {msg_id or f"refused-{u}": u for msg_id, u in zip(ids, self.chosen)}
+            arrays, metrics = self.aggregate_train(t, list(replies.values()))
+            result.arrays = arrays
+            result.train_metrics_clientapp[t] = metrics
+            log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
+        return result
 
 
 @app.main()
@@ -203,8 +288,12 @@ def main(grid: Grid, context: Context) -> None:
     config = context.run_config
     args = wire.args_from(config)
     names = train.check_args(args)
+    min_clients = int(config.get("min-clients", 1))
+    if min_clients < 1:
+        raise ValueError(f"min-clients must be at least 1, got {min_clients}")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = train.resolve_device(args.device)
+    log(INFO, "code version %s", version.code_version())
     clients = find_clients(grid, float(config["node-timeout"]))
     args.clients = len(clients)
     names = train.check_args(args)              # again: rank profiles depend on the count
@@ -217,7 +306,8 @@ def main(grid: Grid, context: Context) -> None:
     train._check_config(args, train.run_facts(args, task, data, meta_model))
     with open(os.path.join(args.out, "provenance.jsonl"), "a") as f:
         f.write(json.dumps({**provenance.record(device), "engine": f"flwr {flwr.__version__}",
-                            "run_id": context.run_id}) + "\n")
+                            "run_id": context.run_id, "code_version": version.code_version()})
+                + "\n")
     log_rows: list[dict] = []
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if args.resume and os.path.exists(metrics_path):
@@ -231,7 +321,7 @@ def main(grid: Grid, context: Context) -> None:
             continue
         strategy = RegistryStrategy(name, state=state, model=model, tokenizer=tokenizer,
                                     task=task, data=data, args=args, clients=clients,
-                                    log_rows=log_rows, device=device)
+                                    log_rows=log_rows, device=device, min_clients=min_clients)
         strategy.start(grid=grid, initial_arrays=strategy.global_record(),
                        num_rounds=args.rounds - state["round"],
                        timeout=float(config["round-timeout"]))

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord
 
 import train
 
-APP_KEYS = ("node-timeout", "round-timeout")   # the app's own keys: not train.py options
+APP_KEYS = ("node-timeout", "round-timeout", "min-clients")   # the app's own: not train.py's
 FROM_NODES = ("clients",)                      # set by the SuperNodes that connect
 
 

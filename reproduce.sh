@@ -246,6 +246,8 @@ quote() {   # the command as one shell-ready line (quotes only where needed)
 }
 
 run() {   # run OUT_DIR CMD...: one logged run, skipped if it already finished with this command
+    # its log goes beside the run folder, OUT_DIR.log: train.py refuses an --out holding files
+    # that are not a run's
     local out=$1; shift
     local cmd; cmd=$(quote "$@")
     if [[ $DRY_RUN == 1 ]]; then echo "$cmd"; return 0; fi
@@ -253,9 +255,9 @@ run() {   # run OUT_DIR CMD...: one logged run, skipped if it already finished w
         echo "  done already: $out"; return 0
     fi
     mkdir -p "$out"
-    echo "  start $(date +%H:%M:%S)  $out   (log: $out/log.txt)"
+    echo "  start $(date +%H:%M:%S)  $out   (log: $out.log)"
     local t0=$SECONDS pid
-    "$@" >>"$out/log.txt" 2>&1 &       # in the background, so a signal can reach it
+    "$@" >>"$out.log" 2>&1 &           # in the background, so a signal can reach it
     pid=$!
     trap 'kill "$pid" 2>/dev/null' INT TERM
     if wait "$pid"; then
@@ -266,8 +268,8 @@ run() {   # run OUT_DIR CMD...: one logged run, skipped if it already finished w
         if ((rc > 128)); then
             echo "  stopped $out (signal $((rc - 128))); the next run of this script resumes it" >&2
         else
-            echo "  FAILED (exit $rc) $out; last lines of $out/log.txt:" >&2
-            tail -n 15 "$out/log.txt" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 15 | sed 's/^/    /' >&2
+            echo "  FAILED (exit $rc) $out; last lines of $out.log:" >&2
+            tail -n 15 "$out.log" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 15 | sed 's/^/    /' >&2
         fi
         return "$rc"
     fi
@@ -288,7 +290,7 @@ pool_wait() {   # wait for every run; fail if any failed, recording the first on
     if [[ -s $POOL_FAILS ]]; then
         echo "  $(wc -l <"$POOL_FAILS") run(s) failed:" >&2; sed 's/^/    /' "$POOL_FAILS" >&2
         local first; first=$(head -n 1 "$POOL_FAILS")
-        [[ -s $FIRST_ERROR ]] || echo "$first: $(tr '\r' '\n' <"$first/log.txt" | grep -v '^\s*$' \
+        [[ -s $FIRST_ERROR ]] || echo "$first: $(tr '\r' '\n' <"$first.log" | grep -v '^\s*$' \
             | grep -i 'error' | tail -n 1)" >"$FIRST_ERROR"
         rm -f "$POOL_FAILS"; return 1
     fi

@@ -62,7 +62,7 @@ def failed_line(results: str, stage: str, folder: str) -> str | None:
         return None
     command = f" of `{p[8]}`" if len(p) >= 9 else ""
     return (f"\n_Failed: stage {stage} ({p[1]}){command} ended {p[2]} on {p[4]} with no results"
-            f"{first_error(p) or '; no error recorded'}. Logs: `runs/{folder}/*/log.txt`._\n")
+            f"{first_error(p) or '; no error recorded'}. Logs: `runs/{folder}/*.log`._\n")
 
 
 def provenance_line(results: str, stage: str, folder: str, pipeline: dict) -> str:

@@ -197,6 +197,6 @@ def test_a_stage_that_failed_says_so_with_its_first_error(tmp_path):
     md = report.build_report(str(tmp_path), str(tmp_path)).body
     assert ("_Failed: stage 3 (glue) of `bash reproduce.sh` ended failed(1) on 2026-01-02 "
             "03:04:05 with no results; first error: results/runs/glue/sst2_seed0: error: no data. "
-            "Logs: `runs/glue/*/log.txt`._") in md
+            "Logs: `runs/glue/*.log`._") in md
     assert "_Not run: nothing under `runs/glue/` yet._" not in md
     assert "_Not run: nothing under `runs/bench/bench_solver.json` yet._" in md

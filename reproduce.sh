@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Rebuild the evidence for FLoRA-NA (arXiv 2509.26399) from scratch, stage by stage:
 #
-#   1 tests              python -m pytest -q
+#   0 preflight          before any stage: every task the selected stages train on loads (from
+#                        --data-dir, $FLORA_DATA, ./data, ../shared/data, else the Hub), and
+#                        the MBPP sandbox works where MBPP runs; stops at once otherwise
+#   1 tests              python -m pytest -q (TINY: a smoke subset, seconds)
 #   2 regime study       where FedIT's aggregation error grows and how much of it FLoRA-NA
 #                        removes: SST-2 runs of FedIT that change one factor at a time (local
 #                        steps, client lr, Dirichlet alpha, rank, clients) around a base
@@ -19,11 +22,18 @@
 #   7 mixed ranks        clients of different LoRA ranks (heavy-tail profile 2..16) on SST-2:
 #                        every mixed-rank aggregator x 3 seeds, and equal-rank FedIT and FLoRA-NA
 #                        at the smallest and the largest rank as references (QUICK: one seed)
-#   8 report             python -m evidence.report -> results/REPORT.md and PNGs; RESULTS.md's
-#                        generated part (figures in figures/) and README.md's headline table
+#   8 report             python -m evidence.report -> results/<mode>/REPORT.md and its PNGs;
+#                        with --publish also RESULTS.md's generated part (figures in figures/)
+#                        and README.md's headline table (never from TINY)
 #
 # Usage:
-#   bash reproduce.sh                    # QUICK: ~96 min on an idle 2-core Xeon (~3 h on an EPYC)
+#   bash reproduce.sh --tiny             # smoke run, minutes: every code path, numbers meaningless,
+#                                        # into results/tiny/ (also: TINY=1 bash reproduce.sh)
+#   bash reproduce.sh                    # QUICK: ~96 min on an idle 2-core Xeon (~3 h on an EPYC),
+#                                        # into results/quick/
+#   bash reproduce.sh --publish          # QUICK, then rewrite RESULTS.md, figures/, README's headline
+#   bash reproduce.sh --data-dir DIR     # the data folder (also FLORA_DATA=DIR; default ./data,
+#                                        # ../shared/data, else the Hub; python -m harness.data fetch)
 #   bash reproduce.sh --only 2,3         # some stages (also: STAGES=2,3 bash reproduce.sh);
 #                                        # the report (8) runs after any selection
 #   bash reproduce.sh --skip 1,6         # all but some (also: SKIP=1,6)
@@ -32,14 +42,13 @@
 #   MODE=FULL FLORA_NA_VARIANT=authors bash reproduce.sh   # FLoRA-NA as the authors' released
 #                                        # code runs it (train.py --flora-na-variant authors),
 #                                        # into results/full_authors/; RESULTS.md is left alone
-#   TINY=1 bash reproduce.sh             # plumbing check in minutes, into results/tiny/
 #
 # Every training run has its own --out under $RESULTS/runs/<stage>/ and is started with
 # --resume, so re-running this script continues killed runs and skips finished ones.
-# Environment: FLORA_DATA (data root, default ../shared/data), JOBS (parallel runs, default:
+# Environment: FLORA_DATA (data root, as --data-dir), JOBS (parallel runs, default:
 # CPU cores in QUICK, 1 in FULL), THREADS (torch threads per run: 1 in QUICK, all in FULL),
 # PYTHON, PYTEST_ARGS, ROBERTA and LLAMA (local folders for the FULL models, no Hub needed),
-# RESULTS (output folder), README=0 (leave README.md and RESULTS.md alone), FLORA_NA_VARIANT
+# RESULTS (output folder), PUBLISH=1 (as --publish), FLORA_NA_VARIANT
 # (FULL only: a train.py --flora-na-variant preset, e.g. authors). After changing a
 # budget, delete the affected results/runs/<stage>/ folders: train.py refuses to resume with
 # another config.
@@ -51,6 +60,8 @@ cd "$(dirname "$0")"
 MODE=${MODE:-QUICK}
 TINY=${TINY:-0}
 DRY_RUN=${DRY_RUN:-0}
+PUBLISH=${PUBLISH:-0}
+DATA=${FLORA_DATA:-}
 ONLY=${STAGES:-}
 SKIP=${SKIP:-}
 while (($#)); do
@@ -62,6 +73,9 @@ while (($#)); do
         --mode) MODE=$2; shift 2 ;;
         --mode=*) MODE=${1#*=}; shift ;;
         --tiny) TINY=1; shift ;;
+        --publish) PUBLISH=1; shift ;;
+        --data-dir) DATA=$2; shift 2 ;;
+        --data-dir=*) DATA=${1#*=}; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         --no-report) SKIP="${SKIP:+$SKIP,}8"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -74,6 +88,10 @@ if [[ ",$ONLY," == *",4,"* ]]; then
          "and client count" >&2; exit 2
 fi
 [[ $MODE == QUICK || $MODE == FULL ]] || { echo "MODE must be QUICK or FULL, got $MODE" >&2; exit 2; }
+if [[ $PUBLISH == 1 && $TINY == 1 ]]; then
+    echo "reproduce.sh: --publish takes a QUICK or FULL run; a TINY run's numbers are not results" >&2
+    exit 2
+fi
 VARIANT=${FLORA_NA_VARIANT:-default}
 if [[ $VARIANT != default && $MODE != FULL ]]; then
     echo "FLORA_NA_VARIANT=$VARIANT is for MODE=FULL (QUICK keeps the method's own solver)" >&2; exit 2
@@ -85,7 +103,6 @@ METHOD=flora_na
 BASELINE=fedit
 
 PY=${PYTHON:-python}
-DATA=${FLORA_DATA:-../shared/data}
 CORES=$(nproc 2>/dev/null || echo 2)
 if [[ $MODE == FULL ]]; then
     JOBS=${JOBS:-1}; THREADS=${THREADS:-0}; RESULTS=${RESULTS:-results/full}
@@ -93,7 +110,7 @@ if [[ $MODE == FULL ]]; then
 else
     # Two single-thread runs side by side beat one two-thread run on 2 cores, and stay fast
     # when other processes load the machine (a 2-thread torch run slowed ~10x under load).
-    JOBS=${JOBS:-$CORES}; THREADS=${THREADS:-1}; RESULTS=${RESULTS:-results}
+    JOBS=${JOBS:-$CORES}; THREADS=${THREADS:-1}; RESULTS=${RESULTS:-results/quick}
 fi
 [[ $TINY == 1 ]] && RESULTS=results/tiny
 RUNS=$RESULTS/runs
@@ -181,23 +198,29 @@ else
                --max-train-examples 3000 --max-eval-examples 400 --eval-every 3)
     T1="~5 min"; T2="~25 min"; T3="~50 min"; T5="~3 min"; T6="~4 min"; T7="~12 min"
 fi
-if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningless
+MIX_SEEDS=$SEEDS
+if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningless, minutes
+    # a smoke subset of the tests (the data layer and one report section), not the suite
+    PYTEST_ARGS=${PYTEST_ARGS:--x tests/test_data.py tests/test_report_glue.py}
     GLUE_TRAIN=(--rounds 2 --local-steps 1 --batch-size 4 --lr 5e-3 --max-length 32
                 --max-train-examples 120 --max-eval-examples 24 --eval-every 1)
     SEEDS="0 1"; CENTRAL_STEPS=3
     REGIME_TRAIN=(--rounds 2 --batch-size 4 --max-length 32 --max-train-examples 200
                   --max-eval-examples 24 --eval-every 1)
     REGIME_BASE=([clients]=3 [steps]=1 [lr]=5e-3 [alpha]=0.5 [rank]=4)
-    REGIME_SETTINGS="steps2 iid rank2 base"; REGIME_PICK=1; REGIME_SEEDS="0 1"
+    REGIME_SETTINGS="steps2 base"; REGIME_PICK=1; REGIME_SEEDS="0 1"
     GEN_TRAIN=(--clients 2 --rounds 1 --local-steps 1 --batch-size 2 --lr 2e-4 --max-length 96
                --max-train-examples 40 --max-eval-examples 2 --eval-every 1
                --eval-batch-size 2 --max-new-tokens 24)
+    GEN_AGGS=$METHOD
     BENCH_ARGS=(--quick)
+    MIX_CLIENTS=4; MIX_SEEDS="0"
     MIX_TRAIN=(--rounds 2 --local-steps 1 --batch-size 4 --max-length 32
                --max-train-examples 200 --max-eval-examples 24 --eval-every 2)
-    T1="~2 min"; T2="~2 min"; T3="~6 min"; T5="~1 min"; T6="~2 min"; T7="~3 min"
+    T1="~20 s"; T2="~30 s"; T3="~1.5 min"; T5="~20 s"; T6="~1 min"; T7="~30 s"
 fi
-COMMON=(--data-dir "$DATA" --threads "$THREADS" --resume)
+# without a folder given, train.py finds the data itself (harness.tasks.data_root)
+COMMON=(${DATA:+--data-dir "$DATA"} --threads "$THREADS" --resume)
 if [[ $VARIANT != default ]]; then COMMON+=(--flora-na-variant "$VARIANT"); fi
 GLUE_TASKS=${GLUE_TASKS:-${QUICK_GLUE_TASKS:-rte mrpc stsb sst2}}   # longest runs first
 
@@ -223,6 +246,8 @@ quote() {   # the command as one shell-ready line (quotes only where needed)
 }
 
 run() {   # run OUT_DIR CMD...: one logged run, skipped if it already finished with this command
+    # its log goes beside the run folder, OUT_DIR.log: train.py refuses an --out holding files
+    # that are not a run's
     local out=$1; shift
     local cmd; cmd=$(quote "$@")
     if [[ $DRY_RUN == 1 ]]; then echo "$cmd"; return 0; fi
@@ -230,9 +255,9 @@ run() {   # run OUT_DIR CMD...: one logged run, skipped if it already finished w
         echo "  done already: $out"; return 0
     fi
     mkdir -p "$out"
-    echo "  start $(date +%H:%M:%S)  $out   (log: $out/log.txt)"
+    echo "  start $(date +%H:%M:%S)  $out   (log: $out.log)"
     local t0=$SECONDS pid
-    "$@" >>"$out/log.txt" 2>&1 &       # in the background, so a signal can reach it
+    "$@" >>"$out.log" 2>&1 &           # in the background, so a signal can reach it
     pid=$!
     trap 'kill "$pid" 2>/dev/null' INT TERM
     if wait "$pid"; then
@@ -243,8 +268,8 @@ run() {   # run OUT_DIR CMD...: one logged run, skipped if it already finished w
         if ((rc > 128)); then
             echo "  stopped $out (signal $((rc - 128))); the next run of this script resumes it" >&2
         else
-            echo "  FAILED (exit $rc) $out; last lines of $out/log.txt:" >&2
-            tail -n 15 "$out/log.txt" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 15 | sed 's/^/    /' >&2
+            echo "  FAILED (exit $rc) $out; last lines of $out.log:" >&2
+            tail -n 15 "$out.log" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 15 | sed 's/^/    /' >&2
         fi
         return "$rc"
     fi
@@ -260,10 +285,13 @@ pool_run() {   # pool_run OUT_DIR CMD...
     while (($(jobs -rp | wc -l) >= JOBS)); do wait -n 2>/dev/null || true; done
     ( run "$@" || echo "$1" >>"$POOL_FAILS" ) &
 }
-pool_wait() {   # wait for every run; fail if any failed
+pool_wait() {   # wait for every run; fail if any failed, recording the first one's error
     wait
     if [[ -s $POOL_FAILS ]]; then
         echo "  $(wc -l <"$POOL_FAILS") run(s) failed:" >&2; sed 's/^/    /' "$POOL_FAILS" >&2
+        local first; first=$(head -n 1 "$POOL_FAILS")
+        [[ -s $FIRST_ERROR ]] || echo "$first: $(tr '\r' '\n' <"$first.log" | grep -v '^\s*$' \
+            | grep -i 'error' | tail -n 1)" >"$FIRST_ERROR"
         rm -f "$POOL_FAILS"; return 1
     fi
     rm -f "$POOL_FAILS"
@@ -271,6 +299,22 @@ pool_wait() {   # wait for every run; fail if any failed
 trap 'echo "reproduce.sh: interrupted" >&2; exit 130' INT TERM
 
 TRAIN=("$PY" train.py)
+FIRST_ERROR=$RESULTS/.first_error   # the first failed run's error, for the stage's record
+
+preflight() {   # every task the selected stages train on loads, from where train.py reads it
+    local tasks=()
+    wanted 2 && tasks+=(sst2)
+    wanted 3 && tasks+=($GLUE_TASKS)
+    wanted 6 && tasks+=(gsm8k)
+    wanted 7 && tasks+=(sst2)
+    ((${#tasks[@]})) || return 0
+    local list; list=$(printf '%s\n' "${tasks[@]}" | sort -u | paste -sd, -)
+    echo "preflight: loading $list ${DATA:+from $DATA}"
+    if ! $PY -m harness.data check --tasks "$list" ${DATA:+--data-dir "$DATA"}; then
+        echo "reproduce.sh: stopped before any stage: the data above cannot be read." >&2
+        exit 2
+    fi
+}
 
 # --- stages ---------------------------------------------------------------------------------
 
@@ -324,7 +368,7 @@ stage_2() {
         return 0
     fi
     local picked
-    picked=$($PY -c 'import sys; from evidence.report import largest_error
+    picked=$($PY -c 'import sys; from evidence.report_regime import largest_error
 print(*largest_error(sys.argv[1], int(sys.argv[2])))' "$RESULTS" "$REGIME_PICK")
     echo "  largest $BASELINE divergence: $picked; $METHOD vs $BASELINE over seeds {$REGIME_SEEDS}"
     # longest runs first (clients x local steps; seed 0 trains one aggregator), so that the
@@ -409,13 +453,13 @@ EOF
 }
 
 stage_7() {
-    banner 7 "mixed ranks: SST-2, $MIX_CLIENTS clients of heavy-tail ranks up to $MIX_RANK, every mixed-rank aggregator x seeds {$SEEDS}" "$T7"
+    banner 7 "mixed ranks: SST-2, $MIX_CLIENTS clients of heavy-tail ranks up to $MIX_RANK, every mixed-rank aggregator x seeds {$MIX_SEEDS}" "$T7"
     if [[ $VARIANT != default ]]; then   # its coefficients act on changes from one global rank
         echo "  skipped: FLORA_NA_VARIANT=$VARIANT needs every client at the global rank"; return 0
     fi
     pool_start
     local seed r out
-    for seed in $SEEDS; do
+    for seed in $MIX_SEEDS; do
         out=$RUNS/mixed_ranks/heavy_tail_seed$seed
         pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator all \
             --clients "$MIX_CLIENTS" --rank "$MIX_RANK" --rank-profile heavy_tail \
@@ -434,12 +478,14 @@ stage_7() {
 stage_8() {
     banner 8 "report: $RESULTS/REPORT.md and figures" "~30 s"
     local pages=()
-    # RESULTS.md and README's headline are only rewritten from a real run kept inside this
-    # repository (never from TINY plumbing numbers, nor from RESULTS=/somewhere/else); README=0
-    # turns both off
-    if [[ $TINY != 1 && ${README:-1} != 0 && $VARIANT == default && $RESULTS != /* \
-          && $RESULTS != ..* ]]; then
-        pages=(--page RESULTS.md --readme README.md)
+    # RESULTS.md, figures/ and README's headline are rewritten only with --publish, and only
+    # from a real run kept inside this repository (never TINY, nor RESULTS=/somewhere/else)
+    if [[ $PUBLISH == 1 ]]; then
+        if [[ $VARIANT == default && $RESULTS != /* && $RESULTS != ..* ]]; then
+            pages=(--page RESULTS.md --readme README.md)
+        else
+            echo "  --publish: not from $RESULTS (FLORA_NA_VARIANT or a folder outside the repository)" >&2
+        fi
     fi
     local cmd=("$PY" -m evidence.report "$RESULTS" --method "$METHOD" --baseline "$BASELINE" "${pages[@]}")
     if [[ $DRY_RUN == 1 ]]; then quote "${cmd[@]}"; echo; return 0; fi
@@ -454,9 +500,10 @@ INVOCATION="bash reproduce.sh${ONLY:+ --only $ONLY}${SKIP:+ --skip $SKIP}"
 [[ $TINY == 1 ]] && INVOCATION+=" --tiny"
 [[ $VARIANT != default ]] && INVOCATION="FLORA_NA_VARIANT=$VARIANT $INVOCATION"
 NAMES=([1]=tests [2]=regime [3]=glue [5]=bench [6]=generation [7]=mixed_ranks [8]=report)
-echo "reproduce.sh: MODE=$MODE TINY=$TINY results in $RESULTS/, data from $DATA," \
+echo "reproduce.sh: MODE=$MODE TINY=$TINY results in $RESULTS/, data from ${DATA:-the first of ./data, ../shared/data, the Hub}," \
      "$JOBS parallel run(s) x $THREADS thread(s) (0 = all), $(date '+%F %T')"
 if [[ $DRY_RUN != 1 ]]; then
+    preflight
     mkdir -p "$RUNS"
     printf '{"mode": "%s", "tiny": %s, "started": "%s", "jobs": %s, "threads": %s, "only": "%s", "skip": "%s"}\n' \
         "$MODE" "$([[ $TINY == 1 ]] && echo true || echo false)" "$(date '+%F %T')" "$JOBS" \
@@ -466,16 +513,22 @@ FAILED=()
 for n in 1 2 3 5 6 7 8; do
     wanted "$n" || continue
     t0=$SECONDS
+    rm -f "$FIRST_ERROR"
     set +e
     ( set -e; "stage_$n" )          # a subshell, so errexit holds inside the stage
     rc=$?
     set -e
     status=$([[ $rc == 0 ]] && echo ok || echo "failed($rc)")
-    ((rc == 0)) || FAILED+=("$n")
+    error=""
+    if ((rc != 0)); then
+        FAILED+=("$n")
+        error=$(cat "$FIRST_ERROR" 2>/dev/null || echo "exit status $rc; see the output above")
+        error=$(printf '%s' "$error" | tr '\t\n' '  ')
+    fi
     if [[ $DRY_RUN != 1 ]]; then
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "${NAMES[$n]}" "$status" \
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "${NAMES[$n]}" "$status" \
             "$((SECONDS - t0))" "$(date '+%F %T')" "$MODE$([[ $TINY == 1 ]] && echo ' TINY')" \
-            "$JOBS" "$THREADS" "$INVOCATION" >>"$RESULTS/stage_times.tsv"
+            "$JOBS" "$THREADS" "$INVOCATION" "$error" >>"$RESULTS/stage_times.tsv"
     fi
     echo "stage $n (${NAMES[$n]}): $status in $((SECONDS - t0)) s"
 done
@@ -483,4 +536,11 @@ if ((${#FAILED[@]})); then
     echo "reproduce.sh: stage(s) ${FAILED[*]} failed; their logs are under $RUNS/" >&2
     exit 1
 fi
-echo "reproduce.sh: all selected stages finished; see $RESULTS/REPORT.md"
+echo "reproduce.sh: all selected stages finished; the report is $RESULTS/REPORT.md (figures beside it)"
+if [[ $TINY == 1 ]]; then
+    echo "  That was the smoke run: its numbers are not results. The full CPU run, bash reproduce.sh" \
+         "(QUICK), takes ~96 min on an idle 2-core Xeon and ~3 h on a 2-core EPYC (stage 3 alone" \
+         "~95 min there); MODE=FULL, the paper's scale, needs a GPU for days (DRY_RUN=1 lists it)."
+elif [[ $PUBLISH != 1 && $DRY_RUN != 1 ]]; then
+    echo "  RESULTS.md, figures/ and README.md are untouched; --publish writes this run into them."
+fi

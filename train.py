@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import flora_na as fl
 from harness import federation, models, provenance, run_folder
-from harness.tasks import Task, TaskData, get_task
+from harness.tasks import Task, TaskData, data_root, get_task
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Args:
     task: str = "sst2"
     """one of cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, gsm8k, mbpp"""
     data_dir: str | None = field(default_factory=lambda: os.environ.get("FLORA_DATA"))
-    """folder with glue_data/<TASK>/, gsm8k/, mbpp/ (default $FLORA_DATA, else the Hub)"""
+    """folder with glue/<TASK>/, gsm8k/, mbpp/ (default: $FLORA_DATA, ./data, ../shared/data, Hub)"""
     model: str = "minilm"
     """minilm or smollm2 (offline, from PyPI packages), a Hub name (roberta-large) or a folder"""
     aggregator: str = fl.METHOD
@@ -533,8 +533,7 @@ def check_args(args: Args) -> list[str]:
     """Validate everything that can be checked without data, before anything is written;
     returns the aggregator names."""
     get_task(args.task, args.allow_unisolated_exec).check()   # e.g. MBPP without a sandbox
-    if args.data_dir is not None and not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a folder")
+    data_root(args.data_dir)    # a folder given must exist; the message names the other ways
     at_least = {"clients": 1, "rounds": 1, "local_steps": 1, "batch_size": 1, "rank": 1,
                 "eval_every": 1, "eval_batch_size": 1, "solver_steps": 1, "solver_max_iter": 1,
                 "max_new_tokens": 1, "max_length": 8, "max_train_examples": 1,

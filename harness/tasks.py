@@ -1,9 +1,10 @@
 """The experiments' tasks: GLUE, GSM8K and MBPP, each one object the training loop drives.
 
 GLUE is read from the classic `glue_data/<TASK>/{train,dev}.tsv` layout that
-`download_glue_data.py` makes, or from the Hub's `nyu-mll/glue` when no folder is given; both give
-the Hub's label ids, so results agree either way. GSM8K and MBPP are causal-LM tasks: a plain-text
-prompt, a target, and loss on the target tokens only.
+`download_glue_data.py` makes (and `python -m harness.data fetch` writes), or from the Hub's
+`nyu-mll/glue` when no folder is found (data_root); both give the Hub's label ids, so results
+agree either way. GSM8K and MBPP are causal-LM tasks: a plain-text prompt, a target, and loss on
+the target tokens only.
 
 Sections: GLUE task table -> GLUE loading -> GLUE metrics -> GSM8K and MBPP -> tokenising and
 batching -> tasks as objects (load, partition key, batches, evaluation: what train.py calls).
@@ -78,6 +79,28 @@ def glue_task(task: str) -> GlueTask:
 # --- GLUE loading
 
 
+# Where the data comes from, first found first: --data-dir, $FLORA_DATA, ./data (what
+# `python -m harness.data fetch --out data/` writes), ../shared/data (beside this repository's own
+# checkout), else the Hugging Face Hub. The folders are relative to the working directory.
+LOCAL_DATA = ("data", "../shared/data")
+DATA_HELP = ("Supply the data one of three ways: (1) once, while online, `python -m harness.data "
+             "fetch --out data/` (then ./data is found); (2) --data-dir DIR or FLORA_DATA=DIR, a "
+             "folder holding glue/<TASK>/{train,dev}.tsv, gsm8k/ and mbpp/; (3) run online, and "
+             "the loaders read the Hugging Face Hub through `datasets`.")
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The data folder, first found first: the argument, $FLORA_DATA, ./data, ../shared/data;
+    None means the Hub. A folder given (argument or $FLORA_DATA) must exist."""
+    given = data_dir or os.environ.get("FLORA_DATA")
+    if given:
+        if not Path(given).is_dir():
+            source = "--data-dir" if data_dir else "FLORA_DATA"
+            raise FileNotFoundError(f"{source} {str(given)!r} is not a folder. {DATA_HELP}")
+        return Path(given)
+    return next((Path(d) for d in LOCAL_DATA if Path(d).is_dir()), None)
+
+
 def _from_hub(path: str, config: str, split: str, local: str) -> list[dict]:
     """Rows of a Hub dataset, or an error that says how to work offline instead."""
     import datasets  # slow to import, and only needed without a data folder
@@ -86,14 +109,9 @@ def _from_hub(path: str, config: str, split: str, local: str) -> list[dict]:
     except Exception as err:  # offline, rate-limited, renamed...: the user's fix is the same
         raise RuntimeError(
             f"could not load {path} ({config}, split {split!r}) from the Hugging Face Hub "
-            f"({type(err).__name__}: {err}). To work offline, pass --data-dir pointing at {local}, "
-            "or set FLORA_DATA to it.") from err
-
-
-def _data_dir(data_dir: str | os.PathLike | None) -> Path | None:
-    """The data folder: the argument, else $FLORA_DATA, else None (= the Hub)."""
-    data_dir = data_dir or os.environ.get("FLORA_DATA")
-    return Path(data_dir) if data_dir else None
+            f"({type(err).__name__}: {err}), and found no local copy ({local}): not given with "
+            f"--data-dir or FLORA_DATA, and none of {', '.join(LOCAL_DATA)} exists here. "
+            + DATA_HELP) from err
 
 
 def _glue_split(spec: GlueTask, split: str) -> str:
@@ -121,7 +139,7 @@ def load_glue(task: str, data_dir: str | os.PathLike | None = None,
     """Examples of one GLUE split from a glue_data folder (or $FLORA_DATA, or the Hub)."""
     spec = glue_task(task)
     split = _glue_split(spec, split)
-    root = _data_dir(data_dir)
+    root = data_root(data_dir)
     if root is None:
         rows = _from_hub("nyu-mll/glue", spec.hub_config, split.replace("dev", "validation"),
                          "a glue_data folder")
@@ -263,7 +281,7 @@ def _check_split(split: str, valid) -> None:
 def load_gsm8k(data_dir: str | os.PathLike | None = None, split: str = "train") -> list[dict]:
     """GSM8K rows {"question", "answer"} from data_dir/gsm8k/{train,test}.jsonl (or the Hub)."""
     _check_split(split, ("train", "test"))
-    root = _data_dir(data_dir)
+    root = data_root(data_dir)
     if root is None:
         return _from_hub("openai/gsm8k", "main", split, "a folder holding gsm8k/{train,test}.jsonl")
     return _read_jsonl(root / "gsm8k" / f"{split}.jsonl", ("question", "answer"))
@@ -272,7 +290,7 @@ def load_gsm8k(data_dir: str | os.PathLike | None = None, split: str = "train") 
 def load_mbpp(data_dir: str | os.PathLike | None = None, split: str = "train") -> list[dict]:
     """MBPP rows (text, code, task_id, test_list, test_setup_code, ...) from mbpp/mbpp.jsonl."""
     _check_split(split, MBPP_SPLITS)
-    root = _data_dir(data_dir)
+    root = data_root(data_dir)
     if root is None:
         return _from_hub("google-research-datasets/mbpp", "full", split,
                          "a folder holding mbpp/mbpp.jsonl")

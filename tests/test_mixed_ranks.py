@@ -245,8 +245,8 @@ def test_mixed_rank_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, be
 # --- the report's section (stage 7), on run folders written by hand
 
 def test_report_section_for_mixed_ranks(tmp_path):
-    from evidence import report
-    from test_report import REGISTRY, config, rows, write_run
+    from evidence import report_common, report_mixed_ranks
+    from report_runs import REGISTRY, config, rows, write_run
     mixed = dict(rank=16, rank_profile="heavy_tail", clients=4)
 
     def div(aggregate):
@@ -266,8 +266,9 @@ def test_report_section_for_mixed_ranks(tmp_path):
         ref["facts"]["client_ranks"] = [2, 2, 2, 2]
         write_run(tmp_path, "mixed_ranks", f"equal_rank2_seed{seed}", ref,
                   rows("fedit", {2: 0.6, 4: 0.65}, div=div(0.2)))
-    names = report.Names.of(report.load_runs(str(tmp_path), "mixed_ranks"), "flora_na", "fedit")
-    md = report.mixed_ranks_section(str(tmp_path), str(tmp_path), names)
+    names = report_common.Names.of(report_common.load_runs(str(tmp_path), "mixed_ranks"),
+                                   "flora_na", "fedit")
+    md = report_mixed_ranks.mixed_ranks_section(str(tmp_path), str(tmp_path), names)
     lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in md.splitlines() if ln.startswith("| ")}
     assert "2 x rank 2, 1 x rank 4, 1 x rank 16 per run" in md
     assert "Unfinished" not in md          # 'all' with mixed ranks: only those that accept them

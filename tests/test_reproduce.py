@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,14 +22,14 @@ from evidence import bench_solver, report
 HERE = Path(__file__).resolve().parent.parent   # the repository root
 
 
-SETTINGS = ("STAGES", "SKIP", "GLUE_TASKS", "MODE", "TINY", "RESULTS", "README", "JOBS", "THREADS",
-            "FLORA_NA_VARIANT")
+SETTINGS = ("STAGES", "SKIP", "GLUE_TASKS", "MODE", "TINY", "RESULTS", "PUBLISH", "JOBS", "THREADS",
+            "FLORA_NA_VARIANT", "PYTEST_ARGS")
 
 
 def dry_run(tmp_path, *argv, **env) -> subprocess.CompletedProcess:
     """reproduce.sh --dry-run with only the settings given here (none from the caller's shell)."""
     inherited = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-    env = {**inherited, "PYTHON": "python", "FLORA_DATA": str(tmp_path), "README": "0", **env}
+    env = {**inherited, "PYTHON": "python", "FLORA_DATA": str(tmp_path), **env}
     return subprocess.run(["bash", str(HERE / "reproduce.sh"), "--dry-run", *argv], env=env,
                           cwd=HERE, capture_output=True, text=True, timeout=120)
 
@@ -61,17 +62,51 @@ def test_reproduce_sh_commands_parse(tmp_path, mode, glue_tasks):
     assert ["python", "-m", "pytest", "-q"] in lines and lines[-1][1:3] == ["-m", "evidence.report"]
     args = tyro.cli(report.Args, args=lines[-1][3:])
     assert (args.results, args.method, args.baseline) == ("results/full" if mode == "FULL"
-                                                          else "results", "flora_na", "fedit")
+                                                          else "results/quick", "flora_na", "fedit")
     assert {args.method, args.baseline} <= set(fl.AGGREGATORS)
-    assert (args.page, args.readme) == (None, None)          # README=0
+    assert (args.page, args.readme) == (None, None)          # without --publish
 
 
-def test_reproduce_sh_writes_results_page_and_readme_only_from_a_real_run(tmp_path):
+def test_reproduce_sh_writes_results_page_and_readme_only_with_publish(tmp_path):
+    """Every mode writes its report under results/<mode>/; only --publish (or PUBLISH=1) passes
+    the tracked RESULTS.md and README.md to the report, and never from TINY."""
     report_line = lambda res: commands(res)[-1]                         # noqa: E731
-    args = tyro.cli(report.Args, args=report_line(dry_run(tmp_path, README="1"))[3:])
+    args = tyro.cli(report.Args, args=report_line(dry_run(tmp_path, "--publish"))[3:])
+    assert (args.results, args.page, args.readme) == ("results/quick", "RESULTS.md", "README.md")
+    args = tyro.cli(report.Args, args=report_line(dry_run(tmp_path, PUBLISH="1"))[3:])
     assert (args.page, args.readme) == ("RESULTS.md", "README.md")
-    args = tyro.cli(report.Args, args=report_line(dry_run(tmp_path, README="1", TINY="1"))[3:])
-    assert (args.results, args.page, args.readme) == ("results/tiny", None, None)
+    for argv in ((), ("--tiny",)):
+        args = tyro.cli(report.Args, args=report_line(dry_run(tmp_path, *argv))[3:])
+        assert (args.page, args.readme) == (None, None)
+    assert args.results == "results/tiny"
+    res = dry_run(tmp_path, "--tiny", "--publish")
+    assert res.returncode == 2 and "a TINY run's numbers are not results" in res.stderr
+
+
+def test_tiny_runs_a_smoke_subset_of_the_tests_and_every_stage(tmp_path):
+    res = dry_run(tmp_path, "--tiny")
+    assert res.returncode == 0, res.stderr
+    lines = commands(res)
+    assert ["python", "-m", "pytest", "-q", "-x", "tests/test_data.py",
+            "tests/test_report_glue.py"] in lines
+    stages = {a.out.split("/")[3] for a in (train.parse_args(argv[2:]) for argv in lines
+                                             if argv[1] == "train.py")}
+    assert stages == {"regime", "glue", "generation", "mixed_ranks"}
+
+
+def test_a_given_data_folder_reaches_every_run(tmp_path):
+    """--data-dir (or FLORA_DATA) is passed to every train.py run; without one, train.py finds
+    the data itself (harness.tasks.data_root), so no --data-dir is passed."""
+    given = tmp_path / "given"
+    given.mkdir()
+    res = dry_run(tmp_path, "--tiny", "--data-dir", str(given))
+    runs = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
+    assert runs and all(a.data_dir == str(given) for a in runs)
+    inherited = {k: v for k, v in os.environ.items() if k not in SETTINGS + ("FLORA_DATA",)}
+    res = subprocess.run(["bash", str(HERE / "reproduce.sh"), "--dry-run", "--tiny"],
+                         env={**inherited, "PYTHON": "python"}, cwd=HERE, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "--data-dir" not in res.stdout
 
 
 def test_reproduce_sh_names_only_the_aggregators_it_compares():
@@ -139,3 +174,47 @@ def test_regime_study_changes_one_factor_at_a_time_with_every_variant_tracked(tm
     assert len(values["lr"]) == 3 and values["rank"] == {4, 8, 16}
     assert values["dirichlet_alpha"] == {0.1, 0.5, 0.0} and len(values["clients"]) == 2
     assert "at the 2 setting(s) with the largest fedit divergence" in res.stdout
+
+
+def test_a_fresh_clone_stops_without_data_and_stays_clean_after_a_tiny_run(tmp_path):
+    """From a fresh clone (of this repository's HEAD): with no data anywhere and the Hub off,
+    `bash reproduce.sh` stops in seconds, before the test stage, naming the three ways to supply
+    data; a TINY run of the benchmark stage and the report (the cheapest selection that writes a
+    report, ~30 s) leaves `git status --porcelain` empty."""
+    import time
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(HERE), str(clone)], check=True, timeout=120)
+    inherited = {k: v for k, v in os.environ.items() if k not in SETTINGS + ("FLORA_DATA",)}
+    offline = {**inherited, "PYTHON": "python", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HOME": str(tmp_path / "hf")}
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", "reproduce.sh"], cwd=clone, env=offline, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and time.monotonic() - t0 < 30
+    assert "Supply the data one of three ways" in res.stderr and "Stage 1" not in res.stdout
+    res = subprocess.run(["bash", "reproduce.sh", "--tiny", "--only", "5"], cwd=clone,
+                         env={**offline, "THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "the report is results/tiny/REPORT.md" in res.stdout
+    assert "smoke test: numbers are not results" in (clone / "results/tiny/REPORT.md").read_text()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True,
+                            text=True, check=True).stdout
+    assert status == ""
+    # a stage whose runs fail: recorded with its first error, and reported as failed
+    (tmp_path / "data/gsm8k").mkdir(parents=True)
+    for split in ("train", "test"):
+        (tmp_path / f"data/gsm8k/{split}.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    python = tmp_path / "python"                      # train.py fails, everything else runs
+    python.write_text(f'#!/bin/sh\n[ "$1" = train.py ] && {{ echo "error: boom" >&2; exit 1; }}\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    res = subprocess.run(["bash", "reproduce.sh", "--tiny", "--only", "6", "--data-dir",
+                          str(tmp_path / "data")], cwd=clone, env={**offline, "PYTHON": str(python)},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "stage(s) 6 failed" in res.stderr
+    record = (clone / "results/tiny/stage_times.tsv").read_text().splitlines()[-2].split("\t")
+    assert record[:3] == ["6", "generation", "failed(1)"]
+    assert record[9] == "results/tiny/runs/generation/gsm8k_flora_na: error: boom"
+    assert ("_Failed: stage 6 (generation) of `bash reproduce.sh --only 6 --tiny` ended failed(1)"
+            in (clone / "results/tiny/REPORT.md").read_text())

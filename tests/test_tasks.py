@@ -146,6 +146,7 @@ def test_hub_offline_gives_clear_error(monkeypatch, tmp_path):
     import datasets
     import huggingface_hub.constants
     monkeypatch.delenv("FLORA_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)                     # no ./data nor ../shared/data to fall back on
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     # both libraries read those variables at import, so also set the flags they computed then,

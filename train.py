@@ -134,8 +134,7 @@ class Args:
     resume: bool = False
     """continue the run in --out where it stopped"""
     allow_numerics_change: bool = False
-    """--resume even where threads, torch/transformers/peft versions, CPU vendor or device differ
-    from the run's start (recorded in provenance.jsonl): the result then mixes two numerics"""
+    """--resume though threads, library versions, CPU vendor or device differ (kept in provenance)"""
 
 
 # aggregator option -> the Args field that sets it

@@ -564,6 +564,15 @@ class Mbpp(Generation):
                                 example.get("test_setup_code", ""),
                                 allow_unisolated=self.allow_unisolated).passed
 
+    def evaluate(self, model, tokenizer, examples, **options):
+        """pass@1, and how many of the problems were judged inside the sandbox (their asserts
+        cannot be split into literal calls: harness/scoring.py), not by this process."""
+        metrics = super().evaluate(model, tokenizer, examples, **options)
+        metrics["judged_in_sandbox"] = sum(
+            scoring.mbpp_verdict_path(x["test_list"], x.get("test_setup_code", "")) == "in_sandbox"
+            for x in examples)
+        return metrics
+
 
 TASKS: dict[str, Task] = {**{name: Glue(name) for name in GLUE_TASKS},
                           "gsm8k": Gsm8k(), "mbpp": Mbpp()}

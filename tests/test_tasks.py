@@ -381,3 +381,15 @@ def test_smollm2_real_model():
         answer = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                 do_sample=False)
     assert "5" in tok.decode(answer[0, n_prompt:])
+
+
+def test_mbpp_counts_the_problems_judged_in_the_sandbox(monkeypatch):
+    """MBPP's metrics say how many problems' verdicts came from inside the sandbox (setup code,
+    or asserts that cannot be split into literal calls), decided from the asserts alone."""
+    monkeypatch.setattr(tasks.Generation, "evaluate", lambda self, *a, **k: {"pass@1": 0.5})
+    examples = [{"test_list": ["assert f(1) == 2"]},                          # trusted
+                {"test_list": ["assert f(1) == 2"], "test_setup_code": "x = 1"},  # setup code
+                {"test_list": ["assert f(x) == 2"]},                          # not a literal
+                {"test_list": ["assert sum([1]) == 1"]}]                      # only builtins
+    metrics = tasks.Mbpp().evaluate(None, None, examples)
+    assert metrics == {"pass@1": 0.5, "judged_in_sandbox": 3}

@@ -36,6 +36,7 @@ sys.path.insert(0, str(flower_local.APP))   # the app's package, as Flower's pro
 from flora_na_app import client_work, wire  # noqa: E402
 
 TIMING = ("client_seconds", "server_seconds")
+FEDERATED_EVAL = ("federated_eval_metrics", "federated_eval_clients", "federated_eval_failed")
 pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py's: and restored after
 
 
@@ -85,6 +86,9 @@ def assert_same_run(ref: Path, got: Path, names: list[str], failing: tuple = ())
     timings; floats to 1e-6) and tensor by tensor (float32 tolerance), and Flower's rows name
     the clients `failing` as failed; returns the largest tensor difference."""
     ref_rows, got_rows = rows_of(ref), rows_of(got)
+    for g in got_rows:                              # federated evaluation: Flower's only
+        for key in FEDERATED_EVAL:
+            g.pop(key, None)
     assert [(r["aggregator"], r["round"]) for r in got_rows] == \
         [(r["aggregator"], r["round"]) for r in ref_rows]
     for r, g in zip(ref_rows, got_rows):
@@ -261,6 +265,17 @@ def test_the_dirichlet_failure_says_which_options_fix_it():
         client_work.partition([0, 1] * 50, 100, args)
 
 
+def test_weighted_metrics_weigh_each_set_by_its_size():
+    from flora_na_app import server_app
+    merged = server_app.weighted_metrics([
+        {"matched_accuracy": 1.0, "matched_n_eval": 3, "mismatched_accuracy": 0.0,
+         "mismatched_n_eval": 1, "num-examples": 4},
+        {"matched_accuracy": 0.0, "matched_n_eval": 1, "mismatched_accuracy": 1.0,
+         "mismatched_n_eval": 3, "num-examples": 4}])
+    assert merged == {"matched_accuracy": 0.75, "matched_n_eval": 4,
+                      "mismatched_accuracy": 0.75, "mismatched_n_eval": 4, "num-examples": 8}
+
+
 # ---------------------------------------------------------------------------------------------
 # Flower's simulation and a local deployment against train.py's in-process loop
 # ---------------------------------------------------------------------------------------------
@@ -272,13 +287,37 @@ def test_the_dirichlet_failure_says_which_options_fix_it():
 PATHS = ("fedsa", "fedit", "fedex", "flora", "flora_na")
 
 
+def federated_eval_in_process(run_dir: Path, config: dict, clients: list[int], n: int,
+                              node_configs: dict | None = None) -> dict:
+    """What federated evaluation of run_dir's saved global model by `clients` (of n) gives when
+    computed here: each client's metrics on its evaluation data (client_work.my_eval_data with
+    that client's node config), merged by server_app.weighted_metrics."""
+    from flora_na_app import server_app
+    model, tokenizer = train.load_global(str(run_dir))
+    results = []
+    for u in clients:
+        node = {"partition-id": u, "num-partitions": n, **(node_configs or {}).get(u, {})}
+        data_dir = node.get("data-dir")
+        args = wire.args_from(config, **({} if data_dir is None else {"data_dir": data_dir}))
+        task, data = train.load_data(args)
+        mine = client_work.my_eval_data(node, {"data": data})
+        metrics = train.evaluate(task, model, tokenizer, mine, **train.eval_options(args))
+        results.append({**metrics, "num-examples": sum(len(x) for x in mine.evals.values())})
+    return server_app.weighted_metrics(results)
+
+
 def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_dir, glue_dir):
     """train.py runs 3 rounds with 2 of 3 clients per round and is killed in FedSA-LoRA's
     second round; a Flower simulation with 3 SuperNodes resumes the run: FedSA-LoRA's rounds 2
     and 3 (its clients get their last B from the server, then keep it in context.state) and
     every round of the others. The result is the uninterrupted train.py run: the same rows
     (losses, metrics, personalised metrics, clients, bytes) and the same saved adapters and
-    frozen weights, with the same seed and partition."""
+    frozen weights, with the same seed and partition. With federated evaluation on
+    (fraction-evaluate=1, evaluate-every=2): rounds 2 and 3 of every aggregator also carry
+    federated_eval_metrics, the weighted mean of what each client's ClientApp scored, equal to
+    evaluating the saved global model on each client's share of the dev set here; every dev
+    example is scored once, so the pooled accuracy is the server's; and the training, after an
+    evaluation, is train.py's."""
     assert set(PATHS) <= set(fl.AGGREGATORS)
     ref = tiny_args(tmp_path / "ref", bert_dir, glue_dir, aggregator=",".join(PATHS),
                     participation=0.67, rounds=3)
@@ -288,12 +327,25 @@ def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_d
     run_killed_in_round_2(monkeypatch, lambda: train.main(got))
     assert [(r["aggregator"], r["round"]) for r in rows_of(tmp_path / "flower")] == [(PATHS[0], 1)]
 
+    config = run_config(got, resume=True, **{"fraction-evaluate": 1.0, "evaluate-every": 2})
     with LocalFederation(tmp_path / "fed") as fed:
         fed.start_superlink(simulation=True)
-        done = fed.run(run_config(got, resume=True), {"num-supernodes": 3})
+        done = fed.run(config, {"num-supernodes": 3})
     rows = rows_of(tmp_path / "flower")
     assert [(r["aggregator"], r["round"]) for r in rows if "failed" in r] == [
         (name, t) for name in PATHS for t in (1, 2, 3)][1:], done.stdout[-3000:]
+    assert [(r["aggregator"], r["round"]) for r in rows if "federated_eval_metrics" in r] == [
+        (name, t) for name in PATHS for t in (2, 3)]
+    for r in rows:
+        if "federated_eval_metrics" in r:
+            assert r["federated_eval_clients"] == [0, 1, 2] and r["federated_eval_failed"] == []
+            merged = r["federated_eval_metrics"]
+            assert merged["n_eval"] == merged["num-examples"] == r["metrics"]["n_eval"] == 12
+            assert merged["accuracy"] == pytest.approx(r["metrics"]["accuracy"], abs=1e-9)
+        if r["round"] == 3:
+            here = federated_eval_in_process(tmp_path / "flower" / r["aggregator"], config,
+                                             [0, 1, 2], 3)
+            assert _close(r["federated_eval_metrics"], here), (r, here)
     largest = assert_same_run(tmp_path / "ref", tmp_path / "flower", list(PATHS))
     config = json.loads((tmp_path / "flower" / "config.json").read_text())
     assert config == json.loads((tmp_path / "ref" / "config.json").read_text())

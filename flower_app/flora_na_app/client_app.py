@@ -13,7 +13,9 @@ Each message carries the server's code version (version.py), which the node chec
 anything else. A train message carries the aggregator's name, the round, and the global LoRA
 factors, head and changed frozen weights (wire.py); the node trains with train.client_update,
 exactly what train.py does for client u (client_work.py), and replies with its factors, head,
-loss and num-examples. An aggregator whose clients keep a private B (the registry's private_B)
+loss and num-examples. An evaluate message (federated evaluation, run config
+fraction-evaluate) carries the global model; the node scores it on its own evaluation data
+(client_work.my_eval_data) and replies with the metrics and num-examples. An aggregator whose clients keep a private B (the registry's private_B)
 or head (train.keeps_own_head) finds them in the node's context.state: the server sends them
 only to a node it has not heard from yet.
 
@@ -119,10 +121,11 @@ def _connect(node_id: int) -> socket.socket:
         return s
 
 
-def _in_worker(node_id: int, request: dict):
-    """client_work.train_round(**request) in the node's warm worker."""
+def _in_worker(node_id: int, kind: str, request: dict):
+    """client_work.train_round(**request) ("train") or evaluate_round ("evaluate") in the
+    node's warm worker."""
     with _connect(node_id) as s:
-        worker.send(s, request)
+        worker.send(s, (kind, request))
         answer = worker.receive(s)
     if answer[0] == "error":
         raise RuntimeError(f"{answer[1]}\n(in the node's warm worker)\n{answer[2]}")
@@ -141,7 +144,7 @@ def train_round(msg: Message, context: Context) -> Message:
                    run_id=context.run_id, config=dict(config),
                    arrays={k: a.numpy() for k, a in msg.content["arrays"].items()}, kept=kept)
     if one_message_per_process():
-        upload, keep, metrics = _in_worker(context.node_id, request)
+        upload, keep, metrics = _in_worker(context.node_id, "train", request)
     else:
         from flora_na_app import client_work   # noqa: PLC0415 (torch: only where it runs)
         upload, keep, metrics = client_work.train_round(**request)
@@ -150,3 +153,21 @@ def train_round(msg: Message, context: Context) -> Message:
     record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in upload.items()))
     return Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation (run config fraction-evaluate > 0): the global model in the
+    message scored on this node's evaluation data (client_work.my_eval_data)."""
+    config = msg.content["config"]
+    version.check(str(config["code-version"]))
+    identity(context)
+    request = dict(run_config=dict(context.run_config), node_config=dict(context.node_config),
+                   run_id=context.run_id, config=dict(config),
+                   arrays={k: a.numpy() for k, a in msg.content["arrays"].items()})
+    if one_message_per_process():
+        metrics = _in_worker(context.node_id, "evaluate", request)
+    else:
+        from flora_na_app import client_work   # noqa: PLC0415 (torch: only where it runs)
+        metrics = client_work.evaluate_round(**request)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

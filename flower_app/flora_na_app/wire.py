@@ -16,7 +16,8 @@ from flwr.app import ArrayRecord
 
 import train
 
-APP_KEYS = ("node-timeout", "round-timeout", "min-clients")   # the app's own: not train.py's
+APP_KEYS = ("node-timeout", "round-timeout", "min-clients",    # the app's own: not train.py's
+            "fraction-evaluate", "evaluate-every")
 FROM_NODES = ("clients",)                      # set by the SuperNodes that connect
 
 

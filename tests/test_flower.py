@@ -334,6 +334,7 @@ def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_d
     rows = rows_of(tmp_path / "flower")
     assert [(r["aggregator"], r["round"]) for r in rows if "failed" in r] == [
         (name, t) for name in PATHS for t in (1, 2, 3)][1:], done.stdout[-3000:]
+    assert done.ok and done.status == "finished:completed", (done.status, done.details)
     assert [(r["aggregator"], r["round"]) for r in rows if "federated_eval_metrics" in r] == [
         (name, t) for name in PATHS for t in (2, 3)]
     for r in rows:
@@ -390,23 +391,30 @@ def test_deployment_survives_lost_nodes_and_a_superlink_restart(tmp_path, bert_d
     train.main(ref)
     got = dataclasses.replace(ref, out=str(tmp_path / "flower"), rounds=3)
     out = tmp_path / "flower"
-    config = run_config(got, **{"round-timeout": 120, "min-clients": 2})
+    config = run_config(got, **{"round-timeout": 120, "min-clients": 2,
+                                "fraction-evaluate": 1.0, "evaluate-every": 3})
     task, data = train.load_data(ref)                 # client 0 holds its own data
     part0 = client_work.partition(data.labels, 3, ref)[0]
     own = write_own_data(tmp_path / "client0", glue_dir, [data.train[i] for i in part0])
+    phases, t0 = {}, time.monotonic()
     with LocalFederation(tmp_path / "fed") as fed:
         fed.start_superlink()
         nodes = [fed.start_supernode(0, 3, data_dir=str(own), own_data=True)] + [
             fed.start_supernode(u, 3) for u in (1, 2)]
         first = fed.submit(config, name="run1")
         rows_when(out, 1, first)
+        phases["start, round 1"] = time.monotonic() - t0
         nodes[2].kill()                             # lost in round 2
         rows_when(out, 2, first)
+        phases["round 2 (a node lost)"] = time.monotonic() - t0 - sum(phases.values())
         nodes[1].terminate()                        # stopped before round 3 reaches it
         first.wait(300)
+        outcome1 = fed.outcome("run1", first.returncode)
+        phases["round 3 fails"] = time.monotonic() - t0 - sum(phases.values())
         fed.restart_superlink()
         nodes += [fed.start_supernode(u, 3) for u in (1, 2)]
         second = fed.run({**config, "resume": True}, name="run2")
+        phases["restart, resumed round 3"] = time.monotonic() - t0 - sum(phases.values())
         survived = nodes[0].poll() is None
         family = [p.pid for p in fed.procs] + [pid for p in fed.procs for pid in
                                                flower_local._descendants(p.pid) +
@@ -423,7 +431,19 @@ def test_deployment_survives_lost_nodes_and_a_superlink_restart(tmp_path, bert_d
     assert "round 2: p renormalised over clients [0, 1]: [0.5, 0.5]" in log1
     assert "round 3: 1 client(s) answered, fewer than min-clients=2" in log1
     assert "Exit Code: 201" in log1 and "Exit Code" not in log2
-    assert second.returncode == 0 and survived
+    # flwr run exits 0 either way (Flower 1.42); the SuperLink's record says what happened
+    assert first.returncode == second.returncode == 0
+    assert (outcome1.status, second.status) == ("finished:failed", "finished:completed")
+    assert "fewer than min-clients=2" in outcome1.details and not outcome1.ok and second.ok
+    assert survived
+    # federated evaluation after round 3 only (evaluate-every=3): client 0 scores its own
+    # dev set, clients 1 and 2 their thirds of the shared one
+    assert [r["round"] for r in rows if "federated_eval_metrics" in r] == [3]
+    assert rows[2]["federated_eval_clients"] == [0, 1, 2]
+    here = federated_eval_in_process(out / "flora_na", config, [0, 1, 2], 3,
+                                     {0: {"data-dir": str(own), "own-data": True}})
+    assert _close(rows[2]["federated_eval_metrics"], here), (rows[2], here)
+    assert here["num-examples"] == 12 + 4 + 4
     assert "[ROUND 2/3]" in log1 and "[ROUND 3/3]" in log2 and "[ROUND 1/" not in log2
     found = re.findall(r"clients \(partition-id: node id\): \{.*?\b0: (\d+)", log1 + log2)
     assert len(found) == 2 and found[0] == found[1]           # the same SuperNode 0
@@ -434,7 +454,8 @@ def test_deployment_survives_lost_nodes_and_a_superlink_restart(tmp_path, bert_d
         assert torch.equal(A, state["factors"][name][0]) and torch.equal(B, state["factors"][name][1])
     assert not [pid for pid in family if flower_local._alive(pid)]
     print(f"flwr run's exit codes: {first.returncode}, {second.returncode}; rounds (s): "
-          f"{[round(r['client_seconds'] + r['server_seconds'], 1) for r in rows]}")
+          f"{[round(r['client_seconds'] + r['server_seconds'], 1) for r in rows]}; phases (s): "
+          f"{ {k: round(v, 1) for k, v in phases.items()} }")
 
 
 def test_every_process_is_stopped_when_the_block_fails(tmp_path):

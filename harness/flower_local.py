@@ -140,18 +140,21 @@ class LocalFederation:
     """One SuperLink and its SuperNodes on this machine; use as a context manager so that
     every process is stopped when the block ends, however it ends."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, env: dict | None = None):
         self.workdir = Path(workdir)
+        self.extra_env = dict(env or {})          # e.g. {"FLWR_LOG_LEVEL": "DEBUG"}: timestamps
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         self.address: str | None = None
         self.superlink: subprocess.Popen | None = None
 
     def env(self, home: str) -> dict:
-        """This machine's environment plus Flower's offline settings, its own FLWR_HOME,
+        """This machine's environment plus Flower's offline settings, the `env` given to the
+        constructor, its own FLWR_HOME,
         Flower's tools on PATH and, in a clone where the project is not installed, the
         repository on PYTHONPATH."""
-        env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.workdir / home)}
+        env = {**os.environ, **OFFLINE_ENV, **self.extra_env,
+               "FLWR_HOME": str(self.workdir / home)}
         if not installed():
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [
                 os.environ.get("PYTHONPATH")] if p])

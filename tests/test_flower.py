@@ -189,6 +189,31 @@ def test_arrays_travel_exactly():
     assert only_A["B"] == {} and only_A["head"] == {} and only_A["A"].keys() == factors.keys()
 
 
+def test_a_message_carries_its_arrays_packed_in_two():
+    """Flower moves each Array as an object of its own (one HTTP request per hop): the
+    factors, head and frozen weights travel as one flat array and a layout, bit for bit;
+    other dtypes and records that pack did not make are refused."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+    from flora_na_app import packing
+    g = np.random.default_rng(0)
+    arrays = {"A/l0": g.standard_normal((2, 8)).astype(np.float32),
+              "B/l0": g.standard_normal((6, 2)).astype(np.float32),
+              "head/bias": np.float32([np.nan, -0.0, np.inf]), "W/empty": np.zeros((0, 3), np.float32)}
+    record = packing.pack(arrays)
+    assert list(record.keys()) == ["packed", "layout"]
+    got = packing.unpack(record)
+    assert list(got) == list(arrays)
+    for k in arrays:
+        assert got[k].dtype == np.float32 and got[k].shape == arrays[k].shape
+        assert got[k].tobytes() == arrays[k].tobytes()
+    assert packing.unpack(packing.pack({})) == {}
+    with pytest.raises(ValueError, match="float32 arrays only, got {'x': 'float64'}"):
+        packing.pack({"x": np.zeros(2)})
+    with pytest.raises(ValueError, match="expected a packed ArrayRecord"):
+        packing.unpack(ArrayRecord({"A/l0": Array(arrays["A/l0"])}))
+
+
 class FakeGrid:
     """A Grid whose nodes answer queries at once: `answers` maps a node id to its
     (partition-id, num-partitions), or to an error reason; an error reply comes from node 1

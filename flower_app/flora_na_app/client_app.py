@@ -39,7 +39,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flora_na_app import version, worker
+from flora_na_app import packing, version, worker
 
 app = ClientApp()
 WORKER_START_SECONDS = 60      # a worker binds its socket before importing torch: seconds
@@ -142,7 +142,7 @@ def train_round(msg: Message, context: Context) -> Message:
             for key, record in context.state.array_records.items()}
     request = dict(run_config=dict(context.run_config), node_config=dict(context.node_config),
                    run_id=context.run_id, config=dict(config),
-                   arrays={k: a.numpy() for k, a in msg.content["arrays"].items()}, kept=kept)
+                   arrays=packing.unpack(msg.content["arrays"]), kept=kept)
     if one_message_per_process():
         upload, keep, metrics = _in_worker(context.node_id, "train", request)
     else:
@@ -150,8 +150,7 @@ def train_round(msg: Message, context: Context) -> Message:
         upload, keep, metrics = client_work.train_round(**request)
     for key, arrays in keep.items():
         context.state[key] = ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items()))
-    record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in upload.items()))
-    return Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}),
+    return Message(RecordDict({"arrays": packing.pack(upload), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 
 
@@ -164,7 +163,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     identity(context)
     request = dict(run_config=dict(context.run_config), node_config=dict(context.node_config),
                    run_id=context.run_id, config=dict(config),
-                   arrays={k: a.numpy() for k, a in msg.content["arrays"].items()})
+                   arrays=packing.unpack(msg.content["arrays"]))
     if one_message_per_process():
         metrics = _in_worker(context.node_id, "evaluate", request)
     else:

@@ -6,6 +6,8 @@ client_app.py calls train_round in its own process in a simulation (Ray keeps th
 and so the model, between rounds) and through a warm worker (worker.py) in a deployment, where
 Flower 1.42 starts a fresh ClientApp process for every message. Arrays come and go as numpy
 float32 under wire.py's keys ("A/<layer>", "B/<layer>", "head/<parameter>", "W/<layer>").
+evaluate_round scores the global model on the node's own evaluation data (my_eval_data) for
+federated evaluation.
 """
 from __future__ import annotations
 
@@ -158,10 +160,10 @@ def train_round(run_config: dict, node_config: dict, run_id: int, config: dict,
         keep[private] = _arrays({layer: B for layer, (_, B) in upload.items()})
     if train.keeps_own_head(args, name):
         keep[private_head] = _arrays(head)
-    sent = wire.to_record(upload, head)           # the reply's arrays, exactly as wire sends
+    sent = wire.to_arrays(upload, head)           # the reply's arrays, exactly as wire sends
     metrics = {"num-examples": len(idx), "train-loss": loss, "partition-id": u,
                "load-seconds": t1 - t0, "train-seconds": time.perf_counter() - t1}
-    return {k: sent[k].numpy() for k in sent}, keep, metrics
+    return sent, keep, metrics
 
 
 def evaluate_round(run_config: dict, node_config: dict, run_id: int, config: dict,

@@ -15,9 +15,10 @@ factors, head and changed frozen weights (wire.py); the node trains with train.c
 exactly what train.py does for client u (client_work.py), and replies with its factors, head,
 loss and num-examples. An evaluate message (federated evaluation, run config
 fraction-evaluate) carries the global model; the node scores it on its own evaluation data
-(client_work.my_eval_data) and replies with the metrics and num-examples. An aggregator whose clients keep a private B (the registry's private_B)
-or head (train.keeps_own_head) finds them in the node's context.state: the server sends them
-only to a node it has not heard from yet.
+(client_work.my_eval_data) and replies with the metrics and num-examples. An aggregator whose
+clients keep a private B (the registry's private_B) or head (train.keeps_own_head) finds them
+in the node's context.state: the server sends them only to a node it has not heard from yet.
+Arrays travel packed into two (packing.py).
 
 Where the work runs: in this process in a simulation (Ray keeps it, with the model, between
 rounds); in a deployment, where Flower starts a fresh `flwr-clientapp` process for every

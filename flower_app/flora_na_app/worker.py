@@ -8,8 +8,8 @@ and exits), which would import torch, transformers and peft, read the data and b
 every round. The first ClientApp process of a node starts this worker instead (in the
 SuperNode's session), and every ClientApp process hands its work ("train" or "evaluate", with
 its arguments) over a Unix socket in a private folder (mode 0700; pickle, so only this user's
-processes may talk to it) and returns the worker's answer. The worker exits when its SuperNode exits (checked every second) or after
-`--idle` seconds without a request.
+processes may talk to it) and returns the worker's answer. The worker exits when its
+SuperNode exits (checked every second) or after `--idle` seconds without a request.
 
     python worker.py SOCKET SUPERNODE_PID [IDLE_SECONDS]
 """

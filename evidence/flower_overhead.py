@@ -6,7 +6,8 @@ simulation and a local Flower deployment, timed round by round.
 Runs train.py's default aggregator (FLoRA-NA) with the offline MiniLM on a capped SST-2 three
 ways on this machine: in process (`python train.py`), as a Flower simulation (`flwr run` on a
 SuperLink started with --simulation, N simulated SuperNodes) and as a local deployment (one
-SuperLink and N SuperNodes, each a separate process on localhost). From each run's
+SuperLink and N SuperNodes, each a separate process on localhost, logging at DEBUG level so
+that flower_breakdown can time Flower's steps of each round). From each run's
 metrics.jsonl it reads, per round, `client_seconds` (from sending the round to holding every
 reply: the clients' training and, through Flower, the messages, the SuperNodes' 3 s polls and
 a fresh ClientApp process per message in a deployment) and `server_seconds` (the registry's
@@ -18,8 +19,10 @@ and prints a table. Needs requirements-flower.txt.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -85,19 +88,84 @@ def simulation(args: train.Args, workdir: Path) -> None:
     with LocalFederation(workdir) as fed:
         fed.start_superlink(simulation=True)
         done = fed.run(run_config(args), {"num-supernodes": args.clients}, timeout=3600)
-    if not (Path(args.out) / "metrics.jsonl").exists():
-        raise RuntimeError(f"the simulation wrote no metrics: {done.stdout[-3000:]}")
+    if not done.ok:
+        raise RuntimeError(f"the simulation ended {done.status} ({done.details}): "
+                           f"{done.stdout[-3000:]}")
 
 
 def deployment(args: train.Args, workdir: Path) -> None:
-    with LocalFederation(workdir) as fed:
+    """The local deployment, every Flower process logging at DEBUG (timestamped lines, which
+    flower_breakdown reads)."""
+    with LocalFederation(workdir, env={"FLWR_LOG_LEVEL": "DEBUG"}) as fed:
         fed.start_superlink()
         own = {"data_dir": args.data_dir} if args.data_dir else {}
         for u in range(args.clients):
             fed.start_supernode(u, args.clients, **own)
         done = fed.run(run_config(args), timeout=3600)
-    if not (Path(args.out) / "metrics.jsonl").exists():
-        raise RuntimeError(f"the deployment wrote no metrics: {done.stdout[-3000:]}")
+    if not done.ok:
+        raise RuntimeError(f"the deployment ended {done.status} ({done.details}): "
+                           f"{done.stdout[-3000:]}")
+
+
+STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\S*\s*:\s+(.*)")
+EVENTS = {                          # what a DEBUG line of Flower 1.42 marks
+    "push": "[ROUND ",                              # the ServerApp sends the round (app's log)
+    "receiving": "Receiving: train message",        # the SuperNode's poll finds it
+    "process": "Start `flwr-clientapp` process",    # the new flwr-clientapp has imported flwr
+    "loading": "Start `ClientApp` Loading.",        # it pulled the message and the FAB
+    "sending": "Sending: train message",            # the ClientApp's reply reached the SuperNode
+    "sent": "Sent successfully",                    # and the SuperNode uploaded it
+}
+
+
+def _events(log: Path) -> list[tuple[float, str]]:
+    """(unix time, event) of every EVENTS line of a Flower log written at DEBUG level."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if (m := STAMP.search(line)):
+            for event, text in EVENTS.items():
+                if text in m.group(2):
+                    when = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                    out.append((when.timestamp(), event))
+    return out
+
+
+def flower_breakdown(workdir: Path, run: Path) -> dict:
+    """Where a deployment's later rounds spend their time, per SuperNode and round, from the
+    timestamped DEBUG logs (seconds, mean over rounds 2.. and SuperNodes): waiting for the
+    SuperNode's poll (Flower's 3 s sleep after an empty poll), the fresh flwr-clientapp
+    process (start, Python and flwr imports), its pulling the message and installing the FAB,
+    the ClientApp running (the app's code, the warm worker's training among it, and the
+    SuperNode noticing the reply: it looks every 0.5 s), the SuperNode uploading the reply,
+    and what is left of the round (the server pulling the replies, a slower node)."""
+    pushes = [t for t, e in _events(workdir / "flwr-run.log") if e == "push"]
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    nodes = [_events(log) for log in sorted(workdir.glob("supernode*.log"))]
+    parts = {k: [] for k in ("wait_for_supernode_poll", "clientapp_process_start",
+                             "clientapp_pull_message_and_fab", "clientapp_running_app",
+                             "reply_upload", "rest_of_round")}
+    train_seconds = []
+    for i in range(1, min(len(pushes), len(rows))):
+        end = pushes[i] + rows[i]["client_seconds"]
+        for events in nodes:
+            mark, after = {}, pushes[i]
+            for name in ("receiving", "process", "loading", "sending", "sent"):
+                mark[name] = next((t for t, e in events if e == name and t >= after), None)
+                if mark[name] is None:
+                    break
+                after = mark[name]
+            if None in mark.values():
+                continue
+            spans = [mark["receiving"] - pushes[i], mark["process"] - mark["receiving"],
+                     mark["loading"] - mark["process"], mark["sending"] - mark["loading"],
+                     mark["sent"] - mark["sending"], end - mark["sent"]]
+            for key, span in zip(parts, spans):
+                parts[key].append(span)
+        train_seconds += rows[i].get("client_train_seconds", [])
+    out = {k: statistics.mean(v) for k, v in parts.items() if v}
+    out["samples"] = len(parts["wait_for_supernode_poll"])
+    out["client_train_seconds"] = statistics.mean(train_seconds) if train_seconds else None
+    return out
 
 
 def summary(run: Path, wall: float) -> dict:
@@ -130,6 +198,9 @@ def main(args: Args) -> dict:
         t0 = time.perf_counter()
         run(targs)
         results[engine] = summary(out / engine, time.perf_counter() - t0)
+        if engine == "deployment":
+            results[engine]["flower_breakdown"] = flower_breakdown(
+                out / "deployment-federation", out / engine)
         print(f"{engine}: {results[engine]['wall_seconds']:.1f} s", flush=True)
     diffs = {e: same_results.compare(str(out / "in-process"), str(out / e))
              for e in ("simulation", "deployment")}
@@ -158,6 +229,9 @@ def main(args: Args) -> dict:
             "later_rounds_slowest_client_train_seconds")]
         print(f"| {engine} | " + " | ".join(cells) + f" | {r['server_seconds_mean']:.3f} |")
     print("identical results:", report["identical_results"])
+    print("deployment, later rounds, per SuperNode (s):",
+          {k: round(v, 2) if isinstance(v, float) else v
+           for k, v in results["deployment"]["flower_breakdown"].items()})
     return report
 
 

@@ -1,6 +1,8 @@
 """Local Flower federations for the tests and the overhead measurement: a SuperLink and
 SuperNodes as separate processes on free localhost ports, `flwr run` of flower_app/, and
 every process stopped by its pid, with the processes it started, also when something fails.
+A run's outcome is the SuperLink's record of it (RunOutcome: `flwr run` itself exits 0 even
+when the ServerApp fails).
 
 It drives Flower's command-line tools (flower-superlink, flower-supernode, flwr) found next
 to this Python, never imports flwr, and sets what Flower needs to run with no network
@@ -12,9 +14,11 @@ installed, and only then, PYTHONPATH gives them the repository.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -109,22 +113,48 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@dataclasses.dataclass
+class RunOutcome:
+    """How a `flwr run` went: the command's exit code (0 also when the ServerApp failed: Flower
+    1.42's `flwr run` reports only that the run was submitted), its output, and the run's
+    final status as the SuperLink records it (`flwr ls --run-id N --format json`)."""
+    returncode: int
+    stdout: str
+    run_id: int | None
+    status: str | None          # "finished:completed", "finished:failed", "finished:stopped"
+    details: str | None         # e.g. "ServerApp failed with exception: ..."
+
+    @property
+    def ok(self) -> bool:
+        """True when the run finished and its ServerApp completed."""
+        return self.status == "finished:completed"
+
+
+def started_run_id(output: str) -> int | None:
+    """The run id in `flwr run`'s "Successfully started run N", or None."""
+    found = re.search(r"Successfully started run (\d+)", output)
+    return int(found.group(1)) if found else None
+
+
 class LocalFederation:
     """One SuperLink and its SuperNodes on this machine; use as a context manager so that
     every process is stopped when the block ends, however it ends."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, env: dict | None = None):
         self.workdir = Path(workdir)
+        self.extra_env = dict(env or {})          # e.g. {"FLWR_LOG_LEVEL": "DEBUG"}: timestamps
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         self.address: str | None = None
         self.superlink: subprocess.Popen | None = None
 
     def env(self, home: str) -> dict:
-        """This machine's environment plus Flower's offline settings, its own FLWR_HOME,
+        """This machine's environment plus Flower's offline settings, the `env` given to the
+        constructor, its own FLWR_HOME,
         Flower's tools on PATH and, in a clone where the project is not installed, the
         repository on PYTHONPATH."""
-        env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.workdir / home)}
+        env = {**os.environ, **OFFLINE_ENV, **self.extra_env,
+               "FLWR_HOME": str(self.workdir / home)}
         if not installed():
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [
                 os.environ.get("PYTHONPATH")] if p])
@@ -202,16 +232,40 @@ class LocalFederation:
         return self._start(argv, name, "cli")
 
     def run(self, config: dict, federation_config: dict | None = None, timeout: float = 600,
-            name: str = "flwr-run") -> subprocess.CompletedProcess:
-        """submit, waited for: .returncode and .stdout (the ServerApp's log)."""
+            name: str = "flwr-run") -> RunOutcome:
+        """submit, waited for, and its outcome (the ServerApp's log in .stdout)."""
         proc = self.submit(config, federation_config, name)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        return subprocess.CompletedProcess(proc.args, proc.returncode,
-                                           (self.workdir / f"{name}.log").read_text(), "")
+        return self.outcome(name, proc.returncode)
+
+    def run_status(self, run_id: int, timeout: float = 60) -> tuple[str, str]:
+        """(status, details) of run `run_id` as the SuperLink records it, from `flwr ls
+        local-test --run-id N --format json`, once the run has finished (or `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = subprocess.run([tool("flwr"), "ls", "local-test", "--run-id", str(run_id),
+                                   "--format", "json"], env=self.env("cli"), cwd=self.workdir,
+                                  capture_output=True, text=True, timeout=timeout)
+            try:
+                run = json.loads(done.stdout)["runs"][0]
+            except (ValueError, KeyError, IndexError) as err:
+                raise RuntimeError(f"flwr ls gave no run {run_id} (exit code {done.returncode})"
+                                   f": {done.stdout[-1000:]} {done.stderr[-1000:]}") from err
+            if run["status"].startswith("finished") or time.monotonic() > deadline:
+                return run["status"], run["status-details"]
+            time.sleep(0.5)
+
+    def outcome(self, name: str, returncode: int) -> RunOutcome:
+        """The outcome of the `flwr run` submitted as `name` (which exited with returncode):
+        its run id from its output, then the run's final status from the SuperLink."""
+        output = (self.workdir / f"{name}.log").read_text()
+        run_id = started_run_id(output)
+        status, details = self.run_status(run_id) if run_id is not None else (None, None)
+        return RunOutcome(returncode, output, run_id, status, details)
 
     def stop(self, timeout: float = 15) -> None:
         """SIGTERM to every process started here, newest first, then SIGKILL to any of them

@@ -13,9 +13,12 @@ Each message carries the server's code version (version.py), which the node chec
 anything else. A train message carries the aggregator's name, the round, and the global LoRA
 factors, head and changed frozen weights (wire.py); the node trains with train.client_update,
 exactly what train.py does for client u (client_work.py), and replies with its factors, head,
-loss and num-examples. An aggregator whose clients keep a private B (the registry's private_B)
-or head (train.keeps_own_head) finds them in the node's context.state: the server sends them
-only to a node it has not heard from yet.
+loss and num-examples. An evaluate message (federated evaluation, run config
+fraction-evaluate) carries the global model; the node scores it on its own evaluation data
+(client_work.my_eval_data) and replies with the metrics and num-examples. An aggregator whose
+clients keep a private B (the registry's private_B) or head (train.keeps_own_head) finds them
+in the node's context.state: the server sends them only to a node it has not heard from yet.
+Arrays travel packed into two (packing.py).
 
 Where the work runs: in this process in a simulation (Ray keeps it, with the model, between
 rounds); in a deployment, where Flower starts a fresh `flwr-clientapp` process for every
@@ -37,7 +40,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flora_na_app import version, worker
+from flora_na_app import packing, version, worker
 
 app = ClientApp()
 WORKER_START_SECONDS = 60      # a worker binds its socket before importing torch: seconds
@@ -119,10 +122,11 @@ def _connect(node_id: int) -> socket.socket:
         return s
 
 
-def _in_worker(node_id: int, request: dict):
-    """client_work.train_round(**request) in the node's warm worker."""
+def _in_worker(node_id: int, kind: str, request: dict):
+    """client_work.train_round(**request) ("train") or evaluate_round ("evaluate") in the
+    node's warm worker."""
     with _connect(node_id) as s:
-        worker.send(s, request)
+        worker.send(s, (kind, request))
         answer = worker.receive(s)
     if answer[0] == "error":
         raise RuntimeError(f"{answer[1]}\n(in the node's warm worker)\n{answer[2]}")
@@ -139,14 +143,31 @@ def train_round(msg: Message, context: Context) -> Message:
             for key, record in context.state.array_records.items()}
     request = dict(run_config=dict(context.run_config), node_config=dict(context.node_config),
                    run_id=context.run_id, config=dict(config),
-                   arrays={k: a.numpy() for k, a in msg.content["arrays"].items()}, kept=kept)
+                   arrays=packing.unpack(msg.content["arrays"]), kept=kept)
     if one_message_per_process():
-        upload, keep, metrics = _in_worker(context.node_id, request)
+        upload, keep, metrics = _in_worker(context.node_id, "train", request)
     else:
         from flora_na_app import client_work   # noqa: PLC0415 (torch: only where it runs)
         upload, keep, metrics = client_work.train_round(**request)
     for key, arrays in keep.items():
         context.state[key] = ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items()))
-    record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in upload.items()))
-    return Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}),
+    return Message(RecordDict({"arrays": packing.pack(upload), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation (run config fraction-evaluate > 0): the global model in the
+    message scored on this node's evaluation data (client_work.my_eval_data)."""
+    config = msg.content["config"]
+    version.check(str(config["code-version"]))
+    identity(context)
+    request = dict(run_config=dict(context.run_config), node_config=dict(context.node_config),
+                   run_id=context.run_id, config=dict(config),
+                   arrays=packing.unpack(msg.content["arrays"]))
+    if one_message_per_process():
+        metrics = _in_worker(context.node_id, "evaluate", request)
+    else:
+        from flora_na_app import client_work   # noqa: PLC0415 (torch: only where it runs)
+        metrics = client_work.evaluate_round(**request)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -6,6 +6,8 @@ client_app.py calls train_round in its own process in a simulation (Ray keeps th
 and so the model, between rounds) and through a warm worker (worker.py) in a deployment, where
 Flower 1.42 starts a fresh ClientApp process for every message. Arrays come and go as numpy
 float32 under wire.py's keys ("A/<layer>", "B/<layer>", "head/<parameter>", "W/<layer>").
+evaluate_round scores the global model on the node's own evaluation data (my_eval_data) for
+federated evaluation.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 import flora_na as fl
 import train
 from harness import federation, models
+from harness.tasks import TaskData
 
 from flora_na_app import wire
 
@@ -63,7 +66,8 @@ def setup(run_config: dict, node_config: dict, run_id: int, name: str) -> dict:
         task, data = train.load_data(args)
         model, tokenizer = train.model_loader(args, train.resolve_device(args.device))()
         ranks = train.client_ranks(dataclasses.replace(args, clients=identity(node_config)[1]))
-        _loaded.update(key=key, args=args, data=data, model=model, ranks=ranks,
+        _loaded.update(key=key, args=args, task=task, data=data, model=model,
+                       tokenizer=tokenizer, ranks=ranks,
                        scales=train.rank_scales(model, ranks),
                        make_batch=task.batcher(tokenizer, data.train, args.max_length))
     return _loaded
@@ -76,6 +80,22 @@ def my_examples(node_config: dict, run: dict) -> list[int]:
     if node_config.get("own-data", False):
         return list(range(len(run["data"].train)))
     return partition(run["data"].labels, n, run["args"])[u]
+
+
+def my_eval_data(node_config: dict, run: dict) -> TaskData:
+    """This node's evaluation sets for federated evaluation: with own-data, the evaluation
+    sets of its own data-dir, whole (its own held-out data); else its share of the shared
+    evaluation sets, examples u, u + U, u + 2U, ... of each (every example scored by exactly
+    one client of the U). ValueError if a share is empty."""
+    u, n = identity(node_config)
+    evals = run["data"].evals
+    if not node_config.get("own-data", False):
+        evals = {split: examples[u::n] for split, examples in evals.items()}
+    empty = [split for split, examples in evals.items() if not examples]
+    if empty:
+        raise ValueError(f"client {u} of {n} has no evaluation examples in {empty}: raise "
+                         f"max-eval-examples to at least {n}, or set fraction-evaluate=0")
+    return TaskData(train=[], labels=[], evals=evals)
 
 
 def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, torch.Tensor]]:
@@ -140,7 +160,33 @@ def train_round(run_config: dict, node_config: dict, run_id: int, config: dict,
         keep[private] = _arrays({layer: B for layer, (_, B) in upload.items()})
     if train.keeps_own_head(args, name):
         keep[private_head] = _arrays(head)
-    sent = wire.to_record(upload, head)           # the reply's arrays, exactly as wire sends
+    sent = wire.to_arrays(upload, head)           # the reply's arrays, exactly as wire sends
     metrics = {"num-examples": len(idx), "train-loss": loss, "partition-id": u,
                "load-seconds": t1 - t0, "train-seconds": time.perf_counter() - t1}
-    return {k: sent[k].numpy() for k in sent}, keep, metrics
+    return sent, keep, metrics
+
+
+def evaluate_round(run_config: dict, node_config: dict, run_id: int, config: dict,
+                   arrays: dict[str, np.ndarray], kept: dict | None = None) -> dict:
+    """Federated evaluation by client u: the global model in `arrays` (the global factors at
+    the global rank, the global head, changed frozen weights; never the node's own B or
+    head) scored by train.evaluate on my_eval_data. Returns train.evaluate's metrics (each
+    evaluation set's n_eval among them) and num-examples, the examples scored."""
+    name = str(config["aggregator"])
+    run = setup(run_config, node_config, run_id, name)
+    args, model = run["args"], run["model"]
+    got = _tensors(arrays)
+    if not got["B"] or (fl.head_state(model) and not got["head"]):
+        raise ValueError("an evaluate message must carry the global B and head")
+    if got["W"]:
+        layers = fl.lora_layers(model)
+        with torch.no_grad():
+            for layer, W in got["W"].items():
+                layers[layer].get_base_layer().weight.copy_(W)
+    models.set_rank(model, args.rank)             # the global model's rank
+    fl.write_factors(model, {layer: (A, got["B"][layer]) for layer, A in got["A"].items()})
+    fl.load_head(model, got["head"])
+    data = my_eval_data(node_config, run)
+    metrics = train.evaluate(run["task"], model, run["tokenizer"], data,
+                             **train.eval_options(args))
+    return {**metrics, "num-examples": sum(len(x) for x in data.evals.values())}

@@ -21,7 +21,15 @@ aggregator named in the run config with RegistryStrategy, a Flower Strategy whos
                    the server's data, metrics.jsonl, state.pt and the peft adapter, every
                    round). Clients' scores are weighted (--personal-weighting data) by train.py's
                    partition of the server's data, or by the num-examples a node has reported
-                   since the ServerApp started (own-data nodes).
+                   since the ServerApp started (own-data nodes). The round's row waits
+                   for federated evaluation, then finish_round writes it;
+  configure_evaluate, aggregate_evaluate
+                   federated evaluation, off unless the run config's fraction-evaluate > 0:
+                   after every evaluate-every-th round (and the last) a seeded fraction of the
+                   clients score the global model on their own evaluation data
+                   (client_work.my_eval_data); their metrics, weighted by examples
+                   (weighted_metrics), go into the row as federated_eval_metrics, with
+                   federated_eval_clients and federated_eval_failed.
 
 Every message carries the server's code version (version.py); a client of another version
 refuses it. The run directory (run config `out`, on the server's machine) has train.py's
@@ -49,7 +57,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 import flora_na as fl
 import train
-from harness import federation, models, provenance
+from harness import federation, models, provenance, run_folder
 
 from flora_na_app import client_work, version, wire
 
@@ -114,19 +122,40 @@ def find_clients(grid: Grid, timeout: float) -> dict[int, int]:
         time.sleep(1.0)
 
 
+def weighted_metrics(results: list[dict]) -> dict:
+    """The clients' evaluation metrics (train.evaluate's dicts, with "num-examples") merged as
+    Flower's FedAvg merges them, weighted by examples: a metric of an evaluation set by that
+    set's size (its "<split>_n_eval", or "n_eval" for a task's only set; the longest prefix
+    that matches), the sizes and num-examples summed. A metric that is not a mean over
+    examples (F1, MCC, Pearson) is merged the same way: the clients' mean, not the pooled
+    score."""
+    sizes = [k for k in results[0] if k.endswith("n_eval")]
+    out = {}
+    for key in results[0]:
+        if key in sizes or key == "num-examples":
+            out[key] = sum(r[key] for r in results)
+            continue
+        prefixes = [k[:-len("n_eval")] for k in sizes if key.startswith(k[:-len("n_eval")])]
+        weight = max(prefixes, key=len) + "n_eval" if prefixes else "num-examples"
+        out[key] = sum(r[weight] * r[key] for r in results) / sum(r[weight] for r in results)
+    return out
+
+
 class RegistryStrategy(Strategy):
     """One aggregator of flora_na's registry over Flower's clients, with train.py's server
     state; Flower's Strategy interface, driven by its own start (rounds by their number)."""
 
     def __init__(self, name: str, *, state: dict, model, tokenizer, task, data,
                  args: train.Args, clients: dict[int, int], log_rows: list[dict],
-                 device: torch.device, min_clients: int):
+                 device: torch.device, min_clients: int, fraction_evaluate: float = 0.0,
+                 evaluate_every: int = 1):
         self.name, self.entry = name, fl.AGGREGATORS[name]
         self.state, self.model, self.tokenizer = state, model, tokenizer
         self.task, self.data, self.args = task, data, args
         self.clients = clients                      # partition-id -> node id
         self.log_rows, self.device = log_rows, device
         self.min_clients = min_clients
+        self.fraction_evaluate, self.evaluate_every = fraction_evaluate, evaluate_every
         self.private_head = train.keeps_own_head(args, name)
         self.has_own: set[int] = set()              # clients keeping their B, head (this process)
         self.n_examples = [len(ix) for ix in client_work.partition(   # train.py's n_u
@@ -135,7 +164,10 @@ class RegistryStrategy(Strategy):
         self.scales = train.rank_scales(model, self.ranks)
         self.code = version.code_version()
         self.sent: dict[str, int] = {}              # message id -> client u, this round
+        self.row: dict | None = None                # this round's metrics row, until written
         self.chosen: list[int] = []
+        self.sent_eval: dict[str, int] = {}         # the same for federated evaluation
+        self.chosen_eval: list[int] = []
         self.t_sent = 0.0
 
     def summary(self) -> None:
@@ -147,8 +179,13 @@ class RegistryStrategy(Strategy):
             "(train.py's participants)", len(self.clients), self.clients, a.participation)
         log(INFO, "\t├──> Weighted by: train.py's p_u = num-examples of the clients that "
             "answered; a failed client is left out, the round needs %d", self.min_clients)
-        log(INFO, "\t└──> Evaluation: on the server's data every %d rounds (no federated "
-            "evaluation)", a.eval_every)
+        log(INFO, "\t├──> Evaluation: on the server's data every %d rounds", a.eval_every)
+        if self.fraction_evaluate > 0:
+            log(INFO, "\t└──> Federated evaluation: the global model on a fraction %.2f of "
+                "the clients' own evaluation data every %d rounds, weighted by num-examples",
+                self.fraction_evaluate, self.evaluate_every)
+        else:
+            log(INFO, "\t└──> Federated evaluation: off (fraction-evaluate=0)")
 
     def global_record(self) -> ArrayRecord:
         """The global model as it travels: factors, head, changed frozen weights."""
@@ -182,15 +219,12 @@ class RegistryStrategy(Strategy):
                                     message_type=MessageType.TRAIN))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Leave out failed clients, aggregate the others with the registry, finish the
-        round. `replies` answer the messages recorded in self.sent (by message id)."""
-        t1 = time.perf_counter()
-        rnd = self.state["round"]
+    def _failures(self, sent: dict[str, int], got: dict[str, Message], what: str
+                  ) -> tuple[dict[int, RecordDict], list[dict]]:
+        """({client u: reply content} of the clients that answered `sent` (message id ->
+        u), [{client, node, error}] of the others, each logged)."""
         answers, failed = {}, []
-        got = {reply.metadata.reply_to_message_id: reply for reply in replies}
-        for msg_id, u in self.sent.items():
+        for msg_id, u in sent.items():
             node, reply = self.clients[u], got.get(msg_id)
             if reply is None:
                 why = "no reply within round-timeout" if msg_id else "the SuperLink refused it"
@@ -202,8 +236,19 @@ class RegistryStrategy(Strategy):
                 answers[u] = reply.content
                 continue
             failed.append({"client": u, "node": node, "error": why.splitlines()[-1]})
-            log(WARNING, "round %d: client %d (node %d) failed and is left out of the round: "
-                "%s", rnd + 1, u, node, why)
+            log(WARNING, "round %d: client %d (node %d) failed and is left out of the %s: "
+                "%s", self.state["round"] + 1, u, node, what, why)
+        return answers, failed
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Leave out failed clients, aggregate the others with the registry and keep the
+        round's row for finish_round. `replies` answer the messages recorded in self.sent
+        (by message id)."""
+        t1 = time.perf_counter()
+        rnd = self.state["round"]
+        got = {reply.metadata.reply_to_message_id: reply for reply in replies}
+        answers, failed = self._failures(self.sent, got, "round")
         if len(answers) < self.min_clients:
             raise RuntimeError(f"round {rnd + 1}: {len(answers)} client(s) answered, fewer "
                                f"than min-clients={self.min_clients}: failed {failed}")
@@ -239,23 +284,60 @@ class RegistryStrategy(Strategy):
                "client_seconds": t1 - self.t_sent, "server_seconds": t3 - t2, "metrics": None,
                "failed": failed, "client_load_seconds": spent["load"],
                "client_train_seconds": spent["train"]}
+        self.row = row
+        return self.global_record(), MetricRecord({"train-loss": row["train_loss"],
+                                                   "clients": len(ids),
+                                                   "failed": len(failed)})
+
+    def finish_round(self) -> None:
+        """train.end_round on the round's row: evaluation on the server's data when due,
+        metrics.jsonl, state.pt and the adapter."""
+        a, row, self.row = self.args, self.row, None
         train.end_round(row, self.state, self.model, self.tokenizer, task=self.task,
                         data=self.data, rounds=a.rounds, eval_every=a.eval_every,
                         eval_options=train.eval_options(a), out=a.out, log=self.log_rows,
                         personal_weights=train.personal_score_weights(a, self.n_examples),
                         base_name=models.hub_id(a.model))
-        return self.global_record(), MetricRecord({"train-loss": row["train_loss"],
-                                                   "clients": len(ids),
-                                                   "failed": len(failed)})
+
+    def evaluate_due(self, server_round: int) -> bool:
+        """Federated evaluation after this round: fraction-evaluate > 0, and the round a
+        multiple of evaluate-every or the last."""
+        return self.fraction_evaluate > 0 and (server_round % self.evaluate_every == 0
+                                               or server_round == self.args.rounds)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """No federated evaluation: the server evaluates on its data (train.end_round)."""
-        return []
+        """Federated evaluation of the global model `arrays` (factors, head, changed frozen
+        weights, as aggregate_train returned it) by a seeded fraction-evaluate of the clients
+        (chosen as train.py chooses a round's participants), when due; else none."""
+        self.sent_eval = {}
+        if not self.evaluate_due(server_round):
+            return []
+        self.chosen_eval = federation.participants(len(self.clients), self.fraction_evaluate,
+                                                   server_round - 1, self.args.seed)
+        content = {"arrays": arrays, "config": ConfigRecord(
+            {**dict(config), "aggregator": self.name, "round": server_round - 1,
+             "code-version": self.code})}
+        return [Message(RecordDict(content), dst_node_id=self.clients[u],
+                        message_type=MessageType.EVALUATE) for u in self.chosen_eval]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        return None
+        """The clients' metrics, each weighted by the examples it scored (a metric of one
+        evaluation set by that set's n_eval; the n_eval themselves summed), into the round's
+        row as federated_eval_metrics, with federated_eval_clients and federated_eval_failed
+        (a client that fails is left out; none answering gives metrics None)."""
+        got = {reply.metadata.reply_to_message_id: reply for reply in replies}
+        answers, failed = self._failures(self.sent_eval, got, "federated evaluation")
+        ids = sorted(answers)
+        results = [dict(answers[u]["metrics"]) for u in ids]
+        merged = weighted_metrics(results) if results else None
+        if merged is None:
+            log(WARNING, "round %d: no client answered the federated evaluation",
+                server_round)
+        self.row.update(federated_eval_metrics=merged, federated_eval_clients=ids,
+                        federated_eval_failed=failed)
+        return None if merged is None else MetricRecord(merged)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
@@ -278,6 +360,15 @@ class RegistryStrategy(Strategy):
             result.arrays = arrays
             result.train_metrics_clientapp[t] = metrics
             log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
+            if messages := list(self.configure_evaluate(t, arrays, config, grid)):
+                replies, ids = send_and_receive(grid, messages, timeout)
+                self.sent_eval = {msg_id or f"refused-{u}": u
+                                  for msg_id, u in zip(ids, self.chosen_eval)}
+                metrics = self.aggregate_evaluate(t, list(replies.values()))
+                if metrics is not None:
+                    result.evaluate_metrics_clientapp[t] = metrics
+                log(INFO, "\t└──> Federated evaluation: %s", metrics)
+            self.finish_round()
         return result
 
 
@@ -287,10 +378,18 @@ def main(grid: Grid, context: Context) -> None:
     then every aggregator in turn."""
     config = context.run_config
     args = wire.args_from(config)
+    run_folder.check_out(args.out)              # before anything is written
+    run_folder.check_seed(args.seed)
     names = train.check_args(args)
     min_clients = int(config.get("min-clients", 1))
     if min_clients < 1:
         raise ValueError(f"min-clients must be at least 1, got {min_clients}")
+    fraction_evaluate = float(config.get("fraction-evaluate", 0.0))
+    evaluate_every = int(config.get("evaluate-every", 1))
+    if not 0 <= fraction_evaluate <= 1:
+        raise ValueError(f"fraction-evaluate must be in [0, 1], got {fraction_evaluate}")
+    if evaluate_every < 1:
+        raise ValueError(f"evaluate-every must be at least 1, got {evaluate_every}")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = train.resolve_device(args.device)
     log(INFO, "code version %s", version.code_version())
@@ -303,15 +402,19 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError(f"{args.clients} clients but only {len(data.train)} training examples")
     load = train.model_loader(args, device)
     meta_model, _ = load(weights=False)
-    train._check_config(args, train.run_facts(args, task, data, meta_model))
+    train.check_variant_tying(args, names, meta_model)
+    # every file resume=true reuses is verified before anything is written (train.main's)
+    log_rows = run_folder.check_resumable(args.out, names) if args.resume else []
+    change = train._check_config(args, train.run_facts(args, task, data, meta_model),
+                                 run_folder.numerics(torch.get_num_threads(), device))
+    record = {**provenance.record(device), "engine": f"flwr {flwr.__version__}",
+              "run_id": context.run_id, "code_version": version.code_version()}
+    if change:
+        record["numerics_change"] = change
     with open(os.path.join(args.out, "provenance.jsonl"), "a") as f:
-        f.write(json.dumps({**provenance.record(device), "engine": f"flwr {flwr.__version__}",
-                            "run_id": context.run_id, "code_version": version.code_version()})
-                + "\n")
-    log_rows: list[dict] = []
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if args.resume and os.path.exists(metrics_path):
-        log_rows = [json.loads(line) for line in open(metrics_path)]
+        f.write(json.dumps(record) + "\n")
+    if log_rows:        # resumed: metrics.jsonl as verified (or rebuilt from the states)
+        train._write_metrics(args.out, log_rows)
     for name in names:
         run_dir = os.path.join(args.out, name)
         os.makedirs(run_dir, exist_ok=True)
@@ -321,7 +424,9 @@ def main(grid: Grid, context: Context) -> None:
             continue
         strategy = RegistryStrategy(name, state=state, model=model, tokenizer=tokenizer,
                                     task=task, data=data, args=args, clients=clients,
-                                    log_rows=log_rows, device=device, min_clients=min_clients)
+                                    log_rows=log_rows, device=device, min_clients=min_clients,
+                                    fraction_evaluate=fraction_evaluate,
+                                    evaluate_every=evaluate_every)
         strategy.start(grid=grid, initial_arrays=strategy.global_record(),
                        num_rounds=args.rounds - state["round"],
                        timeout=float(config["round-timeout"]))

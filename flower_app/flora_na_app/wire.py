@@ -4,19 +4,23 @@ The run config ([tool.flwr.app.config] in pyproject.toml, overridden with `flwr 
 --run-config`) holds train.py's command-line options under the same kebab-case names, so
 one train.Args describes a run whichever way it is run; "" leaves an option at train.py's
 default. The LoRA factors, the head and the frozen weights that an aggregator changed travel
-in one ArrayRecord, float32 (ArrayRecord refuses bfloat16), under "A/<layer>", "B/<layer>",
-"head/<parameter>" and "W/<layer>".
+as float32 (ArrayRecord refuses bfloat16) under "A/<layer>", "B/<layer>", "head/<parameter>"
+and "W/<layer>", packed into one ArrayRecord of two arrays (packing.py).
 """
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
 import train
 
-APP_KEYS = ("node-timeout", "round-timeout", "min-clients")   # the app's own: not train.py's
+from flora_na_app import packing
+
+APP_KEYS = ("node-timeout", "round-timeout", "min-clients",    # the app's own: not train.py's
+            "fraction-evaluate", "evaluate-every")
 FROM_NODES = ("clients",)                      # set by the SuperNodes that connect
 
 
@@ -47,10 +51,10 @@ def args_from(run_config: dict, **override) -> train.Args:
     return dataclasses.replace(args, **override)
 
 
-def to_record(factors: dict | None = None, head: dict | None = None, base: dict | None = None,
-              without_B: bool = False) -> ArrayRecord:
-    """One ArrayRecord of LoRA factors {layer: (A, B)} (only the A's if without_B), a head
-    {parameter: tensor} and frozen weights {layer: W}, all float32 on the CPU."""
+def to_arrays(factors: dict | None = None, head: dict | None = None, base: dict | None = None,
+              without_B: bool = False) -> dict[str, np.ndarray]:
+    """LoRA factors {layer: (A, B)} (only the A's if without_B), a head {parameter: tensor}
+    and frozen weights {layer: W} as float32 numpy arrays under the keys above."""
     tensors = {}
     for layer, (A, B) in (factors or {}).items():
         tensors[f"A/{layer}"] = A
@@ -58,14 +62,21 @@ def to_record(factors: dict | None = None, head: dict | None = None, base: dict 
             tensors[f"B/{layer}"] = B
     tensors.update({f"head/{k}": v for k, v in (head or {}).items()})
     tensors.update({f"W/{k}": v for k, v in (base or {}).items()})
-    return ArrayRecord({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+    return {k: v.detach().float().cpu().contiguous().numpy() for k, v in tensors.items()}
+
+
+def to_record(factors: dict | None = None, head: dict | None = None, base: dict | None = None,
+              without_B: bool = False) -> ArrayRecord:
+    """to_arrays as one packed ArrayRecord (packing.py: two objects for Flower to move)."""
+    return packing.pack(to_arrays(factors, head, base, without_B))
 
 
 def from_record(record: ArrayRecord) -> dict[str, dict[str, torch.Tensor]]:
     """{"A": {layer: A}, "B": {layer: B}, "head": {parameter: tensor}, "W": {layer: W}} from
     an ArrayRecord made by to_record (missing kinds are empty)."""
     out: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}, "head": {}, "W": {}}
-    for key, tensor in record.to_torch_state_dict().items():
+    for key, array in packing.unpack(record).items():
+        tensor = torch.from_numpy(array)
         kind, name = key.split("/", 1)
         if kind not in out:
             raise ValueError(f"unexpected array {key!r}: expected A/, B/, head/ or W/ keys")

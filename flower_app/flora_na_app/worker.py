@@ -1,14 +1,15 @@
 """The warm worker of one SuperNode: a long-lived process that keeps the model, tokenizer and
-data partition loaded across rounds and runs client_work.train_round for the ClientApp.
+data partition loaded across rounds and runs client_work.train_round and evaluate_round for
+the ClientApp.
 
 Flower 1.42 runs every message of a deployment in a fresh `flwr-clientapp` process (with
 `--isolation subprocess` and `--isolation process` alike: flwr-clientapp handles one message
 and exits), which would import torch, transformers and peft, read the data and build the model
 every round. The first ClientApp process of a node starts this worker instead (in the
-SuperNode's session), and every ClientApp process hands its round over a Unix socket in a
-private folder (mode 0700; pickle, so only this user's processes may talk to it) and returns
-the worker's answer. The worker exits when its SuperNode exits (checked every second) or after
-`--idle` seconds without a request.
+SuperNode's session), and every ClientApp process hands its work ("train" or "evaluate", with
+its arguments) over a Unix socket in a private folder (mode 0700; pickle, so only this user's
+processes may talk to it) and returns the worker's answer. The worker exits when its
+SuperNode exits (checked every second) or after `--idle` seconds without a request.
 
     python worker.py SOCKET SUPERNODE_PID [IDLE_SECONDS]
 """
@@ -68,8 +69,10 @@ def serve(path: str, supernode: int, idle: float) -> None:
             with conn:
                 conn.settimeout(None)
                 try:
-                    request = receive(conn)
-                    answer = ("ok", client_work.train_round(**request))
+                    kind, request = receive(conn)
+                    work = {"train": client_work.train_round,
+                            "evaluate": client_work.evaluate_round}[kind]
+                    answer = ("ok", work(**request))
                 except Exception as err:        # the ClientApp raises it as the round's error
                     answer = ("error", f"{type(err).__name__}: {err}", traceback.format_exc())
                 try:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 import flora_na as fl
-from harness import federation, models, provenance
+from harness import federation, models, provenance, run_folder
 from harness.tasks import Task, TaskData, get_task
 
 
@@ -113,6 +113,9 @@ class Args:
     """run directory"""
     resume: bool = False
     """continue the run in --out where it stopped"""
+    allow_numerics_change: bool = False
+    """--resume even where threads, torch/transformers/peft versions, CPU vendor or device differ
+    from the run's start (recorded in provenance.jsonl): the result then mixes two numerics"""
 
 
 def parse_args(argv=None) -> Args:
@@ -291,7 +294,8 @@ def start_state(model, run_dir: str, resume: bool) -> dict:
     model as loaded (round 0, its LoRA factors and head)."""
     state_path = os.path.join(run_dir, "state.pt")
     if resume and os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=False, map_location="cpu")
+        sums = run_folder.read_checksums(run_dir)
+        state = run_folder.load_state(state_path, None if sums is None else sums.get("state.pt"))
         layers = fl.lora_layers(model)
         with torch.no_grad():
             for n, W in state["base"].items():
@@ -365,12 +369,13 @@ def end_round(row: dict, state: dict, model, tokenizer, *, task: Task, data: Tas
                                                 eval_options, personal_weights)
     state["round"] = row["round"]
     state["metrics"].append(row)
-    _atomic_write(os.path.join(run_dir, "state.pt"), lambda path: torch.save(state, path))
+    run_folder.save_state(run_dir, state)
     log[:] = [r for r in log if r["aggregator"] != name] + state["metrics"]
     _write_metrics(out, log)
     fl.write_factors(model, state["factors"])
     fl.load_head(model, state["head"])
     save_global(model, state, run_dir, base_name)
+    run_folder.record_saved(run_dir)
     tqdm.write(_console_line(row, rounds))
 
 
@@ -391,6 +396,12 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
     model, tokenizer = load()
     make_batch = task.batcher(tokenizer, data.train, eval_options["max_length"])
     state = start_state(model, run_dir, resume)
+    if state["round"] > 0 and (problem := run_folder.adapter_problem(run_dir, bool(state["base"]))):
+        tqdm.write(f"note: {problem}; rebuilt from {os.path.join(run_dir, 'state.pt')}")
+        fl.write_factors(model, state["factors"])
+        fl.load_head(model, state["head"])
+        save_global(model, state, run_dir, base_name)
+        run_folder.record_saved(run_dir)
     rank = models.lora_rank(model)                        # the global model's
     ranks = ranks or [rank] * len(parts)
     scales = rank_scales(model, ranks)                    # {r_u: s_u / s}
@@ -668,27 +679,42 @@ def run_facts(args: Args, task: Task, data: TaskData, model) -> dict:
                             for n, a in fl.AGGREGATORS.items()}}
 
 
-def _check_config(args: Args, facts: dict) -> None:
-    """Refuse to mix runs: a resumed run must have the same config; a new one an empty dir."""
+def _check_config(args: Args, facts: dict, numerics: dict) -> dict | None:
+    """Refuse to mix runs: a resumed run must have the same config and numerics (unless
+    --allow-numerics-change: then returns what changed); a new one an empty dir."""
     path = os.path.join(args.out, "config.json")
-    config = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "device", "out")}
+    config = {k: v for k, v in dataclasses.asdict(args).items()
+              if k not in ("resume", "device", "out", "allow_numerics_change")}
     config["facts"] = facts
+    config["numerics"] = numerics
+    change = None
     if os.path.exists(path):
         if not args.resume:
             raise FileExistsError(f"{args.out} already holds a run: pass --resume to continue "
                                   f"it, or choose another --out")
-        old = upgrade_config(json.load(open(path)))
+        old = upgrade_config(run_folder.read_json(
+            path, "restore it, or start the run again in a new --out"))
         # facts derive from the arguments and this machine (the model's local path): a run
         # moved to another machine resumes; they are rewritten below. An option added to
         # train.py since the run started resumes at its default (what the run did without it)
         default = dataclasses.asdict(Args(data_dir=None))
         diff = {k: (old.get(k), v) for k, v in config.items()
-                if old.get(k) != v and k not in ("threads", "facts")
+                if old.get(k) != v and k not in ("threads", "facts", "numerics")
                 and not (k not in old and v == default[k])}
         if diff:
             raise ValueError(f"--resume with a different config than {path}: {diff}")
+        change = run_folder.numerics_change(old, numerics)
+        # a run started before numerics were recorded resumes (its earlier numerics are
+        # unknown, not known to differ); provenance.jsonl records them as "unknown" -> now
+        if change and "numerics" in old and not args.allow_numerics_change:
+            raise ValueError(f"--resume under different numerics than {path} records: {change}; "
+                             f"the result would mix two numerics. Resume where they match, or "
+                             f"pass --allow-numerics-change (then recorded in provenance.jsonl)")
+        if change:  # the run goes on under the new numerics; the change is in provenance
+            config["numerics"] = {**old.get("numerics", {}), **numerics}
     os.makedirs(args.out, exist_ok=True)
     _atomic_write(path, lambda p: json.dump(config, open(p, "w"), indent=2))
+    return change
 
 
 def load_data(args: Args) -> tuple[Task, TaskData]:
@@ -718,6 +744,8 @@ def eval_options(args: Args) -> dict:
 
 
 def main(args: Args) -> list[dict]:
+    run_folder.check_out(args.out)                  # before anything is written
+    run_folder.check_seed(args.seed)
     names = check_args(args)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = resolve_device(args.device)
@@ -729,13 +757,17 @@ def main(args: Args) -> list[dict]:
     load = model_loader(args, device)
     meta_model, _ = load(weights=False)        # model, LoRA targets, rank: before --out
     check_models(args, names, meta_model)
-    _check_config(args, run_facts(args, task, data, meta_model))
+    # every file --resume reuses is verified before anything is written or appended
+    log = run_folder.check_resumable(args.out, names) if args.resume else []
+    change = _check_config(args, run_facts(args, task, data, meta_model),
+                           run_folder.numerics(torch.get_num_threads(), device))
+    record = provenance.record(device)
+    if change:
+        record["numerics_change"] = change
     with open(os.path.join(args.out, "provenance.jsonl"), "a") as f:
-        f.write(json.dumps(provenance.record(device)) + "\n")
-    log: list[dict] = []
-    mpath = os.path.join(args.out, "metrics.jsonl")
-    if args.resume and os.path.exists(mpath):
-        log = [json.loads(line) for line in open(mpath)]
+        f.write(json.dumps(record) + "\n")
+    if log:  # resumed: metrics.jsonl as verified (or rebuilt from the states)
+        _write_metrics(args.out, log)
     for name in names:
         run_aggregator(name, task=task, data=data, parts=parts, load=load, rounds=args.rounds,
                        local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,

@@ -12,6 +12,7 @@ Exit status (diagnostic only; the parent trusts only the token line): 0 after th
 reported, 1 an assert failed, 2 anything else.
 """
 import _thread
+import ast
 import io
 import json
 import linecache
@@ -49,7 +50,9 @@ def _make_hook(root: str):
         "resource.setrlimit", "resource.prlimit", "os.link", "os.symlink",
         "sys.addaudithook", "sys.settrace", "sys.setprofile", "sys._current_frames",
         # object-graph walks: the only way to this hook's cells or the vault's value stack
-        "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
+        "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+        # hand-made bytecode reads and writes raw memory; exec and compile stay allowed
+        "code.__new__"})
     refused_prefixes = ("socket.", "ctypes.", "sys.monitoring.")
     refused_imports = frozenset({"_ctypes", "_posixsubprocess"})  # fork_exec is not audited
     # raw-memory test modules; subinterpreters, which would run without this hook
@@ -65,6 +68,8 @@ def _make_hook(root: str):
     def hook(event, args):
         if event in refused or event.startswith(refused_prefixes):
             raise denied(f"sandbox: {event} is not allowed")
+        if event == "object.__setattr__" and args[1] == "__code__":
+            raise denied("sandbox: replacing a function's code is not allowed")
         if event == "import":
             if args[0] in refused_imports or args[0].startswith(refused_import_prefixes):
                 raise denied(f"sandbox: import {args[0]} is not allowed")
@@ -186,6 +191,48 @@ def _boot(solution, tests, vault, go, streams, print_exc, next_, exit_, exec_, a
     exit_(status)  # skips atexit handlers and finalizers the program may have left
 
 
+def _plain(value):
+    """value with the standard library's subclasses of dict, list and tuple (Counter,
+    defaultdict, OrderedDict, namedtuples) made plain, so its repr is a literal when the
+    value compares equal to one; anything else unchanged (its repr will not read back)."""
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, (set, frozenset)) and type(value) is not frozenset:
+        return {_plain(v) for v in value}
+    return value
+
+
+def _serve(solution, calls, go, out, streams, print_exc, exit_, exec_, literal_eval, repr_,
+           dumps, plain):
+    """The worker thread in calls mode: run the solution, then make each call and write repr of
+    its value, as a JSON string, one line per call, to `out` (the result pipe). Nothing here is
+    trusted by the parent: it judges the values itself, so the only way to pass is to return
+    the right ones."""
+    go.acquire()
+    namespace = {"__name__": "__sandbox__"}
+    status = 0
+    try:
+        exec_(solution, namespace)
+        for name, args, kwargs in calls:
+            value = namespace[name](*literal_eval(args), **literal_eval(kwargs))
+            out.write((dumps(repr_(plain(value))) + "\n").encode())
+    except BaseException:
+        status = 2
+        try:
+            print_exc()
+        except BaseException:
+            pass
+    for stream in (*streams, out):
+        try:
+            stream.flush()
+        except BaseException:
+            status = 2
+    exit_(status)
+
+
 def _compile(source: str, filename: str):
     """Compile one part of the program, keeping its source for tracebacks."""
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -217,15 +264,22 @@ def _main(payload_fd: int, result_fd: int) -> None:
         sys.stderr.flush()
         os._exit(2)
     raw = io.FileIO(result_fd, "w", closefd=True)
-    writer = io.BufferedWriter(raw, buffer_size=4096)
-    writer.write(f"passed {payload['token']}\n".encode())  # buffered: not in the pipe yet
-    vault = _vault([writer, raw, writer], sys._getframe)
     go = _thread.allocate_lock()
     go.acquire()
     _thread.stack_size(WORKER_STACK_BYTES)
-    _thread.start_new_thread(_boot, (solution, tests, vault, go, (sys.stdout, sys.stderr),
-                                     traceback.print_exc, next, os._exit, exec, AssertionError,
-                                     BaseException))
+    if payload["calls"] is not None:  # calls mode: the parent decides the verdict
+        writer = vault = None
+        _thread.start_new_thread(_serve, (solution, payload["calls"], go, raw,
+                                          (sys.stdout, sys.stderr), traceback.print_exc,
+                                          os._exit, exec, ast.literal_eval, repr, json.dumps,
+                                          _plain))
+    else:
+        writer = io.BufferedWriter(raw, buffer_size=4096)
+        writer.write(f"passed {payload['token']}\n".encode())  # buffered: not in the pipe yet
+        vault = _vault([writer, raw, writer], sys._getframe)
+        _thread.start_new_thread(_boot, (solution, tests, vault, go, (sys.stdout, sys.stderr),
+                                         traceback.print_exc, next, os._exit, exec,
+                                         AssertionError, BaseException))
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no new thread or process from here on
     if payload["audit_hook"]:
         sys.addaudithook(_make_hook(payload["root"]))

@@ -689,3 +689,259 @@ def test_unisolated_run_is_still_guarded_by_the_hook(monkeypatch, tmp_path):
     assert not target.exists()
     workdir = result.stdout.strip()
     assert Path(workdir).name.startswith("sandbox-") and not os.path.exists(workdir)
+
+
+# --- round two: memory-level forgeries, keyrings, kernel memory floods ------------------------
+#
+# Every program below ends in a wrong `add` and runs against asserts the trusted path judges
+# (harness/scoring.py), with the hook and with the kernel layer alone; `attempt` reports what
+# was refused. Where raw memory would be reached, the forgery of the old in-sandbox verdict is
+# tried too. The asserts are never sent to the sandbox, so nothing in it can know the answers.
+
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(40, 2) == 42", "assert add(-1, 1) == 0"]
+WRONG_ADD = "\ndef add(a, b):\n    return a - b\n"
+assert scoring.mbpp_verdict_path(ADD_TESTS) == "trusted"
+
+LOAD_DOTTED = """
+import glob, importlib.util, sys
+def load(name):
+    path = glob.glob(sys.base_prefix + "/lib/python3*/lib-dynload/" + name + ".*so")[0]
+    spec = importlib.util.spec_from_file_location("x." + name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print("LOADED", name, flush=True)
+    return module
+"""
+
+MEMORY_FORGERIES = [
+    ("dotted_extension_loading", """
+for name in ("_ctypes", "_testcapi", "_testinternalcapi", "_xxsubinterpreters"):
+    attempt(lambda: load(name))
+"""),
+    ("heap_scan_for_the_token", """
+import re, os
+def scan_proc_mem():
+    maps = open("/proc/self/maps").read().splitlines()
+    with open("/proc/self/mem", "rb") as mem:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            mem.seek(start)
+            found = re.search(rb"passed [0-9a-f]{32}", mem.read(end - start))
+            if found:
+                os.write(3, found.group(0) + b"\\n")
+attempt(scan_proc_mem)
+def scan_with_ctypes():
+    ct = load("_ctypes")
+    print("ctypes reachable", ct, flush=True)
+attempt(scan_with_ctypes)
+os._exit(0)
+"""),
+    ("vault_flush", """
+import sys, os, types
+def flush_the_vault():
+    f = sys._getframe()
+    while f is not None:
+        for value in list(f.f_locals.values()):
+            if isinstance(value, types.GeneratorType):
+                print("generator", value, flush=True)
+        f = f.f_back
+    load("_ctypes")  # the issue's route to the writer on the vault's value stack
+attempt(flush_the_vault)
+os._exit(0)
+"""),
+    ("hook_code_replacement", """
+import sys
+def replace_every_reachable_code():
+    f = sys._getframe()
+    while f is not None:
+        for value in list(f.f_locals.values()) + list(f.f_globals.values()):
+            if isinstance(value, type(attempt)):
+                value.__code__ = (lambda *a, **k: None).__code__
+        f = f.f_back
+attempt(replace_every_reachable_code)
+attempt(lambda: (lambda: 0).__code__.replace(co_consts=(None,)))
+attempt(lambda: type((lambda: 0).__code__)(0, 0, 0, 0, 0, 0, b"", (), (), (), "", "", "", 0,
+                                            b"", b"", (), ()))
+"""),
+    ("subinterpreters", """
+attempt(lambda: __import__("_xxsubinterpreters").create())
+attempt(lambda: __import__("_testcapi").run_in_subinterp("print('SUBINTERPRETER RAN')"))
+attempt(lambda: load("_xxsubinterpreters").create())
+attempt(lambda: load("_testcapi").run_in_subinterp("print('SUBINTERPRETER RAN')"))
+"""),
+    ("return_values_that_lie", """
+class Yes:
+    def __eq__(self, other):
+        return True
+    def __repr__(self):
+        return "__import__('os').system('touch HOST_DIR/ran')"
+_real = lambda a, b: Yes()
+"""),
+]
+
+
+@pytest.mark.parametrize("audit_hook", [True, False], ids=["with_hook", "kernel_only"])
+@pytest.mark.parametrize("program", [pytest.param(p, id=name) for name, p in MEMORY_FORGERIES])
+def test_memory_level_forgery_cannot_pass(host, program, audit_hook, monkeypatch):
+    """Trusted path: the sandbox only returns values; a wrong function fails whatever it does.
+    In-sandbox path: the modules that reach raw memory are absent in any name."""
+    code = TRY + LOAD_DOTTED + host.fill(program) + WRONG_ADD
+    calls = [("add", "(1, 2)", "{}"), ("add", "(40, 2)", "{}"), ("add", "(-1, 1)", "{}")]
+    run = sandbox.run_calls(code, calls, timeout_s=10, memory_mb=256, audit_hook=audit_hook)
+    result = scoring._judge(scoring._plan(ADD_TESTS, ""), run)
+    host.assert_untouched(result)
+    forged = run_sandboxed(code, "\n".join(ADD_TESTS), timeout_s=10, memory_mb=256,
+                           audit_hook=audit_hook)
+    host.assert_untouched(forged)
+    for output in (run.stdout, forged.stdout):
+        assert "LOADED" not in output and "SUBINTERPRETER RAN" not in output
+        assert "ctypes reachable" not in output
+
+
+def test_value_with_lying_eq_fails_on_the_trusted_path():
+    code = "class Yes:\n    def __eq__(self, other):\n        return True\n" \
+           "def add(a, b):\n    return Yes()\n"
+    result = run_mbpp(code, ADD_TESTS)
+    assert result.verdict == "trusted" and not result.passed and result.status == "failed"
+    assert "not a Python literal" in result.stderr
+    # Plain stdlib containers come back as the literals they equal.
+    counter = "from collections import Counter\ndef add(a, b):\n    return Counter({a + b: 1})\n"
+    assert run_mbpp(counter, ["assert add(1, 2) == {3: 1}"]).passed
+
+
+def test_verdict_paths_of_mbpp_are_counted():
+    tasks = _load_jsonl(MBPP)
+    in_sandbox = [t["task_id"] for t in tasks
+                  if scoring.mbpp_verdict_path(t["test_list"], t["test_setup_code"]) != "trusted"]
+    print(f"MBPP problems judged in the sandbox: {len(in_sandbox)} of {len(tasks)}: {in_sandbox}")
+    assert len(in_sandbox) <= 10
+
+
+KEYCTL = """
+import glob, importlib.util, sys
+path = glob.glob(sys.base_prefix + "/lib/python3*/lib-dynload/_ctypes.*so")[0]
+print("ctypes", bool(path), flush=True)
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+KEY_SPEC_SESSION, KEY_SPEC_USER = -3, -4
+for keyring in (KEY_SPEC_SESSION, KEY_SPEC_USER):
+    made = libc.syscall(248, b"user", b"flora-sandbox-test", b"LEFT BY RUN", 11, keyring)
+    print("add_key", keyring, made, ctypes.get_errno(), flush=True)
+    found = libc.syscall(250, 10, keyring, b"user", b"flora-sandbox-test", 0)  # KEYCTL_SEARCH
+    print("search", keyring, found, ctypes.get_errno(), flush=True)
+    buffer = ctypes.create_string_buffer(4096)
+    print("read", libc.syscall(250, 11, keyring, buffer, 4096), ctypes.get_errno(), flush=True)
+print(open("/proc/keys").read() if __import__("os").path.exists("/proc/keys") else "", flush=True)
+"""
+
+
+X86_64 = pytest.mark.skipif(__import__("platform").machine() != "x86_64",
+                            reason="the probes use x86_64 syscall numbers")
+
+
+@X86_64
+def test_keyrings_are_out_of_reach(monkeypatch):
+    """Kernel layer alone, with ctypes put back: every keyring call is refused by the filter,
+    in the session keyring and uid 65534's user keyring, and nothing crosses to a second run."""
+    monkeypatch.setattr(sandbox, "HIDDEN_MODULES", ())
+    keys_before = Path("/proc/keys").read_text() if Path("/proc/keys").exists() else ""
+    outputs = [run_sandboxed(KEYCTL, audit_hook=False, timeout_s=10) for _ in range(2)]
+    for result in outputs:
+        assert result.passed, result.stderr
+        calls = [line.split() for line in result.stdout.splitlines()
+                 if line.split()[:1] in (["add_key"], ["search"], ["read"])]
+        assert len(calls) == 6 and all(c[-2:] == ["-1", "1"] for c in calls), result.stdout  # EPERM
+        assert "LEFT BY RUN" not in result.stdout and "flora-sandbox-test" not in result.stdout
+    keys_after = Path("/proc/keys").read_text() if Path("/proc/keys").exists() else ""
+    assert "flora-sandbox-test" not in keys_after
+    assert len(keys_after.splitlines()) == len(keys_before.splitlines())
+
+
+SYSCALL_PROBE = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for name, number, args in [("io_uring_setup", 425, (1, 0)), ("unshare", 272, (0x10000000,)),
+                           ("ptrace", 101, (16, 1)), ("bpf", 321, (0, 0, 0)),
+                           ("perf_event_open", 298, (0, 0, -1, -1, 0)), ("personality", 135, (0x0040000,)),
+                           ("setxattr", 188, (b"/tmp", b"user.x", b"1", 1, 0)),
+                           ("mount", 165, (b"none", b"/tmp", b"tmpfs", 0, 0)),
+                           ("clone3", 435, (0, 0)), ("setxattrat", 463, (0, 0, 0, 0, 0, 0))]:
+    print(name, libc.syscall(number, *args), ctypes.get_errno(), flush=True)
+print("Seccomp", open("/proc/self/status").read().split("Seccomp:")[1].split()[0], flush=True)
+"""
+
+
+@X86_64
+def test_syscall_filter_refuses(monkeypatch):
+    monkeypatch.setattr(sandbox, "HIDDEN_MODULES", ())
+    result = run_sandboxed(SYSCALL_PROBE, audit_hook=False, timeout_s=10)
+    assert result.passed, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines.pop("Seccomp") == "2"  # a filter is on
+    for name, outcome in lines.items():
+        assert outcome == ("-1 38" if name in ("clone3", "setxattrat") else "-1 1"), (name, outcome)
+
+
+def test_sandbox_refuses_without_the_filter_unless_opted_in(monkeypatch):
+    def missing():
+        raise ImportError("No module named 'pyseccomp'")
+    monkeypatch.setattr(sandbox, "_seccomp_program", missing)
+    with pytest.raises(SandboxUnavailable, match="seccomp.*pyseccomp"):
+        run_mbpp("def f():\n    return 1\n", ["assert f() == 1"])
+    result = run_mbpp("def f():\n    return 1\n", ["assert f() == 1"], allow_unisolated=True)
+    assert result.passed and not result.isolated
+
+
+def _available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+XATTR_FLOOD = """
+import os
+refused = 0
+for i in range(20000):
+    path = f"f{i % 64}"
+    open(path, "a").close()
+    try:
+        os.setxattr(path, f"user.k{i}", b"v" * 4000)
+    except OSError:
+        refused += 1
+print("refused", refused, flush=True)
+"""
+INODE_FLOOD = """
+import os
+for i in range(10 ** 8):
+    os.close(os.open(f"f{i}", os.O_CREAT | os.O_WRONLY))
+"""
+
+
+@pytest.mark.skipif(sandbox._memory_cgroup_parent() is None,
+                    reason="no memory cgroup can be made here (not root, or v2 without delegation)")
+def test_kernel_memory_floods_are_bounded():
+    """xattrs are refused by the filter; an inode flood, which no rlimit or tmpfs size stops,
+    is bound by the run's memory cgroup: host memory drops by at most the run's budget."""
+    result = run_sandboxed(XATTR_FLOOD, audit_hook=False, timeout_s=10, memory_mb=64)
+    assert result.passed and result.stdout.strip() == "refused 20000", result
+    budget = (64 << 20) + sandbox.TMPFS_BYTES + sandbox.MEMORY_SLACK_BYTES
+    before, lowest = _available_bytes(), [None]
+
+    def watch():
+        lowest[0] = _available_bytes()
+        while not done:
+            lowest[0] = min(lowest[0], _available_bytes())
+            time.sleep(0.02)
+    done = False
+    with ThreadPoolExecutor(1) as pool:
+        watcher = pool.submit(watch)
+        result = run_sandboxed(INODE_FLOOD, audit_hook=False, timeout_s=8, memory_mb=64)
+        done = True
+        watcher.result()
+    print(f"inode flood: {result.status} after {result.seconds:.1f}s, cgroup peak "
+          f"{result.peak_memory / 2**20:.0f} MiB of {budget / 2**20:.0f}; host available fell by "
+          f"{(before - lowest[0]) / 2**20:.0f} MiB")
+    assert not result.passed
+    assert result.peak_memory <= budget
+    assert before - lowest[0] < budget + (256 << 20)  # other processes' noise allowed

@@ -10,18 +10,16 @@ Paper: Nguyen et al., "Communication-Efficient and Accurate Approach for Aggrega
 Federated Low-Rank Adaptation", arXiv 2509.26399 (https://arxiv.org/abs/2509.26399).
 
 Read top to bottom: no function or class uses a name defined below it (tests/test_reading_order.py).
-  1. Gram primitives and the divergence       } the solver: one block, torch + stdlib only,
-  2. the FLoRA-NA solver (ALS + LM, AdamW)     } between the COPYABLE SOLVER markers
-  3. LoRA factors in and out of a peft model, and the client step
+  1. LoRA factors in and out of a peft model, and the client step
+  2. Gram primitives and the divergence        } the solver: one block, torch + stdlib only,
+  3. the FLoRA-NA solver (ALS + LM, AdamW)     } between the COPYABLE SOLVER markers
   4. aggregators, simplest first: FedIT .. LoRA-FAIR, then FLoRA-NA
   5. the registry: each aggregator, what its clients do differently, and its options
-The matrix-free path for hundreds of clients is flora_na_scale.py; the authors' released
-variant is evidence/authors_variant.py, registered through register() as any plug-in is.
-
-Shapes: L adapted layers of one shape, U clients, rank r, B_u is (d, r), A_u is (r, k), so
-B_u @ A_u has the (out, in) layout of nn.Linear.weight. p is (U,), p_u = n_u / sum n.
+The solver stands before the baselines (which need none of it) to be one block to copy. The
+matrix-free path for many clients is flora_na_scale.py; the authors' released variant is a
+plug-in, evidence/authors_variant.py. Shapes: L layers of one shape, U clients, rank r,
+B_u (d, r), A_u (r, k), so B_u @ A_u is (out, in) like nn.Linear.weight; p (U,), p_u = n_u / sum n.
 """
-# ----- BEGIN COPYABLE SOLVER: sections 1-2, down to END COPYABLE SOLVER; torch + stdlib -----
 from __future__ import annotations
 
 import math
@@ -32,370 +30,9 @@ import torch
 from torch import Tensor
 
 # ---------------------------------------------------------------------------------------------
-# 1. Gram primitives and the divergence.
-#
-#    With B_hat = sum_a P_a B_a and A_hat = sum_b Q_b A_b, expand the squared divergence
-#    (the paper's objective, Eq. 6)
-#      ||M - B_hat A_hat||^2 = ||M||^2 - 2 <M, B_hat A_hat> + ||B_hat A_hat||^2
-#    and write every term with the r x r Gram blocks G_B[u, v] = B_u^T B_v, G_A[u, v] = A_u A_v^T:
-#      ||M||^2            = sum_uv p_u p_v tr(G_B[u, v] G_A[v, u])
-#      <M, B_hat A_hat>   = sum_u p_u tr(X_u Y_u),  X_u = B_u^T B_hat = sum_a P_a G_B[u, a]
-#                                                   Y_u = A_hat A_u^T = sum_b Q_b G_A[b, u]
-#      ||B_hat A_hat||^2  = tr(S_B S_A),           S_B = B_hat^T B_hat = sum_ac P_a P_c G_B[a, c]
-#                                                   S_A = A_hat A_hat^T = sum_bd Q_b Q_d G_A[b, d]
-#    (using tr(XY) = tr(YX) to move the d- and k-sized products inside r x r ones). The Gram
-#    blocks cost O(L U^2 r^2 (d + k)) once; after that every evaluation costs O(L U^2 r^2) and
-#    never touches d or k. The price: a difference of terms as large as ||M||^2, so values
-#    below about 1e-8 ||M|| are round-off (harness/federation.py reports them exactly).
+# 1. LoRA factors in and out of a peft model, and the client step
 # ---------------------------------------------------------------------------------------------
 
-
-def check_weights(p: Tensor, U: int, method: str) -> Tensor:
-    """p as float64 summing to one; ValueError for the wrong size, negatives, NaN, all zero."""
-    p = torch.as_tensor(p, dtype=torch.float64).flatten()
-    if U == 0:
-        raise ValueError(f"{method}: no clients")
-    if p.numel() != U:
-        raise ValueError(f"{method}: {p.numel()} weights for {U} clients")
-    if not torch.isfinite(p).all() or (p < 0).any():
-        raise ValueError(f"{method}: weights must be finite and >= 0, got {p.tolist()}")
-    if p.sum() <= 0:
-        raise ValueError(f"{method}: weights sum to zero")
-    return p / p.sum()
-
-
-def _check_factors(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
-    """Validate solver inputs A (L, U, r, k), B (L, U, d, r), p (U,); return p / sum(p)."""
-    if A.dim() != 4 or B.dim() != 4:
-        raise ValueError(f"expected A (L, U, r, k) and B (L, U, d, r), got {tuple(A.shape)} "
-                         f"and {tuple(B.shape)}")
-    if A.shape[:2] != B.shape[:2] or A.shape[2] != B.shape[3]:
-        raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} disagree in layers, "
-                         f"clients or rank")
-    if A.shape[1] == 0 or A.shape[2] == 0:
-        raise ValueError(f"no clients or zero rank: A has shape {tuple(A.shape)}")
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-        raise ValueError("A or B contains NaN or Inf")
-    return check_weights(p, A.shape[1], "solve_flora_na")
-
-
-def gram_blocks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """G_A[l, u, v] = A_u A_v^T and G_B[l, u, v] = B_u^T B_v in float64, each (L, U, U, r, r).
-    One batched matmul each: the only step that touches d and k."""
-    L, U, r, k = A.shape
-    A_flat = A.double().reshape(L, U * r, k)                              # (L, U r, k)
-    B_flat = B.double().permute(0, 2, 1, 3).reshape(L, B.shape[2], U * r)  # (L, d, U r)
-    G_A = (A_flat @ A_flat.mT).view(L, U, r, U, r).permute(0, 1, 3, 2, 4).contiguous()
-    G_B = (B_flat.mT @ B_flat).view(L, U, r, U, r).permute(0, 1, 3, 2, 4).contiguous()
-    return G_A, G_B                                                      # (L, U, U, r, r) each
-
-
-def _hat_gram(c: Tensor, G: Tensor) -> Tensor:
-    """sum_ab c_a c_b G[a, b] per layer (L, r, r): S_B = B_hat^T B_hat from (P, G_B),
-    S_A = A_hat A_hat^T from (Q, G_A)."""
-    return torch.einsum("la,lc,lacij->lij", c, c, G)
-
-
-def _X(P: Tensor, G_B: Tensor) -> Tensor:
-    """X_u = B_u^T B_hat = sum_a P_a G_B[u, a], (L, U, r, r)."""
-    return torch.einsum("la,luaij->luij", P, G_B)
-
-
-def _Y(Q: Tensor, G_A: Tensor) -> Tensor:
-    """Y_u = A_hat A_u^T = sum_b Q_b G_A[b, u], (L, U, r, r)."""
-    return torch.einsum("lb,lbuij->luij", Q, G_A)
-
-
-def _norm_M2(G_A: Tensor, G_B: Tensor, p: Tensor) -> Tensor:
-    """||M||_F^2 per layer (L,): sum_uv p_u p_v tr(G_B[u, v] G_A[v, u])."""
-    return torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)
-
-
-def _squared_divergence(G_A, G_B, p, P, Q, norm_M2=None) -> Tensor:
-    """||M - B_hat A_hat||_F^2 per layer (L,) from Gram blocks; P, Q (L, U) or (U,)."""
-    P, Q = P.expand(G_A.shape[0], -1), Q.expand(G_A.shape[0], -1)         # (L, U) each
-    norm_M2 = _norm_M2(G_A, G_B, p) if norm_M2 is None else norm_M2
-    S_B, S_A = _hat_gram(P, G_B), _hat_gram(Q, G_A)                        # (L, r, r) each
-    cross = torch.einsum("u,luij,luji->l", p, _X(P, G_B), _Y(Q, G_A))     # <M, B_hat A_hat>
-    return norm_M2 - 2 * cross + torch.einsum("lij,lji->l", S_B, S_A)
-
-
-def divergence(A: Tensor, B: Tensor, p: Tensor, P: Tensor, Q: Tensor) -> Tensor:
-    """||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F per layer (L,), computed in Gram space."""
-    p = _check_factors(A, B, p).to(A.device)
-    G_A, G_B = gram_blocks(A, B)
-    P, Q = (torch.as_tensor(c, dtype=torch.float64, device=A.device) for c in (P, Q))
-    return _squared_divergence(G_A, G_B, p, P, Q).clamp_min(0).sqrt()
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. The FLoRA-NA solver: min over P, Q of ||M - B_hat A_hat||_F^2, all in Gram space.
-#
-#    For fixed Q the objective is a convex quadratic in P:  P^T H_P P - 2 g_P^T P + ||M||^2,
-#      H_P[a, c] = <B_a A_hat, B_c A_hat> = tr(G_B[a, c] S_A),
-#      g_P[a]    = <B_a A_hat, M>         = sum_u p_u tr(G_B[u, a] Y_u),
-#    and symmetrically in Q for fixed P (H_Q[b, d] = tr(S_B G_A[b, d]), g_Q[b] =
-#    sum_u p_u tr(X_u G_A[b, u])). Alternating exact minimisation (ALS) can only go down. It
-#    can crawl along narrow valleys where P and Q must move together, so after each sweep a
-#    Levenberg-Marquardt step on the residual R = M - B_hat A_hat moves both: its Jacobian has
-#    columns dR/dP_a = -B_a A_hat and dR/dQ_b = -B_hat A_b, so J^T J = [[H_P, C], [C^T, H_Q]]
-#    with C[u, v] = <B_u A_hat, B_hat A_v> = tr(X_u Y_v^T), and -J^T R = (g_P - H_P P, g_Q - H_Q Q).
-#    Where this departs from the paper: the paper minimises its objective with AdamW on (P, Q);
-#    this file's default is ALS + LM, which solves each half-step exactly and never goes up, so
-#    it needs no learning rate or step count and ends at a stationary point. AdamW is kept
-#    (solver="adamw"), in coordinates where one lr means the same on every problem.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FloraNAResult:
-    """Coefficients, aggregated factors and per-layer divergences ||M - B_hat A_hat||_F."""
-    P: Tensor                        # (L, U) coefficients of B: B_hat = sum_u P_u B_u
-    Q: Tensor                        # (L, U) coefficients of A: A_hat = sum_u Q_u A_u
-    A_hat: Tensor                    # (L, r, k)
-    B_hat: Tensor                    # (L, d, r)
-    divergence: Tensor               # (L,) ||M - B_hat A_hat||_F
-    divergence_naive: Tensor         # (L,) ||M - (sum p B)(sum p A)||_F  (FedIT)
-    divergence_bound: Tensor | None  # (L,) best any rank-r product can do (Eckart-Young)
-    norm_M: Tensor                   # (L,) ||M||_F, to report divergences relative to M
-    iterations: int
-
-
-def _layer_total(tie_layers: bool) -> Callable[[Tensor], Tensor]:
-    """What is minimised: each layer's value (L, ...) alone, or, with one (P, Q) tied across
-    the layers, their sum over layers (1, ...)."""
-    return (lambda x: x.sum(0, keepdim=True)) if tie_layers else (lambda x: x)
-
-
-def divergence_bound(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
-    """min over rank-r X of ||M - X||_F per layer (L,): the Eckart-Young tail of M's
-    singular values, from a QR of the stacked factors M = [p_u B_u]_u [A_u]_u."""
-    p = _check_factors(A, B, p).to(A.device)
-    L, U, r, k = A.shape
-    B_stack = (B.double() * p[None, :, None, None]).permute(0, 2, 1, 3).reshape(L, -1, U * r)
-    _, R_b = torch.linalg.qr(B_stack, mode="r")      # only the singular values are needed,
-    _, R_a = torch.linalg.qr(A.double().reshape(L, U * r, k).mT, mode="r")   # so skip Q
-    S = torch.linalg.svdvals(R_b @ R_a.mT)           # (L, U r) singular values of M, descending
-    return S[:, r:].square().sum(-1).sqrt()
-
-
-def _lm_step(G_A, G_B, p, P, Q, f, damping, total, norm_M2):
-    """One Levenberg-Marquardt step in the 2U unknowns (P, Q) jointly (see the section's
-    comment), kept only where it lowers f (per layer, or in total when tied). Returns P, Q, f
-    and the damping, lowered after a success, raised after not."""
-    L, U = P.shape
-    S_A, S_B = _hat_gram(Q, G_A), _hat_gram(P, G_B)                    # (L, r, r) each
-    X, Y = _X(P, G_B), _Y(Q, G_A)                                      # (L, U, r, r) each
-    H_P = torch.einsum("lacij,lji->lac", G_B, S_A)                     # (L, U, U)
-    H_Q = torch.einsum("lij,lbdji->lbd", S_B, G_A)                     # (L, U, U)
-    C = torch.einsum("luij,lvij->luv", X, Y)                           # (L, U, U)
-    g_P = torch.einsum("u,luaij,luji->la", p, G_B, Y) - torch.einsum("lac,lc->la", H_P, P)
-    g_Q = torch.einsum("u,luij,lbuji->lb", p, X, G_A) - torch.einsum("lbd,ld->lb", H_Q, Q)
-    JJ = total(torch.cat([torch.cat([H_P, C], 2), torch.cat([C.mT, H_Q], 2)], 1))  # (L, 2U, 2U)
-    Jr = total(torch.cat([g_P, g_Q], 1))                                           # (L, 2U)
-    scale = JJ.diagonal(dim1=1, dim2=2).mean(-1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    eye = torch.eye(2 * U, dtype=JJ.dtype, device=JJ.device)
-    step = torch.linalg.solve(JJ + (damping * scale)[:, None, None] * eye, Jr.unsqueeze(-1))
-    step = step[..., 0].expand(L, 2 * U)                               # (L, 2U)
-    P_new, Q_new = P + step[:, :U], Q + step[:, U:]
-    f_new = total(_squared_divergence(G_A, G_B, p, P_new, Q_new, norm_M2))
-    better = f_new < f
-    damping = torch.where(better, damping / 3, damping * 4).clamp(1e-12, 1e12)
-    return (torch.where(better[:, None], P_new, P), torch.where(better[:, None], Q_new, Q),
-            torch.where(better, f_new, f), damping)
-
-
-def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
-    """Exact alternating minimisation from FedIT (P = Q = p), each half-step with a proximal
-    term prox * ||P - P_prev||^2 so the divergence can only go down and the system stays well
-    posed when H is singular (B = 0, identical clients); then a joint LM step. Returns P, Q
-    (L, U) and the sweeps run."""
-    L, U = G_A.shape[:2]
-    P, Q = p.expand(L, U).clone(), p.expand(L, U).clone()            # (L, U) each: FedIT
-    eye = torch.eye(U, dtype=G_A.dtype, device=G_A.device)
-    norm_M2 = _norm_M2(G_A, G_B, p)                                   # (L,)
-    total = _layer_total(tie_layers)
-
-    def prox_step(H, g, x):
-        """argmin_x' x'^T H x' - 2 g^T x' + prox_l ||x' - x||^2, per layer (or tied)."""
-        if tie_layers:
-            H, g, x = H.sum(0, keepdim=True), g.sum(0, keepdim=True), x[:1]
-        lam = prox * H.diagonal(dim1=1, dim2=2).mean(-1)
-        lam = torch.where(lam > 0, lam, torch.ones_like(lam))[:, None, None]  # H = 0: stay
-        x_new = torch.linalg.solve(H + lam * eye, (g + lam[..., 0] * x).unsqueeze(-1))[..., 0]
-        return x_new.expand(L, U)
-
-    f_prev = total(_squared_divergence(G_A, G_B, p, P, Q, norm_M2))
-    damping = torch.full_like(f_prev, 1e-3)
-    for it in range(1, max_iter + 1):
-        H = torch.einsum("lacij,lji->lac", G_B, _hat_gram(Q, G_A))         # H_P (L, U, U)
-        g = torch.einsum("u,luaij,luji->la", p, G_B, _Y(Q, G_A))           # g_P (L, U)
-        P = prox_step(H, g, P)
-        H = torch.einsum("lij,lbdji->lbd", _hat_gram(P, G_B), G_A)         # H_Q (L, U, U)
-        g = torch.einsum("u,luij,lbuji->lb", p, _X(P, G_B), G_A)           # g_Q (L, U)
-        Q = prox_step(H, g, Q)
-        f = total(torch.einsum("lb,lbd,ld->l", Q, H, Q) - 2 * (g * Q).sum(-1) + norm_M2)
-        for _ in range(3):            # the joint step, up to 3 times with rising damping
-            P, Q, f_new, damping = _lm_step(G_A, G_B, p, P, Q, f, damping, total, norm_M2)
-            moved, f = (f_new < f).any(), f_new
-            if moved:
-                break
-        if ((f_prev - f) <= tol * total(norm_M2)).all():
-            break
-        f_prev = f
-    return P, Q, it
-
-
-# AdamW, the optimiser the paper uses, in coordinates where a step means the same thing on every
-# problem. On (P, Q) themselves Adam steps by ~lr whatever the gradient's size, so once FedIT's
-# gap is small every step overshoots, and the clients' factors are nearly collinear, so H_P, H_Q
-# are ill conditioned and Adam's per-coordinate scaling zig-zags. Change coordinates instead:
-#   P = P_0 + W_P x,  Q = Q_0 + W_Q y,  W = (H / f_0 + floor I)^(-1/2),
-# with (P_0, Q_0) = FedIT's p, f_0 its squared divergence, H_P, H_Q the Gauss-Newton blocks
-# above at the start, floor = max(ADAMW_FLOOR, 1e-12 of H's largest eigenvalue). A unit step in
-# x (or y) moves B_hat A_hat by at most sqrt(f_0) to first order: lr is a fraction of FedIT's
-# divergence, and AdamW minimises f / f_0 (order 1, far above Adam's eps) from x = y = 0.
-# Symmetric whitening is a matrix function: independent of the clients' order. Directions that
-# move the product by less than sqrt(floor f_0) per unit (coinciding clients, B = 0) stay slow
-# instead of exploding; eigenvalues below 1e-12 of the largest are eigh's round-off. weight_decay
-# decays x, y: towards FedIT, not towards P = Q = 0. Tied, one (x, y) serves every layer and f,
-# f_0 are sums over the layers. (How it compares with plain AdamW: RESULTS.md, evidence.adamw_gap.)
-ADAMW_FLOOR = 1e-6
-
-
-def _whitener(H: Tensor) -> Tensor:
-    """(H + floor I)^(-1/2) for symmetric H (n, U, U) >= 0, by eigendecomposition, floor =
-    max(ADAMW_FLOOR, 1e-12 lam_max)."""
-    lam, V = torch.linalg.eigh(H)                                     # (n, U), (n, U, U)
-    lam = lam.clamp_min(0)
-    floor = (1e-12 * lam[:, -1:]).clamp_min(ADAMW_FLOOR)              # (n, 1)
-    return (V * (lam + floor).rsqrt()[:, None, :]) @ V.mT
-
-
-def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: float):
-    """AdamW in the whitened coordinates above from FedIT (P = Q = p), keeping the best iterate
-    (the start included) so it is never worse than FedIT. Returns P, Q (L, U) and the steps."""
-    L = G_A.shape[0]
-    n = 1 if tie_layers else L
-    total = _layer_total(tie_layers)
-    norm_M2 = _norm_M2(G_A, G_B, p)                                   # (L,)
-    f = lambda P, Q: total(_squared_divergence(                      # noqa: E731  (n,)
-        G_A, G_B, p, P.expand(L, -1), Q.expand(L, -1), norm_M2))
-    P_0 = p.expand(n, -1).clone()                                     # (n, U)
-    f_0 = f(P_0, P_0).clamp_min(0)                                    # (n,)
-    scale = torch.maximum(f_0, 1e-30 * total(norm_M2)).clamp_min(1e-300)
-    S_B = _hat_gram(P_0.expand(L, -1), G_B)                           # (L, r, r) at the start
-    S_A = _hat_gram(P_0.expand(L, -1), G_A)
-    H_P = total(torch.einsum("lacij,lji->lac", G_B, S_A))             # (n, U, U) Gauss-Newton
-    H_Q = total(torch.einsum("lij,lbdji->lbd", S_B, G_A))
-    W_P = _whitener(H_P / scale[:, None, None])                       # (n, U, U)
-    W_Q = _whitener(H_Q / scale[:, None, None])
-    x = torch.zeros_like(P_0, requires_grad=True)                     # (n, U)
-    y = torch.zeros_like(P_0, requires_grad=True)
-    opt = torch.optim.AdamW([x, y], lr=lr, weight_decay=weight_decay)
-    best_f = torch.full((n,), math.inf, dtype=G_A.dtype, device=G_A.device)
-    best_P, best_Q = P_0.clone(), P_0.clone()
-    for step in range(steps + 1):
-        P = P_0 + torch.einsum("nuv,nv->nu", W_P, x)                  # (n, U)
-        Q = P_0 + torch.einsum("nuv,nv->nu", W_Q, y)
-        ratio = f(P, Q) / scale                                       # (n,) f / f_0
-        with torch.no_grad():                          # keep the best iterate, same objective
-            better = ratio < best_f
-            best_f = torch.where(better, ratio, best_f)
-            best_P[better], best_Q[better] = P[better], Q[better]
-        if step == steps:
-            break
-        opt.zero_grad()
-        ratio.sum().backward()
-        opt.step()
-    return best_P.expand(L, -1), best_Q.expand(L, -1), steps
-
-
-MATRIX_FREE_MIN_CLIENTS = 32   # path="auto" keeps the Gram path (the tests' oracle) up to here
-
-
-def choose_path(U: int, r: int, d: int, k: int) -> str:
-    """path="auto": "matrix_free" once U > MATRIX_FREE_MIN_CLIENTS and forming M (U r d k
-    multiply-adds) costs less than forming the Gram blocks ((U r)^2 (d + k)), else "gram".
-    At d = k = 4096, r = 16 (LLaMA-2-7B's q, v) that is U > 128; at d = k = 1024, U > 32."""
-    return "matrix_free" if U > MATRIX_FREE_MIN_CLIENTS and U * r * (d + k) > d * k else "gram"
-
-
-def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
-                   tie_layers: bool = False, max_iter: int = 200, tol: float = 1e-12,
-                   prox: float = 1e-6, steps: int = 200, lr: float = 1e-2,
-                   weight_decay: float = 0.0, bound: bool = False, path: str = "auto"
-                   ) -> FloraNAResult:
-    """Choose P, Q minimising ||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F for each layer.
-
-    A (L, U, r, k), B (L, U, d, r) for L layers of one shape; p (U,) client weights (n_u is
-    fine: they are normalised), M = sum_u p_u B_u A_u. solver="als" (default: max_iter sweeps
-    to tolerance tol, proximal weight prox) or "adamw" (`steps` steps at `lr`, a fraction of
-    FedIT's divergence, with `weight_decay`). tie_layers=True shares one (P, Q) across the L
-    layers. Device and dtype follow A and B; the small systems are solved in float64.
-    path="gram" never forms a d x k matrix (cost grows as U^2); "matrix_free" forms M once and
-    is linear in U (flora_na_scale.py, beside this file); "auto" picks by size (choose_path).
-    bound=True also reports the rank-r bound (a diagnostic that can cost more than the solve).
-    Clients of different ranks: stack pad_ranks(A, B), as the flora_na aggregator does.
-    """
-    p = _check_factors(A, B, p).to(A.device)
-    if path == "auto":
-        path = choose_path(A.shape[1], A.shape[2], B.shape[2], A.shape[3])
-    if path == "matrix_free":
-        try:
-            from flora_na_scale import solve_matrix_free
-        except ImportError as err:
-            raise ImportError("path='matrix_free' (what 'auto' picks above "
-                              "MATRIX_FREE_MIN_CLIENTS clients) is flora_na_scale.py, beside "
-                              "flora_na.py; or pass path='gram'") from err
-        return solve_matrix_free(A, B, p, solver=solver, tie_layers=tie_layers,
-                                 max_iter=max_iter, tol=tol, prox=prox, steps=steps, lr=lr,
-                                 weight_decay=weight_decay, bound=bound)
-    if path != "gram":
-        raise ValueError(f"unknown path {path!r}: use 'auto', 'gram' or 'matrix_free'")
-    G_A, G_B = gram_blocks(A, B)                                       # (L, U, U, r, r) each
-    if solver == "als":
-        P, Q, iters = _als(G_A, G_B, p, tie_layers, max_iter, tol, prox)
-    elif solver == "adamw":
-        P, Q, iters = _adamw(G_A, G_B, p, tie_layers, steps, lr, weight_decay)
-    else:
-        raise ValueError(f"unknown solver {solver!r}: use 'als' or 'adamw'")
-    f = _squared_divergence(G_A, G_B, p, P, Q).clamp_min(0)            # (L,)
-    f_naive = _squared_divergence(G_A, G_B, p, p, p).clamp_min(0)
-    total = _layer_total(tie_layers)
-    worse = (total(f) > total(f_naive))[:, None]       # round-off must never lose to FedIT
-    P, Q = torch.where(worse, p, P), torch.where(worse, p, Q)
-    f = torch.where(worse[:, 0], f_naive, f)
-    # (P, Q) and (cP, Q / c) give the same product. The paper leaves the scale free; we fix it
-    # because clients go on training B_hat and A_hat, and each factor's gradient scales with
-    # the other: c keeps the factors' norms in the same proportion as FedIT's (sum p B,
-    # sum p A), so the next round trains at the scale the clients had, with the sign that
-    # agrees with FedIT's B.
-    tr_B = torch.einsum("luvii->luv", G_B)                             # (L, U, U) <B_u, B_v>_F
-    tr_A = torch.einsum("luvii->luv", G_A)                             # (L, U, U) <A_u, A_v>_F
-    inner = lambda T, x, y: total(torch.einsum("lu,luv,lv->l", x.expand(P.shape),  # noqa: E731
-                                                T, y.expand(P.shape)))
-    c = (inner(tr_A, Q, Q) * inner(tr_B, p, p) / (inner(tr_B, P, P) * inner(tr_A, p, p)))
-    c = c.sqrt().sqrt()                       # c^2 = (|A_hat| |B_bar|) / (|B_hat| |A_bar|)
-    c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
-    c = (c * torch.where(inner(tr_B, P, p) < 0, -1.0, 1.0))[:, None]
-    P, Q = P * c, Q / c                                                # (L, U) each
-    A_hat = torch.einsum("lu,lurk->lrk", Q, A.double()).to(A.dtype)   # (L, r, k)
-    B_hat = torch.einsum("lu,ludr->ldr", P, B.double()).to(B.dtype)   # (L, d, r)
-    return FloraNAResult(
-        P=P, Q=Q, A_hat=A_hat, B_hat=B_hat,
-        divergence=f.clamp_min(0).sqrt(), divergence_naive=f_naive.clamp_min(0).sqrt(),
-        divergence_bound=divergence_bound(A, B, p) if bound else None,
-        norm_M=_norm_M2(G_A, G_B, p).clamp_min(0).sqrt(),
-        iterations=iters)
-# ----- END COPYABLE SOLVER -------------------------------------------------------------------
-
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. LoRA factors in and out of a peft model, and the client step
-# ---------------------------------------------------------------------------------------------
 
 def lora_layers(model) -> dict[str, torch.nn.Module]:
     """Every peft LoRA layer of `model` (active adapter "default"), by module name."""
@@ -421,9 +58,7 @@ def write_factors(model, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
 
 @torch.no_grad()
 def add_to_base(model, deltas: dict[str, Tensor]) -> None:
-    """W <- W + scaling * delta for each named layer: what FedEx-LoRA and FLoRA fold into the
-    frozen weights. delta has the (out, in) layout of nn.Linear.weight, like B @ A; layers that
-    store W as (in, out) (GPT-2's Conv1D, peft's fan_in_fan_out) get its transpose."""
+    """W <- W + scaling * delta per named layer; delta (out, in), transposed for fan_in_fan_out."""
     for name, m in lora_layers(model).items():
         if name in deltas:
             W = m.get_base_layer().weight
@@ -455,23 +90,18 @@ def load_head(model, state: dict[str, Tensor]) -> None:
         params[n].copy_(v)
 
 
-def local_train(model, batches, *, lr: float, optimizer: str = "adamw",
-                weight_decay: float = 0.0, train_A: bool = True, max_grad_norm: float = 1.0,
-                ) -> float:
-    """The client step: train the model's trainable parameters on `batches` (one step each)
-    with a fresh optimizer, as a client does in one round; returns the mean training loss.
-    With train_A=False the LoRA A factors stay frozen (FFA-LoRA)."""
+def local_train(model, batches, *, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
+                train_A: bool = True, max_grad_norm: float = 1.0) -> float:
+    """The client step: one step per batch, fresh optimizer; the mean loss. train_A=False: FFA."""
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"unknown optimizer {optimizer!r}: use 'adamw' or 'sgd'")
     device = next(model.parameters()).device
     for name, param in model.named_parameters():
         if "lora_A" in name:
             param.requires_grad_(train_A)
     params = [q for q in model.parameters() if q.requires_grad]
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}: use 'adamw' or 'sgd'")
+    opt = (torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD)(
+        params, lr=lr, weight_decay=weight_decay)
     model.train()
     losses = []
     for step, batch in enumerate(batches):
@@ -490,19 +120,310 @@ def local_train(model, batches, *, lr: float, optimizer: str = "adamw",
     return sum(losses) / max(len(losses), 1)
 
 
+# ----- BEGIN COPYABLE SOLVER: sections 2-3, down to END COPYABLE SOLVER; torch + stdlib -----
+import math                      # the block's own imports, so that it runs alone
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
 # ---------------------------------------------------------------------------------------------
-# 4. Aggregators, simplest first. One signature: f(A, B, p, **options) -> Aggregate, where
-#    A is a list of U tensors (L, r_u, k) and B a list of U tensors (L, d, r_u) for L layers
-#    of one shape, and p the clients' weights (any scale: they are normalised).
+# 2. Gram primitives and the divergence.
 #
-#    Clients of different ranks (the registry's mixed_ranks): a client of rank r_u applies
-#    s_u B_u A_u, with its own LoRA scaling s_u (peft: alpha / r_u), so the ideal update is
-#    sum_u p_u s_u B_u A_u. Bring every B_u to the global model's scaling s first,
-#    B_u <- (s_u / s) B_u: then M = sum_u p_u B_u A_u as everywhere in this file, and the
-#    global pair (A, B) of rank R applies s B A. A client of rank r_u takes the first r_u
-#    components, A[:r_u] and B[:, :r_u] (s / s_u), which applies s B[:, :r_u] A[:r_u]: the
-#    global update's truncation, exactly. FedIT (zero-padding), FLoRA-NA and FlexLoRA build
-#    a rank-R pair, R the largest client rank unless given; FLoRA needs no common rank.
+#    With B_hat = sum_a P_a B_a and A_hat = sum_b Q_b A_b, expand the paper's objective (Eq. 6)
+#      ||M - B_hat A_hat||^2 = ||M||^2 - 2 <M, B_hat A_hat> + ||B_hat A_hat||^2
+#    with the r x r Gram blocks G_B[u, v] = B_u^T B_v, G_A[u, v] = A_u A_v^T (tr(XY) = tr(YX)):
+#      ||M||^2            = sum_uv p_u p_v tr(G_B[u, v] G_A[v, u])
+#      <M, B_hat A_hat>   = sum_u p_u tr(X_u Y_u),  X_u = B_u^T B_hat = sum_a P_a G_B[u, a]
+#                                                   Y_u = A_hat A_u^T = sum_b Q_b G_A[b, u]
+#      ||B_hat A_hat||^2  = tr(S_B S_A),           S_B = B_hat^T B_hat = sum_ac P_a P_c G_B[a, c]
+#                                                   S_A = A_hat A_hat^T = sum_bd Q_b Q_d G_A[b, d]
+#    Blocks once, O(L U^2 r^2 (d + k)); then each evaluation is O(L U^2 r^2), free of d and k,
+#    but a difference of terms as large as ||M||^2: below ~1e-8 ||M|| a value is round-off.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_weights(p: Tensor, U: int, method: str) -> Tensor:
+    """p as float64 summing to one; ValueError for the wrong size, negatives, NaN, all zero."""
+    p = torch.as_tensor(p, dtype=torch.float64).flatten()
+    if U == 0 or p.numel() != U:
+        raise ValueError(f"{method}: {p.numel()} weights for {U} clients" if U else
+                         f"{method}: no clients")
+    if not torch.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"{method}: weights must be finite, >= 0, not all zero: {p.tolist()}")
+    return p / p.sum()
+
+
+def _check_factors(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
+    """Validate A (L, U, r, k), B (L, U, d, r), p (U,); return p / sum(p)."""
+    if A.dim() != 4 or B.dim() != 4 or A.shape[:2] != B.shape[:2] or A.shape[2] != B.shape[3]:
+        raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} disagree in layers, clients "
+                         f"or rank; expected A (L, U, r, k) and B (L, U, d, r)")
+    if A.shape[1] == 0 or A.shape[2] == 0:
+        raise ValueError(f"no clients or zero rank: A has shape {tuple(A.shape)}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise ValueError("A or B contains NaN or Inf")
+    return check_weights(p, A.shape[1], "solve_flora_na")
+
+
+def gram_blocks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """G_A[l, u, v] = A_u A_v^T, G_B[l, u, v] = B_u^T B_v (float64): all that touches d, k."""
+    L, U, r, k = A.shape
+    A_flat = A.double().reshape(L, U * r, k)                              # (L, U r, k)
+    B_flat = B.double().permute(0, 2, 1, 3).reshape(L, B.shape[2], U * r)  # (L, d, U r)
+    G_A = (A_flat @ A_flat.mT).view(L, U, r, U, r).permute(0, 1, 3, 2, 4).contiguous()
+    G_B = (B_flat.mT @ B_flat).view(L, U, r, U, r).permute(0, 1, 3, 2, 4).contiguous()
+    return G_A, G_B                                                      # (L, U, U, r, r) each
+
+
+# The terms above, one line each: S_B from (P, G_B) and S_A from (Q, G_A), X_u, Y_u, ||M||^2.
+def _hat_gram(c, G): return torch.einsum("la,lc,lacij->lij", c, c, G)          # (L, r, r)
+def _X(P, G_B): return torch.einsum("la,luaij->luij", P, G_B)                 # (L, U, r, r)
+def _Y(Q, G_A): return torch.einsum("lb,lbuij->luij", Q, G_A)                 # (L, U, r, r)
+def _norm_M2(G_A, G_B, p): return torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)  # (L,)
+
+
+def _squared_divergence(G_A, G_B, p, P, Q, norm_M2=None) -> Tensor:
+    """||M - B_hat A_hat||_F^2 per layer (L,) from Gram blocks; P, Q (L, U) or (U,)."""
+    P, Q = P.expand(G_A.shape[0], -1), Q.expand(G_A.shape[0], -1)         # (L, U) each
+    norm_M2 = _norm_M2(G_A, G_B, p) if norm_M2 is None else norm_M2
+    S_B, S_A = _hat_gram(P, G_B), _hat_gram(Q, G_A)                        # (L, r, r) each
+    cross = torch.einsum("u,luij,luji->l", p, _X(P, G_B), _Y(Q, G_A))     # <M, B_hat A_hat>
+    return norm_M2 - 2 * cross + torch.einsum("lij,lji->l", S_B, S_A)
+
+
+def divergence(A: Tensor, B: Tensor, p: Tensor, P: Tensor, Q: Tensor) -> Tensor:
+    """||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F per layer (L,), computed in Gram space."""
+    p = _check_factors(A, B, p).to(A.device)
+    P, Q = (torch.as_tensor(c, dtype=torch.float64, device=A.device) for c in (P, Q))
+    return _squared_divergence(*gram_blocks(A, B), p, P, Q).clamp_min(0).sqrt()
+
+
+def divergence_bound(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
+    """min over rank-r X of ||M - X||_F (L,): the Eckart-Young tail, M = [p_u B_u]_u [A_u]_u."""
+    p = _check_factors(A, B, p).to(A.device)
+    L, U, r, k = A.shape
+    B_stack = (B.double() * p[None, :, None, None]).permute(0, 2, 1, 3).reshape(L, -1, U * r)
+    _, R_b = torch.linalg.qr(B_stack, mode="r")
+    _, R_a = torch.linalg.qr(A.double().reshape(L, U * r, k).mT, mode="r")
+    S = torch.linalg.svdvals(R_b @ R_a.mT)           # (L, U r) singular values of M, descending
+    return S[:, r:].square().sum(-1).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The FLoRA-NA solver: min over P, Q of ||M - B_hat A_hat||_F^2, all in Gram space.
+#
+#    For fixed Q the objective is a convex quadratic in P:  P^T H_P P - 2 g_P^T P + ||M||^2,
+#      H_P[a, c] = <B_a A_hat, B_c A_hat> = tr(G_B[a, c] S_A),
+#      g_P[a]    = <B_a A_hat, M>         = sum_u p_u tr(G_B[u, a] Y_u),
+#    and symmetrically in Q (H_Q[b, d] = tr(S_B G_A[b, d]), g_Q[b] = sum_u p_u tr(X_u G_A[b, u])).
+#    Alternating exact minimisation (ALS) only goes down but crawls along valleys where P and
+#    Q must move together, so each sweep ends with a Levenberg-Marquardt step on both:
+#    J^T J = [[H_P, C], [C^T, H_Q]], C[u, v] = tr(X_u Y_v^T), -J^T R = (g_P - H_P P, g_Q - H_Q Q).
+#    Departure from the paper (AdamW on (P, Q)): ALS + LM is the default because it solves each
+#    half-step exactly and never goes up, with no learning rate or step count to tune. AdamW
+#    stays (solver="adamw"), in coordinates where one lr suits every problem.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FloraNAResult:
+    """Coefficients, aggregated factors and per-layer divergences ||M - B_hat A_hat||_F."""
+    P: Tensor                        # (L, U) coefficients of B: B_hat = sum_u P_u B_u
+    Q: Tensor                        # (L, U) coefficients of A: A_hat = sum_u Q_u A_u
+    A_hat: Tensor                    # (L, r, k)
+    B_hat: Tensor                    # (L, d, r)
+    divergence: Tensor               # (L,) ||M - B_hat A_hat||_F
+    divergence_naive: Tensor         # (L,) ||M - (sum p B)(sum p A)||_F  (FedIT)
+    divergence_bound: Tensor | None  # (L,) best any rank-r product can do (Eckart-Young)
+    norm_M: Tensor                   # (L,) ||M||_F, to report divergences relative to M
+    iterations: int
+
+
+def _layer_total(tie_layers: bool):  # what is minimised: each layer's f (L,), or tied, the sum (1,)
+    return (lambda x: x.sum(0, keepdim=True)) if tie_layers else (lambda x: x)
+
+
+def _lm_step(G_A, G_B, p, P, Q, f, damping, total, norm_M2):
+    """One LM step in (P, Q), kept where it lowers f; returns P, Q, f and the new damping."""
+    L, U = P.shape
+    S_A, S_B = _hat_gram(Q, G_A), _hat_gram(P, G_B)                    # (L, r, r) each
+    X, Y = _X(P, G_B), _Y(Q, G_A)                                      # (L, U, r, r) each
+    H_P = torch.einsum("lacij,lji->lac", G_B, S_A)                     # (L, U, U)
+    H_Q = torch.einsum("lij,lbdji->lbd", S_B, G_A)                     # (L, U, U)
+    C = torch.einsum("luij,lvij->luv", X, Y)                           # (L, U, U)
+    g_P = torch.einsum("u,luaij,luji->la", p, G_B, Y) - torch.einsum("lac,lc->la", H_P, P)
+    g_Q = torch.einsum("u,luij,lbuji->lb", p, X, G_A) - torch.einsum("lbd,ld->lb", H_Q, Q)
+    JJ = total(torch.cat([torch.cat([H_P, C], 2), torch.cat([C.mT, H_Q], 2)], 1))  # (L, 2U, 2U)
+    Jr = total(torch.cat([g_P, g_Q], 1))                                           # (L, 2U)
+    scale = JJ.diagonal(dim1=1, dim2=2).mean(-1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    eye = torch.eye(2 * U, dtype=JJ.dtype, device=JJ.device)
+    step = torch.linalg.solve(JJ + (damping * scale)[:, None, None] * eye, Jr.unsqueeze(-1))
+    step = step[..., 0].expand(L, 2 * U)                               # (L, 2U)
+    P_new, Q_new = P + step[:, :U], Q + step[:, U:]
+    f_new = total(_squared_divergence(G_A, G_B, p, P_new, Q_new, norm_M2))
+    better = f_new < f
+    damping = torch.where(better, damping / 3, damping * 4).clamp(1e-12, 1e12)
+    return (torch.where(better[:, None], P_new, P), torch.where(better[:, None], Q_new, Q),
+            torch.where(better, f_new, f), damping)
+
+
+def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
+    """ALS from FedIT (P = Q = p), each half-step with a proximal term (well posed for singular
+    H: B = 0, identical clients), then an LM step. Returns P, Q (L, U) and the sweeps run."""
+    L, U = G_A.shape[:2]
+    P, Q = p.expand(L, U).clone(), p.expand(L, U).clone()            # (L, U) each: FedIT
+    eye = torch.eye(U, dtype=G_A.dtype, device=G_A.device)
+    norm_M2 = _norm_M2(G_A, G_B, p)                                   # (L,)
+    total = _layer_total(tie_layers)
+
+    def prox_step(H, g, x):           # argmin_x' x'^T H x' - 2 g^T x' + lam ||x' - x||^2
+        if tie_layers:
+            H, g, x = H.sum(0, keepdim=True), g.sum(0, keepdim=True), x[:1]
+        lam = prox * H.diagonal(dim1=1, dim2=2).mean(-1)
+        lam = torch.where(lam > 0, lam, torch.ones_like(lam))[:, None, None]  # H = 0: stay
+        x_new = torch.linalg.solve(H + lam * eye, (g + lam[..., 0] * x).unsqueeze(-1))[..., 0]
+        return x_new.expand(L, U)
+
+    f_prev = total(_squared_divergence(G_A, G_B, p, P, Q, norm_M2))
+    damping = torch.full_like(f_prev, 1e-3)
+    for it in range(1, max_iter + 1):
+        H = torch.einsum("lacij,lji->lac", G_B, _hat_gram(Q, G_A))         # H_P (L, U, U)
+        g = torch.einsum("u,luaij,luji->la", p, G_B, _Y(Q, G_A))           # g_P (L, U)
+        P = prox_step(H, g, P)
+        H = torch.einsum("lij,lbdji->lbd", _hat_gram(P, G_B), G_A)         # H_Q (L, U, U)
+        g = torch.einsum("u,luij,lbuji->lb", p, _X(P, G_B), G_A)           # g_Q (L, U)
+        Q = prox_step(H, g, Q)
+        f = total(torch.einsum("lb,lbd,ld->l", Q, H, Q) - 2 * (g * Q).sum(-1) + norm_M2)
+        for _ in range(3):            # the joint step, up to 3 times with rising damping
+            P, Q, f_new, damping = _lm_step(G_A, G_B, p, P, Q, f, damping, total, norm_M2)
+            moved, f = (f_new < f).any(), f_new
+            if moved:
+                break
+        if ((f_prev - f) <= tol * total(norm_M2)).all():
+            break
+        f_prev = f
+    return P, Q, it
+
+
+# AdamW, the paper's optimiser. On (P, Q) themselves Adam steps by ~lr whatever the gradient, so
+# once FedIT's gap is small every step overshoots, and nearly collinear clients make H_P, H_Q ill
+# conditioned. Instead P = P_0 + W_P x, Q = Q_0 + W_Q y, W = (H / f_0 + floor I)^(-1/2), from
+# FedIT's P_0 = Q_0 = p, f_0 its squared divergence, H the Gauss-Newton blocks there: a unit step
+# in x moves B_hat A_hat by at most sqrt(f_0), so lr is a fraction of FedIT's divergence, AdamW
+# minimises f / f_0 from x = y = 0, weight_decay pulls towards FedIT, and the floor keeps
+# directions that barely move the product (B = 0) slow. Tied: one (x, y), f and f_0 summed.
+ADAMW_FLOOR = 1e-6
+
+
+def _whitener(H: Tensor) -> Tensor:
+    """(H + floor I)^(-1/2) for symmetric H (n, U, U) >= 0, by eigendecomposition."""
+    lam, V = torch.linalg.eigh(H)                                     # (n, U), (n, U, U)
+    lam = lam.clamp_min(0)
+    floor = (1e-12 * lam[:, -1:]).clamp_min(ADAMW_FLOOR)              # (n, 1)
+    return (V * (lam + floor).rsqrt()[:, None, :]) @ V.mT
+
+
+def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: float):
+    """AdamW in the whitened coordinates above from FedIT, keeping the best iterate (the start
+    included, so never worse than FedIT). Returns P, Q (L, U) and the steps."""
+    L, n = G_A.shape[0], 1 if tie_layers else G_A.shape[0]
+    total = _layer_total(tie_layers)
+    norm_M2 = _norm_M2(G_A, G_B, p)                                   # (L,)
+    f = lambda P, Q: total(_squared_divergence(                      # noqa: E731  (n,)
+        G_A, G_B, p, P.expand(L, -1), Q.expand(L, -1), norm_M2))
+    P_0 = p.expand(n, -1).clone()                                     # (n, U)
+    f_0 = f(P_0, P_0).clamp_min(0)                                    # (n,)
+    scale = torch.maximum(f_0, 1e-30 * total(norm_M2)).clamp_min(1e-300)
+    S_B, S_A = _hat_gram(P_0.expand(L, -1), G_B), _hat_gram(P_0.expand(L, -1), G_A)  # (L, r, r)
+    H_P = total(torch.einsum("lacij,lji->lac", G_B, S_A))             # (n, U, U) Gauss-Newton
+    H_Q = total(torch.einsum("lij,lbdji->lbd", S_B, G_A))
+    W_P, W_Q = _whitener(H_P / scale[:, None, None]), _whitener(H_Q / scale[:, None, None])
+    x, y = torch.zeros_like(P_0, requires_grad=True), torch.zeros_like(P_0, requires_grad=True)
+    opt = torch.optim.AdamW([x, y], lr=lr, weight_decay=weight_decay)
+    best_f = torch.full((n,), math.inf, dtype=G_A.dtype, device=G_A.device)
+    best_P, best_Q = P_0.clone(), P_0.clone()
+    for step in range(steps + 1):
+        P = P_0 + torch.einsum("nuv,nv->nu", W_P, x)                  # (n, U)
+        Q = P_0 + torch.einsum("nuv,nv->nu", W_Q, y)
+        ratio = f(P, Q) / scale                                       # (n,) f / f_0
+        with torch.no_grad():
+            better = ratio < best_f
+            best_f = torch.where(better, ratio, best_f)
+            best_P[better], best_Q[better] = P[better], Q[better]
+        if step == steps:
+            break
+        opt.zero_grad()
+        ratio.sum().backward()
+        opt.step()
+    return best_P.expand(L, -1), best_Q.expand(L, -1), steps
+
+
+MATRIX_FREE_MIN_CLIENTS = 32   # path="auto" keeps the Gram path (the tests' oracle) up to here
+
+
+def choose_path(U: int, r: int, d: int, k: int) -> str:
+    """path="auto": "matrix_free" once U > MATRIX_FREE_MIN_CLIENTS and forming M (U r d k
+    multiply-adds) costs less than the Gram blocks ((U r)^2 (d + k)); else "gram"."""
+    return "matrix_free" if U > MATRIX_FREE_MIN_CLIENTS and U * r * (d + k) > d * k else "gram"
+
+
+def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
+                   tie_layers: bool = False, max_iter: int = 200, tol: float = 1e-12,
+                   prox: float = 1e-6, steps: int = 200, lr: float = 1e-2,
+                   weight_decay: float = 0.0, bound: bool = False, path: str = "auto"
+                   ) -> FloraNAResult:
+    """P, Q minimising ||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F per layer, M = sum_u p_u B_u A_u;
+    A (L, U, r, k), B (L, U, d, r) (mixed ranks: pad_ranks), p (U,); device, dtype from A, B.
+    path: "gram" (~U^2), "matrix_free" (linear in U: flora_na_scale.py) or "auto" (choose_path)."""
+    p = _check_factors(A, B, p).to(A.device)
+    if path == "auto":
+        path = choose_path(A.shape[1], A.shape[2], B.shape[2], A.shape[3])
+    if path == "matrix_free":
+        from flora_na_scale import solve_matrix_free     # beside flora_na.py; or path="gram"
+        return solve_matrix_free(A, B, p, solver=solver, tie_layers=tie_layers,
+                                 max_iter=max_iter, tol=tol, prox=prox, steps=steps, lr=lr,
+                                 weight_decay=weight_decay, bound=bound)
+    if path != "gram":
+        raise ValueError(f"unknown path {path!r}: use 'auto', 'gram' or 'matrix_free'")
+    G_A, G_B = gram_blocks(A, B)                                       # (L, U, U, r, r) each
+    if solver == "als":
+        P, Q, iters = _als(G_A, G_B, p, tie_layers, max_iter, tol, prox)
+    elif solver == "adamw":
+        P, Q, iters = _adamw(G_A, G_B, p, tie_layers, steps, lr, weight_decay)
+    else:
+        raise ValueError(f"unknown solver {solver!r}: use 'als' or 'adamw'")
+    f = _squared_divergence(G_A, G_B, p, P, Q).clamp_min(0)            # (L,)
+    f_naive = _squared_divergence(G_A, G_B, p, p, p).clamp_min(0)
+    total = _layer_total(tie_layers)
+    worse = (total(f) > total(f_naive))[:, None]       # round-off must never lose to FedIT
+    P, Q = torch.where(worse, p, P), torch.where(worse, p, Q)
+    f = torch.where(worse[:, 0], f_naive, f)
+    # (P, Q) and (cP, Q / c) give the same product; the paper leaves c free. We fix it because
+    # clients go on training B_hat and A_hat and each factor's gradient scales with the other:
+    # c keeps their norms in FedIT's proportion (sum p B, sum p A), sign agreeing with FedIT's B.
+    tr_B, tr_A = torch.einsum("luvii->luv", G_B), torch.einsum("luvii->luv", G_A)  # (L, U, U)
+    inner = lambda T, x, y: total(torch.einsum("lu,luv,lv->l", x.expand(P.shape),  # noqa: E731
+                                                T, y.expand(P.shape)))
+    c = (inner(tr_A, Q, Q) * inner(tr_B, p, p) / (inner(tr_B, P, P) * inner(tr_A, p, p)))
+    c = c.sqrt().sqrt()                       # c^2 = (|A_hat| |B_bar|) / (|B_hat| |A_bar|)
+    c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
+    c = (c * torch.where(inner(tr_B, P, p) < 0, -1.0, 1.0))[:, None]
+    P, Q = P * c, Q / c                                                # (L, U) each
+    A_hat = torch.einsum("lu,lurk->lrk", Q, A.double()).to(A.dtype)   # (L, r, k)
+    B_hat = torch.einsum("lu,ludr->ldr", P, B.double()).to(B.dtype)   # (L, d, r)
+    return FloraNAResult(P, Q, A_hat, B_hat, f.clamp_min(0).sqrt(), f_naive.clamp_min(0).sqrt(),
+                         divergence_bound(A, B, p) if bound else None,
+                         _norm_M2(G_A, G_B, p).clamp_min(0).sqrt(), iters)
+# ----- END COPYABLE SOLVER -------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Aggregators, simplest first: f(A, B, p, **options) -> Aggregate; A, B lists of U tensors
+#    (L, r_u, k), (L, d, r_u); p any scale. Mixed ranks: with B_u <- (s_u / s) B_u (s: the
+#    global LoRA scaling) M = sum_u p_u B_u A_u as everywhere here, and client u taking A[:r_u],
+#    B[:, :r_u] (s / s_u) of the global rank-R pair applies the global update truncated, exactly.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -517,66 +438,46 @@ class Aggregate:
     info: dict = field(default_factory=dict)  # e.g. FLoRA-NA's solver result
 
 
-def _nbytes(*tensors: Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+# Bytes of tensors; of a global pair (L, R, k), (L, d, R) sent as each client's first r_u.
+def _nbytes(*tensors): return sum(t.numel() * t.element_size() for t in tensors)
+def _share_bytes(A, B, ranks): return sum(_nbytes(A[:, :r], B[:, :, :r]) for r in ranks)
 
 
-def _check_clients(A: list[Tensor], B: list[Tensor], p: Tensor, same_rank: bool,
-                   method: str) -> Tensor:
-    """Validate a list-of-clients input; returns p normalised to sum to one, float64."""
+def _check_clients(A: list, B: list, p: Tensor, same_rank: bool, method: str) -> Tensor:
+    """Validate clients' A (L, r_u, k), B (L, d, r_u); return p / sum(p), float64."""
     if len(A) == 0 or len(A) != len(B):
-        raise ValueError(f"{method}: need the same number (>= 1) of A and B factors, "
-                         f"got {len(A)} and {len(B)}")
+        raise ValueError(f"{method}: need as many A as B factors (>= 1), got {len(A)} and {len(B)}")
     for u, (a, b) in enumerate(zip(A, B)):
-        if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
-            raise ValueError(f"{method}: client {u} has A {tuple(a.shape)} and B "
-                             f"{tuple(b.shape)}; expected A (L, r, k) and B (L, d, r)")
-        if a.shape[0] != A[0].shape[0] or a.shape[2] != A[0].shape[2] or b.shape[1] != B[0].shape[1]:
-            raise ValueError(f"{method}: client {u}'s layer shapes differ from client 0's")
+        if a.dim() != 3 or b.dim() != 3 or a.shape[1] != b.shape[2] or (
+                a.shape[0], b.shape[0], a.shape[2], b.shape[1]) != (
+                A[0].shape[0], A[0].shape[0], A[0].shape[2], B[0].shape[1]):
+            raise ValueError(f"{method}: client {u} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                             f"expected A (L, r, k), B (L, d, r) with client 0's L, d, k")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError(f"{method}: client {u}'s A or B contains NaN or Inf")
-    ranks = [a.shape[1] for a in A]
-    if same_rank and len(set(ranks)) > 1:
-        raise ValueError(f"{method} needs equal client ranks, got {ranks}")
+    if same_rank and len({a.shape[1] for a in A}) > 1:
+        raise ValueError(f"{method} needs equal client ranks, got {[a.shape[1] for a in A]}")
     return check_weights(p, len(A), method)
 
 
-def weighted_sum(p: Tensor, X: list[Tensor]) -> Tensor:
-    """sum_u p_u X_u, computed in float64 and returned in X's dtype."""
-    out = sum(w * x.double() for w, x in zip(p.tolist(), X))
-    return out.to(X[0].dtype)
+def weighted_sum(p: Tensor, X: list[Tensor]) -> Tensor:   # sum_u p_u X_u in float64, X's dtype
+    return sum(w * x.double() for w, x in zip(p.tolist(), X)).to(X[0].dtype)
 
 
-def ideal_update(A, B, p) -> Tensor:
-    """M = sum_u p_u B_u A_u, dense (L, d, k): only for methods that need it and for tests."""
-    return weighted_sum(p, [b.double() @ a.double() for a, b in zip(A, B)]).to(A[0].dtype)
-
-
-def pad_ranks(A: list[Tensor], B: list[Tensor], rank: int | None = None
-              ) -> tuple[list[Tensor], list[Tensor]]:
-    """Clients of different ranks as rank-R factors, R = `rank` or the largest r_u: A_u gets
-    zero rows r_u..R (L, R, k), B_u zero columns (L, d, R); no product B_u A_u changes.
-    Factors of rank R already are returned as they are."""
+def pad_ranks(A: list[Tensor], B: list[Tensor], rank: int | None = None):
+    """Clients' factors zero-padded to rank R = `rank` or the largest r_u: A_u (L, R, k),
+    B_u (L, d, R); no product B_u A_u changes, factors of rank R are returned as they are."""
     ranks = [a.shape[1] for a in A]
     R = max(ranks) if rank is None else rank
     if R < max(ranks):
         raise ValueError(f"rank {R} is below the largest client rank {max(ranks)}")
-    return ([torch.nn.functional.pad(a, (0, 0, 0, R - a.shape[1])) if a.shape[1] < R else a
-             for a in A],
-            [torch.nn.functional.pad(b, (0, R - b.shape[2])) if b.shape[2] < R else b
-             for b in B])
-
-
-def _share_bytes(A: Tensor, B: Tensor, ranks: list[int]) -> int:
-    """Bytes of a global pair A (L, R, k), B (L, d, R) sent to clients of these ranks, each
-    receiving its first r_u components."""
-    return sum(_nbytes(A[:, :r], B[:, :, :r]) for r in ranks)
+    pad = torch.nn.functional.pad
+    return ([pad(a, (0, 0, 0, R - a.shape[1])) if a.shape[1] < R else a for a in A],
+            [pad(b, (0, R - b.shape[2])) if b.shape[2] < R else b for b in B])
 
 
 def fedit(A, B, p, rank: int | None = None, **_) -> Aggregate:
-    """FedIT: average A and B separately (the naive, inexact aggregation). With clients of
-    different ranks this is HetLoRA's zero-padding: pad every pair to rank R (default: the
-    largest r_u) with zeros, average, and send each client its first r_u components."""
+    """FedIT: average A and B separately (inexact); mixed ranks: HetLoRA's zero-padding to R."""
     p = _check_clients(A, B, p, False, "fedit")
     A_pad, B_pad = pad_ranks(A, B, rank)
     A_bar, B_bar = weighted_sum(p, A_pad), weighted_sum(p, B_pad)   # (L, R, k), (L, d, R)
@@ -594,27 +495,25 @@ def ffa(A, B, p, **_) -> Aggregate:
 
 
 def fedsa(A, B, p, **_) -> Aggregate:
-    """FedSA-LoRA: share and average A only; each client keeps its own B and, as in its paper,
-    its classification head (the registry says so). The global model (for evaluation) uses
-    the average B and head, which are never sent."""
+    """FedSA-LoRA: only A is shared; clients keep B and head, evaluation uses their averages."""
     p = _check_clients(A, B, p, True, "fedsa")
     A_bar = weighted_sum(p, A)                               # (L, r, k)
     return Aggregate(A_bar, weighted_sum(p, B), None, _nbytes(*A), len(A) * _nbytes(A_bar))
 
 
 def fedex(A, B, p, **_) -> Aggregate:
-    """FedEx-LoRA: average A and B and fold the residual M - B_bar A_bar into the frozen W,
-    which makes the update exact at the cost of a d x k download per client."""
+    """FedEx-LoRA: FedIT plus the residual M - B_bar A_bar folded into W (a d x k download)."""
     p = _check_clients(A, B, p, True, "fedex")
     A_bar, B_bar = weighted_sum(p, A), weighted_sum(p, B)
-    residual = ideal_update(A, B, p) - B_bar @ A_bar                 # (L, d, k) = W layout
+    M = weighted_sum(p, [b.double() @ a.double() for a, b in zip(A, B)]).to(A[0].dtype)
+    residual = M - B_bar @ A_bar                                     # (L, d, k) = W layout
     return Aggregate(A_bar, B_bar, residual, _nbytes(*A, *B),
                      len(A) * _nbytes(A_bar, B_bar, residual))
 
 
 def flora(A, B, p, **_) -> Aggregate:
-    """FLoRA: stack B* = [B_1 .. B_U], A* = [p_1 A_1; ..; p_U A_U] so B* A* = M exactly; each
-    client downloads the stack, merges it into W, and restarts LoRA. Ranks may differ."""
+    """FLoRA: stack B* = [B_1 .. B_U], A* = [p_1 A_1; ..; p_U A_U], so B* A* = M exactly; each
+    client downloads the stack, merges it into W and restarts LoRA. Ranks may differ."""
     p = _check_clients(A, B, p, False, "flora")
     B_star = torch.cat(list(B), dim=2)                                 # (L, d, sum r_u)
     A_star = torch.cat([w * a for w, a in zip(p.tolist(), A)], dim=1)  # (L, sum r_u, k)
@@ -623,8 +522,7 @@ def flora(A, B, p, **_) -> Aggregate:
 
 
 def lowrank_svd(B_stack: Tensor, A_stack: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of B_stack @ A_stack, (L, d, R) @ (L, R, k), without forming it: QR of each
-    factor, SVD of the small core. Returns U (L, d, m), S (L, m), V (L, k, m)."""
+    """Thin SVD of B_stack @ A_stack (L, d, R) @ (L, R, k) from QRs and the small core's SVD."""
     Q_b, R_b = torch.linalg.qr(B_stack.double())                  # (L, d, m_b), (L, m_b, R)
     Q_a, R_a = torch.linalg.qr(A_stack.double().mT)               # (L, k, m_a), (L, m_a, R)
     U_c, S, V_cT = torch.linalg.svd(R_b @ R_a.mT, full_matrices=False)  # core (L, m_b, m_a)
@@ -632,9 +530,8 @@ def lowrank_svd(B_stack: Tensor, A_stack: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 def flexlora(A, B, p, rank: int | None = None, **_) -> Aggregate:
-    """FlexLoRA: truncated SVD of M, redistributed as rank-r factors (r = the largest client
-    rank unless given); a client of rank r_u keeps the leading r_u components. The singular
-    values are split evenly (sqrt S on each side) so neither factor dwarfs the other."""
+    """FlexLoRA: M's truncated SVD as rank-r factors (r: the largest client rank unless given),
+    sqrt S on each side so neither dwarfs the other; client u keeps the first r_u components."""
     p = _check_clients(A, B, p, False, "flexlora")
     r = max(a.shape[1] for a in A) if rank is None else rank
     if r < 1:
@@ -644,13 +541,11 @@ def flexlora(A, B, p, rank: int | None = None, **_) -> Aggregate:
     U_, S, V = lowrank_svd(B_stack, A_stack)          # M = U_ diag(S) V^T, never formed
     m = min(r, S.shape[-1])
     root = S[:, :m].sqrt()                                                       # (L, m)
-    B_r = torch.zeros(U_.shape[0], U_.shape[1], r, dtype=U_.dtype, device=U_.device)  # (L, d, r)
-    A_r = torch.zeros(V.shape[0], r, V.shape[1], dtype=V.dtype, device=V.device)      # (L, r, k)
-    B_r[:, :, :m] = U_[:, :, :m] * root[:, None, :]
-    A_r[:, :m, :] = (V[:, :, :m] * root[:, None, :]).mT
-    B_r, A_r = B_r.to(B[0].dtype), A_r.to(A[0].dtype)
-    down = sum(_nbytes(A_r[:, :a.shape[1]], B_r[:, :, :a.shape[1]]) for a in A)
-    return Aggregate(A_r, B_r, None, _nbytes(*A, *B), down)
+    pad = torch.nn.functional.pad                       # zero components m..r if M has fewer
+    B_r = pad(U_[:, :, :m] * root[:, None, :], (0, r - m)).to(B[0].dtype)          # (L, d, r)
+    A_r = pad((V[:, :, :m] * root[:, None, :]).mT, (0, 0, 0, r - m)).to(A[0].dtype)  # (L, r, k)
+    return Aggregate(A_r, B_r, None, _nbytes(*A, *B),
+                     _share_bytes(A_r, B_r, [a.shape[1] for a in A]))
 
 
 def lora_fair(A, B, p, fair_lambda: float = 1e-3, **_) -> Aggregate:
@@ -669,10 +564,8 @@ def lora_fair(A, B, p, fair_lambda: float = 1e-3, **_) -> Aggregate:
 
 
 def flora_na(A, B, p, rank: int | None = None, **solver_options) -> Aggregate:
-    """FLoRA-NA: send B_hat = sum P_u B_u and A_hat = sum Q_u A_u (solve_flora_na), the same
-    bytes as FedIT. With clients of different ranks, P and Q combine the zero-padded factors
-    (pad_ranks, rank R), so FedIT's zero-padding is the solver's starting point, and a client
-    of rank r_u gets the first r_u components of (A_hat, B_hat)."""
+    """FLoRA-NA: B_hat = sum P_u B_u, A_hat = sum Q_u A_u (solve_flora_na), FedIT's bytes; mixed
+    ranks: of the zero-padded factors (FedIT's zero-padding is the start), as FedIT sends them."""
     p = _check_clients(A, B, p, False, "flora_na")
     A_pad, B_pad = pad_ranks(A, B, rank)
     A_s, B_s = torch.stack(A_pad, 1), torch.stack(B_pad, 1)           # (L, U, R, k), (L, U, d, R)
@@ -683,44 +576,21 @@ def flora_na(A, B, p, rank: int | None = None, **solver_options) -> Aggregate:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The registry. An entry says everything the client loop and the server need, and declares
-#    the aggregator's options; train.py, the Flower app and the report take everything from
-#    here. Adding an aggregator is one function and one register() call, from any module.
+# 5. The registry: all the client loop, the server (train.py, the Flower app) and the report
+#    need of each aggregator, its options too. Adding one is a function and a register() call.
 # ---------------------------------------------------------------------------------------------
 
-SERVER_OPTIONS = ("rank", "previous")  # set by the server (the global rank, the global factors
-                                       # the clients started from) for entries that declare them
+SERVER_OPTIONS = ("rank", "previous")  # set by the server (global rank, clients' start factors)
 
 
 @dataclass(frozen=True)
 class Option:
-    """One option of an aggregator: its default, a one-line help, the values it accepts."""
+    """An aggregator's option: default, one-line help, accepted values (train.check_option)."""
     default: object
     help: str = ""
     choices: tuple = ()              # the accepted values, where they are few
     minimum: float | None = None     # numbers: the least accepted value ...
     above: bool = False              # ... or, if True, the value must exceed it
-
-    def check(self, value):
-        """value (a value, or a string from a command line) as the default's type; ValueError
-        saying what is accepted otherwise."""
-        kind = type(self.default)
-        try:
-            if isinstance(value, str) and kind is bool:
-                value = {"true": True, "false": False}[value.lower()]
-            elif isinstance(value, str) and kind in (int, float) or kind is float and type(value) is int:
-                value = kind(value)
-        except (KeyError, ValueError):
-            pass
-        if type(value) is not kind or kind is float and not math.isfinite(value):
-            raise ValueError(f"expected a{' finite' if kind is float else ''} {kind.__name__}, "
-                             f"got {value!r}")
-        if self.choices and value not in self.choices:
-            raise ValueError(f"must be {' or '.join(map(str, self.choices))}, got {value!r}")
-        if self.minimum is not None and (value <= self.minimum if self.above else
-                                         value < self.minimum):
-            raise ValueError(f"must be {'>' if self.above else '>='} {self.minimum}, got {value}")
-        return value
 
 
 @dataclass(frozen=True)
@@ -735,16 +605,14 @@ class Aggregator:
     folds_into_base: bool = False        # (part of) the update is added to the frozen W
     mixed_ranks: bool = False            # accepts clients of different ranks
     options: dict = field(default_factory=dict)  # name -> Option (a bare value: its default)
-    check_model: Callable | None = None  # check_model(model, options): ValueError before any
-                                         # training if the method cannot run on this model
+    check_model: Callable | None = None  # (model, options): ValueError if it cannot run on it
 
     def __post_init__(self):
         object.__setattr__(self, "options", {k: v if isinstance(v, Option) else Option(v)
                                              for k, v in self.options.items()})
 
 
-def _positive(default, help):
-    return Option(default, help, minimum=0, above=True)
+def _positive(default, help): return Option(default, help, minimum=0, above=True)  # > 0
 
 
 AGGREGATORS: dict[str, Aggregator] = {
@@ -774,8 +642,7 @@ METHOD = "flora_na"              # the aggregator this file is about (train.py's
 
 
 def register(name: str, aggregator: Aggregator) -> None:
-    """Add `aggregator` to AGGREGATORS as `name` (train.py --aggregator name); a plug-in module
-    calls this when imported (train.py --plugins module). Registering it again is a no-op."""
+    """Add an aggregator (train.py --aggregator name), e.g. from a plug-in (--plugins module)."""
     if not name.isidentifier() or name == "all":
         raise ValueError(f"aggregator name {name!r}: use a Python identifier other than 'all'")
     if AGGREGATORS.get(name, aggregator) != aggregator:

@@ -138,6 +138,27 @@ def load_plugins(args: Args) -> None:
             raise ValueError(f"--plugins {module}: cannot import it ({err})") from None
 
 
+def check_option(opt: fl.Option, value):
+    """value (or a command line's string for it) as opt.default's type, within opt's choices and
+    minimum; ValueError saying what is accepted otherwise."""
+    kind = type(opt.default)
+    try:
+        if isinstance(value, str) and kind is bool:
+            value = {"true": True, "false": False}[value.lower()]
+        elif isinstance(value, str) and kind in (int, float) or kind is float and type(value) is int:
+            value = kind(value)
+    except (KeyError, ValueError):
+        pass
+    if type(value) is not kind or kind is float and not math.isfinite(value):
+        raise ValueError(f"expected a{' finite' if kind is float else ''} {kind.__name__}, "
+                         f"got {value!r}")
+    if opt.choices and value not in opt.choices:
+        raise ValueError(f"must be {' or '.join(map(str, opt.choices))}, got {value!r}")
+    if opt.minimum is not None and (value <= opt.minimum if opt.above else value < opt.minimum):
+        raise ValueError(f"must be {'>' if opt.above else '>='} {opt.minimum}, got {value}")
+    return value
+
+
 def _given_options(agg_option: list[str]) -> dict[str, dict]:
     """{aggregator: {option: value}} from NAME.OPTION=VALUE strings, each value checked by
     the aggregator's registry entry; ValueError naming the bad one."""
@@ -157,7 +178,7 @@ def _given_options(agg_option: list[str]) -> dict[str, dict]:
             raise ValueError(f"--agg-option {item!r}: {name} has no option {option!r} "
                              f"(its options: {', '.join(settable) or 'none'})")
         try:
-            given.setdefault(name, {})[option] = entry.options[option].check(value)
+            given.setdefault(name, {})[option] = check_option(entry.options[option], value)
         except ValueError as err:
             raise ValueError(f"--agg-option {name}.{option} {err}") from None
     return given

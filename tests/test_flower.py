@@ -193,8 +193,10 @@ def test_arrays_travel_exactly():
 
 # one aggregator per path through the app: private Bs kept on the nodes (FedSA-LoRA, first:
 # it is the one resumed), plain factors (FedIT, and FLoRA-NA, the method), changed frozen
-# weights sent to the clients (FedEx-LoRA), and LoRA restarted after the merge (FLoRA)
-PATHS = ("fedsa", "fedit", "fedex", "flora", "flora_na")
+# weights sent to the clients (FedEx-LoRA), and LoRA restarted after the merge (FLoRA); and
+# test_train.py's toy aggregator, registered there alone: the run config's plugins bring it
+# into every Flower process, and its own option (shrink) travels in agg-option
+PATHS = ("fedsa", "fedit", "fedex", "flora", "flora_na", "toy_shrink")
 
 
 def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_dir, glue_dir):
@@ -203,16 +205,19 @@ def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_d
     and 3 (its clients get their last B from the server, then keep it in context.state) and
     every round of the others. The result is the uninterrupted train.py run: the same rows
     (losses, metrics, personalised metrics, clients, bytes) and the same saved adapters and
-    frozen weights, with the same seed and partition."""
+    frozen weights, with the same seed and partition. The toy aggregator reaches the app's
+    processes only through plugins = "test_train" (this folder on their PYTHONPATH)."""
     assert set(PATHS) <= set(fl.AGGREGATORS)
     ref = tiny_args(tmp_path / "ref", bert_dir, glue_dir, aggregator=",".join(PATHS),
-                    participation=0.67, rounds=3)
+                    participation=0.67, rounds=3, plugins=["test_train"],
+                    agg_option=["flora_na.steps=20", "toy_shrink.shrink=0.5"])
     train.main(ref)
 
     got = dataclasses.replace(ref, out=str(tmp_path / "flower"))
     run_killed_in_round_2(monkeypatch, lambda: train.main(got))
     assert [(r["aggregator"], r["round"]) for r in rows_of(tmp_path / "flower")] == [(PATHS[0], 1)]
 
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))     # for plugins test_train
     with LocalFederation(tmp_path / "fed") as fed:
         fed.start_superlink(simulation=True)
         done = fed.run(run_config(got, resume=True), {"num-supernodes": 3})

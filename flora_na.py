@@ -176,11 +176,10 @@ def gram_blocks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return G_A, G_B                                                      # (L, U, U, r, r) each
 
 
-# The terms above, one line each: S_B from (P, G_B) and S_A from (Q, G_A), X_u, Y_u, ||M||^2.
-def _hat_gram(c, G): return torch.einsum("la,lc,lacij->lij", c, c, G)          # (L, r, r)
-def _X(P, G_B): return torch.einsum("la,luaij->luij", P, G_B)                 # (L, U, r, r)
-def _Y(Q, G_A): return torch.einsum("lb,lbuij->luij", Q, G_A)                 # (L, U, r, r)
-def _norm_M2(G_A, G_B, p): return torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)  # (L,)
+def _hat_gram(c, G): return torch.einsum("la,lc,lacij->lij", c, c, G)  # S_B, S_A (L, r, r)
+def _X(P, G_B): return torch.einsum("la,luaij->luij", P, G_B)         # X_u (L, U, r, r)
+def _Y(Q, G_A): return torch.einsum("lb,lbuij->luij", Q, G_A)         # Y_u (L, U, r, r)
+def _norm_M2(G_A, G_B, p): return torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)  # (L,) |M|^2
 
 
 def _squared_divergence(G_A, G_B, p, P, Q, norm_M2=None) -> Tensor:
@@ -218,7 +217,8 @@ def divergence_bound(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
 #      g_P[a]    = <B_a A_hat, M>         = sum_u p_u tr(G_B[u, a] Y_u),
 #    and symmetrically in Q (H_Q[b, d] = tr(S_B G_A[b, d]), g_Q[b] = sum_u p_u tr(X_u G_A[b, u])).
 #    Alternating exact minimisation (ALS) only goes down but crawls along valleys where P and
-#    Q must move together, so each sweep ends with a Levenberg-Marquardt step on both:
+#    Q must move together, so each sweep ends with a Levenberg-Marquardt step on both, for the
+#    residual R = M - B_hat A_hat: dR/dP_a = -B_a A_hat, dR/dQ_b = -B_hat A_b, so
 #    J^T J = [[H_P, C], [C^T, H_Q]], C[u, v] = tr(X_u Y_v^T), -J^T R = (g_P - H_P P, g_Q - H_Q Q).
 #    Departure from the paper (AdamW on (P, Q)): ALS + LM is the default because it solves each
 #    half-step exactly and never goes up, with no learning rate or step count to tune. AdamW

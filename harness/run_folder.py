@@ -153,7 +153,8 @@ def check_out(out: str) -> None:
     if not out or not out.strip():
         raise ValueError("--out is empty: give the folder the run is written to, e.g. "
                          "--out runs/mine")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(
+    # reproduce.sh's log.txt is written there before the run starts: it is no other content
+    if os.path.isdir(out) and set(os.listdir(out)) - {"log.txt"} and not os.path.exists(
             os.path.join(out, "config.json")):
         raise ValueError(f"--out {out!r} holds files but is not a run of train.py (it has no "
                          f"config.json); nothing was written: choose a new or empty folder")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train
+from harness import run_folder
 from test_train import adapter_tensors, bert_args, bert_dir, glue_dir, rows_of  # noqa: F401
 
 
@@ -49,6 +50,15 @@ def test_out_holding_other_files_is_refused_before_anything_is_written(tmp_path,
         train.main(bert_args(theirs, bert_dir, glue_dir))
     assert sorted(p.name for p in theirs.iterdir()) == ["metrics.jsonl"]
     assert (theirs / "metrics.jsonl").read_text() == "their data\n"
+
+
+def test_a_folder_holding_only_reproduce_sh_log_is_a_new_run(tmp_path):
+    """reproduce.sh opens <out>/log.txt before train.py starts: that alone is no other content."""
+    (tmp_path / "log.txt").write_text("  start\n")
+    run_folder.check_out(str(tmp_path))
+    (tmp_path / "notes.md").write_text("mine\n")
+    with pytest.raises(ValueError, match="not a run of train.py"):
+        run_folder.check_out(str(tmp_path))
 
 
 @pytest.mark.parametrize("argument, message", [

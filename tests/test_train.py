@@ -1316,6 +1316,7 @@ def test_a_run_of_the_old_config_format_resumes(tmp_path, bert_dir, glue_dir):
 # A toy aggregator, defined and registered here and nowhere else: adding one touches one file
 def _toy(A, B, p, shrink=1.0, **_):
     """FedIT with the average B multiplied by `shrink`."""
+    p = fl._check_clients(A, B, p, True, "toy_shrink")   # as every entry: equal ranks, p checked
     A_bar, B_bar = fl.weighted_sum(p, A), shrink * fl.weighted_sum(p, B)
     return fl.Aggregate(A_bar, B_bar, None, fl._nbytes(*A, *B), len(A) * fl._nbytes(A_bar, B_bar))
 

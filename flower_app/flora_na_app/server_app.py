@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import FedAvg
 
 import flora_na as fl
 import train
-from harness import federation, models, provenance
+from harness import federation, models, provenance, run_folder
 
 from flora_na_app import wire
 
@@ -215,10 +215,12 @@ def main(grid: Grid, context: Context) -> None:
     load = train.model_loader(args, device)
     meta_model, _ = load(weights=False)
     train.check_models(args, names, meta_model)
-    train._check_config(args, train.run_facts(args, task, data, meta_model))
+    change = train._check_config(args, train.run_facts(args, task, data, meta_model),
+                                 run_folder.numerics(torch.get_num_threads(), device))
+    record = {**provenance.record(device), "engine": f"flwr {flwr.__version__}",
+              "run_id": context.run_id, **({"numerics_change": change} if change else {})}
     with open(os.path.join(args.out, "provenance.jsonl"), "a") as f:
-        f.write(json.dumps({**provenance.record(device), "engine": f"flwr {flwr.__version__}",
-                            "run_id": context.run_id}) + "\n")
+        f.write(json.dumps(record) + "\n")
     log_rows: list[dict] = []
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if args.resume and os.path.exists(metrics_path):

@@ -90,11 +90,9 @@ class Args:
     personal_weighting: str = "uniform"
     """mean of the clients' scores: uniform (1/U each) or data (n_u / sum n, as p_u)"""
     plugins: list[str] = field(default_factory=list)
-    """modules to import first, each adding aggregators with flora_na.register (e.g.
-    evidence.authors_variant, which registers flora_na_authors)"""
+    """modules to import first, each registering aggregators (e.g. evidence.authors_variant)"""
     agg_option: list[str] = field(default_factory=list)
-    """aggregator options NAME.OPTION=VALUE (e.g. flora_na.solver=adamw flora_na.steps=50); each
-    registry entry declares its own: python -c "import train; train.list_options()" """
+    """aggregator options NAME.OPTION=VALUE, e.g. flora_na.solver=adamw (all: train.list_options())"""
     track_solvers: bool = False
     """also record each round the divergence of FLoRA-NA's variants (federation.TRACKED_VARIANTS)"""
     max_new_tokens: int = 256
@@ -114,8 +112,7 @@ class Args:
     resume: bool = False
     """continue the run in --out where it stopped"""
     allow_numerics_change: bool = False
-    """--resume even where threads, torch/transformers/peft versions, CPU vendor or device differ
-    from the run's start (recorded in provenance.jsonl): the result then mixes two numerics"""
+    """--resume even where threads, library versions, CPU or device differ (kept in provenance)"""
 
 
 def parse_args(argv=None) -> Args:

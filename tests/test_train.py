@@ -1130,13 +1130,16 @@ def test_load_task_from_the_real_glue_files():
 # The tiny Llama on GSM8K and MBPP, every aggregator
 # ---------------------------------------------------------------------------------------------
 
+# flora_na.py's own aggregators: plug-ins registered by other tests have tests of their own
+OWN = [n for n, a in fl.AGGREGATORS.items() if a.aggregate.__module__ == "flora_na"]
+
 
 @pytest.mark.parametrize("task, metric, n_train", [("gsm8k", "accuracy", 12),
                                                    ("mbpp", "pass@1", 12)])
 def test_every_aggregator_on_generation_tasks(tmp_path, llama_dir, gen_dir, task, metric,
                                               n_train):
     args = train.Args(task=task, model=str(llama_dir), data_dir=str(gen_dir),
-                      out=str(tmp_path / "run"), aggregator=",".join(fl.AGGREGATORS),
+                      out=str(tmp_path / "run"), aggregator=",".join(OWN),
                       clients=2, rounds=2, local_steps=2, batch_size=2, rank=2, lr=5e-3,
                       max_length=64, eval_every=5, max_new_tokens=8, max_eval_examples=2,
                       agg_option=["flora_na.steps=20"], device="cpu", threads=1)
@@ -1148,7 +1151,7 @@ def test_every_aggregator_on_generation_tasks(tmp_path, llama_dir, gen_dir, task
     rows = train.main(args)
     assert rows == rows_of(tmp_path / "run")
     assert [(r["aggregator"], r["round"]) for r in rows] == [
-        (a, t) for a in fl.AGGREGATORS for t in (1, 2)]
+        (a, t) for a in OWN for t in (1, 2)]
     for r in rows:
         assert finite(r["train_loss"]) and r["train_loss"] > 0
         assert all(finite(v) for v in r["divergence"]["relative_mean"].values())
@@ -1158,7 +1161,7 @@ def test_every_aggregator_on_generation_tasks(tmp_path, llama_dir, gen_dir, task
             assert r["metrics"]["n_eval"] == 2 and 0 <= r["metrics"][metric] <= 1
         if r["aggregator"] == "fedsa" and r["round"] == 2:
             assert 0 <= r["personal_metrics"][metric] <= 1
-    for name in fl.AGGREGATORS:
+    for name in OWN:
         assert (tmp_path / "run" / name / "adapter" / "adapter_model.safetensors").is_file()
 
 

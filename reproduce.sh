@@ -40,7 +40,7 @@
 #   MODE=FULL bash reproduce.sh          # paper scale for a GPU (RoBERTa-large, LLaMA-2-7B)
 #   DRY_RUN=1 MODE=FULL bash reproduce.sh  # print the paper-scale commands, run nothing
 #   MODE=FULL FLORA_NA_VARIANT=authors bash reproduce.sh   # FLoRA-NA as the authors' released
-#                                        # code runs it (train.py --flora-na-variant authors),
+#                                        # code runs it (aggregator flora_na_authors),
 #                                        # into results/full_authors/; RESULTS.md is left alone
 #
 # Every training run has its own --out under $RESULTS/runs/<stage>/ and is started with
@@ -49,7 +49,7 @@
 # CPU cores in QUICK, 1 in FULL), THREADS (torch threads per run: 1 in QUICK, all in FULL),
 # PYTHON, PYTEST_ARGS, ROBERTA and LLAMA (local folders for the FULL models, no Hub needed),
 # RESULTS (output folder), PUBLISH=1 (as --publish), FLORA_NA_VARIANT
-# (FULL only: a train.py --flora-na-variant preset, e.g. authors). After changing a
+# (FULL only: authors, the plug-in evidence/authors_variant.py). After changing a
 # budget, delete the affected results/runs/<stage>/ folders: train.py refuses to resume with
 # another config.
 set -euo pipefail
@@ -99,7 +99,7 @@ fi
 
 # The comparison the report draws: the method, and the baseline it is measured against
 # (stage 2 runs only these two; stage 3 runs every registered aggregator)
-METHOD=flora_na
+METHOD=flora_na; [[ $VARIANT != default ]] && METHOD=flora_na_$VARIANT   # a plug-in aggregator
 BASELINE=fedit
 
 PY=${PYTHON:-python}
@@ -221,7 +221,7 @@ if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningles
 fi
 # without a folder given, train.py finds the data itself (harness.tasks.data_root)
 COMMON=(${DATA:+--data-dir "$DATA"} --threads "$THREADS" --resume)
-if [[ $VARIANT != default ]]; then COMMON+=(--flora-na-variant "$VARIANT"); fi
+if [[ $VARIANT != default ]]; then COMMON+=(--plugins "evidence.${VARIANT}_variant"); fi
 GLUE_TASKS=${GLUE_TASKS:-${QUICK_GLUE_TASKS:-rte mrpc stsb sst2}}   # longest runs first
 
 # --- helpers --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train
+from harness import run_folder
 from test_train import adapter_tensors, bert_args, bert_dir, glue_dir, rows_of  # noqa: F401
 
 

@@ -270,7 +270,7 @@ class RegistryStrategy(Strategy):
         a, t2 = self.args, time.perf_counter()
         divergence = train.server_update(
             self.name, self.state, self.model, uploads, heads, p, ids, n_clients=len(self.clients),
-            options=train.aggregator_options(a), track_solvers=a.track_solvers,
+            options=train.aggregator_options(a, self.name), track_solvers=a.track_solvers,
             device=self.device, seed=a.seed, round_=rnd, private_head=self.private_head,
             scales=[self.scales[self.ranks[u]] for u in ids], rank=a.rank)
         t3 = time.perf_counter()
@@ -402,7 +402,7 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError(f"{args.clients} clients but only {len(data.train)} training examples")
     load = train.model_loader(args, device)
     meta_model, _ = load(weights=False)
-    train.check_variant_tying(args, names, meta_model)
+    train.check_models(args, names, meta_model)
     # every file resume=true reuses is verified before anything is written (train.main's)
     log_rows = run_folder.check_resumable(args.out, names) if args.resume else []
     change = train._check_config(args, train.run_facts(args, task, data, meta_model),

@@ -239,6 +239,35 @@ class Codec:
 
 
 # ---------------------------------------------------------------------------------------------
+# a message of LoRA factors: what the protocol sends up (a client's) or down (the global pair)
+
+
+def send_factors(factors: dict[str, tuple[Tensor, Tensor]], codec: Codec, *,
+                 generator: torch.Generator | None = None, state: dict | None = None,
+                 variance: bool = False):
+    """Encode and decode {layer: (A (r, k), B (d, r))} as the receiver sees it. Returns the
+    decoded factors (in each factor's dtype), the bytes sent, and, with variance=True and a
+    stochastic codec, {layer: (var_A (r,), var_B (r,))}: the rounding variance's row sums of A
+    and column sums of B (debias_gram), sent and counted. state: the sender's per-tensor dicts
+    (topk's error feedback), keyed "<layer>.A" / "<layer>.B"; codec none returns the factors'
+    own storage, at today's count of numel * 4 bytes for float32."""
+    decoded, nbytes, variances = {}, 0, {}
+    for name, (A, B) in factors.items():
+        pair, var = [], []
+        for part, x, dim in (("A", A, -1), ("B", B, -2)):
+            own = None if state is None else state.setdefault(f"{name}.{part}", {})
+            payload = codec.encode(x, generator=generator, state=own,
+                                   variance_dim=dim if variance else None)
+            nbytes += payload_bytes(payload)
+            pair.append(codec.decode(payload, dtype=x.dtype))
+            var.append(payload.get("variance"))
+        decoded[name] = tuple(pair)
+        if variance and codec.stochastic:
+            variances[name] = tuple(var)
+    return decoded, nbytes, variances
+
+
+# ---------------------------------------------------------------------------------------------
 # The debiased Gram for FLoRA-NA (this project's own addition; not in the paper).
 #
 #    The server solves for P, Q from the decoded factors' Gram blocks (flora_na.py, section 2).

@@ -12,7 +12,7 @@ import torch
 
 import flora_na as fl
 from harness.codecs import (CODECS, Codec, _pack, _unpack, debias_gram, noise_aware_objective,
-                            payload_bytes, solve_flora_na_debiased)
+                            payload_bytes, send_factors, solve_flora_na_debiased)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 f64 = torch.float64
@@ -205,6 +205,28 @@ def test_error_feedback_state_through_save_and_load(tmp_path):
     buffer.seek(0)
     again = torch.load(buffer)
     assert all(torch.equal(again[key]["residual"], state[key]["residual"]) for key in state)
+
+
+def test_send_factors():
+    """A message of {layer: (A, B)}: codec none is today's protocol (the same tensors, numel * 4
+    bytes); int4 counts codes and scales of each factor; topk keeps one residual per tensor."""
+    g = gen(50)
+    factors = {"q": (torch.randn(4, 30, generator=g), torch.randn(20, 4, generator=g)),
+               "v": (torch.randn(4, 30, generator=g), torch.randn(20, 4, generator=g))}
+    same, nbytes, var = send_factors(factors, Codec("none"))
+    assert nbytes == 4 * 4 * (120 + 80) // 2 and var == {}
+    assert all(torch.equal(same[n][i], factors[n][i])
+               and same[n][i].data_ptr() == factors[n][i].data_ptr()     # not even a copy
+               for n in factors for i in (0, 1))
+    decoded, nbytes, var = send_factors(factors, Codec("int4"), generator=g, variance=True)
+    assert nbytes == 2 * ((60 + 2 * 4) + (40 + 2 * 4) + 4 * 4 + 4 * 4)   # codes, scales, var
+    assert {n: [t.shape for t in decoded[n]] for n in decoded} == {
+        n: [t.shape for t in factors[n]] for n in factors}
+    assert all(v.shape == (4,) for pair in var.values() for v in pair)
+    state = {}
+    send_factors(factors, Codec("topk", fraction=0.1), state=state)
+    assert sorted(state) == ["q.A", "q.B", "v.A", "v.B"]
+    assert state["q.B"]["residual"].shape == (20, 4)
 
 
 # --- bad options and inputs are refused, naming what is wrong

@@ -95,12 +95,12 @@ def _pack(codes: Tensor, bits: int) -> Tensor:
     """Unsigned codes (n,) < 2^bits as uint8 (ceil(n bits / 8),), low bits first."""
     per = 8 // bits
     codes = torch.nn.functional.pad(codes, (0, -codes.numel() % per)).view(-1, per)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)                       # (per,)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)  # (per,)
     return (codes << shifts).sum(-1, dtype=torch.uint8)
 
 
 def _unpack(packed: Tensor, bits: int, n: int) -> Tensor:
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     return ((packed[:, None] >> shifts) & (2 ** bits - 1)).flatten()[:n]
 
 
@@ -125,11 +125,12 @@ def encode_int(x: Tensor, bits: int, block: int = 64, rounding: str = "stochasti
                              "repeat")
         floor = y.floor()
         f = y - floor                                                     # P(round up)
-        u = torch.rand(y.shape, generator=generator, dtype=torch.float64, device=y.device)
+        u = torch.rand(y.shape, generator=generator, dtype=torch.float64,
+                       device=generator.device).to(y.device)             # the same on any device
         q = floor + (u < f).double()
-    codes = (q + q_max).flatten()[:n].to(torch.uint8)                     # (n,) in [0, 2 q_max]
-    payload = {"values": (q.flatten()[:n].to(torch.int8) if bits == 8 else _pack(codes, bits)),
-               "scales": scales, "shape": _shape(x)}
+    q = q.flatten()[:n]                                                   # (n,) in [-q_max, q_max]
+    values = q.to(torch.int8) if bits == 8 else _pack((q + q_max).to(torch.uint8), bits)
+    payload = {"values": values, "scales": scales, "shape": _shape(x)}
     if variance_dim is not None and rounding == "stochastic":
         var = (s.square() * f * (1 - f)).flatten()[:n].view(x.shape)      # per entry
         payload["variance"] = var.sum(variance_dim).float()
@@ -176,7 +177,7 @@ def encode_topk(x: Tensor, fraction: float, state: dict | None) -> Payload:
 
 def decode_topk(payload: Payload, dtype: torch.dtype = torch.float32) -> Tensor:
     shape = torch.Size(payload["shape"].tolist())
-    out = torch.zeros(shape.numel(), dtype=dtype)
+    out = torch.zeros(shape.numel(), dtype=dtype, device=payload["values"].device)
     out[payload["indices"].long()] = payload["values"].to(dtype)
     return out.view(shape)
 

@@ -22,20 +22,22 @@ indices, and the optional variance below). The tensor's shape travels under "sha
 counted: both ends know every factor's shape from the run's config, as in the uncompressed
 protocol, whose byte count (numel * 4) this matches exactly for codec none.
 
-The debiased Gram for FLoRA-NA (this project's own addition, not in the paper) is at the end of
-the file, with its derivation.
+send_factors puts a {layer: (A, B)} message through a codec, as the protocol will. At the end of
+the file, this project's own additions (not in the paper), with their derivation and what was
+measured: the debiased Gram for FLoRA-NA, and the noise-aware objective that measurement led to.
 
 Libraries checked (December 2026), and why neither is used:
-  bitsandbytes (bitsandbytes.functional.quantize_blockwise / quantize_4bit): blockwise absmax,
-    but onto non-uniform code books (the 8-bit "dynamic" map, NF4/FP4), rounded to the nearest
-    code; its stochastic rounding is an argument of the CUDA kernel, not of the CPU/default
-    torch backend; no 2-bit format; and installing it resolves its own torch requirement.
-    Non-uniform codes rounded to nearest are not unbiased, which the debiased Gram needs.
-  torchao (torchao.quantization.quantize_affine / dequantize_affine, the uintx dtypes): uniform
+  bitsandbytes (functional.quantize_blockwise / quantize_4bit; its torch backend,
+    backends/default/ops.py): blockwise absmax, but onto non-uniform code books (the 8-bit
+    "dynamic" map, NF4/FP4), each value mapped to the nearest code (an argmin); stochastic
+    rounding is only a template flag of the CUDA kernel; no 2-bit format; and installing it
+    resolves its own torch requirement. Nearest non-uniform codes are not unbiased, which the
+    debiased Gram below needs.
+  torchao (quantization.quantize_affine / dequantize_affine, the uintx dtypes): uniform
     blockwise affine quantisation with packing, rounded to nearest; stochastic rounding exists
     only in a prototype (quantized_training, int8 row-wise); its wheels pin a torch version.
-  So: about 60 lines of plain torch below, tested against hand-computed byte counts and a
-  Monte Carlo check of unbiasedness (tests/test_codecs.py).
+  So: about 150 lines of plain torch below, tested against hand-computed byte counts, error
+  bounds and a Monte Carlo check of unbiasedness (tests/test_codecs.py).
 """
 from __future__ import annotations
 

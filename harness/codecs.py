@@ -310,8 +310,10 @@ def send_factors(factors: dict[str, tuple[Tensor, Tensor]], codec: Codec, *,
 #    which the plain Gram gives exactly (tr(S_B S_A) from the decoded factors); only the cross
 #    term (and the constant ||M||^2) needs the debiased Gram. That "noise-aware" objective is
 #    bounded below (its quartic term is a norm) and, minimised by a reference L-BFGS in the
-#    evidence script, lowered the sent divergence in every cell measured, at int2 by a third
-#    and below FedIT's, where the plain FLoRA-NA solve is worse than FedIT. Building it into
+#    evidence script, never raised the sent divergence in 48 cells: lower in all 32 at int2 and
+#    int4 (by 10-35% at int2, where the plain FLoRA-NA solve sends more divergence than FedIT
+#    on the same decoded factors and the noise-aware one less), unchanged within noise in most
+#    at int8. Building it into
 #    the solver needs flora_na.py to take one Gram pair for the cross term and another for
 #    ||B_hat A_hat||^2 (phase B).
 # ---------------------------------------------------------------------------------------------

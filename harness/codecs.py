@@ -313,9 +313,8 @@ def send_factors(factors: dict[str, tuple[Tensor, Tensor]], codec: Codec, *,
 #    evidence script, never raised the sent divergence in 48 cells: lower in all 32 at int2 and
 #    int4 (by 10-35% at int2, where the plain FLoRA-NA solve sends more divergence than FedIT
 #    on the same decoded factors and the noise-aware one less), unchanged within noise in most
-#    at int8. Building it into
-#    the solver needs flora_na.py to take one Gram pair for the cross term and another for
-#    ||B_hat A_hat||^2 (phase B).
+#    at int8. Building it into the solver needs flora_na.py to take one Gram pair for the cross
+#    term and another for ||B_hat A_hat||^2 (phase B).
 # ---------------------------------------------------------------------------------------------
 
 

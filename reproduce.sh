@@ -30,7 +30,7 @@
 #   MODE=FULL bash reproduce.sh          # paper scale for a GPU (RoBERTa-large, LLaMA-2-7B)
 #   DRY_RUN=1 MODE=FULL bash reproduce.sh  # print the paper-scale commands, run nothing
 #   MODE=FULL FLORA_NA_VARIANT=authors bash reproduce.sh   # FLoRA-NA as the authors' released
-#                                        # code runs it (train.py --flora-na-variant authors),
+#                                        # code runs it (aggregator flora_na_authors),
 #                                        # into results/full_authors/; RESULTS.md is left alone
 #   TINY=1 bash reproduce.sh             # plumbing check in minutes, into results/tiny/
 #
@@ -40,7 +40,7 @@
 # CPU cores in QUICK, 1 in FULL), THREADS (torch threads per run: 1 in QUICK, all in FULL),
 # PYTHON, PYTEST_ARGS, ROBERTA and LLAMA (local folders for the FULL models, no Hub needed),
 # RESULTS (output folder), README=0 (leave README.md and RESULTS.md alone), FLORA_NA_VARIANT
-# (FULL only: a train.py --flora-na-variant preset, e.g. authors). After changing a
+# (FULL only: authors, the plug-in evidence/authors_variant.py). After changing a
 # budget, delete the affected results/runs/<stage>/ folders: train.py refuses to resume with
 # another config.
 set -euo pipefail
@@ -81,7 +81,7 @@ fi
 
 # The comparison the report draws: the method, and the baseline it is measured against
 # (stage 2 runs only these two; stage 3 runs every registered aggregator)
-METHOD=flora_na
+METHOD=flora_na; [[ $VARIANT != default ]] && METHOD=flora_na_$VARIANT   # a plug-in aggregator
 BASELINE=fedit
 
 PY=${PYTHON:-python}
@@ -198,7 +198,7 @@ if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningles
     T1="~2 min"; T2="~2 min"; T3="~6 min"; T5="~1 min"; T6="~2 min"; T7="~3 min"
 fi
 COMMON=(--data-dir "$DATA" --threads "$THREADS" --resume)
-if [[ $VARIANT != default ]]; then COMMON+=(--flora-na-variant "$VARIANT"); fi
+if [[ $VARIANT != default ]]; then COMMON+=(--plugins "evidence.${VARIANT}_variant"); fi
 GLUE_TASKS=${GLUE_TASKS:-${QUICK_GLUE_TASKS:-rte mrpc stsb sst2}}   # longest runs first
 
 # --- helpers --------------------------------------------------------------------------------

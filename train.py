@@ -89,32 +89,12 @@ class Args:
     """clients: personalised aggregators also score each client's own model; global: they do not"""
     personal_weighting: str = "uniform"
     """mean of the clients' scores: uniform (1/U each) or data (n_u / sum n, as p_u)"""
-    solver: str = "als"
-    """FLoRA-NA solver: als (exact alternating) or adamw (AdamW in whitened coordinates)"""
-    solver_steps: int = 200
-    """AdamW steps of the adamw solver"""
-    solver_lr: float = 1e-2
-    """AdamW learning rate of the adamw solver (a fraction of FedIT's divergence per step)"""
-    solver_weight_decay: float = 0.0
-    """AdamW weight decay of the adamw solver, towards its start (FedIT); 0: none"""
-    solver_max_iter: int = 200
-    """ALS sweeps of the als solver (matrix-free path: iterations)"""
-    solver_tol: float = 1e-12
-    """als stops once a sweep lowers the squared divergence by <= this times ||M||^2"""
-    solver_prox: float = 1e-6
-    """als proximal weight, relative to the mean diagonal of each half-step's matrix"""
-    solver_path: str = "auto"
-    """FLoRA-NA solver path: auto (by size), gram (cost ~U^2) or matrix_free (linear in U)"""
-    tie_layers: bool = False
-    """FLoRA-NA: one (P, Q) for all layers of a shape, as the authors' released code does"""
-    flora_na_target: str = "data"
-    """FLoRA-NA fits M weighted by data size (data) or uniformly (uniform); sent: by data size"""
-    flora_na_coefficients: str = "factors"
-    """FLoRA-NA coefficients on the factors, or on the changes from the global ones (changes)"""
-    flora_na_init: str = "average"
-    """FLoRA-NA solver start: FedIT's average (average) or the target weights (ones)"""
-    flora_na_variant: str = "default"
-    """FLoRA-NA preset: default or authors (flora_na.VARIANTS); explicit switches win over it"""
+    plugins: list[str] = field(default_factory=list)
+    """modules to import first, each adding aggregators with flora_na.register (e.g.
+    evidence.authors_variant, which registers flora_na_authors)"""
+    agg_option: list[str] = field(default_factory=list)
+    """aggregator options NAME.OPTION=VALUE (e.g. flora_na.solver=adamw flora_na.steps=50); each
+    registry entry declares its own: python -c "import train; train.list_options()" """
     track_solvers: bool = False
     """also record each round the divergence of FLoRA-NA's variants (federation.TRACKED_VARIANTS)"""
     max_new_tokens: int = 256
@@ -138,54 +118,119 @@ class Args:
     from the run's start (recorded in provenance.jsonl): the result then mixes two numerics"""
 
 
-# aggregator option -> the Args field that sets it
-OPTION_FIELDS = {"solver": "solver", "tie_layers": "tie_layers", "steps": "solver_steps",
-                 "lr": "solver_lr", "weight_decay": "solver_weight_decay",
-                 "max_iter": "solver_max_iter", "tol": "solver_tol", "prox": "solver_prox",
-                 "path": "solver_path", "target": "flora_na_target",
-                 "coefficients": "flora_na_coefficients", "init": "flora_na_init"}
-
-
 def parse_args(argv=None) -> Args:
-    """Args from the command line; every field's docstring becomes its --help text. A
-    --flora-na-variant preset fills the fields it sets that the command line does not give."""
+    """Args from the command line; every field's docstring becomes its --help text. The
+    --plugins are imported, and --agg-option written in one canonical form (sorted, values as
+    the registry parses them, defaults left out) so that config.json compares on --resume."""
     import tyro
     args = tyro.cli(Args, args=argv)
-    preset = fl.VARIANTS.get(args.flora_na_variant, {})
-    if not preset:
-        return args
-    # A field the command line gives parses to the same value whatever its default; one it
-    # does not give parses to the default. So parse again with every preset field's default
-    # changed: the fields that did not change were given.
-    fields = [OPTION_FIELDS[k] for k in preset]
-    probe = tyro.cli(Args, args=argv, default=dataclasses.replace(
-        Args(), **{f: _other(getattr(Args(), f)) for f in fields}))
-    given = {f for f in fields if getattr(probe, f) == getattr(args, f)}
-    return apply_variant(args, given)
+    load_plugins(args)
+    return dataclasses.replace(args, agg_option=canonical_options(args.agg_option))
 
 
-def _other(value):
-    """A value of value's type (bool, str or number) that differs from it."""
-    if isinstance(value, bool):
-        return not value
-    return value + "\0" if isinstance(value, str) else value + 1
+def load_plugins(args: Args) -> None:
+    """Import each --plugins module (it registers its aggregators with flora_na.register)."""
+    import importlib
+    for module in args.plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"--plugins {module}: cannot import it ({err})") from None
 
 
-def apply_variant(args: Args, given=()) -> Args:
-    """args with the --flora-na-variant preset's values in the fields it sets, except those
-    named in `given` (switches given explicitly win)."""
-    if args.flora_na_variant not in fl.VARIANTS:
-        raise ValueError(f"--flora-na-variant must be one of {', '.join(fl.VARIANTS)}, got "
-                         f"{args.flora_na_variant!r}")
-    return dataclasses.replace(args, **{
-        OPTION_FIELDS[k]: v for k, v in fl.VARIANTS[args.flora_na_variant].items()
-        if OPTION_FIELDS[k] not in given})
+def check_option(opt: fl.Option, value):
+    """value (or a command line's string for it) as opt.default's type, within opt's choices and
+    minimum; ValueError saying what is accepted otherwise."""
+    kind = type(opt.default)
+    try:
+        if isinstance(value, str) and kind is bool:
+            value = {"true": True, "false": False}[value.lower()]
+        elif isinstance(value, str) and kind in (int, float) or kind is float and type(value) is int:
+            value = kind(value)
+    except (KeyError, ValueError):
+        pass
+    if type(value) is not kind or kind is float and not math.isfinite(value):
+        raise ValueError(f"expected a{' finite' if kind is float else ''} {kind.__name__}, "
+                         f"got {value!r}")
+    if opt.choices and value not in opt.choices:
+        raise ValueError(f"must be {' or '.join(map(str, opt.choices))}, got {value!r}")
+    if opt.minimum is not None and (value <= opt.minimum if opt.above else value < opt.minimum):
+        raise ValueError(f"must be {'>' if opt.above else '>='} {opt.minimum}, got {value}")
+    return value
 
 
-def aggregator_options(args: Args) -> dict:
-    """Every aggregator option the command line sets; each aggregator takes the ones its
-    registry entry declares."""
-    return {option: getattr(args, field) for option, field in OPTION_FIELDS.items()}
+def _given_options(agg_option: list[str]) -> dict[str, dict]:
+    """{aggregator: {option: value}} from NAME.OPTION=VALUE strings, each value checked by
+    the aggregator's registry entry; ValueError naming the bad one."""
+    given: dict[str, dict] = {}
+    for item in agg_option:
+        key, eq, value = item.partition("=")
+        name, dot, option = key.partition(".")
+        if not (eq and dot):
+            raise ValueError(f"--agg-option {item!r}: write NAME.OPTION=VALUE, e.g. "
+                             f"{fl.METHOD}.solver=adamw")
+        entry = fl.AGGREGATORS.get(name)
+        if entry is None:
+            raise ValueError(f"--agg-option {item!r}: unknown aggregator {name!r} (choose from "
+                             f"{', '.join(fl.AGGREGATORS)}; plug-ins need --plugins)")
+        settable = [k for k in entry.options if k not in fl.SERVER_OPTIONS]
+        if option not in settable:
+            raise ValueError(f"--agg-option {item!r}: {name} has no option {option!r} "
+                             f"(its options: {', '.join(settable) or 'none'})")
+        try:
+            given.setdefault(name, {})[option] = check_option(entry.options[option], value)
+        except ValueError as err:
+            raise ValueError(f"--agg-option {name}.{option} {err}") from None
+    return given
+
+
+def _text(value) -> str:
+    """An option's value as --agg-option writes it (true, 0.01, adamw)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def canonical_options(agg_option: list[str]) -> list[str]:
+    """--agg-option in one form: sorted, each value as parsed, those at their default dropped."""
+    return sorted(f"{name}.{k}={_text(v)}" for name, opts in _given_options(agg_option).items()
+                  for k, v in opts.items() if v != fl.AGGREGATORS[name].options[k].default)
+
+
+def aggregator_options(args: Args, name: str) -> dict:
+    """Every option that aggregator `name` declares (bar those the server sets), at its
+    default unless --agg-option sets it."""
+    given = _given_options(args.agg_option).get(name, {})
+    return {k: given.get(k, o.default) for k, o in fl.AGGREGATORS[name].options.items()
+            if k not in fl.SERVER_OPTIONS}
+
+
+def list_options() -> None:
+    """Print every registered aggregator's options (--agg-option NAME.OPTION=VALUE)."""
+    for name, entry in fl.AGGREGATORS.items():
+        for k, o in entry.options.items():
+            if k not in fl.SERVER_OPTIONS:
+                print(f"{name}.{k}={_text(o.default)}  {o.help}")
+
+
+def upgrade_config(config: dict) -> dict:
+    """A config.json written before the registry declared the options (fields solver,
+    solver_steps, .., tie_layers, flora_na_variant) in today's form: those fields as
+    --agg-option of the method, so such runs --resume. The authors' variant is now an
+    aggregator of its own (a run folder of another name): its runs cannot resume."""
+    old = {"solver": "solver", "solver_steps": "steps", "solver_lr": "lr",
+           "solver_weight_decay": "weight_decay", "solver_max_iter": "max_iter",
+           "solver_tol": "tol", "solver_prox": "prox", "solver_path": "path",
+           "tie_layers": "tie_layers"}
+    variant = ("flora_na_variant", "flora_na_target", "flora_na_coefficients", "flora_na_init")
+    if "agg_option" in config or not any(k in config for k in (*old, *variant)):
+        return config
+    if [config.get(k) for k in variant] not in ([None] * 4,
+                                                ["default", "data", "factors", "average"]):
+        raise ValueError("this run used --flora-na-variant (or --flora-na-target, "
+                         "-coefficients, -init), now the aggregator flora_na_authors of "
+                         "--plugins evidence.authors_variant: start it anew")
+    items = [f"{fl.METHOD}.{old[k]}={_text(v)}" for k, v in config.items() if k in old]
+    config = {k: v for k, v in config.items() if k not in (*old, *variant)}
+    return config | {"plugins": [], "agg_option": canonical_options(items)}
 
 
 def keeps_own_head(args: Args, name: str) -> bool:
@@ -532,25 +577,22 @@ def load_global(run_dir: str, base_model=None):
 def check_args(args: Args) -> list[str]:
     """Validate everything that can be checked without data, before anything is written;
     returns the aggregator names."""
+    load_plugins(args)                                        # before naming aggregators
     get_task(args.task, args.allow_unisolated_exec).check()   # e.g. MBPP without a sandbox
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a folder")
     at_least = {"clients": 1, "rounds": 1, "local_steps": 1, "batch_size": 1, "rank": 1,
-                "eval_every": 1, "eval_batch_size": 1, "solver_steps": 1, "solver_max_iter": 1,
+                "eval_every": 1, "eval_batch_size": 1,
                 "max_new_tokens": 1, "max_length": 8, "max_train_examples": 1,
                 "max_eval_examples": 1, "threads": 0}
     for key, low in at_least.items():
         value = getattr(args, key)
         if value is not None and value < low:
             raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
-    for key in ("lr", "lora_alpha", "solver_lr", "solver_prox"):
+    for key in ("lr", "lora_alpha"):
         value = getattr(args, key)
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{key.replace('_', '-')} must be finite and > 0, got {value}")
-    for key in ("solver_weight_decay", "solver_tol"):
-        value = getattr(args, key)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"--{key.replace('_', '-')} must be finite and >= 0, got {value}")
     if not (0 <= args.lora_dropout < 1):
         raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if not (math.isfinite(args.dirichlet_alpha) and args.dirichlet_alpha >= 0):
@@ -558,22 +600,7 @@ def check_args(args: Args) -> list[str]:
                          f"{args.dirichlet_alpha}")
     if not 0 < args.participation <= 1:
         raise ValueError(f"--participation must be in (0, 1], got {args.participation}")
-    if args.solver not in ("als", "adamw"):
-        raise ValueError(f"--solver must be als or adamw, got {args.solver!r}")
-    if args.solver_path not in ("auto", "gram", "matrix_free"):
-        raise ValueError(f"--solver-path must be auto, gram or matrix_free, got "
-                         f"{args.solver_path!r}")
-    for option, values in fl.VARIANT_OPTIONS.items():
-        value = getattr(args, OPTION_FIELDS[option])
-        if value not in values:
-            raise ValueError(f"--{OPTION_FIELDS[option].replace('_', '-')} must be "
-                             f"{' or '.join(values)}, got {value!r}")
-    if args.flora_na_coefficients == "changes" and args.solver != "adamw":
-        raise ValueError("--flora-na-coefficients changes is solved by --solver adamw only, got "
-                         f"--solver {args.solver}")
-    if args.flora_na_variant not in fl.VARIANTS:
-        raise ValueError(f"--flora-na-variant must be one of {', '.join(fl.VARIANTS)}, got "
-                         f"{args.flora_na_variant!r}")
+    _given_options(args.agg_option)                           # every value the entry accepts
     if args.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"--optimizer must be adamw or sgd, got {args.optimizer!r}")
     for key, choices in (("head_sharing", ("registry", "averaged")),
@@ -590,9 +617,6 @@ def check_args(args: Args) -> list[str]:
     if unknown or not names:
         raise ValueError(f"unknown aggregator(s) {unknown or names}; choose from "
                          f"{', '.join(fl.AGGREGATORS)} or 'all'")
-    if mixed and args.flora_na_coefficients == "changes":
-        raise ValueError("--flora-na-coefficients changes needs every client at the global rank "
-                         "(a client of lower rank starts from a truncation of the global factors)")
     equal_only = [a for a in names if mixed and not fl.AGGREGATORS[a].mixed_ranks]
     if equal_only:
         mixed_ok = ", ".join(n for n, a in fl.AGGREGATORS.items() if a.mixed_ranks)
@@ -603,22 +627,13 @@ def check_args(args: Args) -> list[str]:
     return names
 
 
-def check_variant_tying(args: Args, names: list[str], model) -> None:
-    """A --flora-na-variant with --tie-layers ties one (P, Q) across every LoRA layer of the
-    model, as the authors' code does by stacking them; tie_layers ties the layers of one shape,
-    so for a model whose layers come in several shapes (a GQA Llama's q and v) refuse rather
-    than tie less than the variant says."""
-    uses = any("tie_layers" in fl.AGGREGATORS[n].options for n in names)
-    if args.flora_na_variant == "default" or not args.tie_layers or not uses:
-        return
-    shapes = {(tuple(m.lora_B["default"].weight.shape), tuple(m.lora_A["default"].weight.shape))
-              for m in fl.lora_layers(model).values()}
-    if len(shapes) > 1:
-        raise ValueError(f"--flora-na-variant {args.flora_na_variant} ties one (P, Q) across all "
-                         f"LoRA layers, but this model's come in {len(shapes)} shapes (B, A): "
-                         f"{sorted(shapes)}; choose --target-modules of one shape, or pass "
-                         f"--no-tie-layers (or --tie-layers without the preset: one (P, Q) "
-                         f"per shape)")
+def check_models(args: Args, names: list[str], model) -> None:
+    """Each aggregator's own check of the model (its registry entry's check_model), before
+    anything is written: ValueError if it cannot run on this one."""
+    for name in names:
+        check = fl.AGGREGATORS[name].check_model
+        if check is not None:
+            check(model, aggregator_options(args, name))
 
 
 def client_ranks(args: Args) -> list[int]:
@@ -698,7 +713,8 @@ def _check_config(args: Args, facts: dict, numerics: dict) -> dict | None:
         if not args.resume:
             raise FileExistsError(f"{args.out} already holds a run: pass --resume to continue "
                                   f"it, or choose another --out")
-        old = run_folder.read_json(path, "restore it, or start the run again in a new --out")
+        old = upgrade_config(run_folder.read_json(
+            path, "restore it, or start the run again in a new --out"))
         # facts derive from the arguments and this machine (the model's local path): a run
         # moved to another machine resumes; they are rewritten below. An option added to
         # train.py since the run started resumes at its default (what the run did without it)
@@ -761,7 +777,7 @@ def main(args: Args) -> list[dict]:
                                  args.seed, min_size=1)
     load = model_loader(args, device)
     meta_model, _ = load(weights=False)        # model, LoRA targets, rank: before --out
-    check_variant_tying(args, names, meta_model)
+    check_models(args, names, meta_model)
     # every file --resume reuses is verified before anything is written or appended
     log = run_folder.check_resumable(args.out, names) if args.resume else []
     change = _check_config(args, run_facts(args, task, data, meta_model),
@@ -778,7 +794,7 @@ def main(args: Args) -> list[dict]:
                        local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
                        optimizer=args.optimizer, participation=args.participation,
                        seed=args.seed, eval_every=args.eval_every,
-                       eval_options=eval_options(args), options=aggregator_options(args),
+                       eval_options=eval_options(args), options=aggregator_options(args, name),
                        track_solvers=args.track_solvers, device=device, out=args.out,
                        resume=args.resume, log=log, private_head=keeps_own_head(args, name),
                        personal_weights=personal_score_weights(args, [len(ix) for ix in parts]),

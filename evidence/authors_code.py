@@ -27,7 +27,7 @@ switched off (Effects): the eps effect of a loss averaged over entries, the weig
 last iterate, the uniform target against data-size weights applied, and the layer order.
 `main` trains clients on SST-2 through train.py's own functions, the global model following
 --aggregator (FedIT by default), and every round evaluates the replay with each effect off in
-turn, FedIT, this project's FLoRA-NA (ALS) and its authors variant (--flora-na-variant authors)
+turn, FedIT, this project's FLoRA-NA (ALS) and its authors variant (evidence/authors_variant.py)
 on the same uploads: each one's divergence from the data-weighted ideal update
 M = sum_u p_u B_u A_u, dense in float64.
 """
@@ -44,6 +44,7 @@ import tyro
 from torch import Tensor
 
 import flora_na as fl
+from evidence import authors_variant
 from harness import federation, provenance
 
 Factors = dict[str, tuple[Tensor, Tensor]]          # {layer name: (A (r, k), B (d, r))}
@@ -205,10 +206,10 @@ def evaluate_round(uploads: list[Factors], n: Tensor, previous: Factors, steps: 
     out = {}
     fedit = federation.server_step(uploads, p, "fedit")
     methods = {"FedIT": (fedit.factors, None)}
-    for name, options in (("FLoRA-NA, ALS (this project's default)", {}),
-                          ("FLoRA-NA --flora-na-variant authors (this project's solver)",
-                           fl.VARIANTS["authors"])):
-        update = federation.server_step(uploads, p, fl.METHOD, options, previous=previous)
+    for name, options in (("FLoRA-NA, ALS (this project's default)", None),
+                          ("FLoRA-NA, the authors' variant (this project's solver)",
+                           authors_variant.NAME)):
+        update = federation.server_step(uploads, p, options or fl.METHOD, {}, previous=previous)
         methods[name] = (update.factors, None)
     for name, effects in SETTINGS.items():
         methods["replay: " + name.strip()] = replay(previous, uploads, n, effects, steps=steps)

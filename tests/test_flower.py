@@ -66,7 +66,7 @@ def tiny_args(out: Path, bert: Path, data: Path, **kw) -> train.Args:
     """test_train.py's tiny federated SST-2 run (2 rounds of 2 steps, rank 2, one thread)."""
     base = dict(task="sst2", model=str(bert), data_dir=str(data), out=str(out), clients=3,
                 rounds=2, local_steps=2, batch_size=4, rank=2, lr=5e-3, max_length=16,
-                eval_every=1, eval_batch_size=8, solver_steps=20, device="cpu", threads=1)
+                eval_every=1, eval_batch_size=8, agg_option=["flora_na.steps=20"], device="cpu", threads=1)
     return train.Args(**{**base, **kw})
 
 
@@ -75,7 +75,8 @@ def run_config(args: train.Args, **app) -> dict:
     number of SuperNodes), None as "", plus the app's own keys."""
     config = {f.name.replace("_", "-"): getattr(args, f.name)
               for f in dataclasses.fields(train.Args) if f.name != "clients"}
-    config = {k: ("" if v is None else v) for k, v in config.items()}
+    config = {k: ("" if v is None else " ".join(v) if isinstance(v, list) else v)
+              for k, v in config.items()}
     return {**config, "node-timeout": 120, "round-timeout": 600, **app}
 
 
@@ -133,15 +134,17 @@ def test_run_config_is_train_py_options_with_its_defaults():
         if key == "data-dir":                       # train.py's default is $FLORA_DATA
             assert config[key] == ""
         elif key != "out":
-            assert config[key] == ("" if default is None else default), key
+            assert config[key] == ("" if default in (None, []) else default), key
     assert wire.args_from(config) == dataclasses.replace(defaults, out=config["out"])
 
 
 def test_run_config_values_become_train_args():
-    args = wire.args_from({"task": "stsb", "lr": 0.02, "tie-layers": True, "max-train-examples": 40,
-                           "target-modules": "", "node-timeout": 5})
-    assert (args.task, args.lr, args.tie_layers, args.max_train_examples) == \
+    args = wire.args_from({"task": "stsb", "lr": 0.02, "track-solvers": True,
+                           "max-train-examples": 40, "target-modules": "", "node-timeout": 5,
+                           "agg-option": "flora_na.tie_layers=true  flora_na.steps=50"})
+    assert (args.task, args.lr, args.track_solvers, args.max_train_examples) == \
         ("stsb", 0.02, True, 40)
+    assert args.agg_option == ["flora_na.steps=50", "flora_na.tie_layers=true"]
     assert args.target_modules is None
     with pytest.raises(ValueError, match="'clients' is not a train.py option"):
         wire.args_from({"clients": 3})
@@ -151,19 +154,18 @@ def test_run_config_values_become_train_args():
         wire.args_from({"rank": "eight"})
 
 
-def test_the_flora_na_variant_preset_works_from_the_run_config():
-    """The full run config (every option at its default) with flora-na-variant = "authors"
-    gives the preset's options, as `train.py --flora-na-variant authors` does; an option set
-    to a value other than train.py's default wins (one at the default cannot be told from
-    one left alone: the preset fills it)."""
+def test_plugins_and_aggregator_options_come_from_the_run_config():
+    """plugins and agg-option in the run config, as train.py's --plugins and --agg-option: the
+    plug-in registers its aggregator in whichever process parses the config (a ClientApp's
+    too), and its options reach the aggregator; a bad value fails as on the command line."""
     config = tomllib.loads((flower_local.APP / "pyproject.toml").read_text())
-    config = {**config["tool"]["flwr"]["app"]["config"], "flora-na-variant": "authors"}
-    preset = fl.VARIANTS["authors"]
-    options = train.aggregator_options(wire.args_from(config))
-    assert {k: options[k] for k in preset} == preset
-    args = wire.args_from({**config, "solver-steps": 50, "flora-na-init": "average"})
-    assert (args.solver_steps, args.flora_na_init, args.flora_na_coefficients) == (
-        50, "ones", "changes")
+    config = {**config["tool"]["flwr"]["app"]["config"], "plugins": "evidence.authors_variant",
+              "aggregator": "flora_na_authors", "agg-option": "flora_na_authors.steps=50"}
+    args = wire.args_from(config)
+    assert args.plugins == ["evidence.authors_variant"] and "flora_na_authors" in fl.AGGREGATORS
+    assert train.aggregator_options(args, "flora_na_authors")["steps"] == 50
+    with pytest.raises(ValueError, match="must be >= 1"):
+        train.check_args(wire.args_from({**config, "agg-option": "flora_na_authors.steps=0"}))
 
 
 def test_arrays_travel_exactly():
@@ -191,8 +193,10 @@ def test_arrays_travel_exactly():
 
 # one aggregator per path through the app: private Bs kept on the nodes (FedSA-LoRA, first:
 # it is the one resumed), plain factors (FedIT, and FLoRA-NA, the method), changed frozen
-# weights sent to the clients (FedEx-LoRA), and LoRA restarted after the merge (FLoRA)
-PATHS = ("fedsa", "fedit", "fedex", "flora", "flora_na")
+# weights sent to the clients (FedEx-LoRA), and LoRA restarted after the merge (FLoRA); and
+# test_train.py's toy aggregator, registered there alone: the run config's plugins bring it
+# into every Flower process, and its own option (shrink) travels in agg-option
+PATHS = ("fedsa", "fedit", "fedex", "flora", "flora_na", "toy_shrink")
 
 
 def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_dir, glue_dir):
@@ -201,16 +205,19 @@ def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_d
     and 3 (its clients get their last B from the server, then keep it in context.state) and
     every round of the others. The result is the uninterrupted train.py run: the same rows
     (losses, metrics, personalised metrics, clients, bytes) and the same saved adapters and
-    frozen weights, with the same seed and partition."""
+    frozen weights, with the same seed and partition. The toy aggregator reaches the app's
+    processes only through plugins = "test_train" (this folder on their PYTHONPATH)."""
     assert set(PATHS) <= set(fl.AGGREGATORS)
     ref = tiny_args(tmp_path / "ref", bert_dir, glue_dir, aggregator=",".join(PATHS),
-                    participation=0.67, rounds=3)
+                    participation=0.67, rounds=3, plugins=["test_train"],
+                    agg_option=["flora_na.steps=20", "toy_shrink.shrink=0.5"])
     train.main(ref)
 
     got = dataclasses.replace(ref, out=str(tmp_path / "flower"))
     run_killed_in_round_2(monkeypatch, lambda: train.main(got))
     assert [(r["aggregator"], r["round"]) for r in rows_of(tmp_path / "flower")] == [(PATHS[0], 1)]
 
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))     # for plugins test_train
     with LocalFederation(tmp_path / "fed") as fed:
         fed.start_superlink(simulation=True)
         done = fed.run(run_config(got, resume=True), {"num-supernodes": 3})

@@ -98,18 +98,19 @@ def test_reproduce_sh_selects_stages_and_rejects_bad_options(tmp_path):
 
 
 def test_full_mode_runs_the_authors_variant_apart(tmp_path):
-    """FLORA_NA_VARIANT=authors (FULL only): every train.py run gets the preset, into its own
-    results folder, and the report leaves RESULTS.md and README.md alone."""
+    """FLORA_NA_VARIANT=authors (FULL only): every train.py run loads the plug-in and runs its
+    aggregator where the method would run, into its own results folder, and the report leaves
+    RESULTS.md and README.md alone."""
     res = dry_run(tmp_path, MODE="FULL", FLORA_NA_VARIANT="authors", README="1")
     assert res.returncode == 0, res.stderr
     runs = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
-    preset = fl.VARIANTS["authors"]
     assert runs
     for a in runs:
         assert a.out.startswith("results/full_authors/runs/")
-        options = train.aggregator_options(a)
-        assert {k: options[k] for k in preset} == preset
-        train.check_args(a)
+        assert a.plugins == ["evidence.authors_variant"]
+        names = train.check_args(a)
+        assert "flora_na_authors" in fl.AGGREGATORS
+        assert fl.METHOD not in names or a.aggregator == "all"   # stage 3: every one
     report = [argv for argv in commands(res) if argv[1:3] == ["-m", "evidence.report"]]
     assert len(report) == 1 and "--page" not in report[0] and "--readme" not in report[0]
     res = dry_run(tmp_path, MODE="QUICK", FLORA_NA_VARIANT="authors")

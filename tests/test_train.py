@@ -184,7 +184,7 @@ def bert_args(out: Path, bert: Path, data: Path, **kw) -> train.Args:
     """A tiny federated SST-2 run: 3 clients, 2 rounds of 2 steps, rank 2."""
     base = dict(task="sst2", model=str(bert), data_dir=str(data), out=str(out),
                 aggregator="fedit", clients=3, rounds=2, local_steps=2, batch_size=4, rank=2,
-                lr=5e-3, max_length=16, eval_every=1, eval_batch_size=8, solver_steps=20,
+                lr=5e-3, max_length=16, eval_every=1, eval_batch_size=8, agg_option=["flora_na.steps=20"],
                 device="cpu", threads=1)
     return train.Args(**{**base, **kw})
 
@@ -905,7 +905,8 @@ BAD = {  # name: (Args changes, exception, message pattern); {tmp} is the test's
     "nan lr": (dict(lr=float("nan")), ValueError, "--lr must be finite and > 0, got nan"),
     "inf lr": (dict(lr=float("inf")), ValueError, "--lr must be finite and > 0, got inf"),
     "zero lr": (dict(lr=0.0), ValueError, "--lr must be finite and > 0, got 0.0"),
-    "nan solver lr": (dict(solver_lr=float("nan")), ValueError, "--solver-lr must be finite"),
+    "nan solver lr": (dict(agg_option=["flora_na.lr=nan"]), ValueError,
+                      "--agg-option flora_na.lr expected a finite float, got nan"),
     "zero lora alpha": (dict(lora_alpha=0.0), ValueError, "--lora-alpha must be finite and > 0"),
     "dropout 1": (dict(lora_dropout=1.0), ValueError, r"--lora-dropout must be in \[0, 1\)"),
     "negative train cap": (dict(max_train_examples=-5), ValueError,
@@ -915,34 +916,29 @@ BAD = {  # name: (Args changes, exception, message pattern); {tmp} is the test's
     "max length 1": (dict(max_length=1), ValueError, "--max-length must be >= 8, got 1"),
     "eval batch 0": (dict(eval_batch_size=0), ValueError, "--eval-batch-size must be >= 1, got 0"),
     "no new tokens": (dict(max_new_tokens=0), ValueError, "--max-new-tokens must be >= 1"),
-    "no solver steps": (dict(solver_steps=0), ValueError, "--solver-steps must be >= 1"),
-    "negative solver decay": (dict(solver_weight_decay=-0.1), ValueError,
-                              "--solver-weight-decay must be finite and >= 0, got -0.1"),
-    "nan solver decay": (dict(solver_weight_decay=float("nan")), ValueError,
-                         "--solver-weight-decay must be finite and >= 0, got nan"),
-    "no solver sweeps": (dict(solver_max_iter=0), ValueError, "--solver-max-iter must be >= 1"),
-    "negative solver tol": (dict(solver_tol=-1e-9), ValueError,
-                            "--solver-tol must be finite and >= 0, got -1e-09"),
-    "inf solver tol": (dict(solver_tol=float("inf")), ValueError,
-                       "--solver-tol must be finite and >= 0, got inf"),
-    "zero solver prox": (dict(solver_prox=0.0), ValueError,
-                         "--solver-prox must be finite and > 0, got 0.0"),
-    "nan solver prox": (dict(solver_prox=float("nan")), ValueError,
-                        "--solver-prox must be finite and > 0, got nan"),
-    "solver path": (dict(solver_path="dense"), ValueError,
-                    "--solver-path must be auto, gram or matrix_free, got 'dense'"),
-    "flora-na target": (dict(flora_na_target="mean"), ValueError,
-                        "--flora-na-target must be data or uniform, got 'mean'"),
-    "flora-na coefficients": (dict(flora_na_coefficients="deltas"), ValueError,
-                              "--flora-na-coefficients must be factors or changes, got 'deltas'"),
-    "flora-na init": (dict(flora_na_init="zeros"), ValueError,
-                      "--flora-na-init must be average or ones, got 'zeros'"),
-    "flora-na variant": (dict(flora_na_variant="paper"), ValueError,
-                         "--flora-na-variant must be one of default, authors, got 'paper'"),
-    "changes need adamw": (dict(flora_na_coefficients="changes"), ValueError,
-                           "--flora-na-coefficients changes is solved by --solver adamw only"),
+    "no solver steps": (dict(agg_option=["flora_na.steps=0"]), ValueError,
+                        "--agg-option flora_na.steps must be >= 1, got 0"),
+    "negative solver decay": (dict(agg_option=["flora_na.weight_decay=-0.1"]), ValueError,
+                              "--agg-option flora_na.weight_decay must be >= 0, got -0.1"),
+    "zero solver prox": (dict(agg_option=["flora_na.prox=0"]), ValueError,
+                         "--agg-option flora_na.prox must be > 0, got 0.0"),
+    "solver path": (dict(agg_option=["flora_na.path=dense"]), ValueError,
+                    "--agg-option flora_na.path must be auto or gram or matrix_free, got 'dense'"),
+    "solver": (dict(agg_option=["flora_na.solver=lbfgs"]), ValueError,
+               "--agg-option flora_na.solver must be als or adamw, got 'lbfgs'"),
+    "bool option": (dict(agg_option=["flora_na.tie_layers=maybe"]), ValueError,
+                    "--agg-option flora_na.tie_layers expected a bool, got 'maybe'"),
+    "unknown option": (dict(agg_option=["flora_na.target=uniform"]), ValueError,
+                       "--agg-option 'flora_na.target=uniform': flora_na has no option 'target'"),
+    "server option": (dict(agg_option=["fedit.rank=4"]), ValueError,
+                      "fedit has no option 'rank'"),
+    "unknown aggregator option": (dict(agg_option=["nope.x=1"]), ValueError,
+                                  "unknown aggregator 'nope'"),
+    "option without a dot": (dict(agg_option=["steps=3"]), ValueError, "write NAME.OPTION=VALUE"),
+    "missing plug-in": (dict(plugins=["no_such_plugin"]), ValueError,
+                        "--plugins no_such_plugin: cannot import it"),
     "authors' tying needs one shape": (
-        dict(aggregator="flora_na", flora_na_variant="authors", tie_layers=True, solver="adamw",
+        dict(aggregator="flora_na_authors", plugins=["evidence.authors_variant"],
              target_modules="query,dense"), ValueError,
         r"ties one \(P, Q\) across all LoRA layers, but this model's come in 3 shapes"),
     "negative threads": (dict(threads=-1), ValueError, "--threads must be >= 0, got -1"),
@@ -952,7 +948,6 @@ BAD = {  # name: (Args changes, exception, message pattern); {tmp} is the test's
     "out not writable": (dict(out="/proc/sys/flora-run"), ValueError,
                          "--out '/proc/sys/flora-run': cannot write in /proc/sys"),
     "participation": (dict(participation=1.5), ValueError, r"--participation must be in \(0, 1\]"),
-    "solver": (dict(solver="lbfgs"), ValueError, "--solver must be als or adamw, got 'lbfgs'"),
     "optimizer": (dict(optimizer="adam"), ValueError, r"optimizer\b.*'adam'"),
     "head sharing": (dict(head_sharing="private"), ValueError,
                      "--head-sharing must be registry or averaged, got 'private'"),
@@ -1144,7 +1139,7 @@ def test_every_aggregator_on_generation_tasks(tmp_path, llama_dir, gen_dir, task
                       out=str(tmp_path / "run"), aggregator=",".join(fl.AGGREGATORS),
                       clients=2, rounds=2, local_steps=2, batch_size=2, rank=2, lr=5e-3,
                       max_length=64, eval_every=5, max_new_tokens=8, max_eval_examples=2,
-                      solver_steps=20, device="cpu", threads=1)
+                      agg_option=["flora_na.steps=20"], device="cpu", threads=1)
     data = train.load_data(args)[1]
     assert len(data.train) == n_train and len(data.evals["test"]) == 2
     if task == "mbpp":                       # the train and test splits by task id
@@ -1204,7 +1199,8 @@ def test_command_line_smoke(tmp_path, bert_dir, glue_dir):
                      "--aggregator", "fedit,flora_na", "--clients", "2", "--rounds", "2",
                      "--local-steps", "1", "--batch-size", "4", "--rank", "2",
                      "--max-length", "16", "--eval-every", "1", "--threads", "1",
-                     "--device", "cpu", "--no-tie-layers", "--out", str(out), check=True)
+                     "--device", "cpu", "--agg-option", "flora_na.tie_layers=false", "--out", str(out),
+                     check=True)
     rows = rows_of(out)
     assert [(r["aggregator"], r["round"]) for r in rows] == [
         ("fedit", 1), ("fedit", 2), ("flora_na", 1), ("flora_na", 2)]
@@ -1252,30 +1248,26 @@ def test_command_line_help_and_errors(tmp_path):
         assert len(stderr.strip().splitlines()) == 1 and stderr.startswith(message), stderr
 
 
-def test_the_authors_preset_sets_its_options_and_explicit_switches_win(monkeypatch):
-    """--flora-na-variant authors sets every option of flora_na.VARIANTS["authors"]; a switch
-    given on the command line keeps its value, even one equal to the base default."""
+def test_aggregator_options_parse_to_one_form(monkeypatch):
+    """--agg-option values are parsed by the registry entry and written in one canonical form
+    (sorted, defaults dropped), so a config.json compares on --resume whichever way they were
+    written; each aggregator gets every option it declares."""
     monkeypatch.delenv("FLORA_DATA", raising=False)
-    preset = fl.VARIANTS["authors"]
-    args = train.parse_args(["--flora-na-variant", "authors"])
-    assert {k: v for k, v in train.aggregator_options(args).items() if k in preset} == preset
-    args = train.parse_args(["--flora-na-variant", "authors", "--solver", "als",
-                             "--no-tie-layers", "--solver-steps", "50",
-                             "--flora-na-target", "data"])
-    assert (args.solver, args.tie_layers, args.solver_steps) == ("als", False, 50)
-    assert (args.flora_na_target, args.flora_na_coefficients, args.flora_na_init) == (
-        "data", "changes", "ones")
-    assert train.parse_args(["--flora-na-variant", "default"]) == train.Args(
-        flora_na_variant="default")
-    # programmatic use: apply_variant fills the preset's fields except those named as given
-    args = train.apply_variant(train.Args(flora_na_variant="authors", solver_lr=0.1),
-                               given={"solver_lr"})
-    assert (args.solver, args.solver_lr, args.flora_na_coefficients) == ("adamw", 0.1, "changes")
+    args = train.parse_args(["--agg-option", "flora_na.tie_layers=True", "flora_na.lr=1E-3",
+                             "flora_na.solver=als", "lora_fair.fair_lambda=0.5"])
+    assert args.agg_option == ["flora_na.lr=0.001", "flora_na.tie_layers=true",
+                               "lora_fair.fair_lambda=0.5"]
+    options = train.aggregator_options(args, "flora_na")
+    assert options == {"solver": "als", "tie_layers": True, "steps": 200, "lr": 1e-3,
+                       "weight_decay": 0.0, "max_iter": 200, "tol": 1e-12, "prox": 1e-6,
+                       "path": "auto"}
+    assert train.aggregator_options(args, "lora_fair") == {"fair_lambda": 0.5}
+    assert train.aggregator_options(args, "fedit") == {}
 
 
 def test_every_flora_na_option_reaches_the_aggregator(tmp_path, monkeypatch, bert_dir, glue_dir):
-    """The command line's solver and variant options, and the global factors the clients
-    started from, arrive in the flora_na aggregator's call (and only there)."""
+    """--agg-option's values, and the global factors the clients started from, arrive in the
+    flora_na aggregator's call."""
     seen = {}
     entry = fl.AGGREGATORS["flora_na"]
 
@@ -1283,25 +1275,76 @@ def test_every_flora_na_option_reaches_the_aggregator(tmp_path, monkeypatch, ber
         seen.update(options)
         return entry.aggregate(A, B, p, **options)
     monkeypatch.setitem(fl.AGGREGATORS, "flora_na", dataclasses.replace(entry, aggregate=spy))
-    args = train.apply_variant(bert_args(tmp_path / "run", bert_dir, glue_dir,
-                                         aggregator="flora_na", rounds=1,
-                                         flora_na_variant="authors", solver_weight_decay=0.5,
-                                         solver_max_iter=7, solver_tol=1e-9, solver_prox=1e-5,
-                                         solver_path="gram"),
-                               given={"solver_steps"})
+    args = bert_args(tmp_path / "run", bert_dir, glue_dir, aggregator="flora_na", rounds=1,
+                     agg_option=["flora_na.steps=20", "flora_na.weight_decay=0.5",
+                                 "flora_na.max_iter=7", "flora_na.tol=1e-9",
+                                 "flora_na.prox=1e-5", "flora_na.path=gram"])
     train.main(args)
-    expected = {**train.aggregator_options(args)}
+    expected = train.aggregator_options(args, "flora_na")
     assert {k: seen[k] for k in expected} == expected
     assert (seen["weight_decay"], seen["max_iter"], seen["steps"]) == (0.5, 7, 20)
-    A_g, B_g = seen["previous"]                     # round 1: the initial global factors
-    assert A_g.shape[0] == B_g.shape[0] == 4        # 2 layers x (query, value), one shape
-    assert (B_g == 0).all() and (A_g != 0).any()
+
+
+def test_a_run_of_the_old_config_format_resumes(tmp_path, bert_dir, glue_dir):
+    """A config.json written before the options moved to the registry (fields solver,
+    solver_steps, .., tie_layers, flora_na_variant) resumes with the same options given as
+    --agg-option; the authors' variant's old runs are refused with a clear message."""
+    out = tmp_path / "run"
+    args = bert_args(out, bert_dir, glue_dir, aggregator="flora_na", rounds=1,
+                     agg_option=["flora_na.solver=adamw", "flora_na.steps=20",
+                                 "flora_na.tie_layers=true"])
+    train.main(args)
+    config = json.loads((out / "config.json").read_text())
+    del config["agg_option"], config["plugins"]
+    old = {"solver": "adamw", "solver_steps": 20, "solver_lr": 0.01, "solver_weight_decay": 0.0,
+           "solver_max_iter": 200, "solver_tol": 1e-12, "solver_prox": 1e-6,
+           "solver_path": "auto", "tie_layers": True, "flora_na_target": "data",
+           "flora_na_coefficients": "factors", "flora_na_init": "average",
+           "flora_na_variant": "default"}
+    (out / "config.json").write_text(json.dumps({**config, **old}))
+    log = train.main(dataclasses.replace(args, resume=True))
+    assert [r["round"] for r in log] == [1]
+    assert json.loads((out / "config.json").read_text())["agg_option"] == args.agg_option
+    (out / "config.json").write_text(json.dumps({**config, **old, "solver": "als"}))
+    with pytest.raises(ValueError, match="different config"):
+        train.main(dataclasses.replace(args, resume=True))
+    (out / "config.json").write_text(json.dumps({**config, **old, "flora_na_variant": "authors"}))
+    with pytest.raises(ValueError, match="now the aggregator flora_na_authors"):
+        train.main(dataclasses.replace(args, resume=True))
+
+
+# A toy aggregator, defined and registered here and nowhere else: adding one touches one file
+def _toy(A, B, p, shrink=1.0, **_):
+    """FedIT with the average B multiplied by `shrink`."""
+    A_bar, B_bar = fl.weighted_sum(p, A), shrink * fl.weighted_sum(p, B)
+    return fl.Aggregate(A_bar, B_bar, None, fl._nbytes(*A, *B), len(A) * fl._nbytes(A_bar, B_bar))
+
+
+fl.register("toy_shrink", fl.Aggregator(_toy, "Toy", options={
+    "shrink": fl.Option(1.0, "multiplies the average B", minimum=0, above=True)}))
+
+
+def test_a_toy_aggregator_registered_in_this_file_trains(tmp_path, bert_dir, glue_dir):
+    """Registered above and trained through train.py by name with its own option: at
+    shrink=1 it is FedIT, row for row; at 0.5 its B is half FedIT's after one round."""
+    run = lambda out, *opt: train.main(bert_args(tmp_path / out, bert_dir, glue_dir,   # noqa: E731
+                                                 aggregator="toy_shrink,fedit", rounds=1,
+                                                 agg_option=list(opt)))
+    rows = run("one")
+    toy, fedit = rows
+    assert toy["aggregator"] == "toy_shrink" and toy["metrics"] == fedit["metrics"]
+    assert tensors_equal(adapter_tensors(tmp_path / "one" / "toy_shrink"),
+                         adapter_tensors(tmp_path / "one" / "fedit"))
+    run("half", "toy_shrink.shrink=0.5")
+    half, full = (load_state(tmp_path / "half" / n)["factors"] for n in ("toy_shrink", "fedit"))
+    for layer, (A, B) in half.items():
+        assert torch.equal(A, full[layer][0]) and torch.allclose(B, 0.5 * full[layer][1])
 
 
 def test_parse_args_round_trip(monkeypatch):
     monkeypatch.delenv("FLORA_DATA", raising=False)
     assert train.parse_args([]) == train.Args()
-    args = train.parse_args(["--clients", "3", "--lr", "0.02", "--tie-layers", "--no-resume",
+    args = train.parse_args(["--clients", "3", "--lr", "0.02", "--track-solvers", "--no-resume",
                              "--max-train-examples", "7", "--target-modules", "q,v"])
-    assert (args.clients, args.lr, args.tie_layers, args.resume) == (3, 0.02, True, False)
+    assert (args.clients, args.lr, args.track_solvers, args.resume) == (3, 0.02, True, False)
     assert (args.max_train_examples, args.target_modules) == (7, "q,v")

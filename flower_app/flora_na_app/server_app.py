@@ -174,7 +174,7 @@ class RegistryStrategy(FedAvg):
         a, t2 = self.args, time.perf_counter()
         divergence = train.server_update(
             self.name, self.state, self.model, uploads, heads, p, ids, n_clients=len(self.clients),
-            options=train.aggregator_options(a), track_solvers=a.track_solvers,
+            options=train.aggregator_options(a, self.name), track_solvers=a.track_solvers,
             device=self.device, seed=a.seed, round_=rnd, private_head=self.private_head,
             scales=[self.scales[self.ranks[u]] for u in ids], rank=a.rank)
         t3 = time.perf_counter()
@@ -214,6 +214,7 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError(f"{args.clients} clients but only {len(data.train)} training examples")
     load = train.model_loader(args, device)
     meta_model, _ = load(weights=False)
+    train.check_models(args, names, meta_model)
     train._check_config(args, train.run_facts(args, task, data, meta_model))
     with open(os.path.join(args.out, "provenance.jsonl"), "a") as f:
         f.write(json.dumps({**provenance.record(device), "engine": f"flwr {flwr.__version__}",

@@ -23,8 +23,9 @@ FROM_NODES = ("clients",)                      # set by the SuperNodes that conn
 def args_from(run_config: dict, **override) -> train.Args:
     """train.Args from a Flower run config, parsed by train.py's own command line (types,
     choices) so that a bad value fails as it would there; `override` sets fields directly.
-    Options at train.py's default are not passed, so that a --flora-na-variant preset fills
-    them as it does on the command line (a value equal to the default cannot override it)."""
+    Options at train.py's default are not passed; list options (plugins, agg-option) are
+    whitespace-separated strings, e.g. agg-option = "flora_na.solver=adamw flora_na.steps=50",
+    so every process that parses the run config (the ClientApps too) imports the plugins."""
     fields = {f.name for f in dataclasses.fields(train.Args)}
     defaults = train.Args()
     argv = []
@@ -38,6 +39,8 @@ def args_from(run_config: dict, **override) -> train.Args:
             continue
         if isinstance(value, bool):
             argv.append(f"--{key}" if value else f"--no-{key}")
+        elif isinstance(getattr(defaults, name), list):
+            argv += [f"--{key}", *str(value).split()] if str(value).split() else []
         elif value != "":
             argv += [f"--{key}", str(value)]
     try:

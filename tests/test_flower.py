@@ -121,6 +121,12 @@ def _close(x, y) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+# train.py's codec options (issue 23, phase B1): the app does not pass factors through codecs
+# yet (its parity with a codec on is a later phase), so its run config does not offer them.
+NOT_IN_FLOWER_YET = ("upload_codec", "download_codec", "codec_block", "codec_rounding",
+                     "topk_fraction")
+
+
 def test_run_config_is_train_py_options_with_its_defaults():
     """pyproject.toml's [tool.flwr.app.config] holds every train.py option but --clients
     under its command-line name, at train.py's default ("" for None), and the app's keys."""
@@ -128,8 +134,10 @@ def test_run_config_is_train_py_options_with_its_defaults():
     config = config["tool"]["flwr"]["app"]["config"]
     defaults = train.Args()
     options = {f.name.replace("_", "-"): getattr(defaults, f.name)
-               for f in dataclasses.fields(train.Args) if f.name not in wire.FROM_NODES}
+               for f in dataclasses.fields(train.Args)
+               if f.name not in wire.FROM_NODES + NOT_IN_FLOWER_YET}
     assert set(config) == set(options) | set(wire.APP_KEYS)
+    assert not {k.replace("_", "-") for k in NOT_IN_FLOWER_YET} & set(config)
     for key, default in options.items():
         if key == "data-dir":                       # train.py's default is $FLORA_DATA
             assert config[key] == ""

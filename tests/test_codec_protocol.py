@@ -145,6 +145,16 @@ def test_all_aggregators_on_the_tiny_llama_with_int4_uploads(tmp_path, llama_dir
         assert math.isfinite(r["train_loss"])
 
 
+def test_clients_of_mixed_ranks_upload_at_their_own_rank(tmp_path, bert_dir, glue_dir):
+    """Client ranks 1, 2, 1 (cycled): a rank-1 factor is 32 entries (int8: 32 + one 4-byte
+    scale), a rank-2 one 64 (68 bytes); 4 layers, A and B each."""
+    out = tmp_path / "run"
+    train.main(bert_args(out, bert_dir, glue_dir, aggregator="fedit,flora_na", client_ranks="1,2",
+                         upload_codec="int8", rounds=1))
+    for r in rows_of(out):
+        assert r["bytes_up"] == 2 * (4 * 2 * 36) + 4 * 2 * 68
+
+
 def test_the_global_model_is_the_decoded_download(tmp_path, bert_dir, glue_dir):
     """--download-codec int4 (nearest): the server keeps what clients decode: each global factor
     of a travelling part is on its int4 grid (q * absmax / 7, q integer), FFA's A is not sent

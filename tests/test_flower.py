@@ -64,6 +64,12 @@ def offline():
         yield
 
 
+# train.py's codec options (issue 23, phase B1): the app does not pass factors through codecs
+# yet (its parity with a codec on is a later phase), so its run config does not offer them.
+NOT_IN_FLOWER_YET = ("upload_codec", "download_codec", "codec_block", "codec_rounding",
+                     "topk_fraction")
+
+
 def tiny_args(out: Path, bert: Path, data: Path, **kw) -> train.Args:
     """test_train.py's tiny federated SST-2 run (2 rounds of 2 steps, rank 2, one thread)."""
     base = dict(task="sst2", model=str(bert), data_dir=str(data), out=str(out), clients=3,
@@ -76,7 +82,8 @@ def run_config(args: train.Args, **app) -> dict:
     """The Flower run config for the same run: train.py's options minus --clients (the
     number of SuperNodes), None as "", plus the app's own keys."""
     config = {f.name.replace("_", "-"): getattr(args, f.name)
-              for f in dataclasses.fields(train.Args) if f.name != "clients"}
+              for f in dataclasses.fields(train.Args)
+              if f.name != "clients" and f.name not in NOT_IN_FLOWER_YET}
     config = {k: ("" if v is None else " ".join(v) if isinstance(v, list) else v)
               for k, v in config.items()}
     return {**config, "node-timeout": 120, "round-timeout": 600, **app}
@@ -133,8 +140,10 @@ def test_run_config_is_train_py_options_with_its_defaults():
     config = config["tool"]["flwr"]["app"]["config"]
     defaults = train.Args()
     options = {f.name.replace("_", "-"): getattr(defaults, f.name)
-               for f in dataclasses.fields(train.Args) if f.name not in wire.FROM_NODES}
+               for f in dataclasses.fields(train.Args)
+               if f.name not in wire.FROM_NODES + NOT_IN_FLOWER_YET}
     assert set(config) == set(options) | set(wire.APP_KEYS)
+    assert not {k.replace("_", "-") for k in NOT_IN_FLOWER_YET} & set(config)
     for key, default in options.items():
         if key == "data-dir":                       # train.py's default is $FLORA_DATA
             assert config[key] == ""

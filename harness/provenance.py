@@ -34,15 +34,16 @@ def describe_commit(commit: str | None, dirty: bool) -> str:
     return commit + (" (with uncommitted changes to tracked files)" if dirty else "")
 
 
-def cpu_name() -> str:
+def cpu_info(field: str = "model name") -> str:
+    """A field of /proc/cpuinfo ("model name", "vendor_id"); elsewhere what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            return next(l.split(":", 1)[1].strip() for l in f if l.startswith(field))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -56,7 +57,7 @@ def record(device=None) -> dict:
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    cpu = cpu_name()
+    cpu = cpu_info("model name")
     commit, dirty = git_commit()
     return {
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -66,5 +67,5 @@ def record(device=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": torch.__version__,
-        **{name: _version(name) for name in ("transformers", "peft", "datasets")},
+        **{name: package_version(name) for name in ("transformers", "peft", "datasets")},
     }

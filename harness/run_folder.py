@@ -23,7 +23,8 @@ import json
 import os
 import pickle
 import zipfile
-from importlib import metadata
+
+from harness import provenance
 
 CHECKSUMS = "checksums.json"
 
@@ -190,26 +191,14 @@ def check_resumable(out: str, names: list[str]) -> list[dict]:
 
 # --- numerics ------------------------------------------------------------------------------
 
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("vendor_id"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or platform.machine()
-
-
 def numerics(threads: int, device) -> dict:
     """What changes a run's numbers besides its config: torch threads, library versions, the
     CPU vendor (torch draws dropout masks through MKL on Intel only), the device type."""
-    def version(package):
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
+    version = provenance.package_version
     return {"threads": threads, "torch": version("torch"),
             "transformers": version("transformers"), "peft": version("peft"),
-            "cpu_vendor": _cpu_vendor(), "device": getattr(device, "type", str(device))}
+            "cpu_vendor": provenance.cpu_info("vendor_id"),
+            "device": getattr(device, "type", str(device))}
 
 
 def numerics_change(old_config: dict, now: dict) -> dict | None:

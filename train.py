@@ -315,20 +315,6 @@ def travelling(entry: fl.Aggregator) -> str:
     return "A" * entry.train_A + "B" * (not entry.private_B)
 
 
-def send(tensors: dict[str, torch.Tensor], codec: codecs.Codec, *,
-         generator: torch.Generator | None = None, feedback: dict | None = None):
-    """A message {name: tensor} as the receiver decodes it (each tensor in its own dtype), and
-    the bytes sent: every payload tensor at its dtype (codecs.payload_bytes). feedback: the
-    sender's {name: {"residual": ..}} (topk's error feedback), kept across rounds."""
-    decoded, nbytes = {}, 0
-    for key, x in tensors.items():
-        own = None if feedback is None else feedback.setdefault(key, {})
-        payload = codec.encode(x, generator=generator, state=own)
-        nbytes += codecs.payload_bytes(payload)
-        decoded[key] = codec.decode(payload, dtype=x.dtype)
-    return decoded, nbytes
-
-
 def send_up(upload: dict, codec: codecs.Codec, parts: str, *, seed: int, round_: int, u: int,
             feedback: dict | None = None) -> tuple[dict, int]:
     """Client u's upload {layer: (A, B)} as the server decodes it, and its bytes: the factors in
@@ -336,7 +322,7 @@ def send_up(upload: dict, codec: codecs.Codec, parts: str, *, seed: int, round_:
     topk's error feedback in the client's `feedback`), the others as they are (not sent)."""
     flat = {f"{n}.{p}": x for n, pair in upload.items() for p, x in zip("AB", pair) if p in parts}
     g = torch.Generator().manual_seed(_seed(seed, round_, u, 3)) if codec.stochastic else None
-    decoded, nbytes = send(flat, codec, generator=g, feedback=feedback)
+    decoded, nbytes, _ = codecs.send(flat, codec, generator=g, state=feedback)
     return {n: tuple(decoded.get(f"{n}.{p}", x) for p, x in zip("AB", pair))
             for n, pair in upload.items()}, nbytes
 
@@ -351,7 +337,7 @@ def send_down(update: federation.RoundUpdate, codec: codecs.Codec, parts: str, *
             for p, x in zip("AB", pair) if p in parts}
     flat |= {f"{n}.W": W for n, W in update.base_delta.items()}
     g = torch.Generator().manual_seed(_seed(seed, round_, 4)) if codec.stochastic else None
-    decoded, nbytes = send(flat, codec, generator=g, feedback=feedback)
+    decoded, nbytes, _ = codecs.send(flat, codec, generator=g, state=feedback)
     if update.factors is not None:
         update.factors = {n: tuple(decoded.get(f"{n}.{p}", x) for p, x in zip("AB", pair))
                           for n, pair in update.factors.items()}

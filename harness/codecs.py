@@ -22,8 +22,8 @@ indices, and the optional variance below). The tensor's shape travels under "sha
 counted: both ends know every factor's shape from the run's config, as in the uncompressed
 protocol, whose byte count (numel * 4) this matches exactly for codec none.
 
-send_factors puts a {layer: (A, B)} message through a codec; train.py's protocol (send, send_up,
-send_down) does the same for the factors that travel and any base-weight delta. At the end of
+send puts a message {name: tensor} through a codec (train.py's send_up and send_down: the factors
+that travel and any base-weight delta); send_factors, a {layer: (A, B)} message. At the end of
 the file, this project's own additions (not in the paper), with their derivation and what was
 measured: the debiased Gram for FLoRA-NA, and the noise-aware objective that measurement led to.
 
@@ -246,29 +246,41 @@ class Codec:
 # a message of LoRA factors: what the protocol sends up (a client's) or down (the global pair)
 
 
+def send(tensors: dict[str, Tensor], codec: Codec, *, generator: torch.Generator | None = None,
+         state: dict | None = None, variance_dims: dict[str, int] | None = None):
+    """Encode and decode a message {name: tensor} as the receiver sees it. Returns the decoded
+    tensors (each in its own dtype), the bytes sent (every payload tensor at its dtype), and
+    {name: variance} for the names in variance_dims (the rounding variance summed over that
+    dim, sent and counted; stochastic int codecs only). state: the sender's {name: {..}}
+    (topk's error feedback), kept across messages."""
+    decoded, nbytes, variances = {}, 0, {}
+    for name, x in tensors.items():
+        own = None if state is None else state.setdefault(name, {})
+        dim = None if variance_dims is None else variance_dims.get(name)
+        payload = codec.encode(x, generator=generator, state=own, variance_dim=dim)
+        nbytes += payload_bytes(payload)
+        decoded[name] = codec.decode(payload, dtype=x.dtype)
+        if payload.get("variance") is not None:
+            variances[name] = payload["variance"]
+    return decoded, nbytes, variances
+
+
 def send_factors(factors: dict[str, tuple[Tensor, Tensor]], codec: Codec, *,
                  generator: torch.Generator | None = None, state: dict | None = None,
                  variance: bool = False):
-    """Encode and decode {layer: (A (r, k), B (d, r))} as the receiver sees it. Returns the
-    decoded factors (in each factor's dtype), the bytes sent, and, with variance=True and a
-    stochastic codec, {layer: (var_A (r,), var_B (r,))}: the rounding variance's row sums of A
-    and column sums of B (debias_gram), sent and counted. state: the sender's per-tensor dicts
-    (topk's error feedback), keyed "<layer>.A" / "<layer>.B"; codec none returns the factors'
-    own storage, at today's count of numel * 4 bytes for float32."""
-    decoded, nbytes, variances = {}, 0, {}
-    for name, (A, B) in factors.items():
-        pair, var = [], []
-        for part, x, dim in (("A", A, -1), ("B", B, -2)):
-            own = None if state is None else state.setdefault(f"{name}.{part}", {})
-            payload = codec.encode(x, generator=generator, state=own,
-                                   variance_dim=dim if variance else None)
-            nbytes += payload_bytes(payload)
-            pair.append(codec.decode(payload, dtype=x.dtype))
-            var.append(payload.get("variance"))
-        decoded[name] = tuple(pair)
-        if variance and codec.stochastic:
-            variances[name] = tuple(var)
-    return decoded, nbytes, variances
+    """send() for {layer: (A (r, k), B (d, r))}, keyed "<layer>.A" / "<layer>.B" in `state`.
+    Returns the decoded factors, the bytes sent, and, with variance=True and a stochastic
+    codec, {layer: (var_A (r,), var_B (r,))}: the rounding variance's row sums of A and column
+    sums of B (debias_gram). Codec none returns the factors' own storage, at today's count of
+    numel * 4 bytes for float32."""
+    flat = {f"{name}.{part}": x for name, pair in factors.items() for part, x in zip("AB", pair)}
+    dims = {f"{name}.{part}": d for name in factors for part, d in (("A", -1), ("B", -2))}
+    decoded, nbytes, var = send(flat, codec, generator=generator, state=state,
+                                variance_dims=dims if variance else None)
+    pairs = {name: (decoded[f"{name}.A"], decoded[f"{name}.B"]) for name in factors}
+    variances = ({name: (var.get(f"{name}.A"), var.get(f"{name}.B")) for name in factors}
+                 if variance and codec.stochastic else {})
+    return pairs, nbytes, variances
 
 
 # ---------------------------------------------------------------------------------------------

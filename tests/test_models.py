@@ -86,9 +86,11 @@ def test_every_aggregator_on_a_tiny_gpt2(name, tmp_path):
     model = models.add_lora(model, RANK, ALPHA, dropout=0.0, task_type="CAUSAL_LM")
     g = torch.Generator().manual_seed(2)
     start = fl.read_factors(model)
-    uploads = [{n: (A if not entry.train_A else A + 0.1 * torch.randn(A.shape, generator=g),
-                    torch.randn(B.shape, generator=g)) for n, (A, B) in start.items()}
-               for _ in range(3)]
+    trains = entry.trains[0]                    # the others stay at a value the clients share
+    shared_B = {n: torch.randn(B.shape, generator=g) for n, (_, B) in start.items()}
+    uploads = [{n: (A if "A" not in trains else A + 0.1 * torch.randn(A.shape, generator=g),
+                    shared_B[n] if "B" not in trains else torch.randn(B.shape, generator=g))
+                for n, (A, B) in start.items()} for _ in range(3)]
     p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     update = federation.server_step(uploads, p, name)
     ids = torch.randint(3, 50, (2, 7), generator=g)

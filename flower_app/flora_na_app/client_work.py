@@ -153,7 +153,7 @@ def train_round(run_config: dict, node_config: dict, run_id: int, config: dict,
     t1 = time.perf_counter()
     upload, head, loss = train.client_update(
         model, run["make_batch"], idx, factors=factors, head=head, lr=args.lr,
-        optimizer=args.optimizer, train_A=entry.train_A, local_steps=args.local_steps,
+        optimizer=args.optimizer, trains=train.trained(entry, round_), local_steps=args.local_steps,
         batch_size=args.batch_size, seed=args.seed, round_=round_, u=u)
     keep = {}
     if entry.private_B:

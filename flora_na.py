@@ -583,8 +583,9 @@ def lora_fair(A, B, p, fair_lambda: float = 1e-3, **_) -> Aggregate:
 def rolora(A, B, p, rank: int | None = None, previous=None, trains: str | None = None,
            **_) -> Aggregate:
     """RoLoRA: rounds alternate training B (A frozen at the global A) and A (B frozen), so the
-    trained factor's average is exact and only it travels. trains: the round's factor (else
-    the unshared one); mixed ranks: zero-padded, about the global frozen factor (previous)."""
+    trained factor's average is exact and only it travels; B first (peft's B = 0 gives A no
+    gradient; no code released). trains: the round's factor (else the unshared one); mixed
+    ranks: zero-padded, about the global frozen factor (previous)."""
     p = _check_clients(A, B, p, False, "rolora")
     A_pad, B_pad = pad_ranks(A, B, rank)
     trains = trains or ("B" if all(torch.equal(a, A_pad[0]) for a in A_pad) else "A")
@@ -602,7 +603,8 @@ def rolora(A, B, p, rank: int | None = None, previous=None, trains: str | None =
 
 def fedsb(A, B, p, **_) -> Aggregate:
     """Fed-SB: B and A0 frozen (fedsb_init), each client trains an r x r core R_u with
-    A_u = R_u A0; averaging A_u averages R_u, exact. R travels: r^2 per layer each way."""
+    A_u = R_u A0; averaging A_u averages R_u (p-weighted; Fed-SB's script: uniform), exact.
+    R travels: r^2 per layer each way."""
     p = _check_clients(A, B, p, True, "fedsb")
     if any(not torch.equal(b, B[0]) for b in B):
         raise ValueError("fedsb: clients' B differ; Fed-SB keeps B frozen at its initialisation")
@@ -616,8 +618,9 @@ def fedsb_init(model, batches, *, lr: float, init_samples: int = 50, **_) -> dic
     """LoRA-SB's initialisation, run once before round 1 (Fed-SB): G = dL/dW summed over the
     first `init_samples` single-example batches, Adam's first step -lr sign(G) as the update,
     its rank-r SVD U S V^T; sets B = U, A = R A0 with R = S / s (s: the LoRA scaling), A0 = V^T,
-    so round 1 starts from that step; returns {layer: A0}. Fed-SB computes G on the server from
-    pooled data (50 samples), lr its first warm-up lr. Departures: no dropout, an exact SVD."""
+    so round 1 starts from that step (R = S / s: LoRA-SB's paper); returns {layer: A0}. Fed-SB
+    computes G once from pooled data (50 samples), lr its first warm-up lr; here lr is the
+    client lr (no warm-up). Departures: no dropout, an exact SVD, not svd_lowrank."""
     layers, device, core = lora_layers(model), next(model.parameters()).device, {}
     W = {n: m.get_base_layer().weight for n, m in layers.items()}
     G = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in W.items()}
@@ -627,7 +630,7 @@ def fedsb_init(model, batches, *, lr: float, init_samples: int = 50, **_) -> dic
     for _, batch in zip(range(init_samples), batches):
         model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
         for n, w in W.items():
-            G[n], w.grad = G[n] + w.grad, None
+            G[n], w.grad = G[n] + (0 if w.grad is None else w.grad), None
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for n, m in layers.items():

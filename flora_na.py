@@ -107,8 +107,8 @@ def local_train(model, batches, *, lr: float, optimizer: str = "adamw", weight_d
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"unknown optimizer {optimizer!r}: use 'adamw' or 'sgd'")
     device = next(model.parameters()).device
-    parametrize = torch.nn.utils.parametrize
-    for name, m in lora_layers(model).items() if core is not None else ():
+    parametrize, layers = torch.nn.utils.parametrize, lora_layers(model) if core else {}
+    for name, m in layers.items():                 # lora_A's weight becomes R @ A0: R trains
         parametrize.register_parametrization(m.lora_A["default"], "weight", _Core(
             core[name].to(device, m.lora_A["default"].weight.dtype)), unsafe=True)
     for name, param in model.named_parameters():
@@ -129,7 +129,7 @@ def local_train(model, batches, *, lr: float, optimizer: str = "adamw", weight_d
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         losses.append(loss.item())
-    for m in lora_layers(model).values() if core is not None else ():
+    for m in layers.values():
         parametrize.remove_parametrizations(m.lora_A["default"], "weight")   # A = R A0
     for name, param in model.named_parameters():     # leave A, B trainable for the next user
         if "lora_A" in name or "lora_B" in name:

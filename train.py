@@ -316,13 +316,20 @@ def travelling(entry: fl.Aggregator) -> str:
 
 
 def send_up(upload: dict, codec: codecs.Codec, parts: str, *, seed: int, round_: int, u: int,
-            feedback: dict | None = None) -> tuple[dict, int]:
+            feedback: dict | None = None, variances: dict | None = None) -> tuple[dict, int]:
     """Client u's upload {layer: (A, B)} as the server decodes it, and its bytes: the factors in
     `parts` through `codec` (rounding drawn from a generator seeded by seed, round, client;
-    topk's error feedback in the client's `feedback`), the others as they are (not sent)."""
+    topk's error feedback in the client's `feedback`), the others as they are (not sent). A
+    stochastic codec also sends each factor's rounding variance sums (A's rows, B's columns,
+    counted in the bytes) into `variances` {layer: (var_A, var_B)} if that dict is given
+    (None for a factor not sent): what the server's option `variance` carries."""
     flat = {f"{n}.{p}": x for n, pair in upload.items() for p, x in zip("AB", pair) if p in parts}
     g = torch.Generator().manual_seed(_seed(seed, round_, u, 3)) if codec.stochastic else None
-    decoded, nbytes, _ = codecs.send(flat, codec, generator=g, state=feedback)
+    dims = {k: -1 if k.endswith(".A") else -2 for k in flat} if variances is not None else None
+    decoded, nbytes, var = codecs.send(flat, codec, generator=g, state=feedback,
+                                       variance_dims=dims)
+    if variances is not None and var:
+        variances.update({n: tuple(var.get(f"{n}.{p}") for p in "AB") for n in upload})
     return {n: tuple(decoded.get(f"{n}.{p}", x) for p, x in zip("AB", pair))
             for n, pair in upload.items()}, nbytes
 
@@ -392,7 +399,8 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
                   chosen: list[int], *, n_clients: int, options: dict, track_solvers: bool,
                   device: torch.device, seed: int, round_: int, private_head: bool,
                   scales: list[float] | None = None, rank: int | None = None,
-                  bytes_up: int | None = None, download: codecs.Codec = codecs.Codec()) -> dict:
+                  bytes_up: int | None = None, download: codecs.Codec = codecs.Codec(),
+                  raw_uploads: list | None = None, variances: list | None = None) -> dict:
     """The server's side of round `round_` (0-based) with the registry's aggregator `name`:
     aggregate the uploads and heads of clients `chosen` (weights p), and move `state` (global
     factors and head, changed frozen weights, private Bs and, if private_head, heads of
@@ -405,10 +413,15 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
     the aggregator's count, uncompressed). With a `download` codec other than none, the global
     factors and base-weight deltas become what the clients decode (send_down), so the global
     model (evaluated, saved) is the one they hold; the divergences are the aggregate's before
-    it. Returns the round's relative divergences."""
+    it. raw_uploads: the clients' factors before an upload codec; then the divergences also
+    hold "uncompressed": FedIT's (of the decoded uploads) and the aggregate's against M of the
+    raw ones (federation.uncompressed_divergences). variances: send_up's, per upload (the
+    server-set option `variance`). Returns the round's relative divergences."""
     entry = fl.AGGREGATORS[name]
     update = federation.server_step(uploads, p, name, options, device=device, scales=scales,
-                                    rank=rank, previous=state["factors"])
+                                    rank=rank, previous=state["factors"], variances=variances)
+    uncompressed = None if raw_uploads is None else federation.uncompressed_divergences(
+        raw_uploads, uploads, p, update, scales, rank)
     if download.name != "none":
         if entry.restart:
             raise ValueError(f"--download-codec: {name} sends clients what its aggregate "
@@ -442,7 +455,8 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
             state["client_B"][u] = {n: B for n, (_, B) in uploads[i].items()}
     state["bytes_up"] += update.bytes_up
     state["bytes_down"] += update.bytes_down
-    return federation.relative_divergences(update.divergence, extra)
+    divergence = federation.relative_divergences(update.divergence, extra)
+    return divergence if uncompressed is None else {**divergence, "uncompressed": uncompressed}
 
 
 def end_round(row: dict, state: dict, model, tokenizer, *, task: Task, data: TaskData,
@@ -508,12 +522,15 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
     n_u = torch.tensor([len(ix) for ix in parts], dtype=torch.float64)
     if upload_codec.name == "topk":                       # each client's error feedback
         state.setdefault("feedback_up", [{} for _ in parts])
+    # the rounding variance sums travel (counted) to an aggregator that takes them (the server
+    # option "variance", e.g. for a Gram correction), under an unbiased stochastic codec only
+    with_variance = upload_codec.stochastic and "variance" in entry.options
     bar = tqdm(range(state["round"], rounds), desc=name, initial=state["round"], total=rounds,
                dynamic_ncols=True)
     for rnd in bar:
         t0 = time.perf_counter()
         chosen = federation.participants(len(parts), participation, rnd, seed)
-        uploads, heads, losses, bytes_up = [], [], [], 0
+        uploads, heads, losses, bytes_up, raw, variances = [], [], [], 0, [], []
         for u in tqdm(chosen, desc=f"round {rnd + 1} clients", leave=False, dynamic_ncols=True):
             factors = dict(state["factors"])
             if state["client_B"] is not None:                 # a private B: the client's own
@@ -527,8 +544,11 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                 batch_size=batch_size, seed=seed, round_=rnd, u=u)
             if upload_codec.name != "none":                   # what the server decodes
                 feedback = state["feedback_up"][u] if "feedback_up" in state else None
+                raw.append(sent)
+                variances.append({})
                 sent, nbytes = send_up(sent, upload_codec, travelling(entry), seed=seed,
-                                       round_=rnd, u=u, feedback=feedback)
+                                       round_=rnd, u=u, feedback=feedback,
+                                       variances=variances[-1] if with_variance else None)
                 bytes_up += nbytes
             uploads.append(sent)
             heads.append(head)
@@ -542,7 +562,8 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                                    round_=rnd, private_head=private_head,
                                    scales=[scales[ranks[u]] for u in chosen], rank=rank,
                                    bytes_up=None if upload_codec.name == "none" else bytes_up,
-                                   download=download_codec)
+                                   download=download_codec, raw_uploads=raw or None,
+                                   variances=variances if with_variance else None)
         t2 = time.perf_counter()
         row = {"aggregator": name, "round": rnd + 1, "clients": chosen,
                "train_loss": sum(losses) / len(losses), "divergence": divergence,

@@ -661,8 +661,8 @@ AGGREGATORS: dict[str, Aggregator] = {
         "prox": _positive(1e-6, "als: proximal weight, relative to each half-step's diagonal"),
         "path": Option("auto", "auto (by size), gram (cost ~U^2) or matrix_free (linear in U)",
                        choices=("auto", "gram", "matrix_free")),
-        "gram_correction": Option("none", "stochastic upload codecs: debiased or noise_aware "
-                                  "Gram (ours, not the paper's; section 3); none without one",
+        "gram_correction": Option("none", "debiased or noise_aware Gram (ours, section 3): needs "
+                                  "the variance (train.py --upload-variance); without, a no-op",
                                   choices=("none", "debiased", "noise_aware")),
         "variance": None}),
 }

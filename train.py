@@ -16,7 +16,9 @@ factors (those that travel: A unless frozen, B unless private) and the aggregato
 the server decodes; --download-codec encodes the round's answer (the global factors, any
 base-weight delta), and the server keeps the decoded one, so the global model evaluated and
 saved is the one the clients hold. bytes_up and bytes_down count the payloads (codec none: the
-aggregator's own counts, the same). The head travels as it is.
+aggregator's own counts, the same). The head travels as it is. With an upload codec each row's
+divergence also holds "uncompressed": FedIT's and the aggregate's against M of the factors as
+the clients trained them, before encoding.
 """
 from __future__ import annotations
 
@@ -110,6 +112,9 @@ class Args:
     """int8/int4/int2: stochastic (unbiased, seeded by seed, round, client) or nearest"""
     topk_fraction: float = 0.1
     """topk: the share of entries sent; the sender keeps the rest for later (error feedback)"""
+    upload_variance: bool = False
+    """stochastic int upload codecs: clients also send each factor's rounding variance sums (r
+    float32, counted) to aggregators that take the server option variance (a Gram correction)"""
     track_solvers: bool = False
     """also record each round the divergence of FLoRA-NA's variants (federation.TRACKED_VARIANTS)"""
     max_new_tokens: int = 256
@@ -496,7 +501,8 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                    resume: bool, log: list[dict], private_head: bool,
                    personal_weights: list[int] | None, base_name: str | None = None,
                    ranks: list[int] | None = None, upload_codec: codecs.Codec = codecs.Codec(),
-                   download_codec: codecs.Codec = codecs.Codec()) -> list[dict]:
+                   download_codec: codecs.Codec = codecs.Codec(),
+                   upload_variance: bool = False) -> list[dict]:
     """Federated training with the registry's aggregator `name`; `load()` builds the model and
     tokenizer. ranks[u]: client u's LoRA rank (default: the model's, for all); private_head:
     clients keep their own head; personal_weights: end_round's; upload_codec, download_codec:
@@ -522,9 +528,9 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
     n_u = torch.tensor([len(ix) for ix in parts], dtype=torch.float64)
     if upload_codec.name == "topk":                       # each client's error feedback
         state.setdefault("feedback_up", [{} for _ in parts])
-    # the rounding variance sums travel (counted) to an aggregator that takes them (the server
-    # option "variance", e.g. for a Gram correction), under an unbiased stochastic codec only
-    with_variance = upload_codec.stochastic and "variance" in entry.options
+    # --upload-variance: the rounding variance sums travel (counted) to an aggregator that
+    # takes them (the server option "variance")
+    with_variance = upload_variance and "variance" in entry.options
     bar = tqdm(range(state["round"], rounds), desc=name, initial=state["round"], total=rounds,
                dynamic_ncols=True)
     for rnd in bar:
@@ -728,6 +734,9 @@ def check_args(args: Args) -> list[str]:
                          f"{args.codec_rounding!r}")
     if not 0 < args.topk_fraction <= 1:
         raise ValueError(f"--topk-fraction must be in (0, 1], got {args.topk_fraction}")
+    if args.upload_variance and not run_codecs(args)[0].stochastic:
+        raise ValueError(f"--upload-variance needs an --upload-codec with stochastic rounding "
+                         f"(int8, int4, int2), got {args.upload_codec} ({args.codec_rounding})")
     mixed = any(r != args.rank for r in client_ranks(args))
     if mixed and args.download_codec != "none":
         raise ValueError("--download-codec with mixed client ranks: each client's share of the "
@@ -930,7 +939,8 @@ def main(args: Args) -> list[dict]:
                        resume=args.resume, log=log, private_head=keeps_own_head(args, name),
                        personal_weights=personal_score_weights(args, [len(ix) for ix in parts]),
                        base_name=models.hub_id(args.model), ranks=client_ranks(args),
-                       upload_codec=up, download_codec=down)
+                       upload_codec=up, download_codec=down,
+                       upload_variance=args.upload_variance)
     return log
 
 

@@ -247,7 +247,7 @@ def uncompressed_divergences(raw: list[Factors], decoded: list[Factors], p: Tens
     the divergence of FedIT's average of the `decoded` uploads ("naive") and of the round's
     `update` ("aggregate"), made from the decoded ones; as relative_divergences returns them
     (scales, rank: server_step's, for clients of mixed ranks)."""
-    p = p.to(torch.float64)
+    p = fl.check_weights(p, len(raw), "uncompressed_divergences")
     if scales is not None:
         raw, decoded = ([{n: (A, B * c) for n, (A, B) in cf.items()} for cf, c in zip(fs, scales)]
                         for fs in (raw, decoded))
@@ -255,7 +255,8 @@ def uncompressed_divergences(raw: list[Factors], decoded: list[Factors], p: Tens
     for (names, A, B), (_, A_d, B_d) in zip(stacked_groups(raw), stacked_groups(decoded)):
         R = max([a.shape[1] for a in A] + [rank or 0])
         (A, B), (A_d, B_d) = fl.pad_ranks(A, B, R), fl.pad_ranks(A_d, B_d, R)
-        fedit = fl.Aggregate(fl.weighted_sum(p, A_d), fl.weighted_sum(p, B_d), None, 0, 0)
+        fedit = fl.Aggregate(*(fl.weighted_sum(p, [x.double() for x in X]) for X in (A_d, B_d)),
+                             None, 0, 0)                     # in exact arithmetic, as "naive"
         stack = lambda d, i: torch.stack([d[n] if i is None else d[n][i] for n in names]).to(
             A[0].device)                                                      # noqa: E731
         agg = fl.Aggregate(*(None if update.factors is None else stack(update.factors, i)

@@ -516,6 +516,7 @@ stage_9() {
             pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator "$COMP_AGGS" \
                 $(codec_args "$spec") --seed "$seed" "${COMP_TRAIN[@]}" "${COMMON[@]}" --out "$out"
         done
+        [[ $VARIANT == default ]] || continue   # the noise-aware Gram is the method's option
         for spec in $COMP_AWARE; do   # this project's own addition (flora_na.py, section 3)
             out=$RUNS/compression/${spec}_seed${seed}_noise_aware
             # shellcheck disable=SC2046

@@ -113,8 +113,7 @@ class Args:
     topk_fraction: float = 0.1
     """topk: the share of entries sent; the sender keeps the rest for later (error feedback)"""
     upload_variance: bool = False
-    """stochastic int upload codecs: clients also send each factor's rounding variance sums (r
-    float32, counted) to aggregators that take the server option variance (a Gram correction)"""
+    """stochastic int uploads also send their rounding variance sums (counted): Gram correction"""
     track_solvers: bool = False
     """also record each round the divergence of FLoRA-NA's variants (federation.TRACKED_VARIANTS)"""
     max_new_tokens: int = 256

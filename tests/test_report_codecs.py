@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from evidence import report
-from report_runs import MiB, built, config, line, results, rows, write_run  # noqa: F401
+from report_runs import built, config, line, results, rows, write_run  # noqa: F401
 
 
 def div(naive: float, aggregate: float, uncompressed: tuple[float, float] | None) -> dict:

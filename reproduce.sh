@@ -208,12 +208,13 @@ else
                --max-train-examples 3000 --max-eval-examples 400 --eval-every 3)
     T1="~5 min"; T2="~25 min"; T3="~50 min"; T5="~3 min"; T6="~4 min"; T7="~12 min"
     # compression: 3 clients x 6 local steps x 3 rounds at lr 5e-3 (the regime study's fast
-    # learning side: FedIT reached ~0.7 with 60-120 steps), one seed: 7 codecs x 4 aggregators
-    # of ~54 steps plus evaluation, ~16 min with 2 jobs on the EPYC; more seeds cost as much each
+    # learning side: FedIT reached ~0.7 with 60-120 steps), two seeds: per seed 7 codecs x 4
+    # aggregators of 54 steps plus evaluation, ~2 min a run and ~8 min a seed with 2 jobs on
+    # the idle EPYC (measured: 11 min for seed 0 under load); a third seed would pass 20 min
     COMP_TRAIN=(--clients 3 --dirichlet-alpha 0.5 --rounds 3 --local-steps 6 --batch-size 16
                 --lr 5e-3 --max-length 64 --max-train-examples 3000 --max-eval-examples 400
                 --eval-every 3)
-    COMP_SEEDS="0"; T9="~16 min"
+    COMP_SEEDS="0 1"; T9="~16 min"
 fi
 COMP_CODECS="none fp16 int8 int4 int2 topk0.1 topk0.01"; COMP_AWARE="int4 int2"
 MIX_SEEDS=$SEEDS

@@ -103,7 +103,8 @@ def codecs_section(results: str, out_dir: str, names: Names) -> str:
             rows.append([label(names, key), codec, fmt_ms([x["final"] for x in xs], len(seeds)),
                          fmt_ms([x["best"] for x in xs], len(seeds)),
                          f"{nanmean([x['mb_up'] for x in xs]):.3f}", f"{naive:.3f}",
-                         f"{agg:.3f}", f"{100 * share:.1f}%" if share == share else "—"])
+                         f"{agg:.3f}", f"{100 * share + 0.0:.1f}%".replace("-0.0%", "0.0%")
+                         if share == share else "—"])
     md.append(table(["aggregator", "upload codec", f"final {metric}", f"best {metric}",
                      "MB / round up", "FedIT rel. div.", "its rel. div.",
                      "share of FedIT's removed"], rows))

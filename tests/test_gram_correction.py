@@ -2,8 +2,9 @@
 addition, derivation in flora_na.py section 3 and harness/codecs.py), and the divergence against
 the uncompressed M that train.py records under an upload codec.
 
-* Oracles: the objective the solver minimises (its reported divergence^2) equals
-  codecs.noise_aware_objective / the debiased-Gram objective (independent code, themselves
+* Oracles: the objective the solver minimises (its reported divergence^2) equals a dense
+  float64 computation from the factors themselves, codecs.noise_aware_objective and the
+  debiased-Gram objective (independent code, themselves
   tested unbiased by Monte Carlo in tests/test_codecs.py), and ALS reaches the L-BFGS
   reference's minimum; no variance (a factor sent exactly) is the plain solve bit for bit.
 * The Monte Carlo the issue asks (fixed seeds, tolerance from the sample's standard error):
@@ -61,6 +62,42 @@ def test_the_solver_minimises_the_noise_aware_objective(solver):
             ref = codecs.noise_aware_objective(G_A[l:l + 1], G_B[l:l + 1], w, P, Q,
                                                var_A[l:l + 1], var_B[l:l + 1])
             assert want[l] <= ref[0] * (1 + 1e-7), (want[l], ref)
+
+
+def dense_noise_aware(A_q, B_q, p, P, Q, var_A, var_B):
+    """The noise-aware objective per layer from dense float64 products, no Gram blocks: the
+    squared divergence of what is sent, ||M_q - B_hat A_hat||^2 with M_q = sum p_u B_q,u A_q,u,
+    less the rounding's expected excess in ||M_q||^2 and 2 <M_q, B_hat A_hat>, written out per
+    row j of A_u and column j of B_u (v^B_uj sum_i E_ij^2 pairs with ||A_u[j]||^2, and so on)."""
+    A, B, w = A_q.double(), B_q.double(), p.double() / p.double().sum()
+    vA, vB = var_A.double(), var_B.double()                               # (L, U, r)
+    M = torch.einsum("u,ludr,lurk->ldk", w, B, A)
+    B_hat, A_hat = torch.einsum("lu,ludr->ldr", P, B), torch.einsum("lu,lurk->lrk", Q, A)
+    sent = (M - B_hat @ A_hat).square().sum((1, 2))
+    rowA, colB = A.square().sum(-1), B.square().sum(-2)                   # (L, U, r)
+    excess_M2 = torch.einsum("u,luj->l", w ** 2, vB * rowA + vA * colB - vA * vB)
+    excess_cross = torch.einsum("u,luj->l", w, P[..., None] * vB * torch.einsum(
+        "lurk,lrk->lur", A, A_hat) + Q[..., None] * vA * torch.einsum("ludr,ldr->lur", B, B_hat)
+        - (P * Q)[..., None] * vA * vB)
+    return sent - excess_M2 + 2 * excess_cross
+
+
+def test_the_noise_aware_objective_against_dense_products():
+    """The solver's noise-aware objective (its reported divergence^2 at its P, Q, and at random
+    P, Q through the same function) equals the dense float64 computation above, relative 1e-9."""
+    _, _, A_q, B_q, var_A, var_B, p = rounded()
+    res = fl.solve_flora_na(A_q, B_q, p, path="gram", gram_correction="noise_aware",
+                            var_A=var_A, var_B=var_B)
+    torch.testing.assert_close(res.divergence.square(),
+                               dense_noise_aware(A_q, B_q, p, res.P, res.Q, var_A, var_B),
+                               rtol=1e-9, atol=1e-9)
+    G_A, G_B = fl.gram_blocks(A_q, B_q)
+    D = codecs.debias_gram(G_A, G_B, var_A, var_B)
+    P, Q = torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(5), dtype=f64)
+    w = p.double() / p.double().sum()
+    torch.testing.assert_close(fl._squared_divergence(G_A, G_B, w, P, Q, None, D),
+                               dense_noise_aware(A_q, B_q, p, P, Q, var_A, var_B),
+                               rtol=1e-9, atol=1e-9)
 
 
 def test_no_variance_or_none_is_the_plain_solve():

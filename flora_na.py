@@ -257,9 +257,9 @@ def _lm_step(G_A, G_B, D, p, P, Q, f, damping, total, norm_M2):
     JJ = total(torch.cat([torch.cat([H_P, C], 2), torch.cat([C.mT, H_Q], 2)], 1))  # (L, 2U, 2U)
     Jr = total(torch.cat([g_P, g_Q], 1))                                           # (L, 2U)
     scale = JJ.diagonal(dim1=1, dim2=2).mean(-1)                       # (L,), 1 where 0
-    eye = torch.eye(2 * U, dtype=JJ.dtype, device=JJ.device) * torch.where(
-        scale > 0, damping * scale, damping)[:, None, None]
-    step = torch.linalg.solve(JJ + eye, Jr.unsqueeze(-1))[..., 0].expand(L, 2 * U)  # (L, 2U)
+    damp = torch.eye(2 * U, dtype=JJ.dtype, device=JJ.device) * torch.where(
+        scale > 0, damping * scale, damping)[:, None, None]               # (L, 2U, 2U)
+    step = torch.linalg.solve(JJ + damp, Jr.unsqueeze(-1))[..., 0].expand(L, 2 * U)  # (L, 2U)
     P_new, Q_new = P + step[:, :U], Q + step[:, U:]
     f_new = total(_squared_divergence(G_A, G_B, p, P_new, Q_new, norm_M2, D))
     better = f_new < f

@@ -199,20 +199,14 @@ def _Y(Q, G_A): return torch.einsum("lb,lbuij->luij", Q, G_A)         # Y_u (L, 
 def _norm_M2(G_A, G_B, p): return torch.einsum("u,v,luvij,lvuji->l", p, p, G_B, G_A)  # (L,) |M|^2
 
 
-def _squared_divergence(G_A, G_B, p, P, Q, norm_M2=None) -> Tensor:
-    """||M - B_hat A_hat||_F^2 per layer (L,) from Gram blocks; P, Q (L, U) or (U,)."""
+def _squared_divergence(G_A, G_B, p, P, Q, norm_M2=None, D=None) -> Tensor:
+    """||M - B_hat A_hat||_F^2 per layer (L,); P, Q (L, U) or (U,); D: (D_A, D_B) (section 3)."""
     P, Q = P.expand(G_A.shape[0], -1), Q.expand(G_A.shape[0], -1)         # (L, U) each
-    norm_M2 = _norm_M2(G_A, G_B, p) if norm_M2 is None else norm_M2
+    D_A, D_B = D or (G_A, G_B)
+    norm_M2 = _norm_M2(D_A, D_B, p) if norm_M2 is None else norm_M2
     S_B, S_A = _hat_gram(P, G_B), _hat_gram(Q, G_A)                        # (L, r, r) each
-    cross = torch.einsum("u,luij,luji->l", p, _X(P, G_B), _Y(Q, G_A))     # <M, B_hat A_hat>
+    cross = torch.einsum("u,luij,luji->l", p, _X(P, D_B), _Y(Q, D_A))     # <M, B_hat A_hat>
     return norm_M2 - 2 * cross + torch.einsum("lij,lji->l", S_B, S_A)
-
-
-def divergence(A: Tensor, B: Tensor, p: Tensor, P: Tensor, Q: Tensor) -> Tensor:
-    """||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F per layer (L,), computed in Gram space."""
-    p = _check_factors(A, B, p).to(A.device)
-    P, Q = (torch.as_tensor(c, dtype=torch.float64, device=A.device) for c in (P, Q))
-    return _squared_divergence(*gram_blocks(A, B), p, P, Q).clamp_min(0).sqrt()
 
 
 def divergence_bound(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
@@ -240,6 +234,12 @@ def divergence_bound(A: Tensor, B: Tensor, p: Tensor) -> Tensor:
 #    Departure from the paper (AdamW on (P, Q)): ALS + LM is the default because it solves each
 #    half-step exactly and never goes up, with no learning rate or step count to tune. AdamW
 #    stays (solver="adamw"), in coordinates where one lr suits every problem.
+#
+#    Compressed uploads (this project's own addition; long form: harness/codecs.py). Unbiased
+#    rounding sends B_u + E_u: E[G_B[u, u]] = B_u^T B_u + diag(var_B[u]) (var_B, var_A: rounding
+#    variance summed over B_u's columns, A_u's rows; sent by clients). "debiased" subtracts it in
+#    all terms; "noise_aware" only in ||M||^2 and <M, B_hat A_hat> (Grams D: g_P, g_Q), the plain
+#    Gram kept for ||B_hat A_hat||^2, the decoded product sent: E[f] = E||M - B_hat A_hat||^2.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -261,39 +261,38 @@ def _layer_total(tie_layers: bool):  # what is minimised: each layer's f (L,), o
     return (lambda x: x.sum(0, keepdim=True)) if tie_layers else (lambda x: x)
 
 
-def _lm_step(G_A, G_B, p, P, Q, f, damping, total, norm_M2):
+def _lm_step(G_A, G_B, D, p, P, Q, f, damping, total, norm_M2):
     """One LM step in (P, Q), kept where it lowers f; returns P, Q, f and the new damping."""
-    L, U = P.shape
+    (L, U), (D_A, D_B) = P.shape, D
     S_A, S_B = _hat_gram(Q, G_A), _hat_gram(P, G_B)                    # (L, r, r) each
-    X, Y = _X(P, G_B), _Y(Q, G_A)                                      # (L, U, r, r) each
     H_P = torch.einsum("lacij,lji->lac", G_B, S_A)                     # (L, U, U)
     H_Q = torch.einsum("lij,lbdji->lbd", S_B, G_A)                     # (L, U, U)
-    C = torch.einsum("luij,lvij->luv", X, Y)                           # (L, U, U)
-    g_P = torch.einsum("u,luaij,luji->la", p, G_B, Y) - torch.einsum("lac,lc->la", H_P, P)
-    g_Q = torch.einsum("u,luij,lbuji->lb", p, X, G_A) - torch.einsum("lbd,ld->lb", H_Q, Q)
+    C = torch.einsum("luij,lvij->luv", _X(P, G_B), _Y(Q, G_A))         # (L, U, U)
+    X_D, Y_D = _X(P, D_B), _Y(Q, D_A)                                  # X_u, Y_u of the cross term
+    g_P = torch.einsum("u,luaij,luji->la", p, D_B, Y_D) - torch.einsum("lac,lc->la", H_P, P)
+    g_Q = torch.einsum("u,luij,lbuji->lb", p, X_D, D_A) - torch.einsum("lbd,ld->lb", H_Q, Q)
     JJ = total(torch.cat([torch.cat([H_P, C], 2), torch.cat([C.mT, H_Q], 2)], 1))  # (L, 2U, 2U)
     Jr = total(torch.cat([g_P, g_Q], 1))                                           # (L, 2U)
-    scale = JJ.diagonal(dim1=1, dim2=2).mean(-1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    eye = torch.eye(2 * U, dtype=JJ.dtype, device=JJ.device)
-    step = torch.linalg.solve(JJ + (damping * scale)[:, None, None] * eye, Jr.unsqueeze(-1))
-    step = step[..., 0].expand(L, 2 * U)                               # (L, 2U)
+    scale = JJ.diagonal(dim1=1, dim2=2).mean(-1)                       # (L,), 1 where 0
+    damp = torch.eye(2 * U, dtype=JJ.dtype, device=JJ.device) * torch.where(
+        scale > 0, damping * scale, damping)[:, None, None]               # (L, 2U, 2U)
+    step = torch.linalg.solve(JJ + damp, Jr.unsqueeze(-1))[..., 0].expand(L, 2 * U)  # (L, 2U)
     P_new, Q_new = P + step[:, :U], Q + step[:, U:]
-    f_new = total(_squared_divergence(G_A, G_B, p, P_new, Q_new, norm_M2))
+    f_new = total(_squared_divergence(G_A, G_B, p, P_new, Q_new, norm_M2, D))
     better = f_new < f
     damping = torch.where(better, damping / 3, damping * 4).clamp(1e-12, 1e12)
     return (torch.where(better[:, None], P_new, P), torch.where(better[:, None], Q_new, Q),
             torch.where(better, f_new, f), damping)
 
 
-def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
-    """ALS from FedIT (P = Q = p), each half-step with a proximal term (well posed for singular
-    H: B = 0, identical clients), then an LM step. Returns P, Q (L, U) and the sweeps run."""
+def _als(G_A, G_B, D, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
+    """ALS from FedIT (P = Q = p), proximal half-steps (singular H: B = 0, identical clients),
+    then an LM step. Returns P, Q (L, U) and the sweeps run."""
     L, U = G_A.shape[:2]
     P, Q = p.expand(L, U).clone(), p.expand(L, U).clone()            # (L, U) each: FedIT
     eye = torch.eye(U, dtype=G_A.dtype, device=G_A.device)
-    norm_M2 = _norm_M2(G_A, G_B, p)                                   # (L,)
-    total = _layer_total(tie_layers)
+    (D_A, D_B), total = D, _layer_total(tie_layers)
+    norm_M2 = _norm_M2(D_A, D_B, p)                                   # (L,)
 
     def prox_step(H, g, x):           # argmin_x' x'^T H x' - 2 g^T x' + lam ||x' - x||^2
         if tie_layers:
@@ -303,18 +302,18 @@ def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
         x_new = torch.linalg.solve(H + lam * eye, (g + lam[..., 0] * x).unsqueeze(-1))[..., 0]
         return x_new.expand(L, U)
 
-    f_prev = total(_squared_divergence(G_A, G_B, p, P, Q, norm_M2))
+    f_prev = total(_squared_divergence(G_A, G_B, p, P, Q, norm_M2, D))
     damping = torch.full_like(f_prev, 1e-3)
     for it in range(1, max_iter + 1):
         H = torch.einsum("lacij,lji->lac", G_B, _hat_gram(Q, G_A))         # H_P (L, U, U)
-        g = torch.einsum("u,luaij,luji->la", p, G_B, _Y(Q, G_A))           # g_P (L, U)
+        g = torch.einsum("u,luaij,luji->la", p, D_B, _Y(Q, D_A))           # g_P (L, U)
         P = prox_step(H, g, P)
         H = torch.einsum("lij,lbdji->lbd", _hat_gram(P, G_B), G_A)         # H_Q (L, U, U)
-        g = torch.einsum("u,luij,lbuji->lb", p, _X(P, G_B), G_A)           # g_Q (L, U)
+        g = torch.einsum("u,luij,lbuji->lb", p, _X(P, D_B), D_A)           # g_Q (L, U)
         Q = prox_step(H, g, Q)
         f = total(torch.einsum("lb,lbd,ld->l", Q, H, Q) - 2 * (g * Q).sum(-1) + norm_M2)
         for _ in range(3):            # the joint step, up to 3 times with rising damping
-            P, Q, f_new, damping = _lm_step(G_A, G_B, p, P, Q, f, damping, total, norm_M2)
+            P, Q, f_new, damping = _lm_step(G_A, G_B, D, p, P, Q, f, damping, total, norm_M2)
             moved, f = (f_new < f).any(), f_new
             if moved:
                 break
@@ -324,32 +323,27 @@ def _als(G_A, G_B, p, tie_layers: bool, max_iter: int, tol: float, prox: float):
     return P, Q, it
 
 
-# AdamW, the paper's optimiser. On (P, Q) themselves Adam steps by ~lr whatever the gradient, so
-# once FedIT's gap is small every step overshoots, and nearly collinear clients make H_P, H_Q ill
-# conditioned. Instead P = P_0 + W_P x, Q = Q_0 + W_Q y, W = (H / f_0 + floor I)^(-1/2), from
-# FedIT's P_0 = Q_0 = p, f_0 its squared divergence, H the Gauss-Newton blocks there: a unit step
-# in x moves B_hat A_hat by at most sqrt(f_0), so lr is a fraction of FedIT's divergence, AdamW
-# minimises f / f_0 from x = y = 0, weight_decay pulls towards FedIT, and the floor keeps
-# directions that barely move the product (B = 0) slow. Tied: one (x, y), f and f_0 summed.
+# AdamW, the paper's optimiser. On (P, Q) Adam steps by ~lr whatever the gradient (overshooting
+# near FedIT) and collinear clients make H_P, H_Q ill conditioned. So P = P_0 + W_P x, Q = Q_0 +
+# W_Q y, W = (H / f_0 + floor I)^(-1/2), at FedIT's P_0 = Q_0 = p, f_0 its squared divergence, H
+# the Gauss-Newton blocks there: a unit step in x moves B_hat A_hat by <= sqrt(f_0), lr is a share
+# of FedIT's divergence, weight_decay pulls to FedIT. Tied: one (x, y), sums of f and f_0.
 ADAMW_FLOOR = 1e-6
 
 
 def _whitener(H: Tensor) -> Tensor:
     """(H + floor I)^(-1/2) for symmetric H (n, U, U) >= 0, by eigendecomposition."""
     lam, V = torch.linalg.eigh(H)                                     # (n, U), (n, U, U)
-    lam = lam.clamp_min(0)
     floor = (1e-12 * lam[:, -1:]).clamp_min(ADAMW_FLOOR)              # (n, 1)
-    return (V * (lam + floor).rsqrt()[:, None, :]) @ V.mT
+    return (V * (lam.clamp_min(0) + floor).rsqrt()[:, None, :]) @ V.mT
 
 
-def _adamw(G_A, G_B, p, tie_layers: bool, steps: int, lr: float, weight_decay: float):
-    """AdamW in the whitened coordinates above from FedIT, keeping the best iterate (the start
-    included, so never worse than FedIT). Returns P, Q (L, U) and the steps."""
-    L, n = G_A.shape[0], 1 if tie_layers else G_A.shape[0]
-    total = _layer_total(tie_layers)
-    norm_M2 = _norm_M2(G_A, G_B, p)                                   # (L,)
+def _adamw(G_A, G_B, D, p, tie_layers: bool, steps: int, lr: float, weight_decay: float):
+    """AdamW in the coordinates above, keeping the best iterate (never worse than FedIT)."""
+    L, n, total = G_A.shape[0], 1 if tie_layers else G_A.shape[0], _layer_total(tie_layers)
+    norm_M2 = _norm_M2(*D, p)                                         # (L,)
     f = lambda P, Q: total(_squared_divergence(                      # noqa: E731  (n,)
-        G_A, G_B, p, P.expand(L, -1), Q.expand(L, -1), norm_M2))
+        G_A, G_B, p, P.expand(L, -1), Q.expand(L, -1), norm_M2, D))
     P_0 = p.expand(n, -1).clone()                                     # (n, U)
     f_0 = f(P_0, P_0).clamp_min(0)                                    # (n,)
     scale = torch.maximum(f_0, 1e-30 * total(norm_M2)).clamp_min(1e-300)
@@ -389,51 +383,69 @@ def choose_path(U: int, r: int, d: int, k: int) -> str:
 def solve_flora_na(A: Tensor, B: Tensor, p: Tensor, *, solver: str = "als",
                    tie_layers: bool = False, max_iter: int = 200, tol: float = 1e-12,
                    prox: float = 1e-6, steps: int = 200, lr: float = 1e-2,
-                   weight_decay: float = 0.0, bound: bool = False, path: str = "auto"
-                   ) -> FloraNAResult:
+                   weight_decay: float = 0.0, bound: bool = False, path: str = "auto",
+                   gram_correction: str = "none", var_A: Tensor | None = None,
+                   var_B: Tensor | None = None) -> FloraNAResult:
     """P, Q minimising ||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F per layer, M = sum_u p_u B_u A_u;
     A (L, U, r, k), B (L, U, d, r) (mixed ranks: pad_ranks), p (U,); device, dtype from A, B.
-    path: "gram" (~U^2), "matrix_free" (linear in U: flora_na_scale.py) or "auto" (choose_path)."""
+    path: "gram" (~U^2), "matrix_free" (linear in U: flora_na_scale.py) or "auto" (choose_path).
+    gram_correction (section 3) uses var_A, var_B (L, U, r); None: that factor was sent exactly."""
     p = _check_factors(A, B, p).to(A.device)
+    correct, shape = gram_correction, (*A.shape[:3],)                  # var_A, var_B (L, U, r)
+    if correct not in ("none", "debiased", "noise_aware") or correct != "none" and (path == (
+            "matrix_free") or any(v is not None and v.shape != shape for v in (var_A, var_B))):
+        raise ValueError(f"gram_correction {correct!r}: none, debiased or noise_aware, the last "
+                         f"two on path gram or auto (not {path!r}) with var_A, var_B {shape}")
     if path == "auto":
-        path = choose_path(A.shape[1], A.shape[2], B.shape[2], A.shape[3])
+        path = choose_path(*A.shape[1:3], B.shape[2], A.shape[3]) if correct == "none" else "gram"
     if path == "matrix_free":
         from flora_na_scale import solve_matrix_free     # beside flora_na.py; or path="gram"
-        return solve_matrix_free(A, B, p, solver=solver, tie_layers=tie_layers,
-                                 max_iter=max_iter, tol=tol, prox=prox, steps=steps, lr=lr,
+        return solve_matrix_free(A, B, p, solver=solver, tie_layers=tie_layers, max_iter=max_iter,
+                                 tol=tol, prox=prox, steps=steps, lr=lr,
                                  weight_decay=weight_decay, bound=bound)
     if path != "gram":
         raise ValueError(f"unknown path {path!r}: use 'auto', 'gram' or 'matrix_free'")
     G_A, G_B = gram_blocks(A, B)                                       # (L, U, U, r, r) each
+    eye = torch.eye(A.shape[1], dtype=G_A.dtype, device=A.device)[:, :, None, None]  # u = v
+    D = [G if v is None or correct == "none" else G - eye * v.to(G).diag_embed()[:, :, None]
+         for G, v in ((G_A, var_A), (G_B, var_B))]    # D_A, D_B: less diag(var) (section 3)
+    G_A, G_B = D if correct == "debiased" else (G_A, G_B)
     if solver == "als":
-        P, Q, iters = _als(G_A, G_B, p, tie_layers, max_iter, tol, prox)
+        P, Q, iters = _als(G_A, G_B, D, p, tie_layers, max_iter, tol, prox)
     elif solver == "adamw":
-        P, Q, iters = _adamw(G_A, G_B, p, tie_layers, steps, lr, weight_decay)
+        P, Q, iters = _adamw(G_A, G_B, D, p, tie_layers, steps, lr, weight_decay)
     else:
         raise ValueError(f"unknown solver {solver!r}: use 'als' or 'adamw'")
-    f = _squared_divergence(G_A, G_B, p, P, Q).clamp_min(0)            # (L,)
-    f_naive = _squared_divergence(G_A, G_B, p, p, p).clamp_min(0)
+    f = _squared_divergence(G_A, G_B, p, P, Q, None, D).clamp_min(0)   # (L,)
+    f_naive = _squared_divergence(G_A, G_B, p, p, p, None, D).clamp_min(0)
     total = _layer_total(tie_layers)
     worse = (total(f) > total(f_naive))[:, None]       # round-off must never lose to FedIT
     P, Q = torch.where(worse, p, P), torch.where(worse, p, Q)
     f = torch.where(worse[:, 0], f_naive, f)
-    # (P, Q) and (cP, Q / c) give the same product; the paper leaves c free. We fix it because
-    # clients go on training B_hat and A_hat and each factor's gradient scales with the other:
-    # c keeps their norms in FedIT's proportion (sum p B, sum p A), sign agreeing with FedIT's B.
+    # (P, Q) and (cP, Q / c) give the same product; the paper leaves c free. Clients train on and
+    # each factor's gradient scales with the other: c keeps FedIT's norm ratio and B's sign.
     tr_B, tr_A = torch.einsum("luvii->luv", G_B), torch.einsum("luvii->luv", G_A)  # (L, U, U)
     inner = lambda T, x, y: total(torch.einsum("lu,luv,lv->l", x.expand(P.shape),  # noqa: E731
                                                 T, y.expand(P.shape)))
-    c = (inner(tr_A, Q, Q) * inner(tr_B, p, p) / (inner(tr_B, P, P) * inner(tr_A, p, p)))
-    c = c.sqrt().sqrt()                       # c^2 = (|A_hat| |B_bar|) / (|B_hat| |A_bar|)
-    c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
-    c = (c * torch.where(inner(tr_B, P, p) < 0, -1.0, 1.0))[:, None]
-    P, Q = P * c, Q / c                                                # (L, U) each
+    c = (inner(tr_A, Q, Q) * inner(tr_B, p, p) / (inner(tr_B, P, P) * inner(tr_A, p, p))
+         ).sqrt().sqrt()                      # c^2 = (|A_hat| |B_bar|) / (|B_hat| |A_bar|)
+    c = torch.where(torch.isfinite(c) & (c > 0), c, 1.0) * torch.where(inner(tr_B, P, p) < 0,
+                                                                        -1.0, 1.0)
+    P, Q = P * c[:, None], Q / c[:, None]                              # (L, U) each
     A_hat = torch.einsum("lu,lurk->lrk", Q, A.double()).to(A.dtype)   # (L, r, k)
     B_hat = torch.einsum("lu,ludr->ldr", P, B.double()).to(B.dtype)   # (L, d, r)
     return FloraNAResult(P, Q, A_hat, B_hat, f.clamp_min(0).sqrt(), f_naive.clamp_min(0).sqrt(),
                          divergence_bound(A, B, p) if bound else None,
-                         _norm_M2(G_A, G_B, p).clamp_min(0).sqrt(), iters)
+                         _norm_M2(*D, p).clamp_min(0).sqrt(), iters)
 # ----- END COPYABLE SOLVER -------------------------------------------------------------------
+
+
+# The divergence of any given (P, Q), for checks and reports (the solver itself needs none of it).
+def divergence(A: Tensor, B: Tensor, p: Tensor, P: Tensor, Q: Tensor) -> Tensor:
+    """||M - (sum_u P_u B_u)(sum_u Q_u A_u)||_F per layer (L,), computed in Gram space."""
+    p = _check_factors(A, B, p).to(A.device)
+    P, Q = (torch.as_tensor(c, dtype=torch.float64, device=A.device) for c in (P, Q))
+    return _squared_divergence(*gram_blocks(A, B), p, P, Q).clamp_min(0).sqrt()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,12 +656,23 @@ def fedsb_init(model, batches, *, lr: float, init_samples: int = 50, **_) -> dic
     return core
 
 
-def flora_na(A, B, p, rank: int | None = None, **solver_options) -> Aggregate:
+def flora_na(A, B, p, rank: int | None = None, variance=None, **solver_options) -> Aggregate:
     """FLoRA-NA: B_hat = sum P_u B_u, A_hat = sum Q_u A_u (solve_flora_na), FedIT's bytes; mixed
-    ranks: of the zero-padded factors (FedIT's zero-padding is the start), as FedIT sends them."""
+    ranks: of the zero-padded factors (FedIT's zero-padding is the start), as FedIT sends them.
+    variance (set by the server for a stochastic upload codec): (var_A, var_B), U x (L, r_u) each
+    or None, the rounding variance sums gram_correction uses; absent, the correction does nothing
+    (factors sent exactly have no rounding noise to correct)."""
     p = _check_clients(A, B, p, False, "flora_na")
     A_pad, B_pad = pad_ranks(A, B, rank)
     A_s, B_s = torch.stack(A_pad, 1), torch.stack(B_pad, 1)           # (L, U, R, k), (L, U, d, R)
+    for name, var in zip(("var_A", "var_B"), variance or (None, None)):
+        if var is not None:
+            if len(var) != len(A) or any(v.shape != a.shape[:2] or not torch.isfinite(v).all()
+                                         or (v < 0).any() for v, a in zip(var, A)):
+                raise ValueError(f"flora_na: {name} must hold, per client, finite variances >= 0 "
+                                 f"of shape (L, r_u) {[tuple(a.shape[:2]) for a in A]}")
+            var = [torch.nn.functional.pad(v, (0, A_s.shape[2] - v.shape[1])) for v in var]
+            solver_options[name] = torch.stack(var, 1).to(A_s.device)     # (L, U, R)
     res = solve_flora_na(A_s, B_s, p, **solver_options)
     return Aggregate(res.A_hat, res.B_hat, None, _nbytes(*A, *B),
                      _share_bytes(res.A_hat, res.B_hat, [a.shape[1] for a in A]),
@@ -661,7 +684,8 @@ def flora_na(A, B, p, rank: int | None = None, **solver_options) -> Aggregate:
 #    need of each aggregator, its options too. Adding one is a function and a register() call.
 # ---------------------------------------------------------------------------------------------
 
-SERVER_OPTIONS = ("rank", "previous", "trains")  # set by the server: global rank, start, trained
+SERVER_OPTIONS = ("rank", "previous", "trains", "variance")  # set by the server: global rank,
+#   start factors, the round's trained factor, a stochastic upload codec's rounding variances
 
 
 @dataclass(frozen=True)
@@ -725,7 +749,11 @@ AGGREGATORS: dict[str, Aggregator] = {
         "tol": Option(1e-12, "als: stop once a sweep lowers f by <= tol ||M||^2", minimum=0),
         "prox": _positive(1e-6, "als: proximal weight, relative to each half-step's diagonal"),
         "path": Option("auto", "auto (by size), gram (cost ~U^2) or matrix_free (linear in U)",
-                       choices=("auto", "gram", "matrix_free"))}),
+                       choices=("auto", "gram", "matrix_free")),
+        "gram_correction": Option("none", "debiased or noise_aware Gram (ours, section 3): needs "
+                                  "the variance (train.py --upload-variance); without, a no-op",
+                                  choices=("none", "debiased", "noise_aware")),
+        "variance": None}),
 }
 METHOD = "flora_na"              # the aggregator this file is about (train.py's default)
 

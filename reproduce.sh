@@ -22,6 +22,10 @@
 #   7 mixed ranks        clients of different LoRA ranks (heavy-tail profile 2..16) on SST-2:
 #                        every mixed-rank aggregator x 3 seeds, and equal-rank FedIT and FLoRA-NA
 #                        at the smallest and the largest rank as references (QUICK: one seed)
+#   9 compression        SST-2 with compressed uploads: FedIT, FFA-LoRA, FlexLoRA and FLoRA-NA
+#                        x upload codecs none, fp16, int8, int4, int2, top-k 10% and 1%
+#                        (+ FLoRA-NA with its noise-aware Gram at int4 and int2); each round's
+#                        divergence against M of the uncompressed uploads (runs before 8)
 #   8 report             python -m evidence.report -> results/<mode>/REPORT.md and its PNGs;
 #                        with --publish also RESULTS.md's generated part (figures in figures/)
 #                        and README.md's headline table (never from TINY)
@@ -30,7 +34,7 @@
 #   bash reproduce.sh --tiny             # smoke run, minutes: every code path, numbers meaningless,
 #                                        # into results/tiny/ (also: TINY=1 bash reproduce.sh)
 #   bash reproduce.sh                    # QUICK: ~96 min on an idle 2-core Xeon (~3 h on an EPYC),
-#                                        # into results/quick/
+#                                        # + ~16 min for stage 9, into results/quick/
 #   bash reproduce.sh --publish          # QUICK, then rewrite RESULTS.md, figures/, README's headline
 #   bash reproduce.sh --data-dir DIR     # the data folder (also FLORA_DATA=DIR; default ./data,
 #                                        # ../shared/data, else the Hub; python -m harness.data fetch)
@@ -152,6 +156,12 @@ if [[ $MODE == FULL ]]; then
     MIX_TRAIN=(--rounds 100 --local-steps 10 --batch-size 128 --optimizer sgd --lr 0.02
                --max-length 128 --lora-alpha 16 --eval-every 10)
     T7="~2 GPU-days (36 aggregator runs)"
+    # compression at the GLUE stage's settings, 100 rounds (estimate: ~17 min per aggregator
+    # run of 3,000 RoBERTa-large steps, 90 of them)
+    COMP_TRAIN=(--clients 3 --dirichlet-alpha 0.5 --rounds 100 --local-steps 10 --batch-size 128
+                --optimizer sgd --lr 0.02 --max-length 128 --rank 8 --lora-alpha 12
+                --eval-every 10)
+    COMP_SEEDS="0 1 2"; T9="~1 GPU-day (90 aggregator runs)"
 else
     GLUE_MODEL=(--model minilm)
     # 3 clients (the authors' default), 10 rounds x 6 local AdamW steps of batch 16 at lr 2e-3,
@@ -197,7 +207,16 @@ else
     MIX_TRAIN=(--rounds 6 --local-steps 4 --batch-size 16 --lr 2e-3 --max-length 64
                --max-train-examples 3000 --max-eval-examples 400 --eval-every 3)
     T1="~5 min"; T2="~25 min"; T3="~50 min"; T5="~3 min"; T6="~4 min"; T7="~12 min"
+    # compression: 3 clients x 6 local steps x 3 rounds at lr 5e-3 (the regime study's fast
+    # learning side: FedIT reached ~0.7 with 60-120 steps), two seeds: per seed 7 codecs x 4
+    # aggregators of 54 steps plus evaluation, ~2 min a run and ~8 min a seed with 2 jobs on
+    # the idle EPYC (measured: 11 min for seed 0 under load); a third seed would pass 20 min
+    COMP_TRAIN=(--clients 3 --dirichlet-alpha 0.5 --rounds 3 --local-steps 6 --batch-size 16
+                --lr 5e-3 --max-length 64 --max-train-examples 3000 --max-eval-examples 400
+                --eval-every 3)
+    COMP_SEEDS="0 1"; T9="~16 min"
 fi
+COMP_CODECS="none fp16 int8 int4 int2 topk0.1 topk0.01"; COMP_AWARE="int4 int2"
 MIX_SEEDS=$SEEDS
 if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningless, minutes
     # a smoke subset of the tests (the data layer and one report section), not the suite
@@ -217,8 +236,12 @@ if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningles
     MIX_CLIENTS=4; MIX_SEEDS="0"
     MIX_TRAIN=(--rounds 2 --local-steps 1 --batch-size 4 --max-length 32
                --max-train-examples 200 --max-eval-examples 24 --eval-every 2)
-    T1="~20 s"; T2="~30 s"; T3="~1.5 min"; T5="~20 s"; T6="~1 min"; T7="~30 s"
+    COMP_TRAIN=(--clients 2 --rounds 1 --local-steps 1 --batch-size 4 --lr 5e-3 --max-length 32
+                --max-train-examples 60 --max-eval-examples 16 --eval-every 1)
+    COMP_SEEDS="0"; COMP_CODECS="none int4 topk0.01"; COMP_AWARE="int4"
+    T1="~20 s"; T2="~30 s"; T3="~1.5 min"; T5="~20 s"; T6="~1 min"; T7="~30 s"; T9="~40 s"
 fi
+COMP_AGGS=${COMP_AGGS:-$BASELINE,ffa,flexlora,$METHOD}   # every upload codec, these aggregators
 # without a folder given, train.py finds the data itself (harness.tasks.data_root)
 COMMON=(${DATA:+--data-dir "$DATA"} --threads "$THREADS" --resume)
 if [[ $VARIANT != default ]]; then COMMON+=(--plugins "evidence.${VARIANT}_variant"); fi
@@ -307,6 +330,7 @@ preflight() {   # every task the selected stages train on loads, from where trai
     wanted 3 && tasks+=($GLUE_TASKS)
     wanted 6 && tasks+=(gsm8k)
     wanted 7 && tasks+=(sst2)
+    wanted 9 && tasks+=(sst2)
     ((${#tasks[@]})) || return 0
     local list; list=$(printf '%s\n' "${tasks[@]}" | sort -u | paste -sd, -)
     echo "preflight: loading $list ${DATA:+from $DATA}"
@@ -475,6 +499,37 @@ stage_7() {
     pool_wait
 }
 
+codec_args() {   # codec_args SPEC: train.py's options for an upload codec (topk<fraction>: top-k)
+    case $1 in
+        topk*) echo --upload-codec topk --topk-fraction "${1#topk}" ;;
+        *) echo --upload-codec "$1" ;;
+    esac
+}
+
+stage_9() {
+    banner 9 "compression: SST-2, {$COMP_AGGS} x upload codecs {$COMP_CODECS} x seeds {$COMP_SEEDS}; $METHOD's noise-aware Gram at {$COMP_AWARE}" "$T9"
+    pool_start
+    local seed spec out
+    for seed in $COMP_SEEDS; do
+        for spec in $COMP_CODECS; do
+            out=$RUNS/compression/${spec}_seed$seed
+            # shellcheck disable=SC2046
+            pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator "$COMP_AGGS" \
+                $(codec_args "$spec") --seed "$seed" "${COMP_TRAIN[@]}" "${COMMON[@]}" --out "$out"
+        done
+        [[ $VARIANT == default ]] || continue   # the noise-aware Gram is the method's option
+        for spec in $COMP_AWARE; do   # this project's own addition (flora_na.py, section 3)
+            out=$RUNS/compression/${spec}_seed${seed}_noise_aware
+            # shellcheck disable=SC2046
+            pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator "$METHOD" \
+                $(codec_args "$spec") --upload-variance \
+                --agg-option "$METHOD.gram_correction=noise_aware" --seed "$seed" \
+                "${COMP_TRAIN[@]}" "${COMMON[@]}" --out "$out"
+        done
+    done
+    pool_wait
+}
+
 stage_8() {
     banner 8 "report: $RESULTS/REPORT.md and figures" "~30 s"
     local pages=()
@@ -499,7 +554,8 @@ INVOCATION="bash reproduce.sh${ONLY:+ --only $ONLY}${SKIP:+ --skip $SKIP}"
 [[ $MODE == FULL ]] && INVOCATION+=" --mode FULL"
 [[ $TINY == 1 ]] && INVOCATION+=" --tiny"
 [[ $VARIANT != default ]] && INVOCATION="FLORA_NA_VARIANT=$VARIANT $INVOCATION"
-NAMES=([1]=tests [2]=regime [3]=glue [5]=bench [6]=generation [7]=mixed_ranks [8]=report)
+NAMES=([1]=tests [2]=regime [3]=glue [5]=bench [6]=generation [7]=mixed_ranks [9]=compression
+       [8]=report)
 echo "reproduce.sh: MODE=$MODE TINY=$TINY results in $RESULTS/, data from ${DATA:-the first of ./data, ../shared/data, the Hub}," \
      "$JOBS parallel run(s) x $THREADS thread(s) (0 = all), $(date '+%F %T')"
 if [[ $DRY_RUN != 1 ]]; then
@@ -510,7 +566,7 @@ if [[ $DRY_RUN != 1 ]]; then
         "$THREADS" "$ONLY" "$SKIP" >"$RESULTS/pipeline.json"
 fi
 FAILED=()
-for n in 1 2 3 5 6 7 8; do
+for n in 1 2 3 5 6 7 9 8; do   # the report (8) last
     wanted "$n" || continue
     t0=$SECONDS
     rm -f "$FIRST_ERROR"

@@ -16,7 +16,9 @@ factors (those that travel: A unless frozen, B unless private) and the aggregato
 the server decodes; --download-codec encodes the round's answer (the global factors, any
 base-weight delta), and the server keeps the decoded one, so the global model evaluated and
 saved is the one the clients hold. bytes_up and bytes_down count the payloads (codec none: the
-aggregator's own counts, the same). The head travels as it is.
+aggregator's own counts, the same). The head travels as it is. With an upload codec each row's
+divergence also holds "uncompressed": FedIT's and the aggregate's against M of the factors as
+the clients trained them, before encoding.
 """
 from __future__ import annotations
 
@@ -110,6 +112,8 @@ class Args:
     """int8/int4/int2: stochastic (unbiased, seeded by seed, round, client) or nearest"""
     topk_fraction: float = 0.1
     """topk: the share of entries sent; the sender keeps the rest for later (error feedback)"""
+    upload_variance: bool = False
+    """stochastic int uploads also send their rounding variance sums (counted): Gram correction"""
     track_solvers: bool = False
     """also record each round the divergence of FLoRA-NA's variants (federation.TRACKED_VARIANTS)"""
     max_new_tokens: int = 256
@@ -322,13 +326,20 @@ def travelling(entry: fl.Aggregator, round_: int) -> str:
 
 
 def send_up(upload: dict, codec: codecs.Codec, parts: str, *, seed: int, round_: int, u: int,
-            feedback: dict | None = None) -> tuple[dict, int]:
+            feedback: dict | None = None, variances: dict | None = None) -> tuple[dict, int]:
     """Client u's upload {layer: (A, B)} as the server decodes it, and its bytes: the factors in
     `parts` through `codec` (rounding drawn from a generator seeded by seed, round, client;
-    topk's error feedback in the client's `feedback`), the others as they are (not sent)."""
+    topk's error feedback in the client's `feedback`), the others as they are (not sent). A
+    stochastic codec also sends each factor's rounding variance sums (A's rows, B's columns,
+    counted in the bytes) into `variances` {layer: (var_A, var_B)} if that dict is given
+    (None for a factor not sent): what the server's option `variance` carries."""
     flat = {f"{n}.{p}": x for n, pair in upload.items() for p, x in zip("AB", pair) if p in parts}
     g = torch.Generator().manual_seed(_seed(seed, round_, u, 3)) if codec.stochastic else None
-    decoded, nbytes, _ = codecs.send(flat, codec, generator=g, state=feedback)
+    dims = {k: -1 if k.endswith(".A") else -2 for k in flat} if variances is not None else None
+    decoded, nbytes, var = codecs.send(flat, codec, generator=g, state=feedback,
+                                       variance_dims=dims)
+    if variances is not None and var:
+        variances.update({n: tuple(var.get(f"{n}.{p}") for p in "AB") for n in upload})
     return {n: tuple(decoded.get(f"{n}.{p}", x) for p, x in zip("AB", pair))
             for n, pair in upload.items()}, nbytes
 
@@ -417,7 +428,8 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
                   chosen: list[int], *, n_clients: int, options: dict, track_solvers: bool,
                   device: torch.device, seed: int, round_: int, private_head: bool,
                   scales: list[float] | None = None, rank: int | None = None,
-                  bytes_up: int | None = None, download: codecs.Codec = codecs.Codec()) -> dict:
+                  bytes_up: int | None = None, download: codecs.Codec = codecs.Codec(),
+                  raw_uploads: list | None = None, variances: list | None = None) -> dict:
     """The server's side of round `round_` (0-based) with the registry's aggregator `name`:
     aggregate the uploads and heads of clients `chosen` (weights p), and move `state` (global
     factors and head, changed frozen weights, private Bs and, if private_head, heads of
@@ -430,11 +442,16 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
     the aggregator's count, uncompressed). With a `download` codec other than none, the global
     factors and base-weight deltas become what the clients decode (send_down), so the global
     model (evaluated, saved) is the one they hold; the divergences are the aggregate's before
-    it. Returns the round's relative divergences."""
+    it. raw_uploads: the clients' factors before an upload codec; then the divergences also
+    hold "uncompressed": FedIT's (of the decoded uploads) and the aggregate's against M of the
+    raw ones (federation.uncompressed_divergences). variances: send_up's, per upload (the
+    server-set option `variance`). Returns the round's relative divergences."""
     entry = fl.AGGREGATORS[name]
     update = federation.server_step(uploads, p, name, options, device=device, scales=scales,
                                     rank=rank, previous=state["factors"],
-                                    trains=trained(entry, round_))
+                                    trains=trained(entry, round_), variances=variances)
+    uncompressed = None if raw_uploads is None else federation.uncompressed_divergences(
+        raw_uploads, uploads, p, update, scales, rank)
     if download.name != "none":
         if entry.restart:
             raise ValueError(f"--download-codec: {name} sends clients what its aggregate "
@@ -468,7 +485,8 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
             state["client_B"][u] = {n: B for n, (_, B) in uploads[i].items()}
     state["bytes_up"] += update.bytes_up
     state["bytes_down"] += update.bytes_down
-    return federation.relative_divergences(update.divergence, extra)
+    divergence = federation.relative_divergences(update.divergence, extra)
+    return divergence if uncompressed is None else {**divergence, "uncompressed": uncompressed}
 
 
 def end_round(row: dict, state: dict, model, tokenizer, *, task: Task, data: TaskData,
@@ -508,7 +526,8 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                    resume: bool, log: list[dict], private_head: bool,
                    personal_weights: list[int] | None, base_name: str | None = None,
                    ranks: list[int] | None = None, upload_codec: codecs.Codec = codecs.Codec(),
-                   download_codec: codecs.Codec = codecs.Codec()) -> list[dict]:
+                   download_codec: codecs.Codec = codecs.Codec(),
+                   upload_variance: bool = False) -> list[dict]:
     """Federated training with the registry's aggregator `name`; `load()` builds the model and
     tokenizer. ranks[u]: client u's LoRA rank (default: the model's, for all); private_head:
     clients keep their own head; personal_weights: end_round's; upload_codec, download_codec:
@@ -535,12 +554,15 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
     n_u = torch.tensor([len(ix) for ix in parts], dtype=torch.float64)
     if upload_codec.name == "topk":                       # each client's error feedback
         state.setdefault("feedback_up", [{} for _ in parts])
+    # --upload-variance: the rounding variance sums travel (counted) to an aggregator that
+    # takes them (the server option "variance")
+    with_variance = upload_variance and "variance" in entry.options
     bar = tqdm(range(state["round"], rounds), desc=name, initial=state["round"], total=rounds,
                dynamic_ncols=True)
     for rnd in bar:
         t0 = time.perf_counter()
         chosen = federation.participants(len(parts), participation, rnd, seed)
-        uploads, heads, losses, bytes_up = [], [], [], 0
+        uploads, heads, losses, bytes_up, raw, variances = [], [], [], 0, [], []
         for u in tqdm(chosen, desc=f"round {rnd + 1} clients", leave=False, dynamic_ncols=True):
             factors = dict(state["factors"])
             if state["client_B"] is not None:                 # a private B: the client's own
@@ -554,8 +576,11 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                 batch_size=batch_size, seed=seed, round_=rnd, u=u, core=state.get("core"))
             if upload_codec.name != "none":                   # what the server decodes
                 feedback = state["feedback_up"][u] if "feedback_up" in state else None
+                raw.append(sent)
+                variances.append({})
                 sent, nbytes = send_up(sent, upload_codec, travelling(entry, rnd), seed=seed,
-                                       round_=rnd, u=u, feedback=feedback)
+                                       round_=rnd, u=u, feedback=feedback,
+                                       variances=variances[-1] if with_variance else None)
                 bytes_up += nbytes
             uploads.append(sent)
             heads.append(head)
@@ -569,7 +594,8 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                                    round_=rnd, private_head=private_head,
                                    scales=[scales[ranks[u]] for u in chosen], rank=rank,
                                    bytes_up=None if upload_codec.name == "none" else bytes_up,
-                                   download=download_codec)
+                                   download=download_codec, raw_uploads=raw or None,
+                                   variances=variances if with_variance else None)
         t2 = time.perf_counter()
         row = {"aggregator": name, "round": rnd + 1, "clients": chosen,
                "train_loss": sum(losses) / len(losses), "divergence": divergence,
@@ -734,6 +760,9 @@ def check_args(args: Args) -> list[str]:
                          f"{args.codec_rounding!r}")
     if not 0 < args.topk_fraction <= 1:
         raise ValueError(f"--topk-fraction must be in (0, 1], got {args.topk_fraction}")
+    if args.upload_variance and not run_codecs(args)[0].stochastic:
+        raise ValueError(f"--upload-variance needs an --upload-codec with stochastic rounding "
+                         f"(int8, int4, int2), got {args.upload_codec} ({args.codec_rounding})")
     mixed = any(r != args.rank for r in client_ranks(args))
     if mixed and args.download_codec != "none":
         raise ValueError("--download-codec with mixed client ranks: each client's share of the "
@@ -942,7 +971,8 @@ def main(args: Args) -> list[dict]:
                        resume=args.resume, log=log, private_head=keeps_own_head(args, name),
                        personal_weights=personal_score_weights(args, [len(ix) for ix in parts]),
                        base_name=models.hub_id(args.model), ranks=client_ranks(args),
-                       upload_codec=up, download_codec=down)
+                       upload_codec=up, download_codec=down,
+                       upload_variance=args.upload_variance)
     return log
 
 

@@ -16,8 +16,8 @@ which the baseline is the caller's choice (--method, --baseline); no aggregator 
 Every section stands alone, in its own module, and says so when its stage did not run, failed
 (with the first error reproduce.sh recorded) or is still running, instead of failing. Sections, in order (SECTIONS lists them with their stage):
 report_regime (aggregation error by local steps, lr, heterogeneity, rank and clients),
-report_glue (the GLUE table), report_bench (solver benchmark), report_generation, and
-report_mixed_ranks; report_common holds what they share (runs, names, curves, formatting),
+report_glue (the GLUE table), report_bench (solver benchmark), report_generation,
+report_mixed_ranks and report_codecs (compressed uploads); report_common holds what they share (runs, names, curves, formatting),
 report_provenance where each came from. This file is the driver; REPORT.md adds how it was run.
 Each section carries a provenance line under its heading (reproduce.sh command, mode, commit,
 machine, date). On the results page each sits between its own markers
@@ -42,6 +42,7 @@ from typing import Annotated, Callable
 import tyro
 
 from evidence.report_bench import bench_section
+from evidence.report_codecs import codecs_section
 from evidence.report_common import FIG, PERSONAL, Names, Run, describe, load_runs, plt, table
 from evidence.report_generation import generation_section
 from evidence.report_glue import Glue, glue_section, personal_text
@@ -94,7 +95,8 @@ SECTIONS = [Section("regime", "2", "regime", regime_section),
             Section("glue", "3", "glue", glue_section),
             Section("bench", "5", "bench", bench_section),
             Section("generation", "6", "generation", generation_section),
-            Section("mixed_ranks", "7", "mixed_ranks", mixed_ranks_section)]
+            Section("mixed_ranks", "7", "mixed_ranks", mixed_ranks_section),
+            Section("compression", "9", "compression", codecs_section)]
 
 QUICK_NOTE = ("QUICK mode is a CPU-sized stand-in for the paper's experiments: a 6-layer MiniLM "
               "instead of RoBERTa-large, a few rounds of a few local steps, capped train and dev "

@@ -326,8 +326,10 @@ def send_factors(factors: dict[str, tuple[Tensor, Tensor]], codec: Codec, *,
 #    evidence script, never raised the sent divergence in 48 cells: lower in all 32 at int2 and
 #    int4 (by 10-35% at int2, where the plain FLoRA-NA solve sends more divergence than FedIT
 #    on the same decoded factors and the noise-aware one less), unchanged within noise in most
-#    at int8. Building it into the solver needs flora_na.py to take one Gram pair for the cross
-#    term and another for ||B_hat A_hat||^2 (phase B).
+#    at int8. Both are built into the solver: flora_na.solve_flora_na(..., gram_correction=
+#    "debiased" | "noise_aware", var_A=, var_B=), the FLoRA-NA entry's option gram_correction
+#    (section 3 of flora_na.py has the short form); debias_gram and noise_aware_objective below
+#    stay as the tests' independent oracles (tests/test_gram_correction.py).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -350,20 +352,6 @@ def debias_gram(G_A: Tensor, G_B: Tensor, var_A: Tensor | None = None,
         G[:, idx, idx] -= torch.diag_embed(var.to(G))                    # (L, U, r, r)
         return G
     return corrected(G_A, var_A), corrected(G_B, var_B)
-
-
-def solve_flora_na_debiased(A: Tensor, B: Tensor, p: Tensor, var_A: Tensor | None,
-                            var_B: Tensor | None, **options):
-    """flora_na.solve_flora_na(A, B, p, path="gram", **options) on the debiased Gram blocks.
-    Until the solver takes a Gram correction itself (issue 23, phase B), this substitutes
-    flora_na.gram_blocks for the duration of the call; it uses only that public name."""
-    import flora_na as fl
-    original = fl.gram_blocks
-    fl.gram_blocks = lambda A_, B_: debias_gram(*original(A_, B_), var_A, var_B)
-    try:
-        return fl.solve_flora_na(A, B, p, path="gram", **options)
-    finally:
-        fl.gram_blocks = original
 
 
 def noise_aware_objective(G_A: Tensor, G_B: Tensor, p: Tensor, P: Tensor, Q: Tensor,

@@ -102,12 +102,15 @@ class RoundUpdate:
 def server_step(client_factors: list[Factors], p: Tensor, name: str, options: dict | None = None,
                 device: str | torch.device = "cpu", scales: Sequence[float] | None = None,
                 rank: int | None = None, previous: Factors | None = None,
-                trains: str | None = None) -> RoundUpdate:
+                trains: str | None = None, variances: list[dict] | None = None) -> RoundUpdate:
     """One server step over every adapted layer: client_factors[u] = {layer: (A, B)}, p the
     weights of the clients that answered. `options` may hold any aggregator's options; each
     aggregator receives those its registry entry declares, and `previous` (the global factors
     the clients started from) as option previous = (A (L, r, k), B (L, d, r)) and `trains`
     (the factors the clients trained this round) if it declares them.
+    variances[u] = {layer: (var_A (r_u,), var_B (r_u,))} (a stochastic upload codec's rounding
+    variance sums, codecs.send_factors; None for a factor sent exactly) reach an aggregator that
+    declares option `variance` as (var_A, var_B), each U x (L, r_u) or None.
 
     Clients of different ranks: scales[u] = s_u / s, client u's LoRA scaling over the global
     model's, and `rank` the global rank R. Each B_u is brought to the global scaling first
@@ -131,6 +134,12 @@ def server_step(client_factors: list[Factors], p: Tensor, name: str, options: di
         if previous is not None and "previous" in entry.options:
             mine["previous"] = tuple(torch.stack([previous[n][i] for n in names]).to(device)
                                      for i in (0, 1))
+        if variances is not None and "variance" in entry.options:
+            mine["variance"] = tuple(
+                None if any(v.get(n, (None, None))[i] is None for v in variances for n in names)
+                else [torch.stack([v[n][i] for n in names]).double().to(device) * c ** (2 * i)
+                      for v, c in zip(variances, scales or [1.0] * len(variances))]
+                for i in (0, 1))                  # B_u scaled by c: its variance by c^2
         agg = entry.aggregate(A, B, p, **mine)
         update.bytes_up += agg.bytes_up
         update.bytes_down += agg.bytes_down
@@ -230,6 +239,36 @@ def solver_divergences(client_factors: list[Factors], p: Tensor) -> dict[str, di
             for i, n in enumerate(names):
                 out.setdefault(n, {})[key] = div[i].item()
     return out
+
+
+def uncompressed_divergences(raw: list[Factors], decoded: list[Factors], p: Tensor,
+                             update: RoundUpdate, scales: Sequence[float] | None = None,
+                             rank: int | None = None) -> dict:
+    """Against M of the clients' factors before an upload codec (`raw`), per layer: ||M|| and
+    the divergence of FedIT's average of the `decoded` uploads ("naive") and of the round's
+    `update` ("aggregate"), made from the decoded ones; as relative_divergences returns them
+    (scales, rank: server_step's, for clients of mixed ranks)."""
+    p = fl.check_weights(p, len(raw), "uncompressed_divergences")
+    if scales is not None:
+        raw, decoded = ([{n: (A, B * c) for n, (A, B) in cf.items()} for cf, c in zip(fs, scales)]
+                        for fs in (raw, decoded))
+    out = {}
+    for (names, A, B), (_, A_d, B_d) in zip(stacked_groups(raw), stacked_groups(decoded)):
+        R = max([a.shape[1] for a in A] + [rank or 0])
+        (A, B), (A_d, B_d) = fl.pad_ranks(A, B, R), fl.pad_ranks(A_d, B_d, R)
+        fedit = fl.Aggregate(*(fl.weighted_sum(p, [x.double() for x in X]) for X in (A_d, B_d)),
+                             None, 0, 0)                     # in exact arithmetic, as "naive"
+        stack = lambda d, i: torch.stack([d[n] if i is None else d[n][i] for n in names]).to(
+            A[0].device)                                                      # noqa: E731
+        agg = fl.Aggregate(*(None if update.factors is None else stack(update.factors, i)
+                             for i in (0, 1)),
+                           stack(update.base_delta, None) if update.base_delta else None, 0, 0)
+        naive = exact_divergences(A, B, p, fedit)
+        ours = exact_divergences(A, B, p, agg)["aggregate"]
+        for i, n in enumerate(names):
+            out[n] = {"naive": naive["aggregate"][i].item(), "aggregate": ours[i].item(),
+                      "norm_M": naive["norm_M"][i].item()}
+    return relative_divergences(out)
 
 
 def relative_divergences(divergence: dict[str, dict[str, float]],

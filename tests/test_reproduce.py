@@ -91,7 +91,7 @@ def test_tiny_runs_a_smoke_subset_of_the_tests_and_every_stage(tmp_path):
             "tests/test_report_glue.py"] in lines
     stages = {a.out.split("/")[3] for a in (train.parse_args(argv[2:]) for argv in lines
                                              if argv[1] == "train.py")}
-    assert stages == {"regime", "glue", "generation", "mixed_ranks"}
+    assert stages == {"regime", "glue", "generation", "mixed_ranks", "compression"}
 
 
 def test_a_given_data_folder_reaches_every_run(tmp_path):
@@ -111,18 +111,19 @@ def test_a_given_data_folder_reaches_every_run(tmp_path):
 
 def test_reproduce_sh_names_only_the_aggregators_it_compares():
     """No list of every aggregator: outside comments the script names the method, the
-    baseline, FedIT for the centralised reference and FedSA-LoRA for the paper's GSM8K table."""
+    baseline, FedIT for the centralised reference, FedSA-LoRA for the paper's GSM8K table and
+    FFA-LoRA and FlexLoRA for the compression stage (issue 23's comparison)."""
     code = "\n".join(line.split("#", 1)[0] for line in (HERE / "reproduce.sh").read_text().splitlines())
     # a name as a word of its own, not part of an option such as --flora-na-variant
     named = {name for name in fl.AGGREGATORS if re.search(rf"(?<![\w-]){name}(?![\w-])", code)}
-    assert named == {"fedit", "fedsa", "flora_na"}
+    assert named == {"fedit", "fedsa", "flora_na", "ffa", "flexlora"}
 
 
 def test_reproduce_sh_selects_stages_and_rejects_bad_options(tmp_path):
     res = dry_run(tmp_path, "--only", "2,5")
     stages = re.findall(r"Stage (\d):", res.stdout)
     assert res.returncode == 0 and stages == ["2", "5", "8"]     # the report runs after any
-    res = dry_run(tmp_path, "--skip", "1,3,4,6,7", "--no-report")
+    res = dry_run(tmp_path, "--skip", "1,3,4,6,7,9", "--no-report")
     assert re.findall(r"Stage (\d):", res.stdout) == ["2", "5"]
     res = dry_run(tmp_path, "--only", "3,4")
     assert res.returncode == 2 and "stage 4 (sensitivity) is retired" in res.stderr
@@ -175,6 +176,37 @@ def test_regime_study_changes_one_factor_at_a_time_with_every_variant_tracked(tm
     assert len(values["lr"]) == 3 and values["rank"] == {4, 8, 16}
     assert values["dirichlet_alpha"] == {0.1, 0.5, 0.0} and len(values["clients"]) == 2
     assert "at the 2 setting(s) with the largest fedit divergence" in res.stdout
+
+
+@pytest.mark.parametrize("mode, seeds", [("QUICK", {0, 1}), ("FULL", {0, 1, 2}), ("TINY", {0})])
+def test_compression_stage_runs_every_codec_for_the_compared_aggregators(tmp_path, mode, seeds):
+    """Stage 9, before the report: SST-2, one run per (upload codec, seed) of FedIT, FFA-LoRA,
+    FlexLoRA and FLoRA-NA (none, fp16, int8, int4, int2, top-k 10% and 1%; TINY: none, int4,
+    top-k 1%), and FLoRA-NA alone with --upload-variance and its noise-aware Gram at int4 and
+    int2 (TINY: int4), each in its own folder under runs/compression/; the TINY runs are tiny."""
+    env = {"TINY": "1"} if mode == "TINY" else {"MODE": mode}
+    res = dry_run(tmp_path, "--only", "9", **env)
+    assert res.returncode == 0, res.stderr
+    assert re.findall(r"Stage (\d):", res.stdout) == ["9", "8"]
+    runs = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
+    for a in runs:
+        train.check_args(a)
+        assert a.task == "sst2" and "/runs/compression/" in a.out and a.resume
+    plain = [a for a in runs if not a.upload_variance]
+    aware = [a for a in runs if a.upload_variance]
+    codecs = {"none", "int4", "topk0.01"} if mode == "TINY" else {
+        "none", "fp16", "int8", "int4", "int2", "topk0.1", "topk0.01"}
+    spec = lambda a: a.upload_codec + (f"{a.topk_fraction:g}" if a.upload_codec == "topk" else "")  # noqa: E731
+    assert {(spec(a), a.seed) for a in plain} == {(c, s) for c in codecs for s in seeds}
+    assert len(plain) == len(codecs) * len(seeds)
+    assert all(a.aggregator == "fedit,ffa,flexlora,flora_na" for a in plain)
+    assert {(a.upload_codec, a.seed) for a in aware} == {
+        (c, s) for c in ({"int4"} if mode == "TINY" else {"int4", "int2"}) for s in seeds}
+    assert all(a.aggregator == "flora_na" and a.agg_option == ["flora_na.gram_correction=noise_aware"]
+               for a in aware)
+    assert len({a.out for a in runs}) == len(runs)
+    if mode == "TINY":
+        assert all(a.rounds == 1 and a.max_train_examples <= 100 for a in runs)
 
 
 def test_a_fresh_clone_stops_without_data_and_stays_clean_after_a_tiny_run(tmp_path):

@@ -27,7 +27,8 @@ FROM_NODES = ("clients",)                      # set by the SuperNodes that conn
 
 # train.py's codec options: the app does not pass factors through codecs yet, so its run
 # config does not offer them, and refuses them rather than record a codec it does not apply.
-NOT_YET = ("upload_codec", "download_codec", "codec_block", "codec_rounding", "topk_fraction")
+NOT_YET = ("upload_codec", "download_codec", "codec_block", "codec_rounding", "topk_fraction",
+           "upload_variance")
 
 
 def args_from(run_config: dict, **override) -> train.Args:

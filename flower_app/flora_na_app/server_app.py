@@ -162,6 +162,10 @@ class RegistryStrategy(Strategy):
             data.labels, len(clients), args)]
         self.ranks = train.client_ranks(args)       # each client's LoRA rank, as train.py's
         self.scales = train.rank_scales(model, self.ranks)
+        self.upload_codec, self.download_codec = train.run_codecs(args)
+        if self.upload_codec.name == "topk":        # each client's error feedback, as train.py
+            state.setdefault("feedback_up", [{} for _ in clients])
+        self.holds_feedback: set[int] = set()       # clients keeping it in context.state
         self.code = version.code_version()
         self.sent: dict[str, int] = {}              # message id -> client u, this round
         self.row: dict | None = None                # this round's metrics row, until written
@@ -210,11 +214,16 @@ class RegistryStrategy(Strategy):
                 mine = {n: (A, s["client_B"][u][n]) for n, (A, _) in factors.items()}
             if s["client_head"] is not None:
                 head = {} if own else s["client_head"][u]
+            # topk's error feedback: the node keeps its own once it has answered here; until
+            # then (a resumed run) the server sends the one state.pt holds
+            kept = u in self.holds_feedback
+            feedback = s["feedback_up"][u] if "feedback_up" in s and not kept else None
             record = wire.to_record(mine, head, glob["W"],
-                                    without_B=own and s["client_B"] is not None)
+                                    without_B=own and s["client_B"] is not None,
+                                    feedback=feedback)
             content = RecordDict({"arrays": record, "config": ConfigRecord(
                 {**dict(config), "aggregator": self.name, "round": rnd,
-                 "code-version": self.code})})
+                 "code-version": self.code, "feedback-kept": kept})})
             messages.append(Message(content, dst_node_id=self.clients[u],
                                     message_type=MessageType.TRAIN))
         return messages
@@ -254,9 +263,19 @@ class RegistryStrategy(Strategy):
                                f"than min-clients={self.min_clients}: failed {failed}")
         ids = sorted(answers)                       # train.py's order: by client index
         uploads, heads, losses, n_u, spent = [], [], [], [], {"load": [], "train": []}
+        codec, bytes_up = self.upload_codec, 0
         for u in ids:
             got_u, metrics = wire.from_record(answers[u]["arrays"]), answers[u]["metrics"]
-            uploads.append({layer: (A, got_u["B"][layer]) for layer, A in got_u["A"].items()})
+            if codec.name == "none":
+                uploads.append({layer: (A, got_u["B"][layer]) for layer, A in got_u["A"].items()})
+            else:                                   # decoded as train.py's send_up decodes
+                upload, nbytes = train.decode_up(got_u["C"], codec, {
+                    layer: (got_u["A"].get(layer), got_u["B"].get(layer))
+                    for layer in self.state["factors"]})
+                uploads.append(upload)
+                bytes_up += nbytes
+            if codec.name == "topk":                # for state.pt: what a resume sends back
+                self.state["feedback_up"][u] = got_u["F"]
             heads.append(got_u["head"])
             losses.append(float(metrics["train-loss"]))
             n_u.append(int(metrics["num-examples"]))
@@ -272,10 +291,13 @@ class RegistryStrategy(Strategy):
             self.name, self.state, self.model, uploads, heads, p, ids, n_clients=len(self.clients),
             options=train.aggregator_options(a, self.name), track_solvers=a.track_solvers,
             device=self.device, seed=a.seed, round_=rnd, private_head=self.private_head,
-            scales=[self.scales[self.ranks[u]] for u in ids], rank=a.rank)
+            scales=[self.scales[self.ranks[u]] for u in ids], rank=a.rank,
+            bytes_up=None if codec.name == "none" else bytes_up, download=self.download_codec)
         t3 = time.perf_counter()
         if self.entry.private_B or self.private_head:
             self.has_own.update(ids)
+        if codec.name == "topk":
+            self.holds_feedback.update(ids)
         for u, n_examples in zip(ids, n_u):
             self.n_examples[u] = n_examples
         row = {"aggregator": self.name, "round": rnd + 1, "clients": ids,

@@ -1,6 +1,7 @@
 """Tests for the Flower app (flower_app/): its run config is train.py's options, arrays travel
 exactly, a Flower simulation resumes a killed train.py run and gives train.py's results for
-one aggregator of every path through the app, and a real local deployment (one SuperLink,
+one aggregator of every path through the app (and with upload and download codecs on), and
+a real local deployment (one SuperLink,
 three SuperNodes, separate processes) in which one client fails every round gives train.py's
 2-client FLoRA-NA run: the failing client is left out with p renormalised and the failure
 logged.
@@ -458,6 +459,56 @@ def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_d
     starts = [json.loads(line) for line in open(tmp_path / "flower" / "provenance.jsonl")]
     assert [s.get("engine") for s in starts] == [None, "flwr 1.42.0"]
     print(f"largest adapter difference, simulation vs train.py: {largest:.3g}")
+
+
+def test_simulation_with_codecs_equals_train_py(tmp_path, monkeypatch, bert_dir, glue_dir):
+    """Codecs through the app, against train.py's runs with the same options: (1) int4
+    uploads with stochastic rounding (each client's generator seeded as train.py seeds it) and
+    int8 downloads, FedSA-LoRA (its B kept on the node, A coded) and FLoRA-NA, 2 rounds, all
+    in Flower; (2) top-k uploads and downloads with error feedback, killed in train.py in
+    FedSA-LoRA's round 2 and resumed in Flower: FedSA-LoRA's clients get their residuals from
+    state.pt with their first message, then keep them in context.state (round 3); FLoRA-NA's
+    keep theirs over its 3 rounds. Same rows (bytes up and down included) and adapters as the
+    uninterrupted train.py runs; the codecs in config.json as train.py writes it."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    runs = {"int4": dict(upload_codec="int4", download_codec="int8", codec_block=16, rounds=2),
+            "topk": dict(upload_codec="topk", download_codec="topk", topk_fraction=0.3,
+                         rounds=3)}
+    configs = {}
+    for run, codec in runs.items():
+        ref = tiny_args(tmp_path / f"ref-{run}", bert_dir, glue_dir, aggregator="fedsa,flora_na",
+                        participation=0.67, **codec)
+        train.main(ref)
+        got = dataclasses.replace(ref, out=str(tmp_path / f"flower-{run}"))
+        if run == "topk":
+            run_killed_in_round_2(monkeypatch, lambda: train.main(got))
+            assert [(r["aggregator"], r["round"]) for r in rows_of(Path(got.out))] == [("fedsa", 1)]
+        configs[run] = run_config(got, resume=run == "topk")
+    with LocalFederation(tmp_path / "fed") as fed:
+        fed.start_superlink(simulation=True)
+        done, seconds = {}, {}
+        for run, config in configs.items():
+            t0 = time.monotonic()
+            done[run] = fed.run(config, {"num-supernodes": 3}, name=run)
+            seconds[run] = round(time.monotonic() - t0, 1)
+    for run, codec in runs.items():
+        ref, got = tmp_path / f"ref-{run}", tmp_path / f"flower-{run}"
+        assert done[run].ok, (run, done[run].status, done[run].details, done[run].stdout[-3000:])
+        rows = rows_of(got)
+        assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
+        assert_same_run(ref, got, ["fedsa", "flora_na"])
+        config, want = (json.loads((folder / "config.json").read_text()) for folder in (got, ref))
+        for c in (config, want):   # facts list the registered aggregators: tests add plug-ins
+            c["facts"]["aggregators"] = {k: v for k, v in c["facts"]["aggregators"].items()
+                                         if k in ("fedsa", "flora_na")}
+        assert config == want and {k: config[k] for k in codec} == codec
+    # topk: the residuals in state.pt are train.py's (what a further resume would send)
+    for name in ("fedsa", "flora_na"):
+        want = torch.load(tmp_path / "ref-topk" / name / "state.pt", weights_only=False)
+        have = torch.load(tmp_path / "flower-topk" / name / "state.pt", weights_only=False)
+        for key in ("feedback_up", "feedback_down"):
+            torch.testing.assert_close(have[key], want[key])
+    print(f"flwr run seconds: {seconds}")
 
 
 def write_own_data(folder: Path, glue_dir: Path, examples: list) -> Path:

@@ -15,8 +15,11 @@ aggregator named in the run config with RegistryStrategy, a Flower Strategy whos
   aggregate_train  leaves out every client that failed (its ClientApp raised, its node was
                    lost: Flower's error reply then comes from the SuperLink, or no reply within
                    round-timeout), logged with client, node and reason, renormalises p over the
-                   clients that answered (the round fails if fewer than min-clients did), and
-                   calls train.py's own server_update (the registry's aggregator through
+                   clients that answered (the round fails if fewer than min-clients did),
+                   decodes coded uploads with train.decode_up (an upload codec: the payload
+                   each client encoded with train.encode_up; top-k's residuals kept for
+                   state.pt and sent back after a resume), and calls train.py's own
+                   server_update (with the download codec, as train.py) (the registry's aggregator through
                    federation.server_step, the head averaged by p) and end_round (evaluation on
                    the server's data, metrics.jsonl, state.pt and the peft adapter, every
                    round). Clients' scores are weighted (--personal-weighting data) by train.py's

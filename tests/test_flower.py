@@ -1,10 +1,9 @@
 """Tests for the Flower app (flower_app/): its run config is train.py's options, arrays travel
 exactly, a Flower simulation resumes a killed train.py run and gives train.py's results for
-one aggregator of every path through the app (and with upload and download codecs on), and
-a real local deployment (one SuperLink,
-three SuperNodes, separate processes) in which one client fails every round gives train.py's
-2-client FLoRA-NA run: the failing client is left out with p renormalised and the failure
-logged.
+one aggregator of every path through the app (and with upload and download codecs on), and a
+real local deployment (one SuperLink, three SuperNodes, separate processes) in which one
+client fails every round gives train.py's 2-client FLoRA-NA run: the failing client is left
+out with p renormalised and the failure logged.
 
 Every Flower process runs offline: Flower's offline settings (harness.flower_local.OFFLINE_ENV)
 and, for any HTTP client that would still reach out, proxies that point at a closed local
@@ -284,6 +283,8 @@ def test_a_coded_upload_travels_as_its_payload(name):
         sent = wire.from_record(packing.pack(wire.to_arrays(coded=payloads)))["C"]
         _, _, variances = codecs.decode_message(sent, codec)
         assert torch.equal(variances["x.B"], payloads["x.B"]["variance"])
+    with pytest.raises(ValueError, match="expected C/<name>/<field>/<torch dtype>"):
+        wire.split({"C/l0.q.A/values/Tensor": np.zeros(1, np.float32)})
 
 
 class FakeGrid:

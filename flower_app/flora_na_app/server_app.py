@@ -19,10 +19,10 @@ aggregator named in the run config with RegistryStrategy, a Flower Strategy whos
                    decodes coded uploads with train.decode_up (an upload codec: the payload
                    each client encoded with train.encode_up; top-k's residuals kept for
                    state.pt and sent back after a resume), and calls train.py's own
-                   server_update (with the download codec, as train.py) (the registry's aggregator through
-                   federation.server_step, the head averaged by p) and end_round (evaluation on
-                   the server's data, metrics.jsonl, state.pt and the peft adapter, every
-                   round). Clients' scores are weighted (--personal-weighting data) by train.py's
+                   server_update (the registry's aggregator through federation.server_step,
+                   the download codec as in train.py, the head averaged by p) and end_round
+                   (evaluation on the server's data, metrics.jsonl, state.pt and the peft
+                   adapter, every round). Clients' scores are weighted (--personal-weighting data) by train.py's
                    partition of the server's data, or by the num-examples a node has reported
                    since the ServerApp started (own-data nodes). The round's row waits
                    for federated evaluation, then finish_round writes it;

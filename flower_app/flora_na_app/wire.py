@@ -111,9 +111,10 @@ def split(arrays: dict[str, np.ndarray]) -> dict[str, dict]:
                              f"keys")
         tensor = torch.from_numpy(array)
         if kind in ("C", "F"):
-            name, field, dtype = name.rsplit("/", 2)
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise ValueError(f"array {key!r}: {dtype!r} is not a torch dtype")
+            parts = name.rsplit("/", 2)
+            if len(parts) != 3 or not isinstance(getattr(torch, parts[2], None), torch.dtype):
+                raise ValueError(f"array {key!r}: expected {kind}/<name>/<field>/<torch dtype>")
+            name, field, dtype = parts
             out[kind].setdefault(name, {})[field] = tensor.view(getattr(torch, dtype))
         else:
             out[kind][name] = tensor

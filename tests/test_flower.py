@@ -206,9 +206,9 @@ def test_a_message_carries_its_arrays_packed_in_two():
               "B/l0": g.standard_normal((6, 2)).astype(np.float32),
               "head/bias": np.float32([np.nan, -0.0, np.inf]),
               "W/empty": np.zeros((0, 3), np.float32),
-              "C/l0.A/values/int8": np.int8([[-7, 7], [0, 1]]),
-              "C/l0.A/indices/int32": np.int32([3, 2 ** 31 - 1]),
-              "C/l0.A/scales/float16": np.float16([0.5])}   # 64 + 48 + 12 + 4 + 8 + 2 bytes
+              "P/l0.A/values/int8": np.int8([[-7, 7], [0, 1]]),
+              "P/l0.A/indices/int32": np.int32([3, 2 ** 31 - 1]),
+              "P/l0.A/scales/float16": np.float16([0.5])}   # 64 + 48 + 12 + 4 + 8 + 2 bytes
     record = packing.pack(arrays)
     assert record["packed"].numpy().nbytes == sum(a.nbytes for a in arrays.values()) == 138
     assert list(record.keys()) == ["packed", "layout"]
@@ -247,13 +247,13 @@ def test_a_coded_upload_travels_as_its_payload(name):
     arrays = client_work.encode_upload(upload, head, codec, "A", {}, {}, keep, name="fedsa",
                                        seed=5, round_=1, u=2, feedback_kept=False)
     record = packing.pack(arrays)
-    coded = sum(a.nbytes for k, a in arrays.items() if k.startswith("C/") and "/shape/" not in k)
+    coded = sum(a.nbytes for k, a in arrays.items() if k.startswith("P/") and "/shape/" not in k)
     assert coded == want_bytes
     residuals = (2 * 40 + 2 * 9) * 4 if name == "topk" else 0
     assert record["packed"].numpy().nbytes == (want_bytes + 2 * 2 * 8 + (30 * 2 + 7 * 2) * 4
                                                + 2 * 4 + residuals)
     got = wire.from_record(record)
-    upload_got, nbytes = train.decode_up(got["C"], codec, {
+    upload_got, nbytes, _ = train.decode_up(got["P"], codec, {
         layer: (got["A"].get(layer), got["B"].get(layer)) for layer in upload})
     assert nbytes == want_bytes and upload_got.keys() == want.keys()
     for layer in want:
@@ -271,20 +271,22 @@ def test_a_coded_upload_travels_as_its_payload(name):
         got2 = wire.from_record(packing.pack(client_work.encode_upload(
             upload, head, codec, "A", {}, kept, {}, name="fedsa", seed=5, round_=2, u=2,
             feedback_kept=True)))
-        upload2, _ = train.decode_up(got2["C"], codec, {l: (None, upload[l][1]) for l in upload})
+        upload2, _, _ = train.decode_up(got2["P"], codec, {l: (None, upload[l][1]) for l in upload})
         assert all(torch.equal(upload2[l][0], want2[l][0]) for l in upload)
         with pytest.raises(ValueError, match="holds none .was the SuperNode restarted"):
             client_work.encode_upload(upload, head, codec, "A", {}, {}, {}, name="fedsa",
                                       seed=5, round_=2, u=2, feedback_kept=True)
     if codec.stochastic:            # any field of a payload travels: here the variance sums
-        flat = {"x.B": upload["l0.q"][1]}
-        payloads = codecs.encode_message(flat, codec, generator=torch.Generator().manual_seed(0),
-                                         variance_dims={"x.B": -2})
-        sent = wire.from_record(packing.pack(wire.to_arrays(coded=payloads)))["C"]
-        _, _, variances = codecs.decode_message(sent, codec)
-        assert torch.equal(variances["x.B"], payloads["x.B"]["variance"])
-    with pytest.raises(ValueError, match="expected C/<name>/<field>/<torch dtype>"):
-        wire.split({"C/l0.q.A/values/Tensor": np.zeros(1, np.float32)})
+        payloads = train.encode_up(upload, codec, "AB", seed=5, round_=1, u=2, variance=True)
+        sent = wire.from_record(packing.pack(wire.to_arrays(coded=payloads)))["P"]
+        _, nbytes, variances = train.decode_up(sent, codec, {l: (None, None) for l in upload})
+        for layer in upload:
+            for part, v in zip("AB", variances[layer]):
+                assert torch.equal(v, payloads[f"{layer}.{part}"]["variance"])
+        assert variances["l0.q"][0].shape == (2,) and variances["l0.q"][1].shape == (2,)
+        assert nbytes == sum(codecs.payload_bytes(x) for x in payloads.values())
+    with pytest.raises(ValueError, match="expected P/<name>/<field>/<torch dtype>"):
+        wire.split({"P/l0.q.A/values/Tensor": np.zeros(1, np.float32)})
 
 
 class FakeGrid:

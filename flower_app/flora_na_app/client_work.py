@@ -6,7 +6,7 @@ client_app.py calls train_round in its own process in a simulation (Ray keeps th
 and so the model, between rounds) and through a warm worker (worker.py) in a deployment, where
 Flower 1.42 starts a fresh ClientApp process for every message. Arrays come and go as numpy
 under wire.py's keys ("A/<layer>", "B/<layer>", "head/<parameter>", "W/<layer>" as float32;
-with an upload codec, encode_upload's "C/..." payloads and "F/..." top-k residuals).
+with an upload codec, encode_upload's "P/..." payloads and "F/..." top-k residuals).
 evaluate_round scores the global model on the node's own evaluation data (my_eval_data) for
 federated evaluation.
 """

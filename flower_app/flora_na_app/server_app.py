@@ -272,7 +272,7 @@ class RegistryStrategy(Strategy):
             if codec.name == "none":
                 uploads.append({layer: (A, got_u["B"][layer]) for layer, A in got_u["A"].items()})
             else:                                   # decoded as train.py's send_up decodes
-                upload, nbytes = train.decode_up(got_u["C"], codec, {
+                upload, nbytes, _ = train.decode_up(got_u["P"], codec, {
                     layer: (got_u["A"].get(layer), got_u["B"].get(layer))
                     for layer in self.state["factors"]})
                 uploads.append(upload)

@@ -8,7 +8,7 @@ as float32 (ArrayRecord refuses bfloat16) under "A/<layer>", "B/<layer>", "head/
 and "W/<layer>", packed into one ArrayRecord of two arrays (packing.py). With an upload codec
 (run config upload-codec, as train.py's --upload-codec) a client's factors that travel
 (train.travelling) go up as the codec's payloads instead, every field at its own dtype under
-"C/<layer>.<A|B>/<field>/<dtype>", and topk's error feedback (the residuals the client keeps
+"P/<layer>.<A|B>/<field>/<dtype>", and topk's error feedback (the residuals the client keeps
 in context.state) under "F/<layer>.<A|B>/residual/float32", for the server's state.pt.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def to_arrays(factors: dict | None = None, head: dict | None = None, base: dict 
     tensors.update({f"head/{k}": v for k, v in (head or {}).items()})
     tensors.update({f"W/{k}": v for k, v in (base or {}).items()})
     out = {k: v.detach().float().cpu().contiguous().numpy() for k, v in tensors.items()}
-    return out | nested_arrays("C", coded or {}) | nested_arrays("F", feedback or {})
+    return out | nested_arrays("P", coded or {}) | nested_arrays("F", feedback or {})
 
 
 def nested_arrays(kind: str, tensors: dict[str, dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
@@ -101,16 +101,16 @@ def to_record(factors: dict | None = None, head: dict | None = None, base: dict 
 
 def split(arrays: dict[str, np.ndarray]) -> dict[str, dict]:
     """{"A": {layer: A}, "B": {layer: B}, "head": {parameter: tensor}, "W": {layer: W},
-    "C": {name: payload}, "F": {name: state}} as torch tensors from to_arrays' numpy arrays
+    "P": {name: payload}, "F": {name: state}} as torch tensors from to_arrays' numpy arrays
     (missing kinds are empty)."""
-    out: dict[str, dict] = {"A": {}, "B": {}, "head": {}, "W": {}, "C": {}, "F": {}}
+    out: dict[str, dict] = {"A": {}, "B": {}, "head": {}, "W": {}, "P": {}, "F": {}}
     for key, array in arrays.items():
         kind, name = key.split("/", 1)
         if kind not in out:
-            raise ValueError(f"unexpected array {key!r}: expected A/, B/, head/, W/, C/ or F/ "
+            raise ValueError(f"unexpected array {key!r}: expected A/, B/, head/, W/, P/ or F/ "
                              f"keys")
         tensor = torch.from_numpy(array)
-        if kind in ("C", "F"):
+        if kind in ("P", "F"):
             parts = name.rsplit("/", 2)
             if len(parts) != 3 or not isinstance(getattr(torch, parts[2], None), torch.dtype):
                 raise ValueError(f"array {key!r}: expected {kind}/<name>/<field>/<torch dtype>")

@@ -325,23 +325,52 @@ def travelling(entry: fl.Aggregator, round_: int) -> str:
     return "".join(f for f in trained(entry, round_) if not (f == "B" and entry.private_B))
 
 
+def encode_up(upload: dict, codec: codecs.Codec, parts: str, *, seed: int, round_: int, u: int,
+              feedback: dict | None = None, variance: bool = False) -> dict[str, codecs.Payload]:
+    """What client u sends of its upload {layer: (A, B)}: {"<layer>.A" / "<layer>.B": payload}
+    of the factors in `parts` through `codec` (rounding drawn from a generator seeded by seed,
+    round, client; topk's error feedback in the client's `feedback`); with `variance`, a
+    stochastic codec's payloads also carry each factor's rounding variance sums (A's rows, B's
+    columns; counted)."""
+    flat = {f"{n}.{p}": x for n, pair in upload.items() for p, x in zip("AB", pair) if p in parts}
+    g = torch.Generator().manual_seed(_seed(seed, round_, u, 3)) if codec.stochastic else None
+    dims = {k: -1 if k.endswith(".A") else -2 for k in flat} if variance else None
+    return codecs.encode_message(flat, codec, generator=g, state=feedback, variance_dims=dims)
+
+
+def decode_up(payloads: dict[str, codecs.Payload], codec: codecs.Codec, unsent: dict
+              ) -> tuple[dict, int, dict]:
+    """The upload as the server decodes it from encode_up's payloads, its bytes, and the
+    variance sums the payloads carry ({layer: (var_A, var_B)}, None for a factor without;
+    {} if none does). `unsent` {layer: (A, B)} gives the factors that were not encoded (None
+    where one was: decoded in float32, the dtype of fl.read_factors; else in the dtype of the
+    tensor given)."""
+    given = {f"{n}.{p}": x for n, pair in unsent.items() for p, x in zip("AB", pair)}
+    decoded, nbytes, var = codecs.decode_message(payloads, codec, {
+        name: torch.float32 if given.get(name) is None else given[name].dtype
+        for name in payloads})
+    upload = {n: tuple(decoded.get(f"{n}.{p}", x) for p, x in zip("AB", pair))
+              for n, pair in unsent.items()}
+    missing = [n for n, pair in upload.items() if any(x is None for x in pair)]
+    if missing or decoded.keys() - given.keys():
+        raise ValueError(f"an upload's factors do not match its layers: missing {missing}, "
+                         f"payloads {sorted(decoded)}")
+    variances = {n: tuple(var.get(f"{n}.{p}") for p in "AB") for n in unsent} if var else {}
+    return upload, nbytes, variances
+
+
 def send_up(upload: dict, codec: codecs.Codec, parts: str, *, seed: int, round_: int, u: int,
             feedback: dict | None = None, variances: dict | None = None) -> tuple[dict, int]:
     """Client u's upload {layer: (A, B)} as the server decodes it, and its bytes: the factors in
-    `parts` through `codec` (rounding drawn from a generator seeded by seed, round, client;
-    topk's error feedback in the client's `feedback`), the others as they are (not sent). A
-    stochastic codec also sends each factor's rounding variance sums (A's rows, B's columns,
-    counted in the bytes) into `variances` {layer: (var_A, var_B)} if that dict is given
-    (None for a factor not sent): what the server's option `variance` carries."""
-    flat = {f"{n}.{p}": x for n, pair in upload.items() for p, x in zip("AB", pair) if p in parts}
-    g = torch.Generator().manual_seed(_seed(seed, round_, u, 3)) if codec.stochastic else None
-    dims = {k: -1 if k.endswith(".A") else -2 for k in flat} if variances is not None else None
-    decoded, nbytes, var = codecs.send(flat, codec, generator=g, state=feedback,
-                                       variance_dims=dims)
-    if variances is not None and var:
-        variances.update({n: tuple(var.get(f"{n}.{p}") for p in "AB") for n in upload})
-    return {n: tuple(decoded.get(f"{n}.{p}", x) for p, x in zip("AB", pair))
-            for n, pair in upload.items()}, nbytes
+    `parts` through `codec` (encode_up), the others as they are (not sent; decode_up). With
+    `variances` given, a stochastic codec also sends each factor's rounding variance sums
+    (counted) into it, {layer: (var_A, var_B)}: what the server's option `variance` carries."""
+    payloads = encode_up(upload, codec, parts, seed=seed, round_=round_, u=u, feedback=feedback,
+                         variance=variances is not None)
+    upload, nbytes, var = decode_up(payloads, codec, upload)
+    if variances is not None:
+        variances.update(var)
+    return upload, nbytes
 
 
 def send_down(update: federation.RoundUpdate, codec: codecs.Codec, parts: str, *, seed: int,

@@ -246,23 +246,43 @@ class Codec:
 # a message of LoRA factors: what the protocol sends up (a client's) or down (the global pair)
 
 
+def encode_message(tensors: dict[str, Tensor], codec: Codec, *,
+                   generator: torch.Generator | None = None, state: dict | None = None,
+                   variance_dims: dict[str, int] | None = None) -> dict[str, Payload]:
+    """The sender's half of send: {name: payload}, what travels (state and generator as in
+    send). A Flower client sends these payloads; the server decodes them (decode_message)."""
+    payloads = {}
+    for name, x in tensors.items():
+        own = None if state is None else state.setdefault(name, {})
+        dim = None if variance_dims is None else variance_dims.get(name)
+        payloads[name] = codec.encode(x, generator=generator, state=own, variance_dim=dim)
+    return payloads
+
+
+def decode_message(payloads: dict[str, Payload], codec: Codec,
+                   dtypes: dict[str, torch.dtype] | None = None):
+    """The receiver's half of send: (decoded {name: tensor} in dtypes[name], float32 by
+    default; the bytes sent; {name: variance} of the payloads that carry one)."""
+    decoded, nbytes, variances = {}, 0, {}
+    for name, payload in payloads.items():
+        nbytes += payload_bytes(payload)
+        decoded[name] = codec.decode(payload, dtype=torch.float32 if dtypes is None
+                                     else dtypes[name])
+        if payload.get("variance") is not None:
+            variances[name] = payload["variance"]
+    return decoded, nbytes, variances
+
+
 def send(tensors: dict[str, Tensor], codec: Codec, *, generator: torch.Generator | None = None,
          state: dict | None = None, variance_dims: dict[str, int] | None = None):
     """Encode and decode a message {name: tensor} as the receiver sees it. Returns the decoded
     tensors (each in its own dtype), the bytes sent (every payload tensor at its dtype), and
     {name: variance} for the names in variance_dims (the rounding variance summed over that
     dim, sent and counted; stochastic int codecs only). state: the sender's {name: {..}}
-    (topk's error feedback), kept across messages."""
-    decoded, nbytes, variances = {}, 0, {}
-    for name, x in tensors.items():
-        own = None if state is None else state.setdefault(name, {})
-        dim = None if variance_dims is None else variance_dims.get(name)
-        payload = codec.encode(x, generator=generator, state=own, variance_dim=dim)
-        nbytes += payload_bytes(payload)
-        decoded[name] = codec.decode(payload, dtype=x.dtype)
-        if payload.get("variance") is not None:
-            variances[name] = payload["variance"]
-    return decoded, nbytes, variances
+    (topk's error feedback), kept across messages. encode_message then decode_message."""
+    payloads = encode_message(tensors, codec, generator=generator, state=state,
+                              variance_dims=variance_dims)
+    return decode_message(payloads, codec, {name: x.dtype for name, x in tensors.items()})
 
 
 def send_factors(factors: dict[str, tuple[Tensor, Tensor]], codec: Codec, *,

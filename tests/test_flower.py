@@ -1,9 +1,9 @@
 """Tests for the Flower app (flower_app/): its run config is train.py's options, arrays travel
 exactly, a Flower simulation resumes a killed train.py run and gives train.py's results for
-one aggregator of every path through the app, and a real local deployment (one SuperLink,
-three SuperNodes, separate processes) in which one client fails every round gives train.py's
-2-client FLoRA-NA run: the failing client is left out with p renormalised and the failure
-logged.
+one aggregator of every path through the app (and with upload and download codecs on), and a
+real local deployment (one SuperLink, three SuperNodes, separate processes) in which one
+client fails every round gives train.py's 2-client FLoRA-NA run: the failing client is left
+out with p renormalised and the failure logged.
 
 Every Flower process runs offline: Flower's offline settings (harness.flower_local.OFFLINE_ENV)
 and, for any HTTP client that would still reach out, proxies that point at a closed local
@@ -64,9 +64,6 @@ def offline():
         yield
 
 
-NOT_IN_FLOWER_YET = wire.NOT_YET   # train.py's codec options: refused by the app for now
-
-
 def tiny_args(out: Path, bert: Path, data: Path, **kw) -> train.Args:
     """test_train.py's tiny federated SST-2 run (2 rounds of 2 steps, rank 2, one thread)."""
     base = dict(task="sst2", model=str(bert), data_dir=str(data), out=str(out), clients=3,
@@ -80,7 +77,7 @@ def run_config(args: train.Args, **app) -> dict:
     number of SuperNodes), None as "", plus the app's own keys."""
     config = {f.name.replace("_", "-"): getattr(args, f.name)
               for f in dataclasses.fields(train.Args)
-              if f.name != "clients" and f.name not in NOT_IN_FLOWER_YET}
+              if f.name != "clients"}
     config = {k: ("" if v is None else " ".join(v) if isinstance(v, list) else v)
               for k, v in config.items()}
     return {**config, "node-timeout": 120, "round-timeout": 600, **app}
@@ -105,6 +102,9 @@ def assert_same_run(ref: Path, got: Path, names: list[str], failing: tuple = ())
             r.pop(key), g.pop(key)
         # relative to ||M||, of float32 factors: below 1e-6 it is their round-off (all there
         # is where the aggregate is exact: Fed-SB stores A = R A0, rounded, not R)
+        # "uncompressed" (the divergence against the clients' factors before an upload codec):
+        # train.py's rows only, since a Flower server never sees the factors a client encodes
+        r["divergence"].pop("uncompressed", None)
         assert _close(g.pop("divergence"), r.pop("divergence"), abs=1e-6), (r, g)
         assert _close(g, r), (r, g)
     largest = 0.0
@@ -143,12 +143,8 @@ def test_run_config_is_train_py_options_with_its_defaults():
     defaults = train.Args()
     options = {f.name.replace("_", "-"): getattr(defaults, f.name)
                for f in dataclasses.fields(train.Args)
-               if f.name not in wire.FROM_NODES + NOT_IN_FLOWER_YET}
+               if f.name not in wire.FROM_NODES}
     assert set(config) == set(options) | set(wire.APP_KEYS)
-    assert not {k.replace("_", "-") for k in NOT_IN_FLOWER_YET} & set(config)
-    for key in NOT_IN_FLOWER_YET:                   # given anyway: refused, not ignored
-        with pytest.raises(ValueError, match="uncompressed"):
-            wire.args_from({**config, key.replace("_", "-"): "int4"})
     for key, default in options.items():
         if key == "data-dir":                       # train.py's default is $FLORA_DATA
             assert config[key] == ""
@@ -210,8 +206,9 @@ def test_arrays_travel_exactly():
 
 def test_a_message_carries_its_arrays_packed_in_two():
     """Flower moves each Array as an object of its own (one HTTP request per hop): the
-    factors, head and frozen weights travel as one flat array and a layout, bit for bit;
-    other dtypes and records that pack did not make are refused."""
+    factors, head and frozen weights travel as one flat array of bytes and a layout, bit for
+    bit, a codec's integers at their own size; non-numeric arrays and records that pack did
+    not make are refused."""
     import numpy as np
     from flwr.app import Array, ArrayRecord
     from flora_na_app import packing
@@ -219,19 +216,88 @@ def test_a_message_carries_its_arrays_packed_in_two():
     arrays = {"A/l0": g.standard_normal((2, 8)).astype(np.float32),
               "B/l0": g.standard_normal((6, 2)).astype(np.float32),
               "head/bias": np.float32([np.nan, -0.0, np.inf]),
-              "W/empty": np.zeros((0, 3), np.float32)}
+              "W/empty": np.zeros((0, 3), np.float32),
+              "P/l0.A/values/int8": np.int8([[-7, 7], [0, 1]]),
+              "P/l0.A/indices/int32": np.int32([3, 2 ** 31 - 1]),
+              "P/l0.A/scales/float16": np.float16([0.5])}   # 64 + 48 + 12 + 4 + 8 + 2 bytes
     record = packing.pack(arrays)
+    assert record["packed"].numpy().nbytes == sum(a.nbytes for a in arrays.values()) == 138
     assert list(record.keys()) == ["packed", "layout"]
     got = packing.unpack(record)
     assert list(got) == list(arrays)
     for k in arrays:
-        assert got[k].dtype == np.float32 and got[k].shape == arrays[k].shape
+        assert got[k].dtype == arrays[k].dtype and got[k].shape == arrays[k].shape
         assert got[k].tobytes() == arrays[k].tobytes()
     assert packing.unpack(packing.pack({})) == {}
-    with pytest.raises(ValueError, match="float32 arrays only, got {'x': 'float64'}"):
-        packing.pack({"x": np.zeros(2)})
+    with pytest.raises(ValueError, match="numeric arrays only, got {'x': 'object'}"):
+        packing.pack({"x": np.array([None])})
     with pytest.raises(ValueError, match="expected a packed ArrayRecord"):
         packing.unpack(ArrayRecord({"A/l0": Array(arrays["A/l0"])}))
+
+
+@pytest.mark.parametrize("name", ["int4", "bf16", "topk"])
+def test_a_coded_upload_travels_as_its_payload(name):
+    """A client's coded upload (client_work.encode_upload: train.encode_up's payloads) goes
+    through the wire and the server's decode (train.decode_up) to what train.py's send_up
+    gives, bit for bit and at its byte count: the packed message holds the payload's bytes
+    (values, scales, indices at their dtypes) plus the uncounted shapes, the factors that do
+    not travel (here B) and the head as float32, and topk's residuals (in `keep` and in the
+    reply, for state.pt); a payload field beside the codec's own (the rounding variance)
+    travels too."""
+    import numpy as np
+    from flora_na_app import packing
+    from harness import codecs
+    g = torch.Generator().manual_seed(1)
+    upload = {"l0.q": (torch.randn(2, 40, generator=g), torch.randn(30, 2, generator=g)),
+              "l1.v": (torch.randn(2, 9, generator=g), torch.randn(7, 2, generator=g))}
+    head = {"classifier.bias": torch.randn(2, generator=g)}
+    codec = codecs.Codec(name, block=16, fraction=0.25)
+    want, want_bytes = train.send_up(upload, codec, "A", seed=5, round_=1, u=2,
+                                     feedback={} if name == "topk" else None)
+    keep = {}
+    arrays = client_work.encode_upload(upload, head, codec, "A", {}, {}, keep, name="fedsa",
+                                       seed=5, round_=1, u=2, feedback_kept=False)
+    record = packing.pack(arrays)
+    coded = sum(a.nbytes for k, a in arrays.items() if k.startswith("P/") and "/shape/" not in k)
+    assert coded == want_bytes
+    residuals = (2 * 40 + 2 * 9) * 4 if name == "topk" else 0
+    assert record["packed"].numpy().nbytes == (want_bytes + 2 * 2 * 8 + (30 * 2 + 7 * 2) * 4
+                                               + 2 * 4 + residuals)
+    got = wire.from_record(record)
+    upload_got, nbytes, _ = train.decode_up(got["P"], codec, {
+        layer: (got["A"].get(layer), got["B"].get(layer)) for layer in upload})
+    assert nbytes == want_bytes and upload_got.keys() == want.keys()
+    for layer in want:
+        for x, y in zip(upload_got[layer], want[layer]):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+    assert torch.equal(got["head"]["classifier.bias"], head["classifier.bias"])
+    if name == "topk":              # the residual kept on the node, and sent for state.pt
+        assert set(keep["feedback-up/fedsa"]) == set(got["F"]) == {"l0.q.A", "l1.v.A"}
+        for key, f in got["F"].items():
+            assert np.array_equal(keep["feedback-up/fedsa"][key], f["residual"].numpy())
+        # the next round from the kept residual is send_up's with its feedback carried on
+        feedback = {k: {"residual": v["residual"].clone()} for k, v in got["F"].items()}
+        want2, _ = train.send_up(upload, codec, "A", seed=5, round_=2, u=2, feedback=feedback)
+        kept = {"feedback-up/fedsa": keep["feedback-up/fedsa"]}
+        got2 = wire.from_record(packing.pack(client_work.encode_upload(
+            upload, head, codec, "A", {}, kept, {}, name="fedsa", seed=5, round_=2, u=2,
+            feedback_kept=True)))
+        upload2, _, _ = train.decode_up(got2["P"], codec, {l: (None, upload[l][1]) for l in upload})
+        assert all(torch.equal(upload2[l][0], want2[l][0]) for l in upload)
+        with pytest.raises(ValueError, match="holds none .was the SuperNode restarted"):
+            client_work.encode_upload(upload, head, codec, "A", {}, {}, {}, name="fedsa",
+                                      seed=5, round_=2, u=2, feedback_kept=True)
+    if codec.stochastic:            # any field of a payload travels: here the variance sums
+        payloads = train.encode_up(upload, codec, "AB", seed=5, round_=1, u=2, variance=True)
+        sent = wire.from_record(packing.pack(wire.to_arrays(coded=payloads)))["P"]
+        _, nbytes, variances = train.decode_up(sent, codec, {l: (None, None) for l in upload})
+        for layer in upload:
+            for part, v in zip("AB", variances[layer]):
+                assert torch.equal(v, payloads[f"{layer}.{part}"]["variance"])
+        assert variances["l0.q"][0].shape == (2,) and variances["l0.q"][1].shape == (2,)
+        assert nbytes == sum(codecs.payload_bytes(x) for x in payloads.values())
+    with pytest.raises(ValueError, match="expected P/<name>/<field>/<torch dtype>"):
+        wire.split({"P/l0.q.A/values/Tensor": np.zeros(1, np.float32)})
 
 
 class FakeGrid:
@@ -408,6 +474,56 @@ def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_d
     starts = [json.loads(line) for line in open(tmp_path / "flower" / "provenance.jsonl")]
     assert [s.get("engine") for s in starts] == [None, "flwr 1.42.0"]
     print(f"largest adapter difference, simulation vs train.py: {largest:.3g}")
+
+
+def test_simulation_with_codecs_equals_train_py(tmp_path, monkeypatch, bert_dir, glue_dir):
+    """Codecs through the app, against train.py's runs with the same options: (1) int4
+    uploads with stochastic rounding (each client's generator seeded as train.py seeds it) and
+    int8 downloads, FedSA-LoRA (its B kept on the node, A coded) and FLoRA-NA, 2 rounds, all
+    in Flower; (2) top-k uploads and downloads with error feedback, killed in train.py in
+    FedSA-LoRA's round 2 and resumed in Flower: FedSA-LoRA's clients get their residuals from
+    state.pt with their first message, then keep them in context.state (round 3); FLoRA-NA's
+    keep theirs over its 3 rounds. Same rows (bytes up and down included) and adapters as the
+    uninterrupted train.py runs; the codecs in config.json as train.py writes it."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    runs = {"int4": dict(upload_codec="int4", download_codec="int8", codec_block=16, rounds=2),
+            "topk": dict(upload_codec="topk", download_codec="topk", topk_fraction=0.3,
+                         rounds=3)}
+    configs = {}
+    for run, codec in runs.items():
+        ref = tiny_args(tmp_path / f"ref-{run}", bert_dir, glue_dir, aggregator="fedsa,flora_na",
+                        participation=0.67, **codec)
+        train.main(ref)
+        got = dataclasses.replace(ref, out=str(tmp_path / f"flower-{run}"))
+        if run == "topk":
+            run_killed_in_round_2(monkeypatch, lambda: train.main(got))
+            assert [(r["aggregator"], r["round"]) for r in rows_of(Path(got.out))] == [("fedsa", 1)]
+        configs[run] = run_config(got, resume=run == "topk")
+    with LocalFederation(tmp_path / "fed") as fed:
+        fed.start_superlink(simulation=True)
+        done, seconds = {}, {}
+        for run, config in configs.items():
+            t0 = time.monotonic()
+            done[run] = fed.run(config, {"num-supernodes": 3}, name=run)
+            seconds[run] = round(time.monotonic() - t0, 1)
+    for run, codec in runs.items():
+        ref, got = tmp_path / f"ref-{run}", tmp_path / f"flower-{run}"
+        assert done[run].ok, (run, done[run].status, done[run].details, done[run].stdout[-3000:])
+        rows = rows_of(got)
+        assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
+        assert_same_run(ref, got, ["fedsa", "flora_na"])
+        config, want = (json.loads((folder / "config.json").read_text()) for folder in (got, ref))
+        for c in (config, want):   # facts list the registered aggregators: tests add plug-ins
+            c["facts"]["aggregators"] = {k: v for k, v in c["facts"]["aggregators"].items()
+                                         if k in ("fedsa", "flora_na")}
+        assert config == want and {k: config[k] for k in codec} == codec
+    # topk: the residuals in state.pt are train.py's (what a further resume would send)
+    for name in ("fedsa", "flora_na"):
+        want = torch.load(tmp_path / "ref-topk" / name / "state.pt", weights_only=False)
+        have = torch.load(tmp_path / "flower-topk" / name / "state.pt", weights_only=False)
+        for key in ("feedback_up", "feedback_down"):
+            torch.testing.assert_close(have[key], want[key])
+    print(f"flwr run seconds: {seconds}")
 
 
 def write_own_data(folder: Path, glue_dir: Path, examples: list) -> Path:

@@ -12,8 +12,9 @@ A Flower simulation sets partition-id and num-partitions itself.
 Each message carries the server's code version (version.py), which the node checks before
 anything else. A train message carries the aggregator's name, the round, and the global LoRA
 factors, head and changed frozen weights (wire.py); the node trains with train.client_update,
-exactly what train.py does for client u (client_work.py), and replies with its factors, head,
-loss and num-examples. An evaluate message (federated evaluation, run config
+exactly what train.py does for client u (client_work.py), and replies with its factors (with
+an upload codec: the codec's payload, and top-k's residuals, which it also keeps in
+context.state), head, loss and num-examples. An evaluate message (federated evaluation, run config
 fraction-evaluate) carries the global model; the node scores it on its own evaluation data
 (client_work.my_eval_data) and replies with the metrics and num-examples. An aggregator whose
 clients keep a private B (the registry's private_B) or head (train.keeps_own_head) finds them

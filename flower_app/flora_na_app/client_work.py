@@ -5,7 +5,8 @@ same run and aggregator.
 client_app.py calls train_round in its own process in a simulation (Ray keeps that process,
 and so the model, between rounds) and through a warm worker (worker.py) in a deployment, where
 Flower 1.42 starts a fresh ClientApp process for every message. Arrays come and go as numpy
-float32 under wire.py's keys ("A/<layer>", "B/<layer>", "head/<parameter>", "W/<layer>").
+under wire.py's keys ("A/<layer>", "B/<layer>", "head/<parameter>", "W/<layer>" as float32;
+with an upload codec, encode_upload's "P/..." payloads and "F/..." top-k residuals).
 evaluate_round scores the global model on the node's own evaluation data (my_eval_data) for
 federated evaluation.
 """
@@ -98,15 +99,9 @@ def my_eval_data(node_config: dict, run: dict) -> TaskData:
     return TaskData(train=[], labels=[], evals=evals)
 
 
-def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, torch.Tensor]]:
-    """wire.from_record's split of numpy arrays into A, B, head, W and C (core) tensors."""
-    out: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}, "head": {}, "W": {}, "C": {}}
-    for key, array in arrays.items():
-        kind, name = key.split("/", 1)
-        if kind not in out:
-            raise ValueError(f"unexpected array {key!r}: expected A/, B/, head/, W/ or C/ keys")
-        out[kind][name] = torch.from_numpy(array)
-    return out
+def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, dict]:
+    """wire.from_record's split of numpy arrays into A, B, head, W, C, ... tensors."""
+    return wire.split(arrays)
 
 
 def _arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -161,10 +156,50 @@ def train_round(run_config: dict, node_config: dict, run_id: int, config: dict,
         keep[private] = _arrays({layer: B for layer, (_, B) in upload.items()})
     if train.keeps_own_head(args, name):
         keep[private_head] = _arrays(head)
-    sent = wire.to_arrays(upload, head)           # the reply's arrays, exactly as wire sends
+    codec, _ = train.run_codecs(args)
+    if codec.name == "none":
+        sent = wire.to_arrays(upload, head)       # the reply's arrays, exactly as wire sends
+    else:
+        sent = encode_upload(upload, head, codec, train.travelling(entry, round_), got["F"],
+                             kept, keep, name=name, seed=args.seed, round_=round_, u=u,
+                             feedback_kept=bool(config.get("feedback-kept", False)),
+                             variance=args.upload_variance and "variance" in entry.options)
     metrics = {"num-examples": len(idx), "train-loss": loss, "partition-id": u,
                "load-seconds": t1 - t0, "train-seconds": time.perf_counter() - t1}
     return sent, keep, metrics
+
+
+def encode_upload(upload: dict, head: dict, codec, parts: str, sent_feedback: dict,
+                  kept: dict, keep: dict, *, name: str, seed: int, round_: int, u: int,
+                  feedback_kept: bool, variance: bool = False) -> dict[str, np.ndarray]:
+    """The reply's arrays with an upload codec: the factors in `parts` as train.encode_up's
+    payloads (what train.py's send_up encodes, with the same seeded rounding), the others and
+    the head as they are. topk's error feedback: the residuals the server sent
+    (`sent_feedback`, after a resume or to a node it had not heard from), else those this node
+    keeps in context.state ("feedback-up/<name>": required when the server says
+    feedback_kept), else none yet; the new ones go into `keep` and, for the server's state.pt
+    (train.py's state["feedback_up"][u], which a resume sends back), into the reply. variance:
+    the payloads also carry the rounding variance sums (train.py's --upload-variance)."""
+    feedback = None
+    if codec.name == "topk":
+        key = f"feedback-up/{name}"
+        if sent_feedback:
+            feedback = {n: {k: v.clone() for k, v in f.items()} for n, f in sent_feedback.items()}
+        elif key in kept:
+            feedback = {n: {"residual": torch.from_numpy(v)} for n, v in kept[key].items()}
+        elif feedback_kept:
+            raise ValueError(f"round {round_ + 1}: the server counts on this node's top-k error "
+                             f"feedback for {name}, and it holds none (was the SuperNode "
+                             f"restarted?)")
+        else:
+            feedback = {}
+    payloads = train.encode_up(upload, codec, parts, seed=seed, round_=round_, u=u,
+                               feedback=feedback, variance=variance)
+    if feedback is not None:
+        keep[f"feedback-up/{name}"] = _arrays({n: f["residual"] for n, f in feedback.items()})
+    unsent = {layer: tuple(None if p in parts else x for p, x in zip("AB", pair))
+              for layer, pair in upload.items()}
+    return wire.to_arrays(unsent, head, coded=payloads, feedback=feedback)
 
 
 def evaluate_round(run_config: dict, node_config: dict, run_id: int, config: dict,

@@ -15,11 +15,14 @@ aggregator named in the run config with RegistryStrategy, a Flower Strategy whos
   aggregate_train  leaves out every client that failed (its ClientApp raised, its node was
                    lost: Flower's error reply then comes from the SuperLink, or no reply within
                    round-timeout), logged with client, node and reason, renormalises p over the
-                   clients that answered (the round fails if fewer than min-clients did), and
-                   calls train.py's own server_update (the registry's aggregator through
-                   federation.server_step, the head averaged by p) and end_round (evaluation on
-                   the server's data, metrics.jsonl, state.pt and the peft adapter, every
-                   round). Clients' scores are weighted (--personal-weighting data) by train.py's
+                   clients that answered (the round fails if fewer than min-clients did),
+                   decodes coded uploads with train.decode_up (an upload codec: the payload
+                   each client encoded with train.encode_up; top-k's residuals kept for
+                   state.pt and sent back after a resume), and calls train.py's own
+                   server_update (the registry's aggregator through federation.server_step,
+                   the download codec as in train.py, the head averaged by p) and end_round
+                   (evaluation on the server's data, metrics.jsonl, state.pt and the peft
+                   adapter, every round). Clients' scores are weighted (--personal-weighting data) by train.py's
                    partition of the server's data, or by the num-examples a node has reported
                    since the ServerApp started (own-data nodes). The round's row waits
                    for federated evaluation, then finish_round writes it;
@@ -162,6 +165,10 @@ class RegistryStrategy(Strategy):
             data.labels, len(clients), args)]
         self.ranks = train.client_ranks(args)       # each client's LoRA rank, as train.py's
         self.scales = train.rank_scales(model, self.ranks)
+        self.upload_codec, self.download_codec = train.run_codecs(args)
+        if self.upload_codec.name == "topk":        # each client's error feedback, as train.py
+            state.setdefault("feedback_up", [{} for _ in clients])
+        self.holds_feedback: set[int] = set()       # clients keeping it in context.state
         self.code = version.code_version()
         self.sent: dict[str, int] = {}              # message id -> client u, this round
         self.row: dict | None = None                # this round's metrics row, until written
@@ -210,11 +217,16 @@ class RegistryStrategy(Strategy):
                 mine = {n: (A, s["client_B"][u][n]) for n, (A, _) in factors.items()}
             if s["client_head"] is not None:
                 head = {} if own else s["client_head"][u]
+            # topk's error feedback: the node keeps its own once it has answered here; until
+            # then (a resumed run) the server sends the one state.pt holds
+            kept = u in self.holds_feedback
+            feedback = s["feedback_up"][u] if "feedback_up" in s and not kept else None
             record = wire.to_record(mine, head, glob["W"],
-                                    without_B=own and s["client_B"] is not None, core=glob["C"])
+                                    without_B=own and s["client_B"] is not None, core=glob["C"],
+                                    feedback=feedback)
             content = RecordDict({"arrays": record, "config": ConfigRecord(
                 {**dict(config), "aggregator": self.name, "round": rnd,
-                 "code-version": self.code})})
+                 "code-version": self.code, "feedback-kept": kept})})
             messages.append(Message(content, dst_node_id=self.clients[u],
                                     message_type=MessageType.TRAIN))
         return messages
@@ -254,9 +266,20 @@ class RegistryStrategy(Strategy):
                                f"than min-clients={self.min_clients}: failed {failed}")
         ids = sorted(answers)                       # train.py's order: by client index
         uploads, heads, losses, n_u, spent = [], [], [], [], {"load": [], "train": []}
+        codec, bytes_up, variances = self.upload_codec, 0, []
         for u in ids:
             got_u, metrics = wire.from_record(answers[u]["arrays"]), answers[u]["metrics"]
-            uploads.append({layer: (A, got_u["B"][layer]) for layer, A in got_u["A"].items()})
+            if codec.name == "none":
+                uploads.append({layer: (A, got_u["B"][layer]) for layer, A in got_u["A"].items()})
+            else:                                   # decoded as train.py's send_up decodes
+                upload, nbytes, var = train.decode_up(got_u["P"], codec, {
+                    layer: (got_u["A"].get(layer), got_u["B"].get(layer))
+                    for layer in self.state["factors"]})
+                uploads.append(upload)
+                variances.append(var)                # {} unless --upload-variance
+                bytes_up += nbytes
+            if codec.name == "topk":                # for state.pt: what a resume sends back
+                self.state["feedback_up"][u] = got_u["F"]
             heads.append(got_u["head"])
             losses.append(float(metrics["train-loss"]))
             n_u.append(int(metrics["num-examples"]))
@@ -272,10 +295,15 @@ class RegistryStrategy(Strategy):
             self.name, self.state, self.model, uploads, heads, p, ids, n_clients=len(self.clients),
             options=train.aggregator_options(a, self.name), track_solvers=a.track_solvers,
             device=self.device, seed=a.seed, round_=rnd, private_head=self.private_head,
-            scales=[self.scales[self.ranks[u]] for u in ids], rank=a.rank)
+            scales=[self.scales[self.ranks[u]] for u in ids], rank=a.rank,
+            bytes_up=None if codec.name == "none" else bytes_up, download=self.download_codec,
+            variances=variances if a.upload_variance and "variance" in self.entry.options
+            else None)
         t3 = time.perf_counter()
         if self.entry.private_B or self.private_head:
             self.has_own.update(ids)
+        if codec.name == "topk":
+            self.holds_feedback.update(ids)
         for u, n_examples in zip(ids, n_u):
             self.n_examples[u] = n_examples
         row = {"aggregator": self.name, "round": rnd + 1, "clients": ids,

@@ -103,8 +103,10 @@ def assert_same_run(ref: Path, got: Path, names: list[str], failing: tuple = ())
         # relative to ||M||, of float32 factors: below 1e-6 it is their round-off (all there
         # is where the aggregate is exact: Fed-SB stores A = R A0, rounded, not R)
         # "uncompressed" (the divergence against the clients' factors before an upload codec):
-        # train.py's rows only, since a Flower server never sees the factors a client encodes
-        r["divergence"].pop("uncompressed", None)
+        # train.py's rows only (a resumed run's rows before Flower too), since a Flower server
+        # never sees the factors a client encodes
+        for row in (r, g):
+            row["divergence"].pop("uncompressed", None)
         assert _close(g.pop("divergence"), r.pop("divergence"), abs=1e-6), (r, g)
         assert _close(g, r), (r, g)
     largest = 0.0
@@ -479,20 +481,22 @@ def test_simulation_resumes_train_py_and_equals_it(tmp_path, monkeypatch, bert_d
 def test_simulation_with_codecs_equals_train_py(tmp_path, monkeypatch, bert_dir, glue_dir):
     """Codecs through the app, against train.py's runs with the same options: (1) int4
     uploads with stochastic rounding (each client's generator seeded as train.py seeds it) and
-    int8 downloads, FedSA-LoRA (its B kept on the node, A coded) and FLoRA-NA, 2 rounds, all
-    in Flower; (2) top-k uploads and downloads with error feedback, killed in train.py in
+    their variance sums (FLoRA-NA's noise-aware Gram), int8 downloads, FedSA-LoRA (its B kept
+    on the node, A coded) and FLoRA-NA, 2 rounds, all in Flower; (2) top-k uploads and downloads with error feedback, killed in train.py in
     FedSA-LoRA's round 2 and resumed in Flower: FedSA-LoRA's clients get their residuals from
     state.pt with their first message, then keep them in context.state (round 3); FLoRA-NA's
     keep theirs over its 3 rounds. Same rows (bytes up and down included) and adapters as the
     uninterrupted train.py runs; the codecs in config.json as train.py writes it."""
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
-    runs = {"int4": dict(upload_codec="int4", download_codec="int8", codec_block=16, rounds=2),
+    runs = {"int4": dict(upload_codec="int4", download_codec="int8", codec_block=16, rounds=2,
+                         upload_variance=True),
             "topk": dict(upload_codec="topk", download_codec="topk", topk_fraction=0.3,
                          rounds=3)}
     configs = {}
     for run, codec in runs.items():
+        gram = ["flora_na.gram_correction=noise_aware"] if codec.get("upload_variance") else []
         ref = tiny_args(tmp_path / f"ref-{run}", bert_dir, glue_dir, aggregator="fedsa,flora_na",
-                        participation=0.67, **codec)
+                        participation=0.67, agg_option=[*gram, "flora_na.steps=20"], **codec)
         train.main(ref)
         got = dataclasses.replace(ref, out=str(tmp_path / f"flower-{run}"))
         if run == "topk":

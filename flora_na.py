@@ -604,6 +604,8 @@ class Aggregator:
     restart: bool = False                # the update is merged into W, clients restart LoRA
     folds_into_base: bool = False        # (part of) the update is added to the frozen W
     mixed_ranks: bool = False            # accepts clients of different ranks
+    linear: bool = False                 # the release is a fixed-weight linear function of the
+    #   uploads: the server needs only weighted sums (secure aggregation, central DP apply)
     options: dict = field(default_factory=dict)  # name -> Option (a bare value: its default)
     check_model: Callable | None = None  # (model, options): ValueError if it cannot run on it
 
@@ -616,9 +618,10 @@ def _positive(default, help): return Option(default, help, minimum=0, above=True
 
 
 AGGREGATORS: dict[str, Aggregator] = {
-    "fedit": Aggregator(fedit, "FedIT", mixed_ranks=True, options={"rank": None}),
-    "ffa": Aggregator(ffa, "FFA-LoRA", train_A=False),
-    "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True, private_head=True),
+    "fedit": Aggregator(fedit, "FedIT", mixed_ranks=True, linear=True, options={"rank": None}),
+    "ffa": Aggregator(ffa, "FFA-LoRA", train_A=False, linear=True),
+    "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True, private_head=True,
+                           linear=True),
     "fedex": Aggregator(fedex, "FedEx-LoRA", folds_into_base=True),
     "flora": Aggregator(flora, "FLoRA", restart=True, folds_into_base=True, mixed_ranks=True),
     "flexlora": Aggregator(flexlora, "FlexLoRA", mixed_ranks=True, options={"rank": None}),

@@ -692,6 +692,33 @@ def test_registry_lists_every_method():
     assert {n for n, a in own.items() if a.mixed_ranks} == set(ANY_RANK)
 
 
+LINEAR = {"fedit", "ffa", "fedsa"}   # the release is a fixed-weight linear function of uploads
+
+
+def released(agg: Aggregate) -> list[Tensor]:
+    return [t.double() for t in (agg.A, agg.B, agg.base_delta) if t is not None]
+
+
+@pytest.mark.parametrize("name", [n for n, a in AGGREGATORS.items()   # plug-ins: own tests
+                                  if a.aggregate.__module__ == "flora_na"])
+def test_linear_entries_release_a_fixed_weight_linear_function_of_the_uploads(name):
+    """linear=True: the server needs only weighted sums (secure aggregation, central DP), so
+    aggregating x X + y Y gives x agg(X) + y agg(Y); every other entry breaks this on random
+    factors. x + y = 1, so a factor frozen at a shared value is itself such a combination."""
+    entry = AGGREGATORS[name]
+    assert entry.linear == (name in LINEAR)
+    (A1, B1, p), (A2, B2, _) = random_case(0, 2, 3, 6, 5, 2), random_case(1, 2, 3, 6, 5, 2)
+    if not entry.train_A:                       # FFA-LoRA: one A shared by the clients
+        A1, A2 = (a[:, :1].expand_as(a).contiguous() for a in (A1, A2))
+    x, y = 0.3, 0.7
+    mix = entry.aggregate(split(x * A1 + y * A2), split(x * B1 + y * B2), p)
+    one, two = entry.aggregate(split(A1), split(B1), p), entry.aggregate(split(A2), split(B2), p)
+    combined = [x * s + y * t for s, t in zip(released(one), released(two))]
+    agree = len(combined) == len(released(mix)) and all(
+        torch.allclose(m, c, rtol=1e-5, atol=1e-5) for m, c in zip(released(mix), combined))
+    assert agree == entry.linear
+
+
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 @settings(max_examples=20)
 @given(data=st.data())

@@ -125,6 +125,16 @@ def _accountant(kind: str):
         value_discretization_interval=1e-4)
 
 
+def settings(mode: str, clip: float, delta: float, sampling_rate: float, rounds: int,
+             noise: float | None = None, target_epsilon: float | None = None) -> Settings:
+    """A run's Settings, its noise multiplier given or, from target_epsilon, the least one that
+    spends it over `rounds` rounds as the mode is accounted (Settings.accounted)."""
+    if noise is None:
+        scale, q = (2.0, 1.0) if mode == "local" else (1.0, sampling_rate)
+        noise = scale * noise_for_epsilon(target_epsilon, q, rounds, delta)
+    return Settings(mode, clip, noise, delta, sampling_rate)
+
+
 @functools.lru_cache(maxsize=4096)
 def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float,
             accountant: str = "rdp") -> float:
@@ -137,6 +147,7 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
         return float(acc.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=64)
 def noise_for_epsilon(target_epsilon: float, sampling_rate: float, rounds: int,
                       delta: float) -> float:
     """The least noise multiplier whose RDP epsilon after `rounds` rounds is <= target_epsilon

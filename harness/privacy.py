@@ -185,3 +185,27 @@ class _quiet:
 
     def __exit__(self, *exc):
         self.logger.setLevel(self.level)
+
+
+# --- which aggregator admits what (the table in flower_app/README.md, from the registry)
+
+TABLE_HEAD = ["| aggregator | server needs only a weighted sum (SecAgg) | central DP | local DP | "
+              "upload codec | download codec |", "|---|---|---|---|---|---|"]
+
+
+def compatibility_table(aggregators: dict) -> list[str]:
+    """Markdown rows, one per registry entry (flora_na.Aggregator): its `linear` trait decides
+    secure aggregation and central DP; every aggregator takes local DP and an upload codec; a
+    download codec all but those whose clients restart LoRA from a merged update."""
+    yes_no = lambda ok, why: "yes" if ok else f"no ({why})"
+    rows = [f"| {a.display_name} (`{name}`) | {yes_no(a.linear, 'not a fixed-weight sum')} | "
+            f"{yes_no(a.linear, 'refused')} | yes | yes | "
+            f"{yes_no(not a.restart, 'merged into W, clients restart')} |"
+            for name, a in aggregators.items()]
+    return TABLE_HEAD + rows
+
+
+if __name__ == "__main__":        # python -m harness.privacy: the table for flower_app/README.md
+    import flora_na
+    print("\n".join(compatibility_table({n: a for n, a in flora_na.AGGREGATORS.items()
+                                         if a.aggregate.__module__ == "flora_na"})))

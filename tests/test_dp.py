@@ -172,3 +172,27 @@ def test_resume_continues_the_noise_and_the_accountant(tmp_path, monkeypatch, be
         mode, C, 1.0, 1e-3, 2 / 3).epsilon(t) for t in (1, 2, 3)]
     a, b = load_state(out / "fedit"), load_state(whole / "fedit")
     assert tensors_equal(a["factors"], b["factors"]) and tensors_equal(a["head"], b["head"])
+
+
+def test_the_compatibility_table_is_the_registrys_and_train_py_agrees(tmp_path, bert_dir,
+                                                                      glue_dir):
+    """flower_app/README.md's table is harness.privacy.compatibility_table of flora_na.py's own
+    aggregators, and each "central DP" and "download codec" cell is what check_args does."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "flower_app" / "README.md").read_text()
+    block = readme[readme.index("<!-- compatibility:start -->\n") + 29:
+                   readme.index("<!-- compatibility:end -->")]
+    own = {n: a for n, a in fl.AGGREGATORS.items() if a.aggregate.__module__ == "flora_na"}
+    rows = privacy.compatibility_table(own)
+    assert block.splitlines() == rows, "regenerate it: python -m harness.privacy"
+    for (name, entry), row in zip(own.items(), rows[2:]):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for cell, kw in ((cells[2], dict(dp="central", dp_clip=1.0, dp_noise=1.0)),
+                         (cells[3], dict(dp="local", dp_clip=1.0, dp_noise=1.0)),
+                         (cells[5], dict(download_codec="int8"))):
+            args = bert_args(tmp_path / name, bert_dir, glue_dir, aggregator=name, **kw)
+            if cell == "yes":
+                assert train.check_args(args) == [name]
+            else:
+                with pytest.raises(ValueError):
+                    train.check_args(args)

@@ -103,8 +103,8 @@ def release(received: dict[str, Tensor], sent: dict[str, Tensor], C: float, std:
     every entry if std > 0), and the norm of its change before clipping."""
     change, n = clip({k: sent[k].double() - received[k].double() for k in sent}, C)
     if std > 0:
-        change = {k: v + e for (k, v), e in zip(sorted(change.items()),
-                                                 gaussian(change, std, generator).values())}
+        noise = gaussian(change, std, generator)
+        change = {k: v + noise[k] for k, v in change.items()}
     return {k: (received[k].double() + change[k]).to(sent[k].dtype) for k in sent}, n
 
 

@@ -300,16 +300,17 @@ def client_batches(make_batch, idx: list[int], *, local_steps: int, batch_size: 
 
 
 def client_update(model, make_batch, idx: list[int], *, factors, head: dict, lr: float,
-                  optimizer: str, train_A: bool, local_steps: int, batch_size: int, seed: int,
-                  round_: int, u: int):
+                  optimizer: str, trains: str, local_steps: int, batch_size: int, seed: int,
+                  round_: int, u: int, core: dict | None = None):
     """Client u's part of a round: start from the given LoRA factors and head, train on its
-    examples `idx`, and return what it sends: (factors, head, mean training loss)."""
+    examples `idx` (the factors in `trains`; core {layer: A0}: only R in A = R A0, as
+    flora_na.local_train), and return what it sends: (factors, head, mean training loss)."""
     fl.write_factors(model, factors)
     fl.load_head(model, head)
     torch.manual_seed(_seed(seed, round_, u, 1))                     # dropout
     batches = client_batches(make_batch, idx, local_steps=local_steps, batch_size=batch_size,
                              seed=seed, round_=round_, u=u)
-    loss = fl.local_train(model, batches, lr=lr, optimizer=optimizer, train_A=train_A)
+    loss = fl.local_train(model, batches, lr=lr, optimizer=optimizer, trains=trains, core=core)
     return fl.read_factors(model), fl.head_state(model), loss
 
 
@@ -324,10 +325,15 @@ def run_codecs(args: Args) -> tuple[codecs.Codec, codecs.Codec]:
                  for name in (args.upload_codec, args.download_codec))
 
 
-def travelling(entry: fl.Aggregator) -> str:
-    """The factors that travel, up and down, under a registry entry: "A" unless its clients keep
-    A frozen at the shared init (train_A False), "B" unless each keeps its own (private_B)."""
-    return "A" * entry.train_A + "B" * (not entry.private_B)
+def trained(entry: fl.Aggregator, round_: int) -> str:
+    """The factors clients train in round `round_` (0-based) under a registry entry."""
+    return entry.trains[round_ % len(entry.trains)]
+
+
+def travelling(entry: fl.Aggregator, round_: int) -> str:
+    """The factors that travel, up and down, in round `round_` under a registry entry: those
+    its clients train that round (trained), bar B where each keeps its own (private_B)."""
+    return "".join(f for f in trained(entry, round_) if not (f == "B" and entry.private_B))
 
 
 def send_up(upload: dict, codec: codecs.Codec, parts: str, *, seed: int, round_: int, u: int,
@@ -368,12 +374,12 @@ def dp_upload(dp: privacy.Settings, entry: fl.Aggregator, received: dict, receiv
               sent: dict, head: dict, *, own_head: bool, seed: int, round_: int, u: int
               ) -> tuple[dict, dict, float | None]:
     """Client u's upload under DP, before any codec: its change in what travels (the factors in
-    travelling(entry); the head unless it keeps its own) against what it received, clipped to
+    travelling(entry, round_); the head unless it keeps its own) against what it received, clipped to
     dp.clip and, local DP, plus N(0, (dp.noise dp.clip)^2) from a generator seeded by seed, round,
     client. Returns (factors, head, the change's norm before clipping; None without DP)."""
     if not dp.on:
         return sent, head, None
-    parts, with_head = travelling(entry), not own_head
+    parts, with_head = travelling(entry, round_), not own_head
     std = dp.noise * dp.clip if dp.mode == "local" else 0.0
     g = torch.Generator().manual_seed(_seed(seed, round_, u, 5))
     flat, n = privacy.release(_flat(received, received_head, parts, with_head),
@@ -396,7 +402,7 @@ def dp_central(dp: privacy.Settings, entry: fl.Aggregator, state: dict, uploads:
     its norm); after it, N(0, (dp.noise dp.clip / m)^2) added to the mean of the m uploads in
     what travels (update.factors, the head unless clients keep their own), from a generator
     seeded by seed and round. Returns the head."""
-    parts, with_head = travelling(entry), not private_head
+    parts, with_head = travelling(entry, round_), not private_head
     received = _flat(state["factors"], state["head"], parts, with_head)
     if update is None:
         for i in range(len(uploads)):
@@ -473,6 +479,25 @@ def start_state(model, run_dir: str, resume: bool) -> dict:
             "bytes_down": 0}
 
 
+def init_core(entry: fl.Aggregator, state: dict, model, make_batch, parts: list[list[int]], *,
+              lr: float, seed: int, options: dict) -> None:
+    """Where the registry entry declares an init (Fed-SB's frozen factors), run it once before
+    round 1 on single examples of the pooled training data in a seeded order (as the authors'
+    code does, centrally), keep its {layer: A0} in state["core"] for the clients, the factors
+    it set as the global ones, and count its broadcast (B, A0, R per layer, to every client)
+    in bytes_down. A resumed or already initialised state is left as it is."""
+    if entry.init is None or "core" in state:
+        return
+    pooled = sorted(i for part in parts for i in part)
+    order = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(_seed(seed, 5)))
+    state["core"] = entry.init(model, (make_batch([pooled[i]]) for i in order.tolist()), lr=lr,
+                               **{k: v for k, v in options.items() if k in entry.options})
+    state["factors"] = fl.read_factors(model)
+    state["bytes_down"] += len(parts) * sum(
+        A.element_size() * (B.numel() + A.shape[0] ** 2 + state["core"][n].numel())
+        for n, (A, B) in state["factors"].items())
+
+
 def server_update(name: str, state: dict, model, uploads: list, heads: list[dict], p: torch.Tensor,
                   chosen: list[int], *, n_clients: int, options: dict, track_solvers: bool,
                   device: torch.device, seed: int, round_: int, private_head: bool,
@@ -499,7 +524,8 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
         dp_central(dp, entry, state, uploads, heads, None, {}, private_head=private_head,
                    seed=seed, round_=round_)
     update = federation.server_step(uploads, p, name, options, device=device, scales=scales,
-                                    rank=rank, previous=state["factors"])
+                                    rank=rank, previous=state["factors"],
+                                    trains=trained(entry, round_))
     # the head (and any other trainable non-LoRA parameter): averaged by p_u
     head = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
     if central:
@@ -510,7 +536,7 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
             raise ValueError(f"--download-codec: {name} sends clients what its aggregate "
                              f"carries only as a product (merged into W): not encodable")
         feedback = state.setdefault("feedback_down", {}) if download.name == "topk" else None
-        update.bytes_down = len(chosen) * send_down(update, download, travelling(entry),
+        update.bytes_down = len(chosen) * send_down(update, download, travelling(entry, round_),
                                                     seed=seed, round_=round_, feedback=feedback)
     if bytes_up is not None:
         update.bytes_up = bytes_up
@@ -592,6 +618,7 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
     model, tokenizer = load()
     make_batch = task.batcher(tokenizer, data.train, eval_options["max_length"])
     state = start_state(model, run_dir, resume)
+    init_core(entry, state, model, make_batch, parts, lr=lr, seed=seed, options=options)
     if state["round"] > 0 and (problem := run_folder.adapter_problem(run_dir, bool(state["base"]))):
         tqdm.write(f"note: {problem}; rebuilt from {os.path.join(run_dir, 'state.pt')}")
         fl.write_factors(model, state["factors"])
@@ -619,14 +646,14 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
             head = state["head"] if state["client_head"] is None else state["client_head"][u]
             sent, new_head, loss = client_update(
                 model, make_batch, parts[u], factors=factors, head=head, lr=lr,
-                optimizer=optimizer, train_A=entry.train_A, local_steps=local_steps,
-                batch_size=batch_size, seed=seed, round_=rnd, u=u)
+                optimizer=optimizer, trains=trained(entry, rnd), local_steps=local_steps,
+                batch_size=batch_size, seed=seed, round_=rnd, u=u, core=state.get("core"))
             sent, head, norm = dp_upload(dp, entry, factors, head, sent, new_head,
                                          own_head=private_head, seed=seed, round_=rnd, u=u)
             norms.append(norm)
             if upload_codec.name != "none":                   # what the server decodes
                 feedback = state["feedback_up"][u] if "feedback_up" in state else None
-                sent, nbytes = send_up(sent, upload_codec, travelling(entry), seed=seed,
+                sent, nbytes = send_up(sent, upload_codec, travelling(entry, rnd), seed=seed,
                                        round_=rnd, u=u, feedback=feedback)
                 bytes_up += nbytes
             uploads.append(sent)
@@ -824,11 +851,13 @@ def check_args(args: Args) -> list[str]:
                          "global pair would need its own encoding (not built); use it with "
                          "every client at --rank, or --upload-codec alone")
     coded_down = args.download_codec != "none"
+    coded = coded_down or args.upload_codec != "none"
     names = [a.strip() for a in args.aggregator.split(",") if a.strip()]
     central = args.dp == "central"
     if names == ["all"]:        # with mixed ranks, a download codec, central DP: those that can
         names = [n for n, a in fl.AGGREGATORS.items() if (a.mixed_ranks or not mixed)
-                 and not (a.restart and coded_down) and (a.linear or not central)]
+                 and not (a.restart and coded_down) and not (a.init and coded)
+                 and not (a.init and args.dp != "none") and (a.linear or not central)]
     unknown = [a for a in names if a not in fl.AGGREGATORS]
     if unknown or not names:
         raise ValueError(f"unknown aggregator(s) {unknown or names}; choose from "
@@ -843,6 +872,17 @@ def check_args(args: Args) -> list[str]:
         raise ValueError(f"--download-codec: {', '.join(restarting)} merge the update into W and "
                          f"send clients factors that their aggregate carries only as a product: "
                          f"not encodable here; use --upload-codec alone")
+    cored = [a for a in names if coded and fl.AGGREGATORS[a].init is not None]
+    if cored:
+        raise ValueError(f"--upload-codec/--download-codec: {', '.join(cored)} send an r x r core "
+                         f"R that travels inside A = R A0; the codecs encode factors, not R (not "
+                         f"built): run them without codecs")
+    cored = [fl.AGGREGATORS[a].display_name for a in names
+             if args.dp != "none" and fl.AGGREGATORS[a].init is not None]
+    if cored:
+        raise ValueError(f"--dp: {', '.join(cored)} train an r x r core R inside A = R A0; the "
+                         f"clipping and noise would belong on R, not A (not built): run them "
+                         f"without --dp")
     nonlinear = [fl.AGGREGATORS[a].display_name for a in names
                  if central and not fl.AGGREGATORS[a].linear]
     if nonlinear:

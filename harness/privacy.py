@@ -2,7 +2,7 @@
 arXiv 1710.06963), and its accountant.
 
 A client's round change is what it sends minus what it received: the LoRA factors that travel
-(A unless frozen, B unless private) and the head when it travels, one vector. It is clipped to
+(those it trains that round, bar a private B) and the head when it travels, one vector. It is clipped to
 global L2 norm C (`clip`). Then either
   central: the server adds N(0, sigma^2 C^2) to the sum of the clipped changes and divides by
            the fixed number m of clients sampled (uniform weights p_u = 1/m, so one client's
@@ -195,13 +195,18 @@ TABLE_HEAD = ["| aggregator | server needs only a weighted sum (SecAgg) | centra
 
 def compatibility_table(aggregators: dict) -> list[str]:
     """Markdown rows, one per registry entry (flora_na.Aggregator): its `linear` trait decides
-    secure aggregation and central DP; every aggregator takes local DP and an upload codec; a
-    download codec all but those whose clients restart LoRA from a merged update."""
+    secure aggregation and central DP; entries whose clients train a core R inside A = R A0
+    (`init`) take neither DP nor codecs (not built); every other takes local DP and an upload
+    codec, and a download codec unless its clients restart LoRA from a merged update."""
     yes_no = lambda ok, why: "yes" if ok else f"no ({why})"
-    rows = [f"| {a.display_name} (`{name}`) | {yes_no(a.linear, 'not a fixed-weight sum')} | "
-            f"{yes_no(a.linear, 'refused')} | yes | yes | "
-            f"{yes_no(not a.restart, 'merged into W, clients restart')} |"
-            for name, a in aggregators.items()]
+    rows = []
+    for name, a in aggregators.items():
+        core = a.init is not None and "not built: a core R travels"   # else False
+        down = core or (a.restart and "merged into W, clients restart")
+        rows.append(f"| {a.display_name} (`{name}`) | {yes_no(a.linear, 'not a fixed-weight sum')}"
+                    f" | {yes_no(a.linear and not core, core or 'refused')}"
+                    f" | {yes_no(not core, core)} | {yes_no(not core, core)}"
+                    f" | {yes_no(not down, down)} |")
     return TABLE_HEAD + rows
 
 

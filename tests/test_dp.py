@@ -29,9 +29,10 @@ def dp_args(out, bert_dir, glue_dir, **kw):
     return bert_args(out, bert_dir, glue_dir, **{"dp_clip": C, "dp_delta": 1e-3, **kw})
 
 
-def travelling(state: dict, entry: fl.Aggregator, private_head: bool) -> dict:
-    """The global model's entries that travel under `entry` (train._flat's vector)."""
-    return train._flat(state["factors"], state["head"], train.travelling(entry), not private_head)
+def travelling(state: dict, entry: fl.Aggregator, round_: int, private_head: bool) -> dict:
+    """The global model's entries that travel under `entry` in round round_ (train._flat's)."""
+    return train._flat(state["factors"], state["head"], train.travelling(entry, round_),
+                       not private_head)
 
 
 def assert_gaussian(dev: torch.Tensor, std: float) -> None:
@@ -65,11 +66,11 @@ def test_the_noise_lands_with_the_predicted_std_on_what_travels(noisy_pairs, mod
     entry = fl.AGGREGATORS[name]
     clean = load_state(noisy_pairs[mode, 0.0] / name)
     noisy = load_state(noisy_pairs[mode, 3.0] / name)
-    x, y = travelling(clean, entry, False), travelling(noisy, entry, False)
+    x, y = travelling(clean, entry, 0, False), travelling(noisy, entry, 0, False)
     dev = torch.cat([(y[k].double() - x[k].double()).flatten() for k in x])
     m = 3
     assert_gaussian(dev, 3.0 * C / m if mode == "central" else 3.0 * C / math.sqrt(m))
-    if not entry.train_A:
+    if "A" not in train.trained(entry, 0):
         for n, (A, _) in clean["factors"].items():
             assert torch.equal(noisy["factors"][n][0], A)
     rows = rows_of(noisy_pairs[mode, 3.0])
@@ -79,20 +80,22 @@ def test_the_noise_lands_with_the_predicted_std_on_what_travels(noisy_pairs, mod
 
 
 @pytest.mark.parametrize("mode, name", [("central", "fedit"), ("central", "fedsa"),
-                                        ("local", "flora_na"), ("local", "ffa")])
+                                        ("central", "rolora"), ("local", "flora_na"),
+                                        ("local", "ffa")])
 def test_no_clients_change_exceeds_the_clipping_norm(tmp_path, monkeypatch, bert_dir, glue_dir,
                                                       mode, name):
     """What the server aggregates, against the global model the clients received: the change
     in what travels (and the head where it travels) has norm <= C, though the clients' own
-    changes (the rows' dp_norms) exceeded it. Local DP at sigma 0 (clipping alone)."""
+    changes (the rows' dp_norms) exceeded it (RoLoRA: the factor of the round, B then A).
+    Local DP at sigma 0 (clipping alone)."""
     seen, server_update = [], train.server_update
 
     def spy(name_, state, model, uploads, heads, *a, **kw):
-        received = travelling(state, fl.AGGREGATORS[name_], kw["private_head"])
+        entry, rnd = fl.AGGREGATORS[name_], kw["round_"]
+        received = travelling(state, entry, rnd, kw["private_head"])
         divergence = server_update(name_, state, model, uploads, heads, *a, **kw)
         for up, head in zip(uploads, heads):          # as aggregated (central: clipped again)
-            sent = train._flat(up, head, train.travelling(fl.AGGREGATORS[name_]),
-                               not kw["private_head"])
+            sent = train._flat(up, head, train.travelling(entry, rnd), not kw["private_head"])
             seen.append(privacy.norm({k: sent[k].double() - received[k].double()
                                       for k in sent}))
         return divergence
@@ -128,6 +131,7 @@ def test_central_dp_with_a_target_epsilon_spends_it_and_local_dp_runs_with_flora
     (dict(aggregator="fedex", dp="central", dp_noise=1.0), "--dp central: FedEx-LoRA"),
     (dict(dp="central", dp_noise=1.0, client_ranks="1,2", aggregator="fedit"),
      "--dp central with mixed client ranks"),
+    (dict(aggregator="fedsb", dp="local", dp_noise=1.0), "--dp: Fed-SB train an r x r core R"),
     (dict(dp="local"), "needs exactly one of --dp-noise"),
     (dict(dp="local", dp_noise=1.0, dp_target_epsilon=3.0), "needs exactly one of --dp-noise"),
     (dict(dp="local", dp_noise=-1.0), "--dp-noise must be finite and >= 0"),
@@ -148,10 +152,11 @@ def test_bad_dp_options_fail_before_anything_is_written(tmp_path, no_training, b
         train.check_args(bert_args(out, bert_dir, glue_dir, dp_clip=1.0))
 
 
-def test_all_with_central_dp_runs_the_linear_aggregators(bert_dir, glue_dir, tmp_path):
+def test_all_with_central_dp_runs_the_linear_aggregators_but_a_core(bert_dir, glue_dir, tmp_path):
     args = dp_args(tmp_path / "run", bert_dir, glue_dir, aggregator="all", dp="central",
                    dp_noise=1.0)
-    assert train.check_args(args) == [n for n, a in fl.AGGREGATORS.items() if a.linear]
+    assert train.check_args(args) == [n for n, a in fl.AGGREGATORS.items()
+                                      if a.linear and a.init is None]
 
 
 @pytest.mark.parametrize("mode", ["central", "local"])
@@ -189,6 +194,7 @@ def test_the_compatibility_table_is_the_registrys_and_train_py_agrees(tmp_path, 
         cells = [c.strip() for c in row.strip("|").split("|")]
         for cell, kw in ((cells[2], dict(dp="central", dp_clip=1.0, dp_noise=1.0)),
                          (cells[3], dict(dp="local", dp_clip=1.0, dp_noise=1.0)),
+                         (cells[4], dict(upload_codec="int8")),
                          (cells[5], dict(download_codec="int8"))):
             args = bert_args(tmp_path / name, bert_dir, glue_dir, aggregator=name, **kw)
             if cell == "yes":

@@ -103,6 +103,9 @@ def assert_same_run(ref: Path, got: Path, names: list[str], failing: tuple = ())
             assert len(g.pop(key, g["clients"])) == len(g["clients"])
         for key in TIMING:
             r.pop(key), g.pop(key)
+        # relative to ||M||, of float32 factors: below 1e-6 it is their round-off (all there
+        # is where the aggregate is exact: Fed-SB stores A = R A0, rounded, not R)
+        assert _close(g.pop("divergence"), r.pop("divergence"), abs=1e-6), (r, g)
         assert _close(g, r), (r, g)
     largest = 0.0
     for name in names:
@@ -114,14 +117,16 @@ def assert_same_run(ref: Path, got: Path, names: list[str], failing: tuple = ())
     return largest
 
 
-def _close(x, y) -> bool:
-    """Nested dicts and lists equal, floats to a relative 1e-6."""
+def _close(x, y, abs: float = 1e-12) -> bool:
+    """Nested dicts and lists equal, floats to a relative 1e-6 (or to `abs`)."""
     if isinstance(x, dict):
-        return isinstance(y, dict) and x.keys() == y.keys() and all(_close(x[k], y[k]) for k in x)
+        return isinstance(y, dict) and x.keys() == y.keys() and all(
+            _close(x[k], y[k], abs) for k in x)
     if isinstance(x, list):
-        return isinstance(y, list) and len(x) == len(y) and all(map(_close, x, y))
+        return isinstance(y, list) and len(x) == len(y) and all(
+            _close(a, b, abs) for a, b in zip(x, y))
     if isinstance(x, float) or isinstance(y, float):
-        return x == pytest.approx(y, rel=1e-6, abs=1e-12)
+        return x == pytest.approx(y, rel=1e-6, abs=abs)
     return x == y
 
 
@@ -183,14 +188,16 @@ def test_plugins_and_aggregator_options_come_from_the_run_config():
 
 
 def test_arrays_travel_exactly():
-    """Factors, head and frozen weights come back bit for bit; bfloat16 travels as float32
-    and casts back exactly; without_B sends only the A factors."""
+    """Factors, head, frozen weights and core bases come back bit for bit; bfloat16 travels as
+    float32 and casts back exactly; without_B sends only the A factors."""
     g = torch.Generator().manual_seed(0)
     factors = {"l0.q": (torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)),
                "l1.v": (torch.randn(3, 5, generator=g), torch.randn(4, 3, generator=g))}
     head = {"classifier.weight": torch.randn(2, 6, generator=g)}
     base = {"l0.q": torch.randn(6, 8, generator=g).bfloat16()}
-    got = wire.from_record(wire.to_record(factors, head, base))
+    core = {"l0.q": torch.randn(2, 8, generator=g)}
+    got = wire.from_record(wire.to_record(factors, head, base, core=core))
+    assert got["C"].keys() == core.keys() and torch.equal(got["C"]["l0.q"], core["l0.q"])
     for layer, (A, B) in factors.items():
         assert torch.equal(got["A"][layer], A) and torch.equal(got["B"][layer], B)
     assert torch.equal(got["head"]["classifier.weight"], head["classifier.weight"])
@@ -198,6 +205,7 @@ def test_arrays_travel_exactly():
     assert torch.equal(got["W"]["l0.q"].bfloat16(), base["l0.q"])
     only_A = wire.from_record(wire.to_record(factors, without_B=True))
     assert only_A["B"] == {} and only_A["head"] == {} and only_A["A"].keys() == factors.keys()
+    assert only_A["C"] == {}
 
 
 def test_a_message_carries_its_arrays_packed_in_two():
@@ -320,10 +328,11 @@ def test_weighted_metrics_weigh_each_set_by_its_size():
 
 # one aggregator per path through the app: private Bs kept on the nodes (FedSA-LoRA, first:
 # it is the one resumed), plain factors (FedIT, and FLoRA-NA, the method), changed frozen
-# weights sent to the clients (FedEx-LoRA), and LoRA restarted after the merge (FLoRA); and
+# weights sent to the clients (FedEx-LoRA), LoRA restarted after the merge (FLoRA), the factor
+# trained by round (RoLoRA), frozen factors set once on the server and A0 sent (Fed-SB); and
 # test_train.py's toy aggregator, registered there alone: the run config's plugins bring it
 # into every Flower process, and its own option (shrink) travels in agg-option
-PATHS = ("fedsa", "fedit", "fedex", "flora", "flora_na", "toy_shrink")
+PATHS = ("fedsa", "fedit", "fedex", "flora", "flora_na", "rolora", "fedsb", "toy_shrink")
 
 
 def federated_eval_in_process(run_dir: Path, config: dict, clients: list[int], n: int,

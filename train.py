@@ -374,9 +374,10 @@ def dp_upload(dp: privacy.Settings, entry: fl.Aggregator, received: dict, receiv
               sent: dict, head: dict, *, own_head: bool, seed: int, round_: int, u: int
               ) -> tuple[dict, dict, float | None]:
     """Client u's upload under DP, before any codec: its change in what travels (the factors in
-    travelling(entry, round_); the head unless it keeps its own) against what it received, clipped to
-    dp.clip and, local DP, plus N(0, (dp.noise dp.clip)^2) from a generator seeded by seed, round,
-    client. Returns (factors, head, the change's norm before clipping; None without DP)."""
+    travelling(entry, round_); the head unless it keeps its own) against what it received,
+    clipped to dp.clip and, local DP, plus N(0, (dp.noise dp.clip)^2) from a generator seeded by
+    seed, round, client. Returns (factors, head, the change's norm before clipping; None without
+    DP)."""
     if not dp.on:
         return sent, head, None
     parts, with_head = travelling(entry, round_), not own_head

@@ -2,8 +2,8 @@
 arXiv 1710.06963), and its accountant.
 
 A client's round change is what it sends minus what it received: the LoRA factors that travel
-(those it trains that round, bar a private B) and the head when it travels, one vector. It is clipped to
-global L2 norm C (`clip`). Then either
+(those it trains that round, bar a private B) and the head when it travels, one vector. It is
+clipped to global L2 norm C (`clip`). Then either
   central: the server adds N(0, sigma^2 C^2) to the sum of the clipped changes and divides by
            the fixed number m of clients sampled (uniform weights p_u = 1/m, so one client's
            addition or removal moves the sum by at most C: sensitivity C, add/remove-one);

@@ -19,8 +19,8 @@ from scipy.stats import chi2
 import flora_na as fl
 import train
 from harness import privacy
-from test_train import (Killed, bert_args, bert_dir, glue_dir, load_state, no_training,  # noqa: F401
-                        rows_of, run_killed_in_round_2, tensors_equal)
+from test_train import (bert_args, bert_dir, glue_dir, load_state,  # noqa: F401
+                        no_training, rows_of, run_killed_in_round_2, tensors_equal)
 
 C = 0.05            # the tiny runs' changes are ~0.1-0.3: clipping binds
 

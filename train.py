@@ -19,6 +19,11 @@ saved is the one the clients hold. bytes_up and bytes_down count the payloads (c
 aggregator's own counts, the same). The head travels as it is. With an upload codec each row's
 divergence also holds "uncompressed": FedIT's and the aggregate's against M of the factors as
 the clients trained them, before encoding.
+
+Client-level DP (--dp, harness/privacy.py) comes before the codec: each client's change in what
+travels (factors and head, against what it received) is clipped to --dp-clip C; --dp local adds
+each client's noise, --dp central the server's to the sum (aggregators whose registry entry is
+linear), with uniform weights p_u = 1/m; every row records the epsilon spent so far.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 import flora_na as fl
-from harness import codecs, federation, models, provenance, run_folder
+from harness import codecs, federation, models, privacy, provenance, run_folder
 from harness.tasks import Task, TaskData, data_root, get_task
 
 
@@ -114,6 +119,16 @@ class Args:
     """topk: the share of entries sent; the sender keeps the rest for later (error feedback)"""
     upload_variance: bool = False
     """stochastic int uploads also send their rounding variance sums (counted): Gram correction"""
+    dp: str = "none"
+    """client-level DP: none, central (the server noises the sum; linear aggregators) or local"""
+    dp_clip: float | None = None
+    """DP: clip each client's round change (what travels, and its head) to this L2 norm C"""
+    dp_noise: float | None = None
+    """DP: noise multiplier sigma, noise std sigma C (0: clipping alone, no epsilon)"""
+    dp_target_epsilon: float | None = None
+    """DP: instead of --dp-noise, the least sigma that spends this epsilon in --rounds rounds"""
+    dp_delta: float = 1e-5
+    """DP: the delta of the epsilon reported (below 1 / --clients)"""
     track_solvers: bool = False
     """also record each round the divergence of FLoRA-NA's variants (federation.TRACKED_VARIANTS)"""
     max_new_tokens: int = 256
@@ -373,6 +388,77 @@ def send_up(upload: dict, codec: codecs.Codec, parts: str, *, seed: int, round_:
     return upload, nbytes
 
 
+def dp_settings(args: Args) -> privacy.Settings:
+    """The run's DP settings (--dp ..): sampling rate m / U of train.py's participants, the noise
+    multiplier given or calibrated to --dp-target-epsilon over --rounds."""
+    if args.dp == "none":
+        return privacy.Settings()
+    m = len(federation.participants(args.clients, args.participation, 0, args.seed))
+    return privacy.settings(args.dp, args.dp_clip, args.dp_delta, m / args.clients, args.rounds,
+                            noise=args.dp_noise, target_epsilon=args.dp_target_epsilon)
+
+
+def _flat(factors: dict, head: dict, parts: str, with_head: bool) -> dict:
+    """One client's DP vector: the factors in `parts` and, with_head, the head ({name: tensor})."""
+    flat = {f"{n}.{p}": x for n, pair in factors.items() for p, x in zip("AB", pair) if p in parts}
+    return flat | ({f"head/{k}": v for k, v in head.items()} if with_head else {})
+
+
+def _unflat(flat: dict, factors: dict, head: dict, with_head: bool) -> tuple[dict, dict]:
+    return ({n: tuple(flat.get(f"{n}.{p}", x) for p, x in zip("AB", pair))
+             for n, pair in factors.items()},
+            {k: flat[f"head/{k}"] for k in head} if with_head else head)
+
+
+def dp_upload(dp: privacy.Settings, entry: fl.Aggregator, received: dict, received_head: dict,
+              sent: dict, head: dict, *, own_head: bool, seed: int, round_: int, u: int
+              ) -> tuple[dict, dict, float | None]:
+    """Client u's upload under DP, before any codec: its change in what travels (the factors in
+    travelling(entry, round_); the head unless it keeps its own) against what it received,
+    clipped to dp.clip and, local DP, plus N(0, (dp.noise dp.clip)^2) from a generator seeded by
+    seed, round, client. Returns (factors, head, the change's norm before clipping; None without
+    DP)."""
+    if not dp.on:
+        return sent, head, None
+    parts, with_head = travelling(entry, round_), not own_head
+    std = dp.noise * dp.clip if dp.mode == "local" else 0.0
+    g = torch.Generator().manual_seed(_seed(seed, round_, u, 5))
+    flat, n = privacy.release(_flat(received, received_head, parts, with_head),
+                              _flat(sent, head, parts, with_head), dp.clip, std, g)
+    return (*_unflat(flat, sent, head, with_head), n)
+
+
+def round_weights(n_u: torch.Tensor, dp: privacy.Settings) -> torch.Tensor:
+    """The clients' weights p: n_u / sum n_u, or, under DP, uniform 1/m (the sensitivity
+    analysis needs bounded weights; n_u itself would be a client's unprotected secret)."""
+    n_u = n_u.to(torch.float64)
+    return torch.full_like(n_u, 1 / len(n_u)) if dp.on else n_u / n_u.sum()
+
+
+def dp_central(dp: privacy.Settings, entry: fl.Aggregator, state: dict, uploads: list,
+               heads: list, update: federation.RoundUpdate, head: dict, *, private_head: bool,
+               seed: int, round_: int) -> dict:
+    """Central DP's server side, in place: before aggregation (`update` None) every decoded
+    upload's change against the global state clipped to dp.clip again (a codec may have moved
+    its norm); after it, N(0, (dp.noise dp.clip / m)^2) added to the mean of the m uploads in
+    what travels (update.factors, the head unless clients keep their own), from a generator
+    seeded by seed and round. Returns the head."""
+    parts, with_head = travelling(entry, round_), not private_head
+    received = _flat(state["factors"], state["head"], parts, with_head)
+    if update is None:
+        for i in range(len(uploads)):
+            flat, _ = privacy.release(received, _flat(uploads[i], heads[i], parts, with_head),
+                                      dp.clip)
+            uploads[i], heads[i] = _unflat(flat, uploads[i], heads[i], with_head)
+        return head
+    mean = _flat(update.factors, head, parts, with_head)
+    noise = privacy.gaussian(mean, dp.noise * dp.clip / len(uploads),
+                             torch.Generator().manual_seed(_seed(seed, round_, 6)))
+    update.factors, head = _unflat({k: v + noise[k] for k, v in mean.items()}, update.factors,
+                                   head, with_head)
+    return head
+
+
 def send_down(update: federation.RoundUpdate, codec: codecs.Codec, parts: str, *, seed: int,
               round_: int, feedback: dict | None = None) -> int:
     """The round's answer as every client decodes it, in place: the global factors in `parts`
@@ -458,7 +544,8 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
                   device: torch.device, seed: int, round_: int, private_head: bool,
                   scales: list[float] | None = None, rank: int | None = None,
                   bytes_up: int | None = None, download: codecs.Codec = codecs.Codec(),
-                  raw_uploads: list | None = None, variances: list | None = None) -> dict:
+                  raw_uploads: list | None = None, variances: list | None = None,
+                  dp: privacy.Settings = privacy.Settings()) -> dict:
     """The server's side of round `round_` (0-based) with the registry's aggregator `name`:
     aggregate the uploads and heads of clients `chosen` (weights p), and move `state` (global
     factors and head, changed frozen weights, private Bs and, if private_head, heads of
@@ -474,13 +561,24 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
     it. raw_uploads: the clients' factors before an upload codec; then the divergences also
     hold "uncompressed": FedIT's (of the decoded uploads) and the aggregate's against M of the
     raw ones (federation.uncompressed_divergences). variances: send_up's, per upload (the
-    server-set option `variance`). Returns the round's relative divergences."""
+    server-set option `variance`). Central DP (`dp`): the uploads are clipped again
+    and the mean noised (dp_central) before the download codec. Returns the round's relative
+    divergences."""
     entry = fl.AGGREGATORS[name]
+    central = dp.mode == "central"
+    if central:
+        dp_central(dp, entry, state, uploads, heads, None, {}, private_head=private_head,
+                   seed=seed, round_=round_)
     update = federation.server_step(uploads, p, name, options, device=device, scales=scales,
                                     rank=rank, previous=state["factors"],
                                     trains=trained(entry, round_), variances=variances)
     uncompressed = None if raw_uploads is None else federation.uncompressed_divergences(
         raw_uploads, uploads, p, update, scales, rank)
+    # the head (and any other trainable non-LoRA parameter): averaged by p_u
+    head = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
+    if central:
+        head = dp_central(dp, entry, state, uploads, heads, update, head,
+                          private_head=private_head, seed=seed, round_=round_)
     if download.name != "none":
         if entry.restart:
             raise ValueError(f"--download-codec: {name} sends clients what its aggregate "
@@ -491,8 +589,7 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
     if bytes_up is not None:
         update.bytes_up = bytes_up
     extra = federation.solver_divergences(uploads, p) if track_solvers else None
-    # the head (and any other trainable non-LoRA parameter): averaged by p_u
-    state["head"] = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
+    state["head"] = head
     if private_head:                                      # each client keeps its own head
         state["client_head"] = state["client_head"] or [
             dict(state["head"]) for _ in range(n_clients)]
@@ -556,14 +653,15 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                    personal_weights: list[int] | None, base_name: str | None = None,
                    ranks: list[int] | None = None, upload_codec: codecs.Codec = codecs.Codec(),
                    download_codec: codecs.Codec = codecs.Codec(),
-                   upload_variance: bool = False) -> list[dict]:
+                   upload_variance: bool = False,
+                   dp: privacy.Settings = privacy.Settings()) -> list[dict]:
     """Federated training with the registry's aggregator `name`; `load()` builds the model and
     tokenizer. ranks[u]: client u's LoRA rank (default: the model's, for all); private_head:
     clients keep their own head; personal_weights: end_round's; upload_codec, download_codec:
     what travels goes through (none: the factors as they are, the aggregator's byte counts; the
     head always travels as it is). Returns its metrics (one dict per round); saves its run
     folder every round, topk's error feedback too (each client's in state["feedback_up"][u],
-    the server's in state["feedback_down"])."""
+    the server's in state["feedback_down"]). dp: client-level DP (dp_upload, dp_central)."""
     entry = fl.AGGREGATORS[name]
     run_dir = os.path.join(out, name)
     os.makedirs(run_dir, exist_ok=True)
@@ -591,7 +689,7 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
     for rnd in bar:
         t0 = time.perf_counter()
         chosen = federation.participants(len(parts), participation, rnd, seed)
-        uploads, heads, losses, bytes_up, raw, variances = [], [], [], 0, [], []
+        uploads, heads, losses, bytes_up, raw, variances, norms = [], [], [], 0, [], [], []
         for u in tqdm(chosen, desc=f"round {rnd + 1} clients", leave=False, dynamic_ncols=True):
             factors = dict(state["factors"])
             if state["client_B"] is not None:                 # a private B: the client's own
@@ -599,10 +697,13 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
             models.set_rank(model, ranks[u])                  # its share, at its own rank
             factors = federation.to_client(factors, ranks[u], scales[ranks[u]])
             head = state["head"] if state["client_head"] is None else state["client_head"][u]
-            sent, head, loss = client_update(
+            sent, new_head, loss = client_update(
                 model, make_batch, parts[u], factors=factors, head=head, lr=lr,
                 optimizer=optimizer, trains=trained(entry, rnd), local_steps=local_steps,
                 batch_size=batch_size, seed=seed, round_=rnd, u=u, core=state.get("core"))
+            sent, head, norm = dp_upload(dp, entry, factors, head, sent, new_head,
+                                         own_head=private_head, seed=seed, round_=rnd, u=u)
+            norms.append(norm)
             if upload_codec.name != "none":                   # what the server decodes
                 feedback = state["feedback_up"][u] if "feedback_up" in state else None
                 raw.append(sent)
@@ -616,7 +717,7 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
             losses.append(loss)
         t1 = time.perf_counter()
         models.set_rank(model, rank)                          # back to the global model
-        p = n_u[chosen] / n_u[chosen].sum()
+        p = round_weights(n_u[chosen], dp)
         divergence = server_update(name, state, model, uploads, heads, p, chosen,
                                    n_clients=len(parts), options=options,
                                    track_solvers=track_solvers, device=device, seed=seed,
@@ -624,16 +725,25 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
                                    scales=[scales[ranks[u]] for u in chosen], rank=rank,
                                    bytes_up=None if upload_codec.name == "none" else bytes_up,
                                    download=download_codec, raw_uploads=raw or None,
-                                   variances=variances if with_variance else None)
+                                   variances=variances if with_variance else None, dp=dp)
         t2 = time.perf_counter()
         row = {"aggregator": name, "round": rnd + 1, "clients": chosen,
                "train_loss": sum(losses) / len(losses), "divergence": divergence,
                "bytes_up": state["bytes_up"], "bytes_down": state["bytes_down"],
-               "client_seconds": t1 - t0, "server_seconds": t2 - t1, "metrics": None}
+               "client_seconds": t1 - t0, "server_seconds": t2 - t1, "metrics": None,
+               **dp_fields(dp, rnd + 1, norms)}
         end_round(row, state, model, tokenizer, task=task, data=data, rounds=rounds,
                   eval_every=eval_every, eval_options=eval_options, out=out, log=log,
                   personal_weights=personal_weights, base_name=base_name)
     return state["metrics"]
+
+
+def dp_fields(dp: privacy.Settings, rounds_done: int, norms: list) -> dict:
+    """A row's DP fields: the epsilon spent after `rounds_done` rounds at dp.delta (None: no
+    noise, no bound) and each client's change norm before clipping; none without DP."""
+    if not dp.on:
+        return {}
+    return {"epsilon": dp.epsilon(rounds_done), "delta": dp.delta, "dp_norms": norms}
 
 
 def rank_scales(model, ranks: list[int]) -> dict[int, float]:
@@ -683,6 +793,8 @@ def _console_line(row: dict, rounds: int) -> str:
              "div " + " ".join(f"{k} {v:.3f}" for k, v in div.items()),
              f"up {row['bytes_up'] / 2**20:.1f}MB down {row['bytes_down'] / 2**20:.1f}MB",
              f"client {row['client_seconds']:.1f}s server {row['server_seconds']:.2f}s"]
+    if row.get("epsilon") is not None:
+        parts.insert(3, f"epsilon {row['epsilon']:.3g}")
     if row["metrics"]:
         parts.insert(3, " ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items()
                                  if not k.endswith("n_eval")))
@@ -793,6 +905,7 @@ def check_args(args: Args) -> list[str]:
         raise ValueError(f"--upload-variance needs an --upload-codec with stochastic rounding "
                          f"(int8, int4, int2), got {args.upload_codec} ({args.codec_rounding})")
     mixed = any(r != args.rank for r in client_ranks(args))
+    check_dp(args, mixed)
     if mixed and args.download_codec != "none":
         raise ValueError("--download-codec with mixed client ranks: each client's share of the "
                          "global pair would need its own encoding (not built); use it with "
@@ -800,9 +913,11 @@ def check_args(args: Args) -> list[str]:
     coded_down = args.download_codec != "none"
     coded = coded_down or args.upload_codec != "none"
     names = [a.strip() for a in args.aggregator.split(",") if a.strip()]
-    if names == ["all"]:        # with mixed ranks, a download codec: those that accept them
+    central = args.dp == "central"
+    if names == ["all"]:        # with mixed ranks, a download codec, central DP: those that can
         names = [n for n, a in fl.AGGREGATORS.items() if (a.mixed_ranks or not mixed)
-                 and not (a.restart and coded_down) and not (a.init and coded)]
+                 and not (a.restart and coded_down) and not (a.init and coded)
+                 and not (a.init and args.dp != "none") and (a.linear or not central)]
     unknown = [a for a in names if a not in fl.AGGREGATORS]
     if unknown or not names:
         raise ValueError(f"unknown aggregator(s) {unknown or names}; choose from "
@@ -822,9 +937,56 @@ def check_args(args: Args) -> list[str]:
         raise ValueError(f"--upload-codec/--download-codec: {', '.join(cored)} send an r x r core "
                          f"R that travels inside A = R A0; the codecs encode factors, not R (not "
                          f"built): run them without codecs")
+    cored = [fl.AGGREGATORS[a].display_name for a in names
+             if args.dp != "none" and fl.AGGREGATORS[a].init is not None]
+    if cored:
+        raise ValueError(f"--dp: {', '.join(cored)} train an r x r core R inside A = R A0; the "
+                         f"clipping and noise would belong on R, not A (not built): run them "
+                         f"without --dp")
+    nonlinear = [fl.AGGREGATORS[a].display_name for a in names
+                 if central and not fl.AGGREGATORS[a].linear]
+    if nonlinear:
+        linear = ", ".join(n for n, a in fl.AGGREGATORS.items() if a.linear)
+        raise ValueError(f"--dp central: {', '.join(nonlinear)} release something other than a "
+                         f"fixed-weight sum of the uploads (coefficients solved from every "
+                         f"client's factors, a product merged into W, an SVD), so clipping each "
+                         f"client to C does not bound one client's influence and the server's "
+                         f"noise would not make it private; use --dp local (each client noises "
+                         f"its own upload), or --dp central with {linear}")
     resolve_device(args.device)
     _check_writable(args.out)
     return names
+
+
+def check_dp(args: Args, mixed: bool) -> None:
+    """The --dp options: a clipping norm, exactly one of --dp-noise and --dp-target-epsilon,
+    a delta below 1 / --clients; none of them without --dp; central DP at one rank."""
+    given = [f"--{k.replace('_', '-')}" for k in ("dp_clip", "dp_noise", "dp_target_epsilon")
+             if getattr(args, k) is not None]
+    if args.dp not in privacy.MODES:
+        raise ValueError(f"--dp must be {' or '.join(privacy.MODES)}, got {args.dp!r}")
+    if args.dp == "none":
+        if given or args.dp_delta != Args.dp_delta:
+            raise ValueError(f"{', '.join(given) or '--dp-delta'} need --dp central or local")
+        return
+    if args.dp_clip is None or not (math.isfinite(args.dp_clip) and args.dp_clip > 0):
+        raise ValueError(f"--dp {args.dp} needs --dp-clip, a finite norm > 0, got {args.dp_clip}")
+    if (args.dp_noise is None) == (args.dp_target_epsilon is None):
+        raise ValueError(f"--dp {args.dp} needs exactly one of --dp-noise (sigma) and "
+                         f"--dp-target-epsilon")
+    if args.dp_noise is not None and not (math.isfinite(args.dp_noise) and args.dp_noise >= 0):
+        raise ValueError(f"--dp-noise must be finite and >= 0, got {args.dp_noise}")
+    target = args.dp_target_epsilon
+    if target is not None and not (math.isfinite(target) and target > 0):
+        raise ValueError(f"--dp-target-epsilon must be finite and > 0, got {target}")
+    if not 0 < args.dp_delta < 1 / args.clients:
+        raise ValueError(f"--dp-delta must be in (0, 1 / --clients = {1 / args.clients:g}): a "
+                         f"delta of 1/U lets a mechanism publish one client's data outright; "
+                         f"got {args.dp_delta}")
+    if mixed and args.dp == "central":
+        raise ValueError("--dp central with mixed client ranks: the clipped changes are in "
+                         "each client's own scaling, their padded sum's sensitivity is not "
+                         "analysed here; use --dp local, or one rank")
 
 
 def check_models(args: Args, names: list[str], model) -> None:
@@ -887,7 +1049,9 @@ def run_facts(args: Args, task: Task, data: TaskData, model) -> dict:
     and where this machine found the model."""
     head = {n: q for n, q in model.named_parameters() if q.requires_grad and "lora_" not in n}
     saved = model.peft_config["default"].modules_to_save or []
+    dp = dp_settings(args)
     return {"task": {"display_name": task.display_name, "main_metric": task.main_metric},
+            **({"dp": dp.record()} if dp.on else {}),
             "model": {"hub_id": models.hub_id(args.model), "path": models.resolve_model(args.model)},
             "majority_baseline": task.majority_baseline(data),
             "client_ranks": client_ranks(args),
@@ -1001,7 +1165,7 @@ def main(args: Args) -> list[dict]:
                        personal_weights=personal_score_weights(args, [len(ix) for ix in parts]),
                        base_name=models.hub_id(args.model), ranks=client_ranks(args),
                        upload_codec=up, download_codec=down,
-                       upload_variance=args.upload_variance)
+                       upload_variance=args.upload_variance, dp=dp_settings(args))
     return log
 
 

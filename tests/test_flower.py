@@ -650,3 +650,49 @@ def test_every_process_is_stopped_when_the_block_fails(tmp_path):
             assert all(flower_local._alive(pid) for pid in family)
             raise RuntimeError("a failing test")
     assert not any(flower_local._alive(pid) for pid in family)
+
+
+# ---------------------------------------------------------------------------------------------
+# Client-level DP (run config dp, train.py's --dp) and Flower's own DP wrappers and mods
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dp_in_a_simulation_equals_train_py(tmp_path, bert_dir, glue_dir):
+    """The run config's dp goes through train.py's own code (dp_upload on the client: the
+    clipping, and local DP's noise; round_weights and dp_central on the server): a simulation
+    of 2 of 3 clients per round with central DP gives train.py's rows (epsilon and the
+    clients' change norms included) and adapters. One simulation (~60 s): local DP differs
+    only in dp_upload's noise, drawn by the same call on the client."""
+    dp, names = "central", "fedsa,ffa"
+    ref = tiny_args(tmp_path / "ref", bert_dir, glue_dir, aggregator=names, participation=0.67,
+                    dp=dp, dp_clip=0.05, dp_noise=2.0, dp_delta=1e-3)
+    train.main(ref)
+    got = dataclasses.replace(ref, out=str(tmp_path / "flower"))
+    with LocalFederation(tmp_path / "fed") as fed:
+        fed.start_superlink(simulation=True)
+        done = fed.run(run_config(got), {"num-supernodes": 3})
+    assert done.ok and done.status == "finished:completed", (done.status, done.stdout[-3000:])
+    assert_same_run(tmp_path / "ref", tmp_path / "flower", names.split(","))
+    rows = rows_of(tmp_path / "flower")
+    assert all(r["epsilon"] > 0 and len(r["dp_norms"]) == 2 for r in rows)
+
+
+def test_flowers_dp_wrappers_and_mods_are_refused(task_identity):
+    """Flower's DP strategy wrapper around the app's strategy (it would skip aggregation or
+    noise nothing of this app's factors) stops at its first configure_train with a message
+    that names the run config's dp; Flower's DP mods on the ClientApp are refused at load."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.clientapp import ClientApp
+    from flwr.clientapp.mod import LocalDpMod, arrays_size_mod, fixedclipping_mod
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+    from flora_na_app import client_app, server_app
+    inner = server_app.RegistryStrategy.__new__(server_app.RegistryStrategy)
+    inner.driving, inner.state = False, {"round": 0}     # as __init__ leaves them
+    wrapped = DifferentialPrivacyClientSideFixedClipping(inner, 1.0, 1.0, 3)
+    with pytest.raises(RuntimeError, match=r"driven by another strategy's start .* dp = "
+                                           r"\"central\" or \"local\""):
+        list(wrapped.configure_train(1, ArrayRecord(), ConfigRecord(), None))
+    client_app.refuse_flower_dp_mods(ClientApp(mods=[arrays_size_mod]))   # not DP: fine
+    for mod in (fixedclipping_mod, LocalDpMod(1.0, 1.0, 1.0, 1e-5)):
+        with pytest.raises(ValueError, match="Flower's DP mods .* set the run config's dp"):
+            client_app.refuse_flower_dp_mods(ClientApp(mods=[mod]))

@@ -43,7 +43,24 @@ from flwr.clientapp import ClientApp
 
 from flora_na_app import packing, version, worker
 
+
+
+def refuse_flower_dp_mods(client_app: ClientApp) -> None:
+    """ValueError if the ClientApp carries one of Flower's DP mods (fixedclipping_mod,
+    adaptiveclipping_mod, LocalDpMod): they clip and noise one FedAvg-style ArrayRecord, which
+    this app's messages are not (the identity query has none), and account nothing for it.
+    The run config's dp (train.py's --dp) does client-level DP in this app."""
+    flower_dp = [getattr(m, "__name__", type(m).__name__) for m in client_app._mods
+                 if getattr(m, "__module__", type(m).__module__).endswith(
+                     ("centraldp_mods", "localdp_mod"))]
+    if flower_dp:
+        raise ValueError(f"Flower's DP mods {flower_dp} do not work with this app (they expect "
+                         f"one FedAvg ArrayRecord per message); remove them and set the run "
+                         f"config's dp = \"central\" or \"local\" with dp-clip")
+
+
 app = ClientApp()
+refuse_flower_dp_mods(app)     # Flower's DP mods added above would fail obscurely: refuse them
 WORKER_START_SECONDS = 60      # a worker binds its socket before importing torch: seconds
 
 

@@ -67,8 +67,9 @@ def setup(run_config: dict, node_config: dict, run_id: int, name: str) -> dict:
         task, data = train.load_data(args)
         model, tokenizer = train.model_loader(args, train.resolve_device(args.device))()
         ranks = train.client_ranks(dataclasses.replace(args, clients=identity(node_config)[1]))
+        dp = train.dp_settings(dataclasses.replace(args, clients=identity(node_config)[1]))
         _loaded.update(key=key, args=args, task=task, data=data, model=model,
-                       tokenizer=tokenizer, ranks=ranks,
+                       tokenizer=tokenizer, ranks=ranks, dp=dp,
                        scales=train.rank_scales(model, ranks),
                        make_batch=task.batcher(tokenizer, data.train, args.max_length))
     return _loaded
@@ -146,11 +147,14 @@ def train_round(run_config: dict, node_config: dict, run_id: int, config: dict,
     models.set_rank(model, r_u)
     factors = federation.to_client(factors, r_u, run["scales"][r_u])
     t1 = time.perf_counter()
-    upload, head, loss = train.client_update(
+    upload, new_head, loss = train.client_update(
         model, run["make_batch"], idx, factors=factors, head=head, lr=args.lr,
         optimizer=args.optimizer, trains=train.trained(entry, round_),
         local_steps=args.local_steps, batch_size=args.batch_size, seed=args.seed, round_=round_,
         u=u, core=got["C"] or None)
+    upload, head, norm = train.dp_upload(    # --dp: clipped (local: noised) as train.py's
+        run["dp"], entry, factors, head, upload, new_head,
+        own_head=train.keeps_own_head(args, name), seed=args.seed, round_=round_, u=u)
     keep = {}
     if entry.private_B:
         keep[private] = _arrays({layer: B for layer, (_, B) in upload.items()})
@@ -165,7 +169,8 @@ def train_round(run_config: dict, node_config: dict, run_id: int, config: dict,
                              feedback_kept=bool(config.get("feedback-kept", False)),
                              variance=args.upload_variance and "variance" in entry.options)
     metrics = {"num-examples": len(idx), "train-loss": loss, "partition-id": u,
-               "load-seconds": t1 - t0, "train-seconds": time.perf_counter() - t1}
+               "load-seconds": t1 - t0, "train-seconds": time.perf_counter() - t1,
+               **({} if norm is None else {"dp-norm": norm})}
     return sent, keep, metrics
 
 

@@ -164,6 +164,8 @@ class RegistryStrategy(Strategy):
         self.n_examples = [len(ix) for ix in client_work.partition(   # train.py's n_u
             data.labels, len(clients), args)]
         self.ranks = train.client_ranks(args)       # each client's LoRA rank, as train.py's
+        self.dp = train.dp_settings(args)           # --dp: as train.py's (args.clients set)
+        self.driving = False                        # True while start() runs the rounds
         self.scales = train.rank_scales(model, self.ranks)
         self.upload_codec, self.download_codec = train.run_codecs(args)
         if self.upload_codec.name == "topk":        # each client's error feedback, as train.py
@@ -204,6 +206,12 @@ class RegistryStrategy(Strategy):
         """train.py's participants of this round, each with its own message built from
         `arrays` (the global model) and `config` (sent with the aggregator and round)."""
         s, rnd = self.state, server_round - 1
+        if not self.driving:
+            raise RuntimeError(
+                f"{type(self).__name__} is driven by another strategy's start (Flower's "
+                f"DifferentialPrivacy* wrappers?): they expect one FedAvg-style ArrayRecord and "
+                f"do not clip or noise this app's factors; leave them out and set the run "
+                f"config's dp = \"central\" or \"local\" with dp-clip (train.py's --dp)")
         assert rnd == s["round"], (server_round, s["round"])
         glob = wire.from_record(arrays)
         factors = {layer: (A, glob["B"][layer]) for layer, A in glob["A"].items()}
@@ -267,6 +275,7 @@ class RegistryStrategy(Strategy):
         ids = sorted(answers)                       # train.py's order: by client index
         uploads, heads, losses, n_u, spent = [], [], [], [], {"load": [], "train": []}
         codec, bytes_up, variances = self.upload_codec, 0, []
+        norms = []                                  # --dp: each client's change before clipping
         for u in ids:
             got_u, metrics = wire.from_record(answers[u]["arrays"]), answers[u]["metrics"]
             if codec.name == "none":
@@ -283,10 +292,11 @@ class RegistryStrategy(Strategy):
             heads.append(got_u["head"])
             losses.append(float(metrics["train-loss"]))
             n_u.append(int(metrics["num-examples"]))
+            norms.append(float(metrics["dp-norm"]) if "dp-norm" in metrics else None)
             for kind in spent:
                 spent[kind].append(float(metrics[f"{kind}-seconds"]))
         n = torch.tensor(n_u, dtype=torch.float64)
-        p = n / n.sum()                             # renormalised over who answered
+        p = train.round_weights(n, self.dp)         # renormalised over who answered
         if failed:
             log(INFO, "round %d: p renormalised over clients %s: %s", rnd + 1, ids,
                 [round(x, 4) for x in p.tolist()])
@@ -298,7 +308,7 @@ class RegistryStrategy(Strategy):
             scales=[self.scales[self.ranks[u]] for u in ids], rank=a.rank,
             bytes_up=None if codec.name == "none" else bytes_up, download=self.download_codec,
             variances=variances if a.upload_variance and "variance" in self.entry.options
-            else None)
+            else None, dp=self.dp)
         t3 = time.perf_counter()
         if self.entry.private_B or self.private_head:
             self.has_own.update(ids)
@@ -311,7 +321,7 @@ class RegistryStrategy(Strategy):
                "bytes_up": self.state["bytes_up"], "bytes_down": self.state["bytes_down"],
                "client_seconds": t1 - self.t_sent, "server_seconds": t3 - t2, "metrics": None,
                "failed": failed, "client_load_seconds": spent["load"],
-               "client_train_seconds": spent["train"]}
+               "client_train_seconds": spent["train"], **train.dp_fields(self.dp, rnd + 1, norms)}
         self.row = row
         return self.global_record(), MetricRecord({"train-loss": row["train_loss"],
                                                    "clients": len(ids),
@@ -377,6 +387,7 @@ class RegistryStrategy(Strategy):
         self.summary()
         result, arrays = Result(), initial_arrays
         config = ConfigRecord() if train_config is None else train_config
+        self.driving = True
         for t in range(first, last + 1):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", t, self.args.rounds)
@@ -397,6 +408,7 @@ class RegistryStrategy(Strategy):
                     result.evaluate_metrics_clientapp[t] = metrics
                 log(INFO, "\t└──> Federated evaluation: %s", metrics)
             self.finish_round()
+        self.driving = False
         return result
 
 

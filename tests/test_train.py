@@ -1270,7 +1270,7 @@ def test_aggregator_options_parse_to_one_form(monkeypatch):
     options = train.aggregator_options(args, "flora_na")
     assert options == {"solver": "als", "tie_layers": True, "steps": 200, "lr": 1e-3,
                        "weight_decay": 0.0, "max_iter": 200, "tol": 1e-12, "prox": 1e-6,
-                       "path": "auto"}
+                       "path": "auto", "gram_correction": "none"}
     assert train.aggregator_options(args, "lora_fair") == {"fair_lambda": 0.5}
     assert train.aggregator_options(args, "fedit") == {}
 

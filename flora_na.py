@@ -90,15 +90,32 @@ def load_head(model, state: dict[str, Tensor]) -> None:
         params[n].copy_(v)
 
 
+class _Core(torch.nn.Module):
+    """lora_A's weight as R @ A0: Fed-SB trains the r x r core R, A0 (r, k) orthonormal rows."""
+    def __init__(self, A0: Tensor):
+        super().__init__()
+        self.register_buffer("A0", A0)
+
+    def forward(self, R): return R @ self.A0
+    def right_inverse(self, A): return A @ self.A0.mT      # R = A A0^T (A0 A0^T = I)
+
+
 def local_train(model, batches, *, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
-                train_A: bool = True, max_grad_norm: float = 1.0) -> float:
-    """The client step: one step per batch, fresh optimizer; the mean loss. train_A=False: FFA."""
+                trains: str = "AB", core: dict[str, Tensor] | None = None,
+                max_grad_norm: float = 1.0) -> float:
+    """The client step: one step per batch, fresh optimizer; the mean loss. trains: the factors
+    trained ("B": A frozen, as FFA-LoRA); core {layer: A0}: A is R @ A0 and only R trains
+    (Fed-SB), folded back into A at the end, so what comes out is a standard LoRA pair."""
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"unknown optimizer {optimizer!r}: use 'adamw' or 'sgd'")
     device = next(model.parameters()).device
+    parametrize = torch.nn.utils.parametrize
+    for name, m in lora_layers(model).items() if core is not None else ():
+        parametrize.register_parametrization(m.lora_A["default"], "weight", _Core(
+            core[name].to(device, m.lora_A["default"].weight.dtype)), unsafe=True)
     for name, param in model.named_parameters():
-        if "lora_A" in name:
-            param.requires_grad_(train_A)
+        if "lora_A" in name or "lora_B" in name:
+            param.requires_grad_(("A" if "lora_A" in name else "B") in trains)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = (torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD)(
         params, lr=lr, weight_decay=weight_decay)
@@ -114,8 +131,10 @@ def local_train(model, batches, *, lr: float, optimizer: str = "adamw", weight_d
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         losses.append(loss.item())
-    for name, param in model.named_parameters():     # leave A trainable for the next user
-        if "lora_A" in name:
+    for m in lora_layers(model).values() if core is not None else ():
+        parametrize.remove_parametrizations(m.lora_A["default"], "weight")   # A = R A0
+    for name, param in model.named_parameters():     # leave A, B trainable for the next user
+        if "lora_A" in name or "lora_B" in name:
             param.requires_grad_(True)
     return sum(losses) / max(len(losses), 1)
 
@@ -563,6 +582,75 @@ def lora_fair(A, B, p, fair_lambda: float = 1e-3, **_) -> Aggregate:
     return Aggregate(A_bar, B_new, None, _nbytes(*A, *B), len(A) * _nbytes(A_bar, B_new))
 
 
+def rolora(A, B, p, rank: int | None = None, previous=None, trains: str | None = None,
+           **_) -> Aggregate:
+    """RoLoRA: clients alternate rounds training B (A frozen at the global A) and A (B frozen),
+    so averaging the trained factor is exact and only it travels. trains: the round's factor
+    (else the one not shared); mixed ranks: zero-padded, the frozen factor the global one."""
+    p = _check_clients(A, B, p, False, "rolora")
+    A_pad, B_pad = pad_ranks(A, B, rank)
+    if trains is None:
+        trains = "B" if all(torch.equal(a, A_pad[0]) for a in A_pad) else "A"
+    frozen = A_pad if trains == "B" else B_pad
+    if trains not in ("A", "B") or (previous is None and any(
+            not torch.equal(f, frozen[0]) for f in frozen)):
+        raise ValueError(f"rolora: clients' frozen factor differs (trains={trains!r}); RoLoRA "
+                         f"trains one factor a round, the other shared")
+    fixed = frozen[0] if previous is None else previous[0 if trains == "B" else 1]
+    new = weighted_sum(p, B_pad if trains == "B" else A_pad)          # the trained factor
+    A_new, B_new = (fixed, new) if trains == "B" else (new, fixed)
+    ranks = [a.shape[1] for a in A]
+    sent = B if trains == "B" else A
+    return Aggregate(A_new, B_new, None, _nbytes(*sent), sum(
+        _nbytes(B_new[:, :, :r] if trains == "B" else A_new[:, :r]) for r in ranks))
+
+
+def fedsb(A, B, p, **_) -> Aggregate:
+    """Fed-SB: B and A0 frozen (fedsb_init), each client trains an r x r core R_u with
+    A_u = R_u A0; averaging A_u averages R_u, exact. R travels: r^2 per layer each way."""
+    p = _check_clients(A, B, p, True, "fedsb")
+    if any(not torch.equal(b, B[0]) for b in B):
+        raise ValueError("fedsb: clients' B differ; Fed-SB keeps B frozen at its initialisation")
+    L, r = A[0].shape[:2]
+    core = L * r * r * A[0].element_size()                             # one client's R
+    return Aggregate(weighted_sum(p, A), B[0], None, len(A) * core, len(A) * core)
+
+
+@torch.enable_grad()
+def fedsb_init(model, batches, *, lr: float, init_samples: int = 50, **_) -> dict[str, Tensor]:
+    """LoRA-SB's initialisation, as Fed-SB runs it once before round 1: the gradient G of W
+    summed over the first `init_samples` single-example batches, Adam's first step
+    -lr sign(G) as the approximate update, its rank-r SVD U S V^T; sets B = U, A = (S / s) V^T
+    (s: the LoRA scaling; R = S / s, A0 = V^T) and returns {layer: A0}. Departures: the
+    model in eval mode (no dropout: every run draws the same), the full SVD, not svd_lowrank."""
+    layers = lora_layers(model)
+    weights = {n: m.get_base_layer().weight for n, m in layers.items()}
+    flags = {n: w.requires_grad for n, w in weights.items()}
+    grads = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    device = next(model.parameters()).device
+    model.eval()
+    for w in weights.values():
+        w.requires_grad_(True)
+    for i, batch in zip(range(init_samples), batches):
+        model.zero_grad(set_to_none=True)
+        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        for n, w in weights.items():
+            grads[n] += w.grad.float()
+    core = {}
+    with torch.no_grad():
+        for n, m in layers.items():
+            weights[n].requires_grad_(flags[n])
+            weights[n].grad = None
+            G = grads[n].mT if m.fan_in_fan_out else grads[n]             # (out, in)
+            U, S, Vh = torch.linalg.svd(-lr * torch.sign(G.double()), full_matrices=False)
+            r = m.lora_A["default"].weight.shape[0]
+            m.lora_B["default"].weight.copy_(U[:, :r])
+            m.lora_A["default"].weight.copy_(S[:r, None] / m.scaling["default"] * Vh[:r])
+            core[n] = Vh[:r].float().cpu()
+    model.zero_grad(set_to_none=True)
+    return core
+
+
 def flora_na(A, B, p, rank: int | None = None, **solver_options) -> Aggregate:
     """FLoRA-NA: B_hat = sum P_u B_u, A_hat = sum Q_u A_u (solve_flora_na), FedIT's bytes; mixed
     ranks: of the zero-padded factors (FedIT's zero-padding is the start), as FedIT sends them."""
@@ -580,7 +668,8 @@ def flora_na(A, B, p, rank: int | None = None, **solver_options) -> Aggregate:
 #    need of each aggregator, its options too. Adding one is a function and a register() call.
 # ---------------------------------------------------------------------------------------------
 
-SERVER_OPTIONS = ("rank", "previous")  # set by the server (global rank, clients' start factors)
+SERVER_OPTIONS = ("rank", "previous", "trains")  # set by the server (global rank, clients'
+#   start factors, the factor the round trained: Aggregator.trains)
 
 
 @dataclass(frozen=True)
@@ -598,14 +687,19 @@ class Aggregator:
     """One aggregation method: the server's function and what clients do differently."""
     aggregate: Callable[..., Aggregate]  # f(A, B, p, **options) -> Aggregate
     display_name: str                    # as tables and figures name it
-    train_A: bool = True                 # clients train A (FFA-LoRA: frozen at a shared init)
+    trains: tuple = ("AB",)              # round t trains trains[t % len]: "A", "B" or both
+    #   (FFA-LoRA: ("B",), A frozen at a shared init); the others stay at the global value
     private_B: bool = False              # each client keeps its own B; only A travels
     private_head: bool = False           # each client keeps its own head (e.g. the classifier)
     restart: bool = False                # the update is merged into W, clients restart LoRA
     folds_into_base: bool = False        # (part of) the update is added to the frozen W
     mixed_ranks: bool = False            # accepts clients of different ranks
+    linear: bool = False                 # the release is a fixed-weight linear function of the
+    #   uploads: the server needs only weighted sums (secure aggregation, central DP apply)
     options: dict = field(default_factory=dict)  # name -> Option (a bare value: its default)
     check_model: Callable | None = None  # (model, options): ValueError if it cannot run on it
+    init: Callable | None = None         # (model, batches, lr=, **options) -> {layer: A0}: sets
+    #   the factors once before round 1; clients then train only R in A = R A0 (Fed-SB's core)
 
     def __post_init__(self):
         object.__setattr__(self, "options", {k: v if isinstance(v, Option) else Option(v)
@@ -616,14 +710,20 @@ def _positive(default, help): return Option(default, help, minimum=0, above=True
 
 
 AGGREGATORS: dict[str, Aggregator] = {
-    "fedit": Aggregator(fedit, "FedIT", mixed_ranks=True, options={"rank": None}),
-    "ffa": Aggregator(ffa, "FFA-LoRA", train_A=False),
-    "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True, private_head=True),
+    "fedit": Aggregator(fedit, "FedIT", mixed_ranks=True, linear=True, options={"rank": None}),
+    "ffa": Aggregator(ffa, "FFA-LoRA", trains=("B",), linear=True),
+    "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True, private_head=True,
+                           linear=True),
     "fedex": Aggregator(fedex, "FedEx-LoRA", folds_into_base=True),
     "flora": Aggregator(flora, "FLoRA", restart=True, folds_into_base=True, mixed_ranks=True),
     "flexlora": Aggregator(flexlora, "FlexLoRA", mixed_ranks=True, options={"rank": None}),
     "lora_fair": Aggregator(lora_fair, "LoRA-FAIR", options={"fair_lambda": _positive(
         1e-3, "ridge weight, relative to the mean diagonal of A_bar A_bar^T")}),
+    "rolora": Aggregator(rolora, "RoLoRA", trains=("B", "A"), mixed_ranks=True, linear=True,
+                         options={"rank": None, "previous": None, "trains": None}),
+    "fedsb": Aggregator(fedsb, "Fed-SB", trains=("A",), linear=True, init=fedsb_init, options={
+        "init_samples": Option(50, "examples whose gradient initialises B, A (Fed-SB: 50)",
+                               minimum=1)}),
     "flora_na": Aggregator(flora_na, "FLoRA-NA", mixed_ranks=True, options={
         "rank": None,
         "solver": Option("als", "als (exact alternating + LM) or adamw (AdamW, whitened)",

@@ -682,8 +682,8 @@ def test_degenerate_cases_are_exact_or_untouched(options):
 # ---------------------------------------------------------------------------------------------
 
 EXACT = {"fedex", "flora"}                      # exact by going beyond rank r (W or rank U r)
-SAME_RANK = ["ffa", "fedsa", "fedex", "lora_fair"]
-ANY_RANK = ["fedit", "flora", "flexlora", "flora_na"]
+SAME_RANK = ["ffa", "fedsa", "fedex", "lora_fair", "fedsb"]
+ANY_RANK = ["fedit", "flora", "flexlora", "flora_na", "rolora"]
 
 
 def test_registry_lists_every_method():
@@ -692,13 +692,49 @@ def test_registry_lists_every_method():
     assert {n for n, a in own.items() if a.mixed_ranks} == set(ANY_RANK)
 
 
+def share_frozen(name: str, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """A (L, U, r, k), B (L, U, d, r) with client 0's value for every client in the factor
+    that the entry's first round does not train (FFA-LoRA, RoLoRA: A; Fed-SB: B)."""
+    trains = AGGREGATORS[name].trains[0]
+    return (A if "A" in trains else A[:, :1].expand_as(A).contiguous(),
+            B if "B" in trains else B[:, :1].expand_as(B).contiguous())
+
+
+LINEAR = {"fedit", "ffa", "fedsa", "rolora", "fedsb"}   # the release is a fixed-weight linear function of uploads
+
+
+def released(agg: Aggregate) -> list[Tensor]:
+    return [t.double() for t in (agg.A, agg.B, agg.base_delta) if t is not None]
+
+
+@pytest.mark.parametrize("name", [n for n, a in AGGREGATORS.items()   # plug-ins: own tests
+                                  if a.aggregate.__module__ == "flora_na"])
+def test_linear_entries_release_a_fixed_weight_linear_function_of_the_uploads(name):
+    """linear=True: the server needs only weighted sums (secure aggregation, central DP), so
+    aggregating x X + y Y gives x agg(X) + y agg(Y); every other entry breaks this on random
+    factors. x + y = 1, so a factor frozen at a shared value is itself such a combination."""
+    entry = AGGREGATORS[name]
+    assert entry.linear == (name in LINEAR)
+    (A1, B1, p), (A2, B2, _) = random_case(0, 2, 3, 6, 5, 2), random_case(1, 2, 3, 6, 5, 2)
+    if "A" not in entry.trains[0]:              # FFA-LoRA, RoLoRA: one A shared by the clients
+        A1, A2 = (a[:, :1].expand_as(a).contiguous() for a in (A1, A2))
+    if "B" not in entry.trains[0]:              # Fed-SB: one B shared by the clients
+        B1, B2 = (b[:, :1].expand_as(b).contiguous() for b in (B1, B2))
+    x, y = 0.3, 0.7
+    mix = entry.aggregate(split(x * A1 + y * A2), split(x * B1 + y * B2), p)
+    one, two = entry.aggregate(split(A1), split(B1), p), entry.aggregate(split(A2), split(B2), p)
+    combined = [x * s + y * t for s, t in zip(released(one), released(two))]
+    agree = len(combined) == len(released(mix)) and all(
+        torch.allclose(m, c, rtol=1e-5, atol=1e-5) for m, c in zip(released(mix), combined))
+    assert agree == entry.linear
+
+
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 @settings(max_examples=20)
 @given(data=st.data())
 def test_every_aggregator_returns_an_aggregate_that_never_beats_the_bound(name, data):
     A, B, p = data.draw(factors(max_U=6))
-    if name == "ffa":                           # FFA-LoRA needs the clients' A to be shared
-        A = A[:, :1].expand_as(A).contiguous()
+    A, B = share_frozen(name, A, B)
     agg = AGGREGATORS[name].aggregate(split(A), split(B), p)
     assert isinstance(agg, Aggregate)
     assert agg.bytes_up > 0 and agg.bytes_down > 0
@@ -874,6 +910,55 @@ def test_bytes_on_the_wire():
     assert fedsa.bytes_up == U * L * r * k * 4                # only A travels up
     flora = F.flora(split(A), split(B), p)
     assert flora.bytes_down == U * L * (U * r * k + d * U * r) * 4   # the stacks, to everyone
+
+    rolora = F.rolora(split(A_shared), split(B), p)           # round trains B: only B travels
+    assert (rolora.bytes_up, rolora.bytes_down) == (U * L * d * r * 4, U * L * d * r * 4)
+    B_shared = B[:, :1].expand_as(B).contiguous()
+    rolora = F.rolora(split(A), split(B_shared), p)           # round trains A: only A travels
+    assert (rolora.bytes_up, rolora.bytes_down) == (U * L * r * k * 4, U * L * r * k * 4)
+    fedsb = F.fedsb(split(A), split(B_shared), p)             # an r x r core per layer each way
+    assert (fedsb.bytes_up, fedsb.bytes_down) == (U * L * r * r * 4, U * L * r * r * 4)
+
+
+@settings(max_examples=30)
+@given(data=st.data())
+def test_rolora_and_fedsb_are_exact_when_clients_share_the_frozen_factor(data):
+    """With the factor a round does not train shared (RoLoRA: A or B; Fed-SB: B, and A_u =
+    R_u A0), averaging the trained one gives B A = sum_u p_u B_u A_u, the dense oracle's M."""
+    A, B, p = data.draw(factors(max_U=6))
+    A_sh, B_sh = A[:, :1].expand_as(A).contiguous(), B[:, :1].expand_as(B).contiguous()
+    scale = (normalised(p) * B.double().flatten(2).norm(dim=2)
+             * A.double().flatten(2).norm(dim=2)).sum(1).max().item()
+    for name, A_u, B_u, trains in (("rolora", A_sh, B, "B"), ("rolora", A, B_sh, "A"),
+                                   ("rolora", A_sh, B, None), ("fedsb", A, B_sh, None)):
+        agg = AGGREGATORS[name].aggregate(split(A_u), split(B_u), p, trains=trains)
+        torch.testing.assert_close(effective_update(agg), dense_M(A_u, B_u, p), rtol=0,
+                                   atol=1e-5 * scale + 1e-30)
+
+
+def test_rolora_with_mixed_ranks_is_exact_about_the_global_frozen_factor():
+    """Client u holds the first r_u components of the global pair: trained B_u (d, r_u) on the
+    frozen A[:r_u], or trained A_u on B[:, :r_u]; zero-padded and averaged, about the global
+    frozen factor (`previous`), the update is sum_u p_u B_u A_u exactly."""
+    g = torch.Generator().manual_seed(3)
+    L, d, k, ranks = 2, 7, 5, [1, 3, 2]
+    A_g, B_g = torch.randn(L, 3, k, generator=g), torch.randn(L, d, 3, generator=g)
+    p = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    new_B = [torch.randn(L, d, r, generator=g) for r in ranks]
+    new_A = [torch.randn(L, r, k, generator=g) for r in ranks]
+    for trains, A, B in (("B", [A_g[:, :r] for r in ranks], new_B),
+                         ("A", new_A, [B_g[:, :, :r] for r in ranks])):
+        agg = F.rolora(A, B, p, rank=3, previous=(A_g, B_g), trains=trains)
+        M = sum(w * b.double() @ a.double() for w, a, b in zip(p.tolist(), A, B))
+        torch.testing.assert_close(effective_update(agg), M, rtol=0, atol=1e-5)
+        assert agg.bytes_up == sum(4 * L * (d * r if trains == "B" else r * k) for r in ranks)
+    with pytest.raises(ValueError, match="frozen factor differs"):
+        F.rolora(split(A0), split(B0), p0, trains="B")           # A not shared, no `previous`
+
+
+def test_fedsb_rejects_clients_whose_B_differ():
+    with pytest.raises(ValueError, match="B differ"):
+        F.fedsb(split(A0), split(B0), p0)
 
 
 def test_flora_na_aggregate_is_the_solver_result():

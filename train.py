@@ -285,16 +285,17 @@ def client_batches(make_batch, idx: list[int], *, local_steps: int, batch_size: 
 
 
 def client_update(model, make_batch, idx: list[int], *, factors, head: dict, lr: float,
-                  optimizer: str, train_A: bool, local_steps: int, batch_size: int, seed: int,
-                  round_: int, u: int):
+                  optimizer: str, trains: str, local_steps: int, batch_size: int, seed: int,
+                  round_: int, u: int, core: dict | None = None):
     """Client u's part of a round: start from the given LoRA factors and head, train on its
-    examples `idx`, and return what it sends: (factors, head, mean training loss)."""
+    examples `idx` (the factors in `trains`; core {layer: A0}: only R in A = R A0, as
+    flora_na.local_train), and return what it sends: (factors, head, mean training loss)."""
     fl.write_factors(model, factors)
     fl.load_head(model, head)
     torch.manual_seed(_seed(seed, round_, u, 1))                     # dropout
     batches = client_batches(make_batch, idx, local_steps=local_steps, batch_size=batch_size,
                              seed=seed, round_=round_, u=u)
-    loss = fl.local_train(model, batches, lr=lr, optimizer=optimizer, train_A=train_A)
+    loss = fl.local_train(model, batches, lr=lr, optimizer=optimizer, trains=trains, core=core)
     return fl.read_factors(model), fl.head_state(model), loss
 
 
@@ -309,10 +310,15 @@ def run_codecs(args: Args) -> tuple[codecs.Codec, codecs.Codec]:
                  for name in (args.upload_codec, args.download_codec))
 
 
-def travelling(entry: fl.Aggregator) -> str:
-    """The factors that travel, up and down, under a registry entry: "A" unless its clients keep
-    A frozen at the shared init (train_A False), "B" unless each keeps its own (private_B)."""
-    return "A" * entry.train_A + "B" * (not entry.private_B)
+def trained(entry: fl.Aggregator, round_: int) -> str:
+    """The factors clients train in round `round_` (0-based) under a registry entry."""
+    return entry.trains[round_ % len(entry.trains)]
+
+
+def travelling(entry: fl.Aggregator, round_: int) -> str:
+    """The factors that travel, up and down, in round `round_` under a registry entry: those
+    its clients train that round (trained), bar B where each keeps its own (private_B)."""
+    return "".join(f for f in trained(entry, round_) if not (f == "B" and entry.private_B))
 
 
 def send_up(upload: dict, codec: codecs.Codec, parts: str, *, seed: int, round_: int, u: int,
@@ -388,6 +394,25 @@ def start_state(model, run_dir: str, resume: bool) -> dict:
             "bytes_down": 0}
 
 
+def init_core(entry: fl.Aggregator, state: dict, model, make_batch, parts: list[list[int]], *,
+              lr: float, seed: int, options: dict) -> None:
+    """Where the registry entry declares an init (Fed-SB's frozen factors), run it once before
+    round 1 on single examples of the pooled training data in a seeded order (as the authors'
+    code does, centrally), keep its {layer: A0} in state["core"] for the clients, the factors
+    it set as the global ones, and count its broadcast (B, A0, R per layer, to every client)
+    in bytes_down. A resumed or already initialised state is left as it is."""
+    if entry.init is None or "core" in state:
+        return
+    pooled = sorted(i for part in parts for i in part)
+    order = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(_seed(seed, 5)))
+    state["core"] = entry.init(model, (make_batch([pooled[i]]) for i in order.tolist()), lr=lr,
+                               **{k: v for k, v in options.items() if k in entry.options})
+    state["factors"] = fl.read_factors(model)
+    state["bytes_down"] += len(parts) * sum(
+        A.element_size() * (B.numel() + A.shape[0] ** 2 + state["core"][n].numel())
+        for n, (A, B) in state["factors"].items())
+
+
 def server_update(name: str, state: dict, model, uploads: list, heads: list[dict], p: torch.Tensor,
                   chosen: list[int], *, n_clients: int, options: dict, track_solvers: bool,
                   device: torch.device, seed: int, round_: int, private_head: bool,
@@ -408,13 +433,14 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
     it. Returns the round's relative divergences."""
     entry = fl.AGGREGATORS[name]
     update = federation.server_step(uploads, p, name, options, device=device, scales=scales,
-                                    rank=rank, previous=state["factors"])
+                                    rank=rank, previous=state["factors"],
+                                    trains=trained(entry, round_))
     if download.name != "none":
         if entry.restart:
             raise ValueError(f"--download-codec: {name} sends clients what its aggregate "
                              f"carries only as a product (merged into W): not encodable")
         feedback = state.setdefault("feedback_down", {}) if download.name == "topk" else None
-        update.bytes_down = len(chosen) * send_down(update, download, travelling(entry),
+        update.bytes_down = len(chosen) * send_down(update, download, travelling(entry, round_),
                                                     seed=seed, round_=round_, feedback=feedback)
     if bytes_up is not None:
         update.bytes_up = bytes_up
@@ -496,6 +522,7 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
     model, tokenizer = load()
     make_batch = task.batcher(tokenizer, data.train, eval_options["max_length"])
     state = start_state(model, run_dir, resume)
+    init_core(entry, state, model, make_batch, parts, lr=lr, seed=seed, options=options)
     if state["round"] > 0 and (problem := run_folder.adapter_problem(run_dir, bool(state["base"]))):
         tqdm.write(f"note: {problem}; rebuilt from {os.path.join(run_dir, 'state.pt')}")
         fl.write_factors(model, state["factors"])
@@ -523,11 +550,11 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
             head = state["head"] if state["client_head"] is None else state["client_head"][u]
             sent, head, loss = client_update(
                 model, make_batch, parts[u], factors=factors, head=head, lr=lr,
-                optimizer=optimizer, train_A=entry.train_A, local_steps=local_steps,
-                batch_size=batch_size, seed=seed, round_=rnd, u=u)
+                optimizer=optimizer, trains=trained(entry, rnd), local_steps=local_steps,
+                batch_size=batch_size, seed=seed, round_=rnd, u=u, core=state.get("core"))
             if upload_codec.name != "none":                   # what the server decodes
                 feedback = state["feedback_up"][u] if "feedback_up" in state else None
-                sent, nbytes = send_up(sent, upload_codec, travelling(entry), seed=seed,
+                sent, nbytes = send_up(sent, upload_codec, travelling(entry, rnd), seed=seed,
                                        round_=rnd, u=u, feedback=feedback)
                 bytes_up += nbytes
             uploads.append(sent)
@@ -713,10 +740,11 @@ def check_args(args: Args) -> list[str]:
                          "global pair would need its own encoding (not built); use it with "
                          "every client at --rank, or --upload-codec alone")
     coded_down = args.download_codec != "none"
+    coded = coded_down or args.upload_codec != "none"
     names = [a.strip() for a in args.aggregator.split(",") if a.strip()]
     if names == ["all"]:        # with mixed ranks, a download codec: those that accept them
         names = [n for n, a in fl.AGGREGATORS.items() if (a.mixed_ranks or not mixed)
-                 and not (a.restart and coded_down)]
+                 and not (a.restart and coded_down) and not (a.init and coded)]
     unknown = [a for a in names if a not in fl.AGGREGATORS]
     if unknown or not names:
         raise ValueError(f"unknown aggregator(s) {unknown or names}; choose from "
@@ -731,6 +759,11 @@ def check_args(args: Args) -> list[str]:
         raise ValueError(f"--download-codec: {', '.join(restarting)} merge the update into W and "
                          f"send clients factors that their aggregate carries only as a product: "
                          f"not encodable here; use --upload-codec alone")
+    cored = [a for a in names if coded and fl.AGGREGATORS[a].init is not None]
+    if cored:
+        raise ValueError(f"--upload-codec/--download-codec: {', '.join(cored)} send an r x r core "
+                         f"R that travels inside A = R A0; the codecs encode factors, not R (not "
+                         f"built): run them without codecs")
     resolve_device(args.device)
     _check_writable(args.out)
     return names

@@ -258,7 +258,7 @@ def main(args: Args) -> list[dict]:
             for u in range(args.clients):
                 upload, head, _ = train.client_update(
                     model, make_batch, parts[u], factors=dict(state["factors"]),
-                    head=state["head"], lr=args.lr, optimizer="adamw", train_A=True,
+                    head=state["head"], lr=args.lr, optimizer="adamw", trains="AB",
                     local_steps=args.local_steps, batch_size=args.batch_size, seed=args.seed,
                     round_=rnd, u=u)
                 uploads.append(upload)

@@ -101,11 +101,13 @@ class RoundUpdate:
 
 def server_step(client_factors: list[Factors], p: Tensor, name: str, options: dict | None = None,
                 device: str | torch.device = "cpu", scales: Sequence[float] | None = None,
-                rank: int | None = None, previous: Factors | None = None) -> RoundUpdate:
+                rank: int | None = None, previous: Factors | None = None,
+                trains: str | None = None) -> RoundUpdate:
     """One server step over every adapted layer: client_factors[u] = {layer: (A, B)}, p the
     weights of the clients that answered. `options` may hold any aggregator's options; each
     aggregator receives those its registry entry declares, and `previous` (the global factors
-    the clients started from) as option previous = (A (L, r, k), B (L, d, r)) if it declares it.
+    the clients started from) as option previous = (A (L, r, k), B (L, d, r)) and `trains`
+    (the factors the clients trained this round) if it declares them.
 
     Clients of different ranks: scales[u] = s_u / s, client u's LoRA scaling over the global
     model's, and `rank` the global rank R. Each B_u is brought to the global scaling first
@@ -122,7 +124,7 @@ def server_step(client_factors: list[Factors], p: Tensor, name: str, options: di
     if scales is not None and any(c != 1 for c in scales):
         client_factors = [{n: (A, B * c) for n, (A, B) in cf.items()}
                           for cf, c in zip(client_factors, scales)]
-    mine = {k: v for k, v in {**(options or {}), "rank": rank}.items()
+    mine = {k: v for k, v in {**(options or {}), "rank": rank, "trains": trains}.items()
             if k in entry.options and v is not None}
     update = RoundUpdate(None if entry.restart else {}, {}, 0, 0, {})
     for names, A, B in stacked_groups(client_factors, device):

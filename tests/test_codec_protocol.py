@@ -101,8 +101,18 @@ def test_download_is_one_message_decoded_in_place(name):
 
 def test_travelling_factors_follow_the_registry():
     expected = {"fedit": "AB", "ffa": "B", "fedsa": "A", "fedex": "AB", "flora": "AB",
-                "flexlora": "AB", "lora_fair": "AB", "flora_na": "AB"}
-    assert {n: train.travelling(fl.AGGREGATORS[n]) for n in expected} == expected
+                "flexlora": "AB", "lora_fair": "AB", "flora_na": "AB", "fedsb": "A"}
+    for round_ in (0, 1, 4):
+        assert {n: train.travelling(fl.AGGREGATORS[n], round_) for n in expected} == expected
+    assert [train.travelling(fl.AGGREGATORS["rolora"], t) for t in range(4)] == ["B", "A"] * 2
+
+
+def sent_so_far(name: str, round_: int) -> list[str]:
+    """The travelling parts of every round up to `round_` (1-based), one string each."""
+    return [train.travelling(fl.AGGREGATORS[name], t) for t in range(round_)]
+
+
+CODED = [n for n in OWN if fl.AGGREGATORS[n].init is None]   # no core R: codecs take them
 
 
 # --- end to end on the tiny BERT (hidden 32, 2 layers, query and value, rank 2): every
@@ -118,10 +128,11 @@ def test_all_aggregators_train_on_int4_uploads(tmp_path, bert_dir, glue_dir):
     assert (config["upload_codec"], config["download_codec"], config["codec_block"]) == (
         "int4", "none", 64)
     rows = rows_of(out)
-    assert sorted({r["aggregator"] for r in rows}) == sorted(fl.AGGREGATORS)
+    assert sorted({r["aggregator"] for r in rows}) == sorted(
+        n for n, a in fl.AGGREGATORS.items() if a.init is None)
     for r in rows:
-        sent = len(train.travelling(fl.AGGREGATORS[r["aggregator"]]))
-        assert r["bytes_up"] == r["round"] * 3 * 4 * sent * 36, r["aggregator"]
+        sent = len("".join(sent_so_far(r["aggregator"], r["round"])))
+        assert r["bytes_up"] == 3 * 4 * sent * 36, r["aggregator"]
         assert math.isfinite(r["train_loss"]) and r["metrics"] is not None
     fedit = [r for r in rows if r["aggregator"] == "fedit"]
     assert [r["bytes_down"] for r in fedit] == [3 * 4 * 2 * 64 * 4 * t for t in (1, 2)]
@@ -134,16 +145,16 @@ def test_all_aggregators_on_the_tiny_llama_with_int4_uploads(tmp_path, llama_dir
     tests register in this one have tests of their own)."""
     out = tmp_path / "run"
     train.main(train.Args(task="gsm8k", model=str(llama_dir), data_dir=str(gen_dir),
-                          out=str(out), aggregator=",".join(OWN), upload_codec="int4", clients=2,
+                          out=str(out), aggregator=",".join(CODED), upload_codec="int4", clients=2,
                           rounds=2, local_steps=2, batch_size=2, rank=2, lr=5e-3, max_length=64,
                           eval_every=5, max_new_tokens=8, max_eval_examples=2,
                           agg_option=["flora_na.steps=20"], device="cpu", threads=1))
     per_client = {"A": 4 * 36, "B": 2 * 36 + 2 * 20}
     rows = rows_of(out)
-    assert sorted({r["aggregator"] for r in rows}) == sorted(OWN)
+    assert sorted({r["aggregator"] for r in rows}) == sorted(CODED)
     for r in rows:
-        sent = train.travelling(fl.AGGREGATORS[r["aggregator"]])
-        assert r["bytes_up"] == r["round"] * 2 * sum(per_client[p] for p in sent)
+        sent = "".join(sent_so_far(r["aggregator"], r["round"]))
+        assert r["bytes_up"] == 2 * sum(per_client[p] for p in sent)
         assert math.isfinite(r["train_loss"])
 
 
@@ -160,22 +171,23 @@ def test_clients_of_mixed_ranks_upload_at_their_own_rank(tmp_path, bert_dir, glu
 def test_the_global_model_is_the_decoded_download(tmp_path, bert_dir, glue_dir):
     """--download-codec int4 (nearest): the server keeps what clients decode: each global factor
     of a travelling part is on its int4 grid (q * absmax / 7, q integer), FFA's A is not sent
-    (the shared init, unchanged); bytes down are 36 per factor, plus FedEx's 32 x 32 residual
+    (the shared init, unchanged), nor RoLoRA's in its first round (it trains B); bytes down are 36 per factor, plus FedEx's 32 x 32 residual
     (16 blocks: 512 + 64 bytes) per layer, for each of 3 clients."""
     out = tmp_path / "run"
-    train.main(bert_args(out, bert_dir, glue_dir, aggregator="fedit,ffa,fedex",
+    train.main(bert_args(out, bert_dir, glue_dir, aggregator="fedit,ffa,fedex,rolora",
                          download_codec="int4", codec_rounding="nearest", rounds=1))
     rows = {r["aggregator"]: r for r in rows_of(out)}
     assert rows["fedit"]["bytes_down"] == 3 * 4 * 2 * 36
-    assert rows["ffa"]["bytes_down"] == 3 * 4 * 36
+    assert rows["ffa"]["bytes_down"] == rows["rolora"]["bytes_down"] == 3 * 4 * 36
     assert rows["fedex"]["bytes_down"] == 3 * 4 * (2 * 36 + 576)
     on_grid = lambda x: torch.allclose(x / (x.abs().max() / 7), (x / (x.abs().max() / 7)).round(),
                                        atol=1e-4)
     for name in ("fedit", "fedex"):
         for A, B in load_state(out / name)["factors"].values():
             assert on_grid(A) and on_grid(B)
-    for A, B in load_state(out / "ffa")["factors"].values():
-        assert on_grid(B) and not on_grid(A)
+    for name in ("ffa", "rolora"):
+        for A, B in load_state(out / name)["factors"].values():
+            assert on_grid(B) and not on_grid(A)
 
 
 @pytest.mark.parametrize("up,down", [("topk", "topk"), ("int4", "int2")])
@@ -213,7 +225,7 @@ def test_codec_none_is_the_uncompressed_protocol(tmp_path, bert_dir, glue_dir):
                          codec_rounding="nearest", topk_fraction=0.5))
     assert same_results.compare(str(a), str(b)) == []
     for r in rows_of(a):
-        sent = len(train.travelling(fl.AGGREGATORS[r["aggregator"]]))
+        sent = len(train.travelling(fl.AGGREGATORS[r["aggregator"]], 0))
         assert r["bytes_up"] == r["bytes_down"] == 3 * 4 * sent * 64 * 4
 
 
@@ -245,6 +257,8 @@ BAD = {
                               "--download-codec with mixed client ranks"),
     "download, flora": (dict(download_codec="int8", aggregator="fedit,flora"),
                         "--download-codec: flora merge the update into W"),
+    "upload, fedsb": (dict(upload_codec="int8", aggregator="fedit,fedsb"),
+                      "--upload-codec/--download-codec: fedsb send an r x r core"),
 }
 
 
@@ -258,4 +272,5 @@ def test_bad_codec_input_fails_before_training(tmp_path, no_training, bert_dir, 
 
 def test_all_with_a_download_codec_leaves_out_what_cannot_take_it(tmp_path, bert_dir, glue_dir):
     args = bert_args(tmp_path / "run", bert_dir, glue_dir, aggregator="all", download_codec="fp16")
-    assert train.check_args(args) == [n for n, a in fl.AGGREGATORS.items() if not a.restart]
+    assert train.check_args(args) == [n for n, a in fl.AGGREGATORS.items()
+                                      if not a.restart and a.init is None]

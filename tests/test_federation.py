@@ -80,8 +80,10 @@ def test_server_step_follows_the_registry_entry(name):
     exactly when it folds into W, the registry's aggregate per layer, divergences per layer."""
     entry = fl.AGGREGATORS[name]
     A, B, p = drifted(2, 1e-2)
-    if not entry.train_A:                                   # FFA-LoRA: one shared A
+    if "A" not in entry.trains[0]:                          # FFA-LoRA, RoLoRA: one shared A
         A = [A[0]] * len(A)
+    if "B" not in entry.trains[0]:                          # Fed-SB: one shared B
+        B = [B[0]] * len(B)
     update = federation.server_step(factors_of(A, B), p, name)
     agg = entry.aggregate(A, B, p)
     assert (update.factors is None) == entry.restart == (agg.A is None)
@@ -142,9 +144,14 @@ def test_mixed_ranks_are_accepted_exactly_where_the_registry_says():
     g = torch.Generator().manual_seed(4)
     A = [torch.randn(1, r, 5, generator=g) for r in (2, 4, 3)]
     B = [torch.randn(1, 6, r, generator=g) for r in (2, 4, 3)]
+    A_g, B_g = torch.randn(1, 4, 5, generator=g), torch.randn(1, 6, 4, generator=g)
     for name, entry in fl.AGGREGATORS.items():
-        if entry.mixed_ranks:
-            entry.aggregate(A, B, torch.ones(3))
+        if entry.mixed_ranks:       # RoLoRA: the frozen factor is the global one's first r_u
+            frozen = "A" not in entry.trains[0]
+            server = {k: v for k, v in {"previous": (A_g, B_g), "trains": entry.trains[0]}.items()
+                      if k in entry.options}
+            entry.aggregate([A_g[:, :a.shape[1]] for a in A] if frozen else A, B, torch.ones(3),
+                            **server)
         else:
             with pytest.raises(ValueError, match="rank"):
                 entry.aggregate(A, B, torch.ones(3))

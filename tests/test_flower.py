@@ -183,14 +183,16 @@ def test_plugins_and_aggregator_options_come_from_the_run_config():
 
 
 def test_arrays_travel_exactly():
-    """Factors, head and frozen weights come back bit for bit; bfloat16 travels as float32
-    and casts back exactly; without_B sends only the A factors."""
+    """Factors, head, frozen weights and core bases come back bit for bit; bfloat16 travels as
+    float32 and casts back exactly; without_B sends only the A factors."""
     g = torch.Generator().manual_seed(0)
     factors = {"l0.q": (torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)),
                "l1.v": (torch.randn(3, 5, generator=g), torch.randn(4, 3, generator=g))}
     head = {"classifier.weight": torch.randn(2, 6, generator=g)}
     base = {"l0.q": torch.randn(6, 8, generator=g).bfloat16()}
-    got = wire.from_record(wire.to_record(factors, head, base))
+    core = {"l0.q": torch.randn(2, 8, generator=g)}
+    got = wire.from_record(wire.to_record(factors, head, base, core=core))
+    assert got["C"].keys() == core.keys() and torch.equal(got["C"]["l0.q"], core["l0.q"])
     for layer, (A, B) in factors.items():
         assert torch.equal(got["A"][layer], A) and torch.equal(got["B"][layer], B)
     assert torch.equal(got["head"]["classifier.weight"], head["classifier.weight"])
@@ -198,6 +200,7 @@ def test_arrays_travel_exactly():
     assert torch.equal(got["W"]["l0.q"].bfloat16(), base["l0.q"])
     only_A = wire.from_record(wire.to_record(factors, without_B=True))
     assert only_A["B"] == {} and only_A["head"] == {} and only_A["A"].keys() == factors.keys()
+    assert only_A["C"] == {}
 
 
 def test_a_message_carries_its_arrays_packed_in_two():
@@ -320,10 +323,11 @@ def test_weighted_metrics_weigh_each_set_by_its_size():
 
 # one aggregator per path through the app: private Bs kept on the nodes (FedSA-LoRA, first:
 # it is the one resumed), plain factors (FedIT, and FLoRA-NA, the method), changed frozen
-# weights sent to the clients (FedEx-LoRA), and LoRA restarted after the merge (FLoRA); and
+# weights sent to the clients (FedEx-LoRA), LoRA restarted after the merge (FLoRA), the factor
+# trained by round (RoLoRA), frozen factors set once on the server and A0 sent (Fed-SB); and
 # test_train.py's toy aggregator, registered there alone: the run config's plugins bring it
 # into every Flower process, and its own option (shrink) travels in agg-option
-PATHS = ("fedsa", "fedit", "fedex", "flora", "flora_na", "toy_shrink")
+PATHS = ("fedsa", "fedit", "fedex", "flora", "flora_na", "rolora", "fedsb", "toy_shrink")
 
 
 def federated_eval_in_process(run_dir: Path, config: dict, clients: list[int], n: int,

@@ -49,13 +49,15 @@ def applied(model) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def client_round(model, p):
-    """Random factors for each client at its rank: (uploads, the update each applies)."""
+def client_round(model, p, shared_A: dict | None = None):
+    """Random factors for each client at its rank: (uploads, the update each applies); with
+    shared_A {layer: global A}, client u's A is its first r_u rows (RoLoRA's round on B)."""
     g = torch.Generator().manual_seed(1)
     uploads, updates = [], []
     for r in CLIENT_RANKS:
         models.set_rank(model, r)
-        factors = {n: (torch.randn(r, m.in_features, generator=g, dtype=torch.float64),
+        factors = {n: (shared_A[n][:r] if shared_A else
+                       torch.randn(r, m.in_features, generator=g, dtype=torch.float64),
                        torch.randn(m.out_features, r, generator=g, dtype=torch.float64))
                    for n, m in fl.lora_layers(model).items()}
         fl.write_factors(model, factors)
@@ -83,11 +85,14 @@ def test_set_rank_builds_peft_layers_of_that_rank_and_scaling():
 def test_mixed_rank_server_step_through_real_peft_layers(name):
     model = tiny_bert()
     p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
-    uploads, updates = client_round(model, p)
+    trains = train.trained(fl.AGGREGATORS[name], 0)
+    previous = {n: (A.double(), B.double()) for n, (A, B) in fl.read_factors(model).items()}
+    uploads, updates = client_round(model, p, None if "A" in trains else
+                                    {n: A for n, (A, _) in previous.items()})
     M = {n: sum(w * up[n] for w, up in zip(p.tolist(), updates)) for n in updates[0]}
     scales = train.rank_scales(model, CLIENT_RANKS)
     update = federation.server_step(uploads, p, name, scales=[scales[r] for r in CLIENT_RANKS],
-                                    rank=RANK)
+                                    rank=RANK, previous=previous, trains=trains)
     base = {n: m.get_base_layer().weight.clone() for n, m in fl.lora_layers(model).items()}
     if update.base_delta:
         fl.add_to_base(model, {n: d.double() for n, d in update.base_delta.items()})
@@ -107,8 +112,8 @@ def test_mixed_rank_server_step_through_real_peft_layers(name):
             (div / norm_M).item(), rel=1e-5, abs=1e-6)
         zero_pad = reported["naive"] / reported["norm_M"]
         tail = torch.linalg.svdvals(M[n])[RANK:].square().sum().sqrt() / norm_M
-        if name == "flora":
-            assert div <= 1e-6 * norm_M                 # exact, whatever the ranks
+        if name in ("flora", "rolora"):                 # exact, whatever the ranks (RoLoRA:
+            assert div <= 1e-6 * norm_M                 # about the shared frozen factor)
         elif name == "flexlora":
             assert (div / norm_M).item() == pytest.approx(tail.item(), abs=1e-6)
         elif name == "fedit":                           # zero-padding: what naive reports
@@ -180,7 +185,7 @@ BAD = {  # Args changes -> message; each must fail before anything is written
     "unknown profile": (dict(rank_profile="pareto"), "unknown rank profile 'pareto'"),
     "equal-rank aggregator": (dict(client_ranks="1,2", aggregator="fedit,fedex,ffa"),
                               "fedex, ffa need every client at the global rank; with mixed "
-                              "client ranks use fedit, flora, flexlora, flora_na"),
+                              "client ranks use fedit, flora, flexlora, rolora, flora_na"),
 }
 
 

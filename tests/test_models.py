@@ -86,9 +86,11 @@ def test_every_aggregator_on_a_tiny_gpt2(name, tmp_path):
     model = models.add_lora(model, RANK, ALPHA, dropout=0.0, task_type="CAUSAL_LM")
     g = torch.Generator().manual_seed(2)
     start = fl.read_factors(model)
-    uploads = [{n: (A if not entry.train_A else A + 0.1 * torch.randn(A.shape, generator=g),
-                    torch.randn(B.shape, generator=g)) for n, (A, B) in start.items()}
-               for _ in range(3)]
+    trains = entry.trains[0]                    # the others stay at a value the clients share
+    shared_B = {n: torch.randn(B.shape, generator=g) for n, (_, B) in start.items()}
+    uploads = [{n: (A if "A" not in trains else A + 0.1 * torch.randn(A.shape, generator=g),
+                    shared_B[n] if "B" not in trains else torch.randn(B.shape, generator=g))
+                for n, (A, B) in start.items()} for _ in range(3)]
     p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     update = federation.server_step(uploads, p, name)
     ids = torch.randint(3, 50, (2, 7), generator=g)
@@ -108,3 +110,60 @@ def test_every_aggregator_on_a_tiny_gpt2(name, tmp_path):
         torch.testing.assert_close(logits(model, ids), logits(ideal, ids), rtol=1e-4, atol=1e-4)
     else:                                       # rank r: finite, and the aggregate's own product
         assert torch.isfinite(logits(model, ids)).all()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fedsb_init_is_the_rank_r_svd_of_adams_first_step(family):
+    """fedsb_init against a dense float64 oracle on the plain model (no peft): G = sum over
+    samples of dL/dW, one backward per sample; then s B A = the rank-r truncation of
+    -lr sign(G), A = R A0 with A0's rows orthonormal and R = A A0^T diagonal (= S / s).
+    GPT-2's Conv1D stores W as (in, out): the oracle transposes its gradient."""
+    plain, task_type = tiny(family)
+    model = models.add_lora(tiny(family)[0], RANK, ALPHA, dropout=0.0, task_type=task_type,
+                            head_modules=[])
+    g = torch.Generator().manual_seed(5)
+    samples = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 50, (4, 1, 6),
+                                                                          generator=g)]
+    lr = 0.01
+    core = fl.fedsb_init(model, iter(samples), lr=lr, init_samples=3)
+    plain.eval()
+    for sample in samples[:3]:                  # accumulates into .grad, one sample at a time
+        plain(**sample).loss.backward()
+    weights = dict(plain.named_parameters())
+    for name, m in fl.lora_layers(model).items():
+        W = weights[name.removeprefix("base_model.model.") + ".weight"]
+        G = (W.grad.T if m.fan_in_fan_out else W.grad).double()
+        U, S, Vh = torch.linalg.svd(-lr * torch.sign(G))
+        target = U[:, :RANK] @ torch.diag(S[:RANK]) @ Vh[:RANK]
+        A, B = m.lora_A["default"].weight.double(), m.lora_B["default"].weight.double()
+        torch.testing.assert_close(m.scaling["default"] * B @ A, target, rtol=0, atol=1e-6)
+        A0 = core[name].double()
+        torch.testing.assert_close(A0 @ A0.T, torch.eye(RANK, dtype=A0.dtype), atol=1e-6, rtol=0)
+        R = A @ A0.T
+        torch.testing.assert_close(R @ A0, A, atol=1e-6, rtol=0)          # A = R A0
+        torch.testing.assert_close(R, torch.diag(S[:RANK]) / m.scaling["default"], atol=1e-6,
+                                   rtol=1e-5)
+        assert not m.get_base_layer().weight.requires_grad        # W frozen again
+
+
+def test_a_core_client_trains_only_R_and_hands_back_a_plain_lora_pair():
+    """local_train with core {layer: A0}: B does not move, A moves only inside A0's row space
+    (A = R A0), and the layers are plain peft LoRA again afterwards. trains="B": A does not move at all."""
+    model = models.add_lora(tiny("gpt2")[0], RANK, ALPHA, dropout=0.0, task_type="CAUSAL_LM",
+                            head_modules=[])
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, 50, (3, 2, 6), generator=g)
+    batches = [{"input_ids": x, "labels": x} for x in ids]
+    core = fl.fedsb_init(model, iter(batches), lr=0.01, init_samples=2)
+    before = fl.read_factors(model)
+    fl.local_train(model, batches, lr=0.05, trains="A", core=core)
+    after = fl.read_factors(model)
+    for n, (A, B) in after.items():
+        assert torch.equal(B, before[n][1]) and not torch.equal(A, before[n][0])
+        torch.testing.assert_close(A @ core[n].T @ core[n], A, atol=1e-6, rtol=0)
+    assert all(type(m.lora_A["default"]).__name__ == "Linear" and
+               not hasattr(m.lora_A["default"], "parametrizations")
+               for m in fl.lora_layers(model).values())
+    fl.local_train(model, batches, lr=0.05, trains="B")
+    for n, (A, B) in fl.read_factors(model).items():
+        assert torch.equal(A, after[n][0]) and not torch.equal(B, after[n][1])

@@ -99,12 +99,12 @@ def my_eval_data(node_config: dict, run: dict) -> TaskData:
 
 
 def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, torch.Tensor]]:
-    """wire.from_record's split of numpy arrays into A, B, head and W tensors."""
-    out: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}, "head": {}, "W": {}}
+    """wire.from_record's split of numpy arrays into A, B, head, W and C (core) tensors."""
+    out: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}, "head": {}, "W": {}, "C": {}}
     for key, array in arrays.items():
         kind, name = key.split("/", 1)
         if kind not in out:
-            raise ValueError(f"unexpected array {key!r}: expected A/, B/, head/ or W/ keys")
+            raise ValueError(f"unexpected array {key!r}: expected A/, B/, head/, W/ or C/ keys")
         out[kind][name] = torch.from_numpy(array)
     return out
 
@@ -153,8 +153,9 @@ def train_round(run_config: dict, node_config: dict, run_id: int, config: dict,
     t1 = time.perf_counter()
     upload, head, loss = train.client_update(
         model, run["make_batch"], idx, factors=factors, head=head, lr=args.lr,
-        optimizer=args.optimizer, train_A=entry.train_A, local_steps=args.local_steps,
-        batch_size=args.batch_size, seed=args.seed, round_=round_, u=u)
+        optimizer=args.optimizer, trains=train.trained(entry, round_),
+        local_steps=args.local_steps, batch_size=args.batch_size, seed=args.seed, round_=round_,
+        u=u, core=got["C"] or None)
     keep = {}
     if entry.private_B:
         keep[private] = _arrays({layer: B for layer, (_, B) in upload.items()})

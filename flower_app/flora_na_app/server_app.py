@@ -190,7 +190,7 @@ class RegistryStrategy(Strategy):
     def global_record(self) -> ArrayRecord:
         """The global model as it travels: factors, head, changed frozen weights."""
         s = self.state
-        return wire.to_record(s["factors"], s["head"], s["base"])
+        return wire.to_record(s["factors"], s["head"], s["base"], core=s.get("core"))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -211,7 +211,7 @@ class RegistryStrategy(Strategy):
             if s["client_head"] is not None:
                 head = {} if own else s["client_head"][u]
             record = wire.to_record(mine, head, glob["W"],
-                                    without_B=own and s["client_B"] is not None)
+                                    without_B=own and s["client_B"] is not None, core=glob["C"])
             content = RecordDict({"arrays": record, "config": ConfigRecord(
                 {**dict(config), "aggregator": self.name, "round": rnd,
                  "code-version": self.code})})
@@ -420,6 +420,10 @@ def main(grid: Grid, context: Context) -> None:
         os.makedirs(run_dir, exist_ok=True)
         model, tokenizer = load()
         state = train.start_state(model, run_dir, args.resume)
+        train.init_core(fl.AGGREGATORS[name], state, model,     # Fed-SB's frozen factors
+                        task.batcher(tokenizer, data.train, args.max_length),
+                        client_work.partition(data.labels, args.clients, args), lr=args.lr,
+                        seed=args.seed, options=train.aggregator_options(args, name))
         if state["round"] >= args.rounds:
             continue
         strategy = RegistryStrategy(name, state=state, model=model, tokenizer=tokenizer,

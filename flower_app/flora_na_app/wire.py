@@ -3,9 +3,10 @@
 The run config ([tool.flwr.app.config] in pyproject.toml, overridden with `flwr run
 --run-config`) holds train.py's command-line options under the same kebab-case names, so
 one train.Args describes a run whichever way it is run; "" leaves an option at train.py's
-default. The LoRA factors, the head and the frozen weights that an aggregator changed travel
-as float32 (ArrayRecord refuses bfloat16) under "A/<layer>", "B/<layer>", "head/<parameter>"
-and "W/<layer>", packed into one ArrayRecord of two arrays (packing.py).
+default. The LoRA factors, the head, the frozen weights that an aggregator changed and the
+frozen A0 of a core aggregator (Fed-SB: A = R A0) travel as float32 (ArrayRecord refuses
+bfloat16) under "A/<layer>", "B/<layer>", "head/<parameter>", "W/<layer>" and "C/<layer>",
+packed into one ArrayRecord of two arrays (packing.py).
 """
 from __future__ import annotations
 
@@ -63,9 +64,10 @@ def args_from(run_config: dict, **override) -> train.Args:
 
 
 def to_arrays(factors: dict | None = None, head: dict | None = None, base: dict | None = None,
-              without_B: bool = False) -> dict[str, np.ndarray]:
-    """LoRA factors {layer: (A, B)} (only the A's if without_B), a head {parameter: tensor}
-    and frozen weights {layer: W} as float32 numpy arrays under the keys above."""
+              without_B: bool = False, core: dict | None = None) -> dict[str, np.ndarray]:
+    """LoRA factors {layer: (A, B)} (only the A's if without_B), a head {parameter: tensor},
+    frozen weights {layer: W} and core bases {layer: A0} as float32 numpy arrays under the
+    keys above."""
     tensors = {}
     for layer, (A, B) in (factors or {}).items():
         tensors[f"A/{layer}"] = A
@@ -73,23 +75,24 @@ def to_arrays(factors: dict | None = None, head: dict | None = None, base: dict 
             tensors[f"B/{layer}"] = B
     tensors.update({f"head/{k}": v for k, v in (head or {}).items()})
     tensors.update({f"W/{k}": v for k, v in (base or {}).items()})
+    tensors.update({f"C/{k}": v for k, v in (core or {}).items()})
     return {k: v.detach().float().cpu().contiguous().numpy() for k, v in tensors.items()}
 
 
 def to_record(factors: dict | None = None, head: dict | None = None, base: dict | None = None,
-              without_B: bool = False) -> ArrayRecord:
+              without_B: bool = False, core: dict | None = None) -> ArrayRecord:
     """to_arrays as one packed ArrayRecord (packing.py: two objects for Flower to move)."""
-    return packing.pack(to_arrays(factors, head, base, without_B))
+    return packing.pack(to_arrays(factors, head, base, without_B, core))
 
 
 def from_record(record: ArrayRecord) -> dict[str, dict[str, torch.Tensor]]:
-    """{"A": {layer: A}, "B": {layer: B}, "head": {parameter: tensor}, "W": {layer: W}} from
-    an ArrayRecord made by to_record (missing kinds are empty)."""
-    out: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}, "head": {}, "W": {}}
+    """{"A": {layer: A}, "B": {layer: B}, "head": {parameter: tensor}, "W": {layer: W},
+    "C": {layer: A0}} from an ArrayRecord made by to_record (missing kinds are empty)."""
+    out: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}, "head": {}, "W": {}, "C": {}}
     for key, array in packing.unpack(record).items():
         tensor = torch.from_numpy(array)
         kind, name = key.split("/", 1)
         if kind not in out:
-            raise ValueError(f"unexpected array {key!r}: expected A/, B/, head/ or W/ keys")
+            raise ValueError(f"unexpected array {key!r}: expected A/, B/, head/, W/ or C/ keys")
         out[kind][name] = tensor
     return out

@@ -4,9 +4,13 @@ facts about that code which differ from its paper's description (each pinned by 
 fails if the fact stops holding), and, on the same inputs, this project's registry entries."""
 from __future__ import annotations
 
+import types
+
+import peft
 import pytest
 import torch
 
+import flora_na as fl
 from evidence import peers_code as pc
 
 f64 = torch.float64
@@ -166,3 +170,114 @@ def test_fact_factory_rolora_chains_its_clients_after_the_first_round():
     trained = pc.factory_trained_factor(1)                           # "B"
     up = pc.factory_local_run(model, {"A": A1}, [client(s) for s in steps], 1)
     assert [u["B"][0, 0].item() for u in up] == [1.0, 11.0, 111.0]   # chained: not from B0
+
+
+# ---------------------------------------------------------------------------------------------
+# Theirs and ours on the same inputs
+# ---------------------------------------------------------------------------------------------
+
+class Probe(torch.nn.Module):
+    """One linear layer W (d, k) whose loss is sum(W_eff * C) for the batch's C (identity
+    input): each sample's gradient of W is its own C, so the test chooses G exactly."""
+    def __init__(self, d: int, k: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(k, d, bias=False)
+
+    def forward(self, C):                                       # C (d, k)
+        out = self.lin(torch.eye(self.lin.in_features))         # (k, d) = W_eff^T
+        return types.SimpleNamespace(loss=(out * C.T).sum())
+
+
+def probe_model(d: int, k: int, r: int, alpha: float):
+    torch.manual_seed(0)
+    return peft.get_peft_model(Probe(d, k), peft.LoraConfig(r=r, lora_alpha=alpha,
+                                                            target_modules=["lin"]))
+
+
+@pytest.mark.parametrize("r, g, alpha", [(4, 3, 8.0), (6, 6, 6.0)])
+def test_fedsb_init_ours_equals_theirs_where_the_svd_is_exact(r, g, alpha):
+    """The same gradient G = sum of per-sample gradients (one per batch, as both codes sum
+    them), its sign matrix of rank g <= r: their initialise (float32 factors) and our
+    fedsb_init set the same starting update, delta W = -lr sign(G), to fp32 tolerance. Their R
+    is the singular values with scaling 1 (lora_alpha = lora_r); ours keeps --lora-alpha and
+    holds R = S / s, so s R_ours = R_theirs: the same product, while the trained R's step moves
+    delta W s times as far under AdamW."""
+    d, k, lr = 24, 16, 1e-3
+    P = torch.sign(sign_pattern(d, k, g, seed=r)).float()
+    gen = torch.Generator().manual_seed(9)
+    samples = [{"C": P * (0.5 + torch.rand(d, k, generator=gen))} for _ in range(3)]
+    model = probe_model(d, k, r, alpha)
+    core = fl.fedsb_init(model, iter(samples), lr=lr, init_samples=3)
+    (name, m), = fl.lora_layers(model).items()
+    s = m.scaling["default"]
+    A, B = m.lora_A["default"].weight.double(), m.lora_B["default"].weight.double()
+    G = pc.grad_sum([x["C"] for x in samples], [1, 1, 1])
+    A_t, R_t, B_t = pc.initialise(pc.process_grads(G, lr), r, out_dtype=torch.float32)
+    ours, theirs = s * B @ A, pc.delta(A_t, R_t, B_t).double()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5 * lr)
+    torch.testing.assert_close(ours, -lr * P.double(), rtol=0, atol=1e-5 * lr)
+    R_ours = A @ core[name].double().T                              # A = R A0
+    torch.testing.assert_close(s * R_ours.diagonal()[:g], R_t.diagonal()[:g].double(),
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("weights", [[1, 1, 1, 1], [50, 300, 120, 80]])
+def test_fedsb_aggregate_ours_against_theirs(weights):
+    """Clients' cores R_u (A_u = R_u A0 in our protocol, B shared). Equal data: our p-weighted
+    mean equals their uniform mean of R, to fp32 tolerance. Fact: with unequal data their code
+    still takes the uniform mean (aggregate_models_fed_sb; their clients hold equal contiguous
+    slices), ours weights by p_u = n_u / N, the mean the exact update M = sum_u p_u B R_u A0
+    needs; the two differ by sum_u (p_u - 1/U) R_u A0."""
+    gen = torch.Generator().manual_seed(10)
+    L, d, k, r, U = 2, 20, 12, 4, len(weights)
+    A0 = torch.linalg.qr(torch.randn(L, k, r, generator=gen))[0].mT           # (L, r, k)
+    B = torch.randn(L, d, r, generator=gen)
+    Rs = [torch.randn(L, r, r, generator=gen) for _ in range(U)]
+    p = torch.tensor(weights, dtype=f64) / sum(weights)
+    ours = fl.fedsb([R @ A0 for R in Rs], [B] * U, p)
+    theirs = pc.aggregate(Rs) @ A0
+    assert torch.equal(ours.B, B)
+    weighted = sum(w * R.double() for w, R in zip(p.tolist(), Rs)) @ A0.double()
+    torch.testing.assert_close(ours.A.double(), weighted, rtol=1e-5, atol=1e-6)
+    if len(set(weights)) == 1:
+        torch.testing.assert_close(ours.A, theirs, rtol=1e-5, atol=1e-6)
+    else:
+        gap = (ours.A.double() - theirs.double()).norm() / theirs.double().norm()
+        expected = sum((w - 1 / U) * R.double() for w, R in zip(p.tolist(), Rs)) @ A0.double()
+        torch.testing.assert_close(ours.A.double() - theirs.double(), expected, rtol=1e-5,
+                                   atol=1e-6)
+        assert gap > 0.1
+
+
+def test_rolora_aggregate_ours_equals_the_third_partys_data_weighted_mean():
+    """A round that trains B (A shared): our rolora's new B is FedLLM-Factory's data-weighted
+    mean of the uploaded B, to fp32 tolerance; A stays the shared one; a round that trains A
+    likewise for A."""
+    gen = torch.Generator().manual_seed(11)
+    L, d, k, r, n = 2, 18, 14, 4, [50, 300, 120]
+    A = torch.randn(L, r, k, generator=gen)
+    Bs = [torch.randn(L, d, r, generator=gen) for _ in n]
+    p = torch.tensor(n, dtype=f64) / sum(n)
+    out = fl.rolora([A] * 3, Bs, p, trains="B")
+    torch.testing.assert_close(out.B, pc.factory_aggregate(Bs, n), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.A, A)
+    B = torch.randn(L, d, r, generator=gen)
+    As = [torch.randn(L, r, k, generator=gen) for _ in n]
+    out = fl.rolora(As, [B] * 3, p, trains="A")
+    torch.testing.assert_close(out.A, pc.factory_aggregate(As, n), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.B, B)
+
+
+def test_fact_the_third_partys_first_rolora_round_trains_A_while_B_is_zero():
+    """Ours trains B first (registry: trains ("B", "A")); FedLLM-Factory's round 0 trains A,
+    with peft's B = 0 at the start: the gradient of A is then exactly zero (delta W = s B A),
+    so its first round moves A only by AdamW's decoupled weight decay (torch's default 0.01;
+    utils/train_utils.py 33-36 sets none) and sends back the same A to every client."""
+    assert fl.AGGREGATORS["rolora"].trains == ("B", "A") and pc.factory_trained_factor(0) == "A"
+    model = probe_model(12, 10, 4, 8.0)
+    (_, m), = fl.lora_layers(model).items()
+    assert not m.lora_B["default"].weight.any()                   # peft's zero B
+    model(torch.randn(12, 10)).loss.backward()
+    assert m.lora_A["default"].weight.grad is not None
+    assert not m.lora_A["default"].weight.grad.any()
+    assert m.lora_B["default"].weight.grad.any()

@@ -110,7 +110,7 @@ if [[ $VARIANT != default && $MODE != FULL ]]; then
     echo "FLORA_NA_VARIANT=$VARIANT is for MODE=FULL (QUICK keeps the method's own solver)" >&2; exit 2
 fi
 AGGREGATORS=${AGGREGATORS:-}       # some aggregators only, comma-separated registry names
-REF_SEEDS=${REF_SEEDS:-0}          # ... and the seeds at which the method and baseline join them
+REF_SEEDS=${REF_SEEDS-0}           # ... and the seeds at which the method and baseline join them (may be empty)
 if [[ -n $AGGREGATORS && $VARIANT != default ]]; then
     echo "reproduce.sh: AGGREGATORS and FLORA_NA_VARIANT do not combine; run them apart" >&2; exit 2
 fi

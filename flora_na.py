@@ -13,7 +13,7 @@ Read top to bottom: no function or class uses a name defined below it (tests/tes
   1. LoRA factors in and out of a peft model, and the client step
   2. Gram primitives and the divergence        } the solver: one block, torch + stdlib only,
   3. the FLoRA-NA solver (ALS + LM, AdamW)     } between the COPYABLE SOLVER markers
-  4. aggregators, simplest first: FedIT .. LoRA-FAIR, then FLoRA-NA
+  4. aggregators, simplest first: FedIT .. LoRA-FAIR, RoLoRA, Fed-SB, then FLoRA-NA
   5. the registry: each aggregator, what its clients do differently, and its options
 The solver stands before the baselines (which need none of it) to be one block to copy. The
 matrix-free path for many clients is flora_na_scale.py; the authors' released variant is a
@@ -90,14 +90,12 @@ def load_head(model, state: dict[str, Tensor]) -> None:
         params[n].copy_(v)
 
 
-class _Core(torch.nn.Module):
-    """lora_A's weight as R @ A0: Fed-SB trains the r x r core R, A0 (r, k) orthonormal rows."""
+class _Core(torch.nn.Module):   # lora_A's weight as R @ A0, A0 (r, k) with orthonormal rows
     def __init__(self, A0: Tensor):
         super().__init__()
         self.register_buffer("A0", A0)
-
     def forward(self, R): return R @ self.A0
-    def right_inverse(self, A): return A @ self.A0.mT      # R = A A0^T (A0 A0^T = I)
+    def right_inverse(self, A): return A @ self.A0.mT      # R = A A0^T
 
 
 def local_train(model, batches, *, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
@@ -109,8 +107,8 @@ def local_train(model, batches, *, lr: float, optimizer: str = "adamw", weight_d
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"unknown optimizer {optimizer!r}: use 'adamw' or 'sgd'")
     device = next(model.parameters()).device
-    parametrize = torch.nn.utils.parametrize
-    for name, m in lora_layers(model).items() if core is not None else ():
+    parametrize, layers = torch.nn.utils.parametrize, lora_layers(model) if core else {}
+    for name, m in layers.items():                 # lora_A's weight becomes R @ A0: R trains
         parametrize.register_parametrization(m.lora_A["default"], "weight", _Core(
             core[name].to(device, m.lora_A["default"].weight.dtype)), unsafe=True)
     for name, param in model.named_parameters():
@@ -131,7 +129,7 @@ def local_train(model, batches, *, lr: float, optimizer: str = "adamw", weight_d
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         losses.append(loss.item())
-    for m in lora_layers(model).values() if core is not None else ():
+    for m in layers.values():
         parametrize.remove_parametrizations(m.lora_A["default"], "weight")   # A = R A0
     for name, param in model.named_parameters():     # leave A, B trainable for the next user
         if "lora_A" in name or "lora_B" in name:
@@ -584,30 +582,29 @@ def lora_fair(A, B, p, fair_lambda: float = 1e-3, **_) -> Aggregate:
 
 def rolora(A, B, p, rank: int | None = None, previous=None, trains: str | None = None,
            **_) -> Aggregate:
-    """RoLoRA: clients alternate rounds training B (A frozen at the global A) and A (B frozen),
-    so averaging the trained factor is exact and only it travels. trains: the round's factor
-    (else the one not shared); mixed ranks: zero-padded, the frozen factor the global one."""
+    """RoLoRA: rounds alternate training B (A frozen at the global A) and A (B frozen), so the
+    trained factor's average is exact and only it travels; B first (peft's B = 0 gives A no
+    gradient; no code released). trains: the round's factor (else the unshared one); mixed
+    ranks: zero-padded, about the global frozen factor (previous)."""
     p = _check_clients(A, B, p, False, "rolora")
     A_pad, B_pad = pad_ranks(A, B, rank)
-    if trains is None:
-        trains = "B" if all(torch.equal(a, A_pad[0]) for a in A_pad) else "A"
-    frozen = A_pad if trains == "B" else B_pad
-    if trains not in ("A", "B") or (previous is None and any(
-            not torch.equal(f, frozen[0]) for f in frozen)):
+    trains = trains or ("B" if all(torch.equal(a, A_pad[0]) for a in A_pad) else "A")
+    frozen, trained = (A_pad, B_pad) if trains == "B" else (B_pad, A_pad)
+    if trains not in ("A", "B") or previous is None and any(
+            not torch.equal(f, frozen[0]) for f in frozen):
         raise ValueError(f"rolora: clients' frozen factor differs (trains={trains!r}); RoLoRA "
                          f"trains one factor a round, the other shared")
     fixed = frozen[0] if previous is None else previous[0 if trains == "B" else 1]
-    new = weighted_sum(p, B_pad if trains == "B" else A_pad)          # the trained factor
-    A_new, B_new = (fixed, new) if trains == "B" else (new, fixed)
-    ranks = [a.shape[1] for a in A]
-    sent = B if trains == "B" else A
-    return Aggregate(A_new, B_new, None, _nbytes(*sent), sum(
-        _nbytes(B_new[:, :, :r] if trains == "B" else A_new[:, :r]) for r in ranks))
+    new = weighted_sum(p, trained)
+    cut = lambda r: new[:, :, :r] if trains == "B" else new[:, :r]   # client u's share of it
+    return Aggregate(*((fixed, new) if trains == "B" else (new, fixed)), None, _nbytes(
+        *(B if trains == "B" else A)), sum(_nbytes(cut(a.shape[1])) for a in A))
 
 
 def fedsb(A, B, p, **_) -> Aggregate:
     """Fed-SB: B and A0 frozen (fedsb_init), each client trains an r x r core R_u with
-    A_u = R_u A0; averaging A_u averages R_u, exact. R travels: r^2 per layer each way."""
+    A_u = R_u A0; averaging A_u averages R_u (p-weighted; Fed-SB's script: uniform), exact.
+    R travels: r^2 per layer each way."""
     p = _check_clients(A, B, p, True, "fedsb")
     if any(not torch.equal(b, B[0]) for b in B):
         raise ValueError("fedsb: clients' B differ; Fed-SB keeps B frozen at its initialisation")
@@ -618,36 +615,32 @@ def fedsb(A, B, p, **_) -> Aggregate:
 
 @torch.enable_grad()
 def fedsb_init(model, batches, *, lr: float, init_samples: int = 50, **_) -> dict[str, Tensor]:
-    """LoRA-SB's initialisation, as Fed-SB runs it once before round 1: the gradient G of W
-    summed over the first `init_samples` single-example batches, Adam's first step
-    -lr sign(G) as the approximate update, its rank-r SVD U S V^T; sets B = U, A = (S / s) V^T
-    (s: the LoRA scaling; R = S / s, A0 = V^T) and returns {layer: A0}. Departures: the
-    model in eval mode (no dropout: every run draws the same), the full SVD, not svd_lowrank."""
-    layers = lora_layers(model)
-    weights = {n: m.get_base_layer().weight for n, m in layers.items()}
-    flags = {n: w.requires_grad for n, w in weights.items()}
-    grads = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
-    device = next(model.parameters()).device
+    """LoRA-SB's initialisation, run once before round 1 (Fed-SB): G = dL/dW summed over the
+    first `init_samples` single-example batches, Adam's first step -lr sign(G) as the update,
+    its rank-r SVD U S V^T; sets B = U, A = R A0 with R = S / s (s: the LoRA scaling), A0 = V^T,
+    so round 1 starts from that step (R = S / s: LoRA-SB's paper); returns {layer: A0}. Fed-SB
+    computes G once from pooled data (50 samples), lr its first warm-up lr; here lr is the
+    client lr (no warm-up). Departures: no dropout, an exact SVD, not svd_lowrank."""
+    layers, device, core = lora_layers(model), next(model.parameters()).device, {}
+    W = {n: m.get_base_layer().weight for n, m in layers.items()}
+    G = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in W.items()}
     model.eval()
-    for w in weights.values():
+    for w in W.values():
         w.requires_grad_(True)
-    for i, batch in zip(range(init_samples), batches):
-        model.zero_grad(set_to_none=True)
+    for _, batch in zip(range(init_samples), batches):
         model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
-        for n, w in weights.items():
-            grads[n] += w.grad.float()
-    core = {}
+        for n, w in W.items():
+            G[n], w.grad = G[n] + (0 if w.grad is None else w.grad), None
+    model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for n, m in layers.items():
-            weights[n].requires_grad_(flags[n])
-            weights[n].grad = None
-            G = grads[n].mT if m.fan_in_fan_out else grads[n]             # (out, in)
-            U, S, Vh = torch.linalg.svd(-lr * torch.sign(G.double()), full_matrices=False)
+            W[n].requires_grad_(False)
+            step = -lr * torch.sign(G[n].mT if m.fan_in_fan_out else G[n]).double().cpu()
+            U, S, Vh = torch.linalg.svd(step, full_matrices=False)
             r = m.lora_A["default"].weight.shape[0]
             m.lora_B["default"].weight.copy_(U[:, :r])
             m.lora_A["default"].weight.copy_(S[:r, None] / m.scaling["default"] * Vh[:r])
-            core[n] = Vh[:r].float().cpu()
-    model.zero_grad(set_to_none=True)
+            core[n] = Vh[:r].float()
     return core
 
 
@@ -668,8 +661,7 @@ def flora_na(A, B, p, rank: int | None = None, **solver_options) -> Aggregate:
 #    need of each aggregator, its options too. Adding one is a function and a register() call.
 # ---------------------------------------------------------------------------------------------
 
-SERVER_OPTIONS = ("rank", "previous", "trains")  # set by the server (global rank, clients'
-#   start factors, the factor the round trained: Aggregator.trains)
+SERVER_OPTIONS = ("rank", "previous", "trains")  # set by the server: global rank, start, trained
 
 
 @dataclass(frozen=True)
@@ -687,8 +679,7 @@ class Aggregator:
     """One aggregation method: the server's function and what clients do differently."""
     aggregate: Callable[..., Aggregate]  # f(A, B, p, **options) -> Aggregate
     display_name: str                    # as tables and figures name it
-    trains: tuple = ("AB",)              # round t trains trains[t % len]: "A", "B" or both
-    #   (FFA-LoRA: ("B",), A frozen at a shared init); the others stay at the global value
+    trains: tuple = ("AB",)              # round t trains trains[t % len], the rest stays global
     private_B: bool = False              # each client keeps its own B; only A travels
     private_head: bool = False           # each client keeps its own head (e.g. the classifier)
     restart: bool = False                # the update is merged into W, clients restart LoRA
@@ -698,8 +689,7 @@ class Aggregator:
     #   uploads: the server needs only weighted sums (secure aggregation, central DP apply)
     options: dict = field(default_factory=dict)  # name -> Option (a bare value: its default)
     check_model: Callable | None = None  # (model, options): ValueError if it cannot run on it
-    init: Callable | None = None         # (model, batches, lr=, **options) -> {layer: A0}: sets
-    #   the factors once before round 1; clients then train only R in A = R A0 (Fed-SB's core)
+    init: Callable | None = None         # sets B, A = R A0 once, returns A0; then R trains only
 
     def __post_init__(self):
         object.__setattr__(self, "options", {k: v if isinstance(v, Option) else Option(v)
@@ -712,8 +702,7 @@ def _positive(default, help): return Option(default, help, minimum=0, above=True
 AGGREGATORS: dict[str, Aggregator] = {
     "fedit": Aggregator(fedit, "FedIT", mixed_ranks=True, linear=True, options={"rank": None}),
     "ffa": Aggregator(ffa, "FFA-LoRA", trains=("B",), linear=True),
-    "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True, private_head=True,
-                           linear=True),
+    "fedsa": Aggregator(fedsa, "FedSA-LoRA", private_B=True, private_head=True, linear=True),
     "fedex": Aggregator(fedex, "FedEx-LoRA", folds_into_base=True),
     "flora": Aggregator(flora, "FLoRA", restart=True, folds_into_base=True, mixed_ranks=True),
     "flexlora": Aggregator(flexlora, "FlexLoRA", mixed_ranks=True, options={"rank": None}),

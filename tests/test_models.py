@@ -167,3 +167,40 @@ def test_a_core_client_trains_only_R_and_hands_back_a_plain_lora_pair():
     fl.local_train(model, batches, lr=0.05, trains="B")
     for n, (A, B) in fl.read_factors(model).items():
         assert torch.equal(A, after[n][0]) and not torch.equal(B, after[n][1])
+
+
+def test_init_core_runs_the_entry_init_once_on_pooled_examples_and_counts_its_broadcast():
+    """train.init_core: the entry's init gets the lr, its own options only, and single-example
+    batches of the pooled training data in a seeded order; the factors it sets become the
+    global ones, its A0 is kept in state["core"], and every client's download of B, A0 and R
+    (float32) is counted once; a state that has a core (resumed) is left alone."""
+    import train
+    model = models.add_lora(tiny("gpt2")[0], RANK, ALPHA, dropout=0.0, task_type="CAUSAL_LM",
+                            head_modules=[])
+    seen = []
+
+    def init(model, batches, **kw):
+        seen.append(kw)
+        batches = list(batches)
+        seen.append([int(b["input_ids"][0, 0]) for b in batches])
+        return fl.fedsb_init(model, iter(batches), **kw)
+
+    entry = fl.Aggregator(fl.fedsb, "Fed-SB", trains=("A",), init=init,
+                          options={"init_samples": 2})
+    make_batch = lambda idx: {"input_ids": torch.tensor([[3 + i, 5, 7] for i in idx]),
+                              "labels": torch.tensor([[3 + i, 5, 7] for i in idx])}
+    parts = [[4, 0], [2], [1, 3]]
+    state = {"factors": fl.read_factors(model), "bytes_down": 0}
+    train.init_core(entry, state, model, make_batch, parts, lr=0.01, seed=0,
+                    options={"init_samples": 2, "solver": "als"})
+    assert seen[0] == {"lr": 0.01, "init_samples": 2}
+    assert sorted(seen[1]) == [3, 4, 5, 6, 7]            # all pooled examples, one a batch
+    assert state["factors"].keys() == state["core"].keys() == fl.lora_layers(model).keys()
+    for n, (A, B) in fl.read_factors(model).items():
+        assert torch.equal(state["factors"][n][0], A) and torch.equal(state["factors"][n][1], B)
+    per_client = sum(4 * (B.numel() + RANK * RANK + A.numel())
+                     for A, B in state["factors"].values())
+    assert state["bytes_down"] == 3 * per_client
+    before = dict(state)
+    train.init_core(entry, state, model, make_batch, parts, lr=0.01, seed=0, options={})
+    assert len(seen) == 2 and state == before

@@ -46,6 +46,18 @@
 #   MODE=FULL FLORA_NA_VARIANT=authors bash reproduce.sh   # FLoRA-NA as the authors' released
 #                                        # code runs it (aggregator flora_na_authors),
 #                                        # into results/full_authors/; RESULTS.md is left alone
+#   AGGREGATORS=a,b bash reproduce.sh --only 2,3,7   # some aggregators only (e.g. ones added
+#                                        # since the last full run), into results/<mode>_a_b/
+#                                        # (or $RESULTS): stage 3 runs them instead of every
+#                                        # one, stage 2 compares them over seeds at the picked
+#                                        # settings, stage 7 runs those that accept mixed ranks
+#                                        # mixed and all of them at equal ranks; the method and
+#                                        # the baseline run beside them at REF_SEEDS (default
+#                                        # "0") as references; --publish writes only the
+#                                        # report's block for these aggregators into RESULTS.md
+#   REGIME_ONLY="lr5e-3 steps50" bash reproduce.sh --only 2   # stage 2's sweep at these
+#                                        # settings and the base only, the comparison over
+#                                        # seeds at them (the picks: as many as they are)
 #
 # Every training run has its own --out under $RESULTS/runs/<stage>/ and is started with
 # --resume, so re-running this script continues killed runs and skips finished ones.
@@ -53,7 +65,8 @@
 # CPU cores in QUICK, 1 in FULL), THREADS (torch threads per run: 1 in QUICK, all in FULL),
 # PYTHON, PYTEST_ARGS, ROBERTA and LLAMA (local folders for the FULL models, no Hub needed),
 # RESULTS (output folder), PUBLISH=1 (as --publish), FLORA_NA_VARIANT
-# (FULL only: authors, the plug-in evidence/authors_variant.py). After changing a
+# (FULL only: authors, the plug-in evidence/authors_variant.py), AGGREGATORS, REF_SEEDS and
+# REGIME_ONLY (above). After changing a
 # budget, delete the affected results/runs/<stage>/ folders: train.py refuses to resume with
 # another config.
 set -euo pipefail
@@ -100,6 +113,11 @@ VARIANT=${FLORA_NA_VARIANT:-default}
 if [[ $VARIANT != default && $MODE != FULL ]]; then
     echo "FLORA_NA_VARIANT=$VARIANT is for MODE=FULL (QUICK keeps the method's own solver)" >&2; exit 2
 fi
+AGGREGATORS=${AGGREGATORS:-}       # some aggregators only, comma-separated registry names
+REF_SEEDS=${REF_SEEDS-0}           # ... and the seeds at which the method and baseline join them (may be empty)
+if [[ -n $AGGREGATORS && $VARIANT != default ]]; then
+    echo "reproduce.sh: AGGREGATORS and FLORA_NA_VARIANT do not combine; run them apart" >&2; exit 2
+fi
 
 # The comparison the report draws: the method, and the baseline it is measured against
 # (stage 2 runs only these two; stage 3 runs every registered aggregator)
@@ -117,6 +135,9 @@ else
     JOBS=${JOBS:-$CORES}; THREADS=${THREADS:-1}; RESULTS=${RESULTS:-results/quick}
 fi
 [[ $TINY == 1 ]] && RESULTS=results/tiny
+if [[ -n $AGGREGATORS && (${RESULTS%/} == results/quick || ${RESULTS%/} == results/full) ]]; then
+    RESULTS=${RESULTS%/}_${AGGREGATORS//,/_}     # never into a full run's folder
+fi
 RUNS=$RESULTS/runs
 export OMP_NUM_THREADS=${THREADS/#0/$CORES} TOKENIZERS_PARALLELISM=false
 
@@ -246,8 +267,35 @@ COMP_AGGS=${COMP_AGGS:-$BASELINE,ffa,flexlora,$METHOD}   # every upload codec, t
 COMMON=(${DATA:+--data-dir "$DATA"} --threads "$THREADS" --resume)
 if [[ $VARIANT != default ]]; then COMMON+=(--plugins "evidence.${VARIANT}_variant"); fi
 GLUE_TASKS=${GLUE_TASKS:-${QUICK_GLUE_TASKS:-rte mrpc stsb sst2}}   # longest runs first
+if [[ -n ${REGIME_ONLY:-} ]]; then   # these settings and the base (the study's reference)
+    REGIME_SETTINGS="${REGIME_ONLY//base/} base"
+    REGIME_PICK=$(wc -w <<<"${REGIME_ONLY//base/}")
+fi
+MIXED_AGGREGATORS=""               # those of AGGREGATORS that accept clients of mixed ranks
+if [[ -n $AGGREGATORS ]]; then     # registered names, each once, neither the method nor the baseline
+    MIXED_AGGREGATORS=$("$PY" - "$AGGREGATORS" "$METHOD" "$BASELINE" <<'EOF'
+import sys
+import flora_na as fl
+names, refs = sys.argv[1].split(","), sys.argv[2:]
+bad = [n for n in names if n not in fl.AGGREGATORS]
+if bad or len(set(names)) < len(names) or set(names) & set(refs):
+    sys.exit(f"reproduce.sh: AGGREGATORS={sys.argv[1]}: "
+             + (f"not registered: {', '.join(bad)} (registered: {', '.join(fl.AGGREGATORS)})"
+                if bad else "name each once, and neither " + " nor ".join(refs)
+                + " (they run beside them as references)"))
+print(",".join(n for n in names if fl.AGGREGATORS[n].mixed_ranks))
+EOF
+) || exit 2
+fi
 
 # --- helpers --------------------------------------------------------------------------------
+
+aggregators_at() {   # aggregators_at SEED REFS: the --aggregator of a run that trains REFS:
+    # REFS itself; with AGGREGATORS, those, and REFS beside them only at the seeds in REF_SEEDS
+    if [[ -z $AGGREGATORS ]]; then echo "$2"
+    elif [[ -n $2 && " $REF_SEEDS " == *" $1 "* ]]; then echo "$AGGREGATORS,$2"
+    else echo "$AGGREGATORS"; fi
+}
 
 wanted() {   # wanted N: is stage N selected?
     if [[ -n $ONLY && ",$ONLY," != *",$1,"* && $1 != 8 ]]; then return 1; fi
@@ -374,7 +422,7 @@ stage_2() {
     # client count at one seed, differences within noise): this sweep covers alpha and client
     # count for the error, and compares accuracy over 3 seeds where the error is largest.
     banner 2 "regime study: $BASELINE on SST-2, one factor at a time around $(regime_args base
-        ) ($METHOD's variants tracked); then $METHOD vs $BASELINE at the $REGIME_PICK largest errors" "$T2"
+        ) ($METHOD's variants tracked); then $METHOD vs $BASELINE${AGGREGATORS:+ with $AGGREGATORS} at the $REGIME_PICK largest errors" "$T2"
     local name seed setting
     pool_start
     for name in $REGIME_SETTINGS; do  # FedIT with every FLoRA-NA variant tracked, seed 0
@@ -387,8 +435,9 @@ stage_2() {
     pool_wait
     if [[ $DRY_RUN == 1 ]]; then
         echo "# then, at the $REGIME_PICK setting(s) with the largest $BASELINE divergence" \
-             "(picked from the runs above): $METHOD at seed 0, $BASELINE,$METHOD at the" \
-             "other seeds of {$REGIME_SEEDS}, into $RUNS/regime/<setting>_seed<seed>"
+             "(picked from the runs above): $(aggregators_at 0 "$METHOD") at seed 0," \
+             "$(aggregators_at 1 "$BASELINE,$METHOD") at the other seeds of {$REGIME_SEEDS}," \
+             "into $RUNS/regime/<setting>_seed<seed>"
         return 0
     fi
     local picked
@@ -406,6 +455,7 @@ print(*largest_error(sys.argv[1], int(sys.argv[2])))' "$RESULTS" "$REGIME_PICK")
         for seed in $(printf '%s\n' $REGIME_SEEDS | sort -r); do  # seed 0's FedIT is the tracked run
             local aggs="$BASELINE,$METHOD"
             [[ $seed == 0 ]] && aggs=$METHOD
+            aggs=$(aggregators_at "$seed" "$aggs")
             # shellcheck disable=SC2086
             pool_run "$RUNS/regime/${name}_seed$seed" "${TRAIN[@]}" --task sst2 \
                 "${GLUE_MODEL[@]}" --aggregator "$aggs" --seed "$seed" $setting \
@@ -416,16 +466,19 @@ print(*largest_error(sys.argv[1], int(sys.argv[2])))' "$RESULTS" "$REGIME_PICK")
 }
 
 stage_3() {
-    banner 3 "GLUE table: every aggregator x {$GLUE_TASKS} x seeds {$SEEDS}, $GLUE_CLIENTS clients, Dirichlet 0.5, + centralised" "$T3"
+    banner 3 "GLUE table: ${AGGREGATORS:-every aggregator} x {$GLUE_TASKS} x seeds {$SEEDS}, $GLUE_CLIENTS clients, Dirichlet 0.5, + centralised" "$T3"
     pool_start
-    local task seed out
+    local task seed out all=all      # with AGGREGATORS: those, the references at REF_SEEDS
+    [[ -n $AGGREGATORS ]] && all="$BASELINE,$METHOD"
     for seed in $SEEDS; do           # seed by seed, so an interrupted stage still covers every
         for task in $GLUE_TASKS; do  # task; the long pair tasks first balances the pool better
             out=$RUNS/glue/${task}_seed$seed
-            pool_run "$out" "${TRAIN[@]}" --task "$task" "${GLUE_MODEL[@]}" --aggregator all \
+            pool_run "$out" "${TRAIN[@]}" --task "$task" "${GLUE_MODEL[@]}" \
+                --aggregator "$(aggregators_at "$seed" "$all")" \
                 --clients "$GLUE_CLIENTS" --dirichlet-alpha 0.5 --seed "$seed" \
                 "${GLUE_TRAIN[@]}" "${COMMON[@]}" --out "$out"
         done
+        [[ -z $AGGREGATORS || " $REF_SEEDS " == *" $seed "* ]] || continue
         for task in $GLUE_TASKS; do
             # centralised reference: one client holding all the data (IID), as many examples
             # per round as all federated clients together (local steps x clients)
@@ -477,22 +530,32 @@ EOF
 }
 
 stage_7() {
-    banner 7 "mixed ranks: SST-2, $MIX_CLIENTS clients of heavy-tail ranks up to $MIX_RANK, every mixed-rank aggregator x seeds {$MIX_SEEDS}" "$T7"
+    banner 7 "mixed ranks: SST-2, $MIX_CLIENTS clients of heavy-tail ranks up to $MIX_RANK, ${AGGREGATORS:+of $AGGREGATORS }every mixed-rank aggregator x seeds {$MIX_SEEDS}" "$T7"
     if [[ $VARIANT != default ]]; then   # its coefficients act on changes from one global rank
         echo "  skipped: FLORA_NA_VARIANT=$VARIANT needs every client at the global rank"; return 0
     fi
+    if [[ -n $AGGREGATORS && $MIXED_AGGREGATORS != "$AGGREGATORS" ]]; then
+        echo "  mixed ranks: ${MIXED_AGGREGATORS:-none} of $AGGREGATORS (the others run at equal ranks only)"
+    fi
     pool_start
-    local seed r out
+    local seed r out aggs
     for seed in $MIX_SEEDS; do
         out=$RUNS/mixed_ranks/heavy_tail_seed$seed
-        pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator all \
-            --clients "$MIX_CLIENTS" --rank "$MIX_RANK" --rank-profile heavy_tail \
-            --dirichlet-alpha 0.5 --seed "$seed" "${MIX_TRAIN[@]}" "${COMMON[@]}" --out "$out"
+        aggs=all                     # with AGGREGATORS: those that accept mixed ranks (+ references)
+        if [[ -n $AGGREGATORS ]]; then
+            aggs=$MIXED_AGGREGATORS
+            [[ " $REF_SEEDS " == *" $seed "* ]] && aggs=${aggs:+$aggs,}$BASELINE,$METHOD
+        fi
+        [[ -n $aggs ]] && pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" \
+            --aggregator "$aggs" --clients "$MIX_CLIENTS" --rank "$MIX_RANK" \
+            --rank-profile heavy_tail --dirichlet-alpha 0.5 --seed "$seed" "${MIX_TRAIN[@]}" \
+            "${COMMON[@]}" --out "$out"
         [[ " $MIX_REF_SEEDS " == *" $seed "* ]] || continue
         for r in 2 "$MIX_RANK"; do   # references: every client at the smallest / largest rank
             out=$RUNS/mixed_ranks/equal_rank${r}_seed$seed
             pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" \
-                --aggregator "$BASELINE,$METHOD" --clients "$MIX_CLIENTS" --rank "$r" \
+                --aggregator "$(aggregators_at "$seed" "$BASELINE,$METHOD")" \
+                --clients "$MIX_CLIENTS" --rank "$r" \
                 --dirichlet-alpha 0.5 --seed "$seed" "${MIX_TRAIN[@]}" "${COMMON[@]}" --out "$out"
         done
     done
@@ -538,11 +601,14 @@ stage_8() {
     if [[ $PUBLISH == 1 ]]; then
         if [[ $VARIANT == default && $RESULTS != /* && $RESULTS != ..* ]]; then
             pages=(--page RESULTS.md --readme README.md)
+            # some aggregators only: their own block on the results page, no headline
+            [[ -n $AGGREGATORS ]] && pages=(--page RESULTS.md)
         else
             echo "  --publish: not from $RESULTS (FLORA_NA_VARIANT or a folder outside the repository)" >&2
         fi
     fi
-    local cmd=("$PY" -m evidence.report "$RESULTS" --method "$METHOD" --baseline "$BASELINE" "${pages[@]}")
+    local cmd=("$PY" -m evidence.report "$RESULTS" --method "$METHOD" --baseline "$BASELINE"
+               ${AGGREGATORS:+--aggregators "$AGGREGATORS"} "${pages[@]}")
     if [[ $DRY_RUN == 1 ]]; then quote "${cmd[@]}"; echo; return 0; fi
     "${cmd[@]}"
 }
@@ -554,6 +620,8 @@ INVOCATION="bash reproduce.sh${ONLY:+ --only $ONLY}${SKIP:+ --skip $SKIP}"
 [[ $MODE == FULL ]] && INVOCATION+=" --mode FULL"
 [[ $TINY == 1 ]] && INVOCATION+=" --tiny"
 [[ $VARIANT != default ]] && INVOCATION="FLORA_NA_VARIANT=$VARIANT $INVOCATION"
+[[ -n ${REGIME_ONLY:-} ]] && INVOCATION="REGIME_ONLY=\"$REGIME_ONLY\" $INVOCATION"
+[[ -n $AGGREGATORS ]] && INVOCATION="AGGREGATORS=$AGGREGATORS REF_SEEDS=\"$REF_SEEDS\" $INVOCATION"
 NAMES=([1]=tests [2]=regime [3]=glue [5]=bench [6]=generation [7]=mixed_ranks [9]=compression
        [8]=report)
 echo "reproduce.sh: MODE=$MODE TINY=$TINY results in $RESULTS/, data from ${DATA:-the first of ./data, ../shared/data, the Hub}," \
@@ -561,9 +629,9 @@ echo "reproduce.sh: MODE=$MODE TINY=$TINY results in $RESULTS/, data from ${DATA
 if [[ $DRY_RUN != 1 ]]; then
     preflight
     mkdir -p "$RUNS"
-    printf '{"mode": "%s", "tiny": %s, "started": "%s", "jobs": %s, "threads": %s, "only": "%s", "skip": "%s"}\n' \
+    printf '{"mode": "%s", "tiny": %s, "started": "%s", "jobs": %s, "threads": %s, "only": "%s", "skip": "%s", "aggregators": "%s"}\n' \
         "$MODE" "$([[ $TINY == 1 ]] && echo true || echo false)" "$(date '+%F %T')" "$JOBS" \
-        "$THREADS" "$ONLY" "$SKIP" >"$RESULTS/pipeline.json"
+        "$THREADS" "$ONLY" "$SKIP" "$AGGREGATORS" >"$RESULTS/pipeline.json"
 fi
 FAILED=()
 for n in 1 2 3 5 6 7 9 8; do   # the report (8) last

@@ -23,7 +23,10 @@ Each section carries a provenance line under its heading (reproduce.sh command, 
 machine, date). On the results page each sits between its own markers
 <!-- results:KEY:start --> / <!-- results:KEY:end -->, and only the sections whose stage has
 results in this folder are rewritten, so rerunning one stage leaves the others' numbers as they
-are. README's headline is rewritten only when the GLUE stage has runs. A smoke run's report
+are. README's headline is rewritten only when the GLUE stage has runs. A run of some
+aggregators only (--aggregators, reproduce.sh's AGGREGATORS) publishes one block of its own
+instead (report_subset) and no headline, leaving every other block and README as they are.
+A smoke run's report
 (TINY) marks every table and figure "smoke test: numbers are not results", draws no conclusion
 (no bold, verdicts or targets) and is never published.
 """
@@ -49,6 +52,7 @@ from evidence.report_glue import Glue, glue_section, personal_text
 from evidence.report_mixed_ranks import mixed_ranks_section
 from evidence.report_provenance import failed_line, provenance_line, stage_provenance, stage_times
 from evidence.report_regime import regime_verdict, regime_section, regime_settings
+from evidence.report_subset import parse_aggregators, subset_key, subset_section
 from harness import provenance
 
 HEADLINE_MARKERS = ("<!-- headline:start -->", "<!-- headline:end -->")
@@ -66,6 +70,8 @@ class Args:
     """also write the report between this page's results markers, PNGs into figures/ beside it"""
     readme: str | None = None
     """also write the headline table between this README's headline markers"""
+    aggregators: str | None = None
+    """a run of these aggregators only (comma-separated): the page gets their block alone"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +218,11 @@ def wrap(markdown: str, width: int = 100) -> str:
 
 
 def build_report(results: str, out_dir: str, method: str | None = None,
-                 baseline: str | None = None, page: str = "RESULTS.md") -> Report:
+                 baseline: str | None = None, page: str = "RESULTS.md",
+                 aggregators: list[str] | None = None) -> Report:
     """Every section of the report, each with its provenance line under the heading, its PNGs
-    written to out_dir, and the headline."""
+    written to out_dir, and the headline; for a run of some `aggregators` only, their block
+    last, and it alone for the results page (no headline)."""
     pipeline = _pipeline(results)
     smoke = bool(pipeline.get("tiny"))
     names = Names.of(all_runs(results), method, baseline, smoke)
@@ -228,6 +236,10 @@ def build_report(results: str, out_dir: str, method: str | None = None,
             rest = "\n" + provenance_line(results, s.stage, s.folder, pipeline) + "\n" + rest
             blocks[s.key] = heading + "\n" + rest
         texts.append(heading + "\n" + rest)
+    if aggregators:
+        block = subset_section(results, out_dir, names, aggregators, pipeline)
+        texts.append(block)
+        blocks = {subset_key(aggregators): block}
     mode = pipeline.get("mode", "unknown") + (" / TINY" if pipeline.get("tiny") else "")
     head = [f"# FLoRA-NA reproduction report ({mode})\n"]
     texts.append(run_section(results, pipeline))
@@ -238,7 +250,8 @@ def build_report(results: str, out_dir: str, method: str | None = None,
         head.append(QUICK_NOTE)
     if smoke:
         return Report("\n".join(head + texts), {}, None, smoke=True)
-    return Report("\n".join(head + texts), blocks, headline(results, names, page))
+    return Report("\n".join(head + texts), blocks,
+                  None if aggregators else headline(results, names, page))
 
 
 def mark_smoke(markdown: str, out_dir: str) -> str:
@@ -306,7 +319,7 @@ def write_sections(path: str, blocks: dict[str, str]) -> list[str]:
             messages.append(f"section {key!r} NOT written: {path} has {found[0]} {start} and "
                             f"{found[1]} {end} (expected one of each, start first); fix the page")
             continue
-        i = order.index(key)
+        i = order.index(key) if key in order else len(order)   # a subset's block: last
         before = [k for k in reversed(order[:i]) if section_markers(k)[1] in page]
         after = [k for k in order[i + 1:] if section_markers(k)[0] in page]
         if before:
@@ -333,9 +346,10 @@ def demote(markdown: str) -> str:
 def main(args: Args) -> None:
     os.makedirs(args.results, exist_ok=True)
     page = args.page or "RESULTS.md"
+    aggregators = parse_aggregators(args.aggregators) if args.aggregators else None
     report = build_report(args.results, args.results, args.method, args.baseline,
                           os.path.relpath(page, os.path.dirname(os.path.abspath(args.readme)))
-                          if args.readme else page)
+                          if args.readme else page, aggregators)
     path = os.path.join(args.results, "REPORT.md")
     with open(path, "w") as f:
         f.write(report.body.replace(FIG, ""))
@@ -351,6 +365,8 @@ def main(args: Args) -> None:
         for png in re.findall(re.escape(FIG) + r"([\w.-]+\.png)", "".join(report.blocks.values())):
             shutil.copy(os.path.join(args.results, png), figures)
         skipped = [s.key for s in SECTIONS if s.key not in blocks]
+        if aggregators:
+            skipped = [s.key for s in SECTIONS]                  # all of them: not this run's
         for message in write_sections(args.page, blocks) if blocks else []:
             print(f"{args.page}: {message}")
         if skipped:

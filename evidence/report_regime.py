@@ -181,7 +181,8 @@ def regime_section(results: str, out_dir: str, names: Names) -> str:
               f"div_bound) for the per-layer solver. The last column checks that the runs learn"
               + (f" (majority class of the dev subset: {majority:.3f})" if majority else "")
               + ".\n")
-    md.append(f"![regime study]({_regime_figure(settings, out_dir, names)})\n")
+    if sweeps:                           # a factor varied (not the base setting alone)
+        md.append(f"![regime study]({_regime_figure(settings, out_dir, names)})\n")
     if not names.smoke:
         md.append(regime_verdict(settings, names))
     md.append(_regime_accuracy_table(results, settings, names))

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent.parent   # the repository root
 
 
 SETTINGS = ("STAGES", "SKIP", "GLUE_TASKS", "MODE", "TINY", "RESULTS", "PUBLISH", "JOBS", "THREADS",
-            "FLORA_NA_VARIANT", "PYTEST_ARGS")
+            "FLORA_NA_VARIANT", "PYTEST_ARGS", "AGGREGATORS", "REF_SEEDS", "REGIME_ONLY")
 
 
 def dry_run(tmp_path, *argv, **env) -> subprocess.CompletedProcess:
@@ -251,3 +251,76 @@ def test_a_fresh_clone_stops_without_data_and_stays_clean_after_a_tiny_run(tmp_p
     assert record[9] == "results/tiny/runs/generation/gsm8k_flora_na: error: boom"
     assert ("_Failed: stage 6 (generation) of `bash reproduce.sh --only 6 --tiny` ended failed(1)"
             in (clone / "results/tiny/REPORT.md").read_text())
+
+
+def _subset_pair() -> tuple[str, str]:
+    """Two registered aggregators other than the method and the baseline, one that accepts
+    clients of mixed ranks and one that does not (from the registry, named nowhere here)."""
+    others = [n for n in fl.AGGREGATORS if n not in (fl.METHOD, "fedit")]
+    return (next(n for n in others if fl.AGGREGATORS[n].mixed_ranks),
+            next(n for n in others if not fl.AGGREGATORS[n].mixed_ranks))
+
+
+@pytest.mark.parametrize("mode", ["QUICK", "FULL"])
+def test_some_aggregators_only_run_beside_the_references_at_ref_seeds(tmp_path, mode):
+    """AGGREGATORS=a,b (stages 2, 3, 7): into results/<mode>_a_b/; stage 3 trains a,b at every
+    seed and task, the method and the baseline beside them (and the centralised reference)
+    at REF_SEEDS only; stage 2's comparison over seeds adds a,b; stage 7 runs mixed ranks with
+    those of a,b that accept them, and a,b at the equal-rank references; the report gets
+    --aggregators and, with --publish, the results page only (no README headline)."""
+    mixed, equal = _subset_pair()
+    subset = f"{mixed},{equal}"
+    res = dry_run(tmp_path, "--only", "2,3,7", "--publish", MODE=mode, AGGREGATORS=subset)
+    assert res.returncode == 0, res.stderr
+    lines = commands(res)
+    runs = [train.parse_args(argv[2:]) for argv in lines if argv[1] == "train.py"]
+    folder = f"results/{mode.lower()}_{mixed}_{equal}/runs/"
+    assert runs and all(a.out.startswith(folder) for a in runs)
+    refs = {"fedit", fl.METHOD}
+    for a in runs:
+        train.check_args(a)
+    glue = [a for a in runs if "/glue/" in a.out]
+    for a in glue:
+        aggs = set(a.aggregator.split(","))
+        if a.clients == 1:
+            assert a.seed == 0 and aggs == {"fedit"}
+        else:
+            assert aggs == {mixed, equal} | (refs if a.seed == 0 else set()), a
+    assert {a.seed for a in glue if a.clients > 1} == {0, 1, 2}
+    assert "the other seeds of {0 1 2}" in res.stdout
+    assert f"{mixed},{equal},{fl.METHOD} at seed 0, {mixed},{equal} at the other seeds" in res.stdout
+    mix = [a for a in runs if "/mixed_ranks/" in a.out]
+    heavy = [a for a in mix if a.rank_profile]
+    assert heavy and all(set(a.aggregator.split(",")) == {mixed} | (refs if a.seed == 0 else set())
+                         for a in heavy)
+    assert all(set(a.aggregator.split(",")) == {mixed, equal} | (refs if a.seed == 0 else set())
+               for a in mix if not a.rank_profile)
+    assert f"mixed ranks: {mixed} of {subset}" in res.stdout
+    report_args = tyro.cli(report.Args, args=lines[-1][3:])
+    assert report_args.aggregators == subset and report_args.page == "RESULTS.md"
+    assert report_args.readme is None
+    # every seed a reference seed; an explicit folder is used as given
+    res = dry_run(tmp_path, "--only", "3", AGGREGATORS=subset, REF_SEEDS="0 1 2",
+                  RESULTS="results/peers")
+    glue = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
+    assert all(a.out.startswith("results/peers/") for a in glue)
+    assert all(set(a.aggregator.split(",")) >= refs for a in glue if a.clients > 1)
+
+
+def test_bad_aggregator_lists_are_refused(tmp_path):
+    mixed, _ = _subset_pair()
+    for names, message in ((f"{mixed},nope", "not registered: nope"),
+                           (f"{mixed},{mixed}", "name each once"),
+                           (f"{mixed},{fl.METHOD}", "name each once, and neither")):
+        res = dry_run(tmp_path, AGGREGATORS=names)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+    res = dry_run(tmp_path, MODE="FULL", AGGREGATORS=mixed, FLORA_NA_VARIANT="authors")
+    assert res.returncode == 2 and "do not combine" in res.stderr
+
+
+def test_regime_only_runs_these_settings_and_the_base_and_compares_them(tmp_path):
+    res = dry_run(tmp_path, "--only", "2", REGIME_ONLY="lr5e-3 steps50")
+    runs = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
+    assert sorted(os.path.basename(a.out) for a in runs) == ["base", "lr5e-3", "steps50"]
+    assert {(a.lr, a.local_steps) for a in runs} == {(2e-3, 10), (5e-3, 10), (2e-3, 50)}
+    assert "at the 2 setting(s) with the largest fedit divergence" in res.stdout

@@ -107,12 +107,11 @@ def _sweeps(settings: list[Setting]) -> dict[str, list[tuple[float, Setting]]]:
     return out
 
 
-def regime_accuracy(results: str, settings: list[Setting]) -> dict[str, dict[str, list[Curve]]]:
-    """Setting name -> aggregator -> one Curve per seed, for the settings that have runs of
-    more than one seed (the accuracy comparison). Untracked runs join the tracked run with the
-    same factors; the tracked run's own aggregator (FedIT) counts as its seed."""
+def regime_seed_runs(results: str, settings: list[Setting]):
+    """(setting name, aggregator, its rows, its Curve) for every aggregator of every stage-2 run
+    at one of `settings` that has a curve: untracked runs join the tracked run with the same
+    factors; the tracked run's own aggregator (FedIT) counts as its seed."""
     by_key = {tuple(s.run.config[f] for f in FACTORS): s.name for s in settings}
-    curves: dict[str, dict[str, list[Curve]]] = {}
     for run in load_runs(results, "regime"):
         name = by_key.get(tuple(run.config[f] for f in FACTORS))
         if name is None:
@@ -120,7 +119,15 @@ def regime_accuracy(results: str, settings: list[Setting]) -> dict[str, dict[str
         for agg, rows in run.by_aggregator().items():
             c = curve(rows, run.metric, total_rounds=run.config.get("rounds", 0))
             if c:
-                curves.setdefault(name, {}).setdefault(agg, []).append(c)
+                yield name, agg, rows, c
+
+
+def regime_accuracy(results: str, settings: list[Setting]) -> dict[str, dict[str, list[Curve]]]:
+    """Setting name -> aggregator -> one Curve per seed, for the settings that have runs of
+    more than one seed (the accuracy comparison; regime_seed_runs)."""
+    curves: dict[str, dict[str, list[Curve]]] = {}
+    for name, agg, _, c in regime_seed_runs(results, settings):
+        curves.setdefault(name, {}).setdefault(agg, []).append(c)
     return {k: v for k, v in curves.items() if max(len(cs) for cs in v.values()) > 1}
 
 

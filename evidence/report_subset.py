@@ -11,12 +11,12 @@ import os
 import re
 import shutil
 
-from evidence.report_common import (CENTRAL, FIG, Names, Run, curve, fmt_ms, load_runs,
+from evidence.report_common import (CENTRAL, FIG, Names, Run, fmt_ms, load_runs,
                                     mean_std, table)
 from evidence.report_glue import Glue, _glue_figures, global_model, head_text
 from evidence.report_mixed_ranks import mixed_ranks_section
 from evidence.report_provenance import provenance_line
-from evidence.report_regime import FACTORS, factor_value, regime_settings
+from evidence.report_regime import FACTORS, factor_value, regime_seed_runs, regime_settings
 
 # (stage, folder under runs/) of the stages this block draws on, in its order
 STAGES = (("3", "glue"), ("2", "regime"), ("7", "mixed_ranks"))
@@ -132,16 +132,9 @@ def _regime_part(results: str, names: Names) -> list[str]:
     """At the settings stage 2 picked: every aggregator's best and final dev metric over seeds
     and the divergence of its updates, beside the baseline's tracked divergence there."""
     settings = regime_settings(results)
-    by_key = {tuple(s.run.config[f] for f in FACTORS): s for s in settings}
     cells: dict[str, dict[str, list[tuple]]] = {}
-    for run in load_runs(results, "regime"):
-        s = by_key.get(tuple(run.config[f] for f in FACTORS))
-        if s is None:
-            continue
-        for agg, rows in run.by_aggregator().items():
-            c = curve(rows, run.metric, total_rounds=run.config.get("rounds", 0))
-            if c:
-                cells.setdefault(s.name, {}).setdefault(agg, []).append((c, *divergence(rows)))
+    for name, agg, rows, c in regime_seed_runs(results, settings):
+        cells.setdefault(name, {}).setdefault(agg, []).append((c, *divergence(rows)))
     compared = {k: v for k, v in cells.items() if len(v) > 1}
     if not compared:
         return ["### Regime study\n", "_No comparison over seeds yet (it follows the sweep in "

@@ -26,6 +26,10 @@
 #                        x upload codecs none, fp16, int8, int4, int2, top-k 10% and 1%
 #                        (+ FLoRA-NA with its noise-aware Gram at int4 and int2); each round's
 #                        divergence against M of the uncompressed uploads (runs before 8)
+#  10 privacy            SST-2 with client-level DP (train.py --dp): accuracy against epsilon
+#                        (target 1, 3, 8) under central DP (FedIT, FFA-LoRA: the linear
+#                        aggregators) and local DP (FedIT, FFA-LoRA, FLoRA-NA), beside the same
+#                        aggregators without DP and with clipping alone (runs before 8)
 #   8 report             python -m evidence.report -> results/<mode>/REPORT.md and its PNGs;
 #                        with --publish also RESULTS.md's generated part (figures in figures/)
 #                        and README.md's headline table (never from TINY)
@@ -34,7 +38,8 @@
 #   bash reproduce.sh --tiny             # smoke run, minutes: every code path, numbers meaningless,
 #                                        # into results/tiny/ (also: TINY=1 bash reproduce.sh)
 #   bash reproduce.sh                    # QUICK: ~96 min on an idle 2-core Xeon (~3 h on an EPYC),
-#                                        # + ~16 min for stage 9, into results/quick/
+#                                        # + ~16 min for stage 9 and ~20 min for stage 10,
+#                                        # into results/quick/
 #   bash reproduce.sh --publish          # QUICK, then rewrite RESULTS.md, figures/, README's headline
 #   bash reproduce.sh --data-dir DIR     # the data folder (also FLORA_DATA=DIR; default ./data,
 #                                        # ../shared/data, else the Hub; python -m harness.data fetch)
@@ -183,6 +188,13 @@ if [[ $MODE == FULL ]]; then
                 --optimizer sgd --lr 0.02 --max-length 128 --rank 8 --lora-alpha 12
                 --eval-every 10)
     COMP_SEEDS="0 1 2"; T9="~1 GPU-day (90 aggregator runs)"
+    # privacy at the GLUE stage's settings, 100 rounds like compression (estimate: ~17 min per
+    # aggregator run, 21 of them a seed); with 3 clients central DP's noise on the mean is
+    # sigma C / 3 per value, so more clients (--clients) are what lets DP learn at this scale
+    DP_TRAIN=(--clients 3 --participation 1 --dirichlet-alpha 0.5 --rounds 100 --local-steps 10
+              --batch-size 128 --optimizer sgd --lr 0.02 --max-length 128 --rank 8
+              --lora-alpha 12 --eval-every 10)
+    DP_CLIP=1; DP_SEEDS="0 1 2"; T10="~18 GPU-h (63 aggregator runs)"
 else
     GLUE_MODEL=(--model minilm)
     # 3 clients (the authors' default), 10 rounds x 6 local AdamW steps of batch 16 at lr 2e-3,
@@ -236,8 +248,16 @@ else
                 --lr 5e-3 --max-length 64 --max-train-examples 3000 --max-eval-examples 400
                 --eval-every 3)
     COMP_SEEDS="0 1"; T9="~16 min"
+    # privacy: PLACEHOLDER values until a calibration run picks them (clients, rounds, rank,
+    # clip C): 10 clients all taking part, IID, 3 rounds x 6 local steps at lr 5e-3, rank 4
+    # and no pooler (a small DP vector: noise grows with its size), C = 1
+    DP_TRAIN=(--clients 10 --participation 1 --dirichlet-alpha 0 --rounds 3 --local-steps 6
+              --batch-size 16 --lr 5e-3 --max-length 64 --rank 4 --head-modules none
+              --max-train-examples 3000 --max-eval-examples 400 --eval-every 3)
+    DP_CLIP=1; DP_SEEDS="0"; T10="~20 min"
 fi
 COMP_CODECS="none fp16 int8 int4 int2 topk0.1 topk0.01"; COMP_AWARE="int4 int2"
+DP_DELTA=1e-5; DP_EPSILONS="1 3 8"   # privacy: the reported delta, the target epsilons
 MIX_SEEDS=$SEEDS
 if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningless, minutes
     # a smoke subset of the tests (the data layer and one report section), not the suite
@@ -260,9 +280,17 @@ if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningles
     COMP_TRAIN=(--clients 2 --rounds 1 --local-steps 1 --batch-size 4 --lr 5e-3 --max-length 32
                 --max-train-examples 60 --max-eval-examples 16 --eval-every 1)
     COMP_SEEDS="0"; COMP_CODECS="none int4 topk0.01"; COMP_AWARE="int4"
+    DP_TRAIN=(--clients 2 --rounds 1 --local-steps 1 --batch-size 4 --lr 5e-3 --max-length 32
+              --max-train-examples 60 --max-eval-examples 16 --eval-every 1)
+    DP_SEEDS="0"; DP_EPSILONS="8"
     T1="~20 s"; T2="~30 s"; T3="~1.5 min"; T5="~20 s"; T6="~1 min"; T7="~30 s"; T9="~40 s"
+    T10="~40 s"
 fi
 COMP_AGGS=${COMP_AGGS:-$BASELINE,ffa,flexlora,$METHOD}   # every upload codec, these aggregators
+# privacy: central DP for aggregators whose release is linear in the uploads (train.py refuses
+# the others), local DP for any; both lists also run without DP and with clipping alone
+DP_CENTRAL_AGGS=${DP_CENTRAL_AGGS:-$BASELINE,ffa}
+DP_LOCAL_AGGS=${DP_LOCAL_AGGS:-$BASELINE,ffa,$METHOD}
 # without a folder given, train.py finds the data itself (harness.tasks.data_root)
 COMMON=(${DATA:+--data-dir "$DATA"} --threads "$THREADS" --resume)
 if [[ $VARIANT != default ]]; then COMMON+=(--plugins "evidence.${VARIANT}_variant"); fi
@@ -379,6 +407,7 @@ preflight() {   # every task the selected stages train on loads, from where trai
     wanted 6 && tasks+=(gsm8k)
     wanted 7 && tasks+=(sst2)
     wanted 9 && tasks+=(sst2)
+    wanted 10 && tasks+=(sst2)
     ((${#tasks[@]})) || return 0
     local list; list=$(printf '%s\n' "${tasks[@]}" | sort -u | paste -sd, -)
     echo "preflight: loading $list ${DATA:+from $DATA}"
@@ -593,6 +622,33 @@ stage_9() {
     pool_wait
 }
 
+stage_10() {
+    banner 10 "privacy: SST-2, client-level DP (C $DP_CLIP, delta $DP_DELTA) at target epsilons {$DP_EPSILONS} x seeds {$DP_SEEDS}: central {$DP_CENTRAL_AGGS}, local {$DP_LOCAL_AGGS}, and {$DP_LOCAL_AGGS} without DP and with clipping alone" "$T10"
+    local seed eps out dp=(--dp-clip "$DP_CLIP" --dp-delta "$DP_DELTA")
+    pool_start
+    for seed in $DP_SEEDS; do
+        # the references: no DP; clipping to C alone (local DP with no noise, epsilon unbounded)
+        out=$RUNS/privacy/none_seed$seed
+        pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator "$DP_LOCAL_AGGS" \
+            --seed "$seed" "${DP_TRAIN[@]}" "${COMMON[@]}" --out "$out"
+        out=$RUNS/privacy/clip_seed$seed
+        pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator "$DP_LOCAL_AGGS" \
+            --dp local --dp-noise 0 "${dp[@]}" --seed "$seed" "${DP_TRAIN[@]}" "${COMMON[@]}" \
+            --out "$out"
+        for eps in $DP_EPSILONS; do   # sigma calibrated to spend eps over the planned rounds
+            out=$RUNS/privacy/local_eps${eps}_seed$seed
+            pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" \
+                --aggregator "$DP_LOCAL_AGGS" --dp local --dp-target-epsilon "$eps" "${dp[@]}" \
+                --seed "$seed" "${DP_TRAIN[@]}" "${COMMON[@]}" --out "$out"
+            out=$RUNS/privacy/central_eps${eps}_seed$seed
+            pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" \
+                --aggregator "$DP_CENTRAL_AGGS" --dp central --dp-target-epsilon "$eps" \
+                "${dp[@]}" --seed "$seed" "${DP_TRAIN[@]}" "${COMMON[@]}" --out "$out"
+        done
+    done
+    pool_wait
+}
+
 stage_8() {
     banner 8 "report: $RESULTS/REPORT.md and figures" "~30 s"
     local pages=()
@@ -623,7 +679,7 @@ INVOCATION="bash reproduce.sh${ONLY:+ --only $ONLY}${SKIP:+ --skip $SKIP}"
 [[ -n ${REGIME_ONLY:-} ]] && INVOCATION="REGIME_ONLY=\"$REGIME_ONLY\" $INVOCATION"
 [[ -n $AGGREGATORS ]] && INVOCATION="AGGREGATORS=$AGGREGATORS REF_SEEDS=\"$REF_SEEDS\" $INVOCATION"
 NAMES=([1]=tests [2]=regime [3]=glue [5]=bench [6]=generation [7]=mixed_ranks [9]=compression
-       [8]=report)
+       [10]=privacy [8]=report)
 echo "reproduce.sh: MODE=$MODE TINY=$TINY results in $RESULTS/, data from ${DATA:-the first of ./data, ../shared/data, the Hub}," \
      "$JOBS parallel run(s) x $THREADS thread(s) (0 = all), $(date '+%F %T')"
 if [[ $DRY_RUN != 1 ]]; then
@@ -634,7 +690,7 @@ if [[ $DRY_RUN != 1 ]]; then
         "$THREADS" "$ONLY" "$SKIP" "$AGGREGATORS" >"$RESULTS/pipeline.json"
 fi
 FAILED=()
-for n in 1 2 3 5 6 7 9 8; do   # the report (8) last
+for n in 1 2 3 5 6 7 9 10 8; do   # the report (8) last
     wanted "$n" || continue
     t0=$SECONDS
     rm -f "$FIRST_ERROR"

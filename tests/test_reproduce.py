@@ -23,7 +23,8 @@ HERE = Path(__file__).resolve().parent.parent   # the repository root
 
 
 SETTINGS = ("STAGES", "SKIP", "GLUE_TASKS", "MODE", "TINY", "RESULTS", "PUBLISH", "JOBS", "THREADS",
-            "FLORA_NA_VARIANT", "PYTEST_ARGS", "AGGREGATORS", "REF_SEEDS", "REGIME_ONLY")
+            "FLORA_NA_VARIANT", "PYTEST_ARGS", "AGGREGATORS", "REF_SEEDS", "REGIME_ONLY",
+            "DP_CENTRAL_AGGS", "DP_LOCAL_AGGS")
 
 
 def dry_run(tmp_path, *argv, **env) -> subprocess.CompletedProcess:
@@ -91,7 +92,7 @@ def test_tiny_runs_a_smoke_subset_of_the_tests_and_every_stage(tmp_path):
             "tests/test_report_glue.py"] in lines
     stages = {a.out.split("/")[3] for a in (train.parse_args(argv[2:]) for argv in lines
                                              if argv[1] == "train.py")}
-    assert stages == {"regime", "glue", "generation", "mixed_ranks", "compression"}
+    assert stages == {"regime", "glue", "generation", "mixed_ranks", "compression", "privacy"}
 
 
 def test_a_given_data_folder_reaches_every_run(tmp_path):
@@ -121,10 +122,12 @@ def test_reproduce_sh_names_only_the_aggregators_it_compares():
 
 def test_reproduce_sh_selects_stages_and_rejects_bad_options(tmp_path):
     res = dry_run(tmp_path, "--only", "2,5")
-    stages = re.findall(r"Stage (\d):", res.stdout)
+    stages = re.findall(r"Stage (\d+):", res.stdout)
     assert res.returncode == 0 and stages == ["2", "5", "8"]     # the report runs after any
     res = dry_run(tmp_path, "--skip", "1,3,4,6,7,9", "--no-report")
-    assert re.findall(r"Stage (\d):", res.stdout) == ["2", "5"]
+    assert re.findall(r"Stage (\d+):", res.stdout) == ["2", "5", "10"]
+    res = dry_run(tmp_path, "--skip", "1,3,4,6,7,9,10", "--no-report")
+    assert re.findall(r"Stage (\d+):", res.stdout) == ["2", "5"]
     res = dry_run(tmp_path, "--only", "3,4")
     assert res.returncode == 2 and "stage 4 (sensitivity) is retired" in res.stderr
     res = dry_run(tmp_path, "--bogus")
@@ -187,7 +190,7 @@ def test_compression_stage_runs_every_codec_for_the_compared_aggregators(tmp_pat
     env = {"TINY": "1"} if mode == "TINY" else {"MODE": mode}
     res = dry_run(tmp_path, "--only", "9", **env)
     assert res.returncode == 0, res.stderr
-    assert re.findall(r"Stage (\d):", res.stdout) == ["9", "8"]
+    assert re.findall(r"Stage (\d+):", res.stdout) == ["9", "8"]
     runs = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
     for a in runs:
         train.check_args(a)
@@ -207,6 +210,49 @@ def test_compression_stage_runs_every_codec_for_the_compared_aggregators(tmp_pat
     assert len({a.out for a in runs}) == len(runs)
     if mode == "TINY":
         assert all(a.rounds == 1 and a.max_train_examples <= 100 for a in runs)
+
+
+@pytest.mark.parametrize("mode, seeds, epsilons", [("QUICK", None, {1, 3, 8}),
+                                                   ("FULL", {0, 1, 2}, {1, 3, 8}),
+                                                   ("TINY", {0}, {8}),
+                                                   ("AUTHORS", {0, 1, 2}, {1, 3, 8})])
+def test_privacy_stage_runs_every_dp_setting_for_the_compared_aggregators(tmp_path, mode, seeds,
+                                                                          epsilons):
+    """Stage 10, before the report: SST-2, per seed one run without DP and one with clipping
+    alone (local, noise 0) of the local-DP aggregators, and per target epsilon one local-DP run
+    of them and one central-DP run of the linear ones (FedIT, FFA-LoRA; the method only under
+    local DP, the authors' variant in its place), each in its own folder under runs/privacy/
+    named for its setting; one clip C and delta 1e-5 throughout, one training budget; the TINY
+    runs are tiny. DP_CENTRAL_AGGS and DP_LOCAL_AGGS replace the aggregator lists."""
+    env = {"TINY": "1"} if mode == "TINY" else {"MODE": "FULL", "FLORA_NA_VARIANT": "authors"} \
+        if mode == "AUTHORS" else {"MODE": mode}
+    res = dry_run(tmp_path, "--only", "10", **env)
+    assert res.returncode == 0, res.stderr
+    assert re.findall(r"Stage (\d+):", res.stdout) == ["10", "8"]
+    runs = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
+    method = "flora_na_authors" if mode == "AUTHORS" else fl.METHOD
+    seeds = seeds if seeds is not None else {a.seed for a in runs}     # QUICK's: to be chosen
+    assert seeds and {a.seed for a in runs} == seeds
+    expected = {f"{name}_seed{s}" for s in seeds for name in ["none", "clip"] + [
+        f"{dp}_eps{e}" for e in epsilons for dp in ("central", "local")]}
+    assert {os.path.basename(a.out) for a in runs} == expected and len(runs) == len(expected)
+    for a in runs:
+        assert train.check_args(a) == a.aggregator.split(",")
+        assert a.task == "sst2" and "/runs/privacy/" in a.out and a.resume
+        setting, seed = os.path.basename(a.out).rsplit("_seed", 1)
+        dp, _, eps = setting.partition("_eps")
+        assert a.seed == int(seed) and a.dp == {"none": "none", "clip": "local"}.get(dp, dp)
+        assert a.aggregator == ("fedit,ffa" if dp == "central" else f"fedit,ffa,{method}")
+        assert (a.dp_noise, a.dp_target_epsilon) == (
+            (0.0, None) if dp == "clip" else (None, None) if dp == "none" else (None, float(eps)))
+    assert {(a.dp_clip, a.dp_delta) for a in runs if a.dp != "none"} == {(runs[1].dp_clip, 1e-5)}
+    assert runs[1].dp_clip > 0
+    assert len({(a.clients, a.rounds, a.local_steps, a.rank, a.lr) for a in runs}) == 1
+    if mode == "TINY":
+        assert all(a.clients == 2 and a.rounds == 1 and a.max_train_examples <= 100 for a in runs)
+    res = dry_run(tmp_path, "--only", "10", DP_CENTRAL_AGGS="ffa", DP_LOCAL_AGGS=method, **env)
+    runs = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
+    assert runs and all(a.aggregator == ("ffa" if a.dp == "central" else method) for a in runs)
 
 
 def test_a_fresh_clone_stops_without_data_and_stays_clean_after_a_tiny_run(tmp_path):

@@ -5,7 +5,8 @@
         --page RESULTS.md --readme README.md     # also the results page and README's headline
 
 Reads run files only, never training code: runs/<stage>/<run>/{config.json, metrics.jsonl,
-provenance.jsonl} written by train.py (stages regime, glue, generation),
+provenance.jsonl} written by train.py (stages regime, glue, generation,
+mixed_ranks, compression, privacy),
 runs/bench/bench_solver.json written by bench_solver.py, and pipeline.json / stage_times.tsv
 written by reproduce.sh. What a table needs beyond the metrics comes from the "facts" that
 train.py writes into config.json: the task's display name and main metric, the majority-class
@@ -17,7 +18,8 @@ Every section stands alone, in its own module, and says so when its stage did no
 (with the first error reproduce.sh recorded) or is still running, instead of failing. Sections, in order (SECTIONS lists them with their stage):
 report_regime (aggregation error by local steps, lr, heterogeneity, rank and clients),
 report_glue (the GLUE table), report_bench (solver benchmark), report_generation,
-report_mixed_ranks and report_codecs (compressed uploads); report_common holds what they share (runs, names, curves, formatting),
+report_mixed_ranks, report_codecs (compressed uploads) and report_privacy (client-level DP:
+accuracy against epsilon); report_common holds what they share (runs, names, curves, formatting),
 report_provenance where each came from. This file is the driver; REPORT.md adds how it was run.
 Each section carries a provenance line under its heading (reproduce.sh command, mode, commit,
 machine, date). On the results page each sits between its own markers
@@ -50,6 +52,7 @@ from evidence.report_common import FIG, PERSONAL, Names, Run, describe, load_run
 from evidence.report_generation import generation_section
 from evidence.report_glue import Glue, glue_section, personal_text
 from evidence.report_mixed_ranks import mixed_ranks_section
+from evidence.report_privacy import privacy_section
 from evidence.report_provenance import failed_line, provenance_line, stage_provenance, stage_times
 from evidence.report_regime import regime_verdict, regime_section, regime_settings
 from evidence.report_subset import parse_aggregators, subset_key, subset_section
@@ -102,7 +105,8 @@ SECTIONS = [Section("regime", "2", "regime", regime_section),
             Section("bench", "5", "bench", bench_section),
             Section("generation", "6", "generation", generation_section),
             Section("mixed_ranks", "7", "mixed_ranks", mixed_ranks_section),
-            Section("compression", "9", "compression", codecs_section)]
+            Section("compression", "9", "compression", codecs_section),
+            Section("privacy", "10", "privacy", privacy_section)]
 
 QUICK_NOTE = ("QUICK mode is a CPU-sized stand-in for the paper's experiments: a 6-layer MiniLM "
               "instead of RoBERTa-large, a few rounds of a few local steps, capped train and dev "
@@ -141,7 +145,7 @@ def run_section(results: str, pipeline: dict) -> str:
           f"GPU: {info['gpu'] or 'none'}, torch {info['torch']}, Python {info['python']}"]
     latest, rows = stage_times(results), []
     folders = {s.stage: s.folder for s in SECTIONS}
-    for stage in sorted(set(latest) | set(folders)):
+    for stage in sorted(set(latest) | set(folders), key=lambda s: (len(s), s)):   # 9 before 10
         commits, machines = stage_provenance(results, folders[stage]) if stage in folders \
             else ("—", "—")
         p = latest.get(stage)

@@ -203,28 +203,3 @@ def test_the_compatibility_table_is_the_registrys_and_train_py_agrees(tmp_path, 
                 with pytest.raises(ValueError):
                     train.check_args(args)
 
-
-def test_the_dp_sweeps_commands_pass_train_pys_checks(tmp_path):
-    """evidence/dp_tradeoff.py: every run it starts is one train.py accepts (central DP only
-    for linear aggregators), each into its own folder; its table reads a run folder's rows."""
-    import json
-    from evidence import dp_tradeoff
-    a = dp_tradeoff.Args(data_dir=str(tmp_path), out=str(tmp_path / "dp"), seeds="0,1")
-    outs = []
-    for name, aggs, opts in dp_tradeoff.settings(a):
-        cmd = dp_tradeoff.command(a, aggs, opts, "0", str(tmp_path / "dp" / f"{name}_seed0"))
-        args = train.parse_args(cmd[2:])
-        assert train.check_args(args) == aggs.split(",") and args.resume
-        outs.append(args.out)
-    assert len(set(outs)) == len(outs) == 2 + 2 * len(a.epsilons.split(","))
-    folder = tmp_path / "dp" / "central_eps3_seed0"           # one finished run, by hand
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"facts": {"dp": {"noise_multiplier": 2.5}}}))
-    rows = [{"aggregator": "fedit", "round": t, "metrics": {"accuracy": 0.5 + t / 100},
-             "epsilon": t / 2, "dp_norms": [1.0, 3.0], "bytes_up": t * 2**20,
-             "bytes_down": t * 2**20} for t in range(1, a.rounds + 1)]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = dp_tradeoff.table(a).splitlines()
-    assert f"| central_eps3 | fedit | {0.5 + a.rounds / 100:.3f} | {a.rounds / 2:.2f} | 2.50 | " \
-           f"2.00 | 2.00 |" in table
-    assert "| central_eps3 | ffa | not run | | | | |" in table

@@ -194,18 +194,22 @@ def reading(cells, keys, names: Names, metric: str, majority) -> list[str]:
         return []
     out = []
     mean = lambda key: mean_std([x["final"] for x in cells[key]])  # noqa: E731
+    unlearned: list[str] = []        # without DP: their clipped rows say nothing either
     for mode, what in (("none", "Without DP"), ("clip", "With clipping alone")):
         aggs = [agg for agg, m, _ in keys if m == mode]
         if majority is None or not aggs:
             continue
-        low = [names.display(a, False) for a in aggs
-               if mean((a, mode, ""))[0] < majority + LEARNED_MARGIN]
-        out.append(f"{what}, every aggregator learned: final {metric} at least "
-                   f"{LEARNED_MARGIN:g} above the majority class." if not low else
-                   f"{what}, {', '.join(low)} stayed within {LEARNED_MARGIN:g} of the majority "
-                   f"class" + (": their DP rows say nothing about DP's price." if mode == "none"
-                               else ": clipping already erases what they learn here, so their "
-                                    "noised rows cannot show more."))
+        low = [a for a in aggs if mean((a, mode, ""))[0] < majority + LEARNED_MARGIN]
+        named = ", ".join(names.display(a, False) for a in low if a not in unlearned)
+        if not low:
+            out.append(f"{what}, every aggregator learned: final {metric} at least "
+                       f"{LEARNED_MARGIN:g} above the majority class.")
+        elif named:
+            out.append(f"{what}, {named} stayed within {LEARNED_MARGIN:g} of the majority class"
+                       + (": their DP rows say nothing about DP's price." if mode == "none" else
+                          ": clipping already erases what they learn here, so their noised rows "
+                          "cannot show more."))
+        unlearned += low
     central = list(dict.fromkeys(agg for agg, m, _ in keys if m == "central"))
     if len(central) >= 2:
         ref = names.baseline if names.baseline in central else central[0]

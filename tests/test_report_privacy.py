@@ -118,13 +118,19 @@ def test_privacy_reading_follows_its_rules(privacy):
 
 def test_no_verdict_with_one_seed_or_near_the_majority_and_d_only_where_exact(tmp_path):
     """One seed, or both aggregators within 0.05 of the majority class: no verdict; without a
-    baseline among the central runs the first in registry order is the reference; under an
-    upload codec d is not derivable from the bytes: noise / signal "—"."""
+    baseline among the central runs the first in registry order is the reference; an
+    aggregator that did not learn without DP is not named again for clipping; under an upload
+    codec d is not derivable from the bytes: noise / signal "—"."""
     dp_run(tmp_path, "central_eps3_seed0", 0, {"fedit": 0.52, "toy": 0.53}, mode="central",
            sigma=2.0, target=3.0)
+    dp_run(tmp_path, "none_seed0", 0, {"fedit": 0.8, "toy": 0.52})
+    dp_run(tmp_path, "clip_seed0", 0, {"fedit": 0.54, "toy": 0.51}, mode="local")
     dp_run(tmp_path, "central_eps8_seed0", 0, {"fedit": 0.60, "toy": 0.70}, mode="central",
            sigma=1.5, target=8.0, upload_codec="int8")
     md = privacy_section(str(tmp_path), str(tmp_path), Names(PRIVATE, None, "flora_na"))
+    assert ("Without DP, Toy stayed within 0.05 of the majority class: their DP rows say "
+            "nothing about DP's price. With clipping alone, FedIT stayed within 0.05 of the "
+            "majority class: clipping already erases") in md       # Toy named once, above
     assert ("Toy against FedIT (final accuracy): at ε 3: 0.530 vs 0.520, both within 0.05 of "
             "the majority class (no verdict); at ε 8: 0.700 vs 0.600 (one seed: no verdict).") in md
     assert line(md, "| Toy | central | 8 |")[0].endswith("| 1.5 | 0.5 | 3.5 | — | 1.750 |")

@@ -182,7 +182,8 @@ def test_resume_continues_the_noise_and_the_accountant(tmp_path, monkeypatch, be
 def test_the_compatibility_table_is_the_registrys_and_train_py_agrees(tmp_path, bert_dir,
                                                                       glue_dir):
     """flower_app/README.md's table is harness.privacy.compatibility_table of flora_na.py's own
-    aggregators, and each "central DP" and "download codec" cell is what check_args does."""
+    aggregators, README's aggregator table sums each row up (SecAgg, DP, codecs), and each
+    "central DP" and "download codec" cell is what check_args does."""
     from pathlib import Path
     readme = (Path(__file__).resolve().parent.parent / "flower_app" / "README.md").read_text()
     block = readme[readme.index("<!-- compatibility:start -->\n") + 29:
@@ -190,8 +191,16 @@ def test_the_compatibility_table_is_the_registrys_and_train_py_agrees(tmp_path, 
     own = {n: a for n, a in fl.AGGREGATORS.items() if a.aggregate.__module__ == "flora_na"}
     rows = privacy.compatibility_table(own)
     assert block.splitlines() == rows, "regenerate it: python -m harness.privacy"
+    top = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for (name, entry), row in zip(own.items(), rows[2:]):
         cells = [c.strip() for c in row.strip("|").split("|")]
+        # README's aggregator table sums the row up in its last three columns
+        yes = [c.startswith("yes") for c in cells[1:]]
+        summary = ["yes" if yes[0] else "no",
+                   ", ".join(m for m, ok in zip(("central", "local"), yes[1:3]) if ok) or "no",
+                   ", ".join(m for m, ok in zip(("up", "down"), yes[3:5]) if ok) or "no"]
+        line = next(x for x in top.splitlines() if x.startswith(f"| `{name}` |"))
+        assert [c.strip() for c in line.strip("|").split("|")][-3:] == summary, name
         for cell, kw in ((cells[2], dict(dp="central", dp_clip=1.0, dp_noise=1.0)),
                          (cells[3], dict(dp="local", dp_clip=1.0, dp_noise=1.0)),
                          (cells[4], dict(upload_codec="int8")),

@@ -212,10 +212,10 @@ def test_compression_stage_runs_every_codec_for_the_compared_aggregators(tmp_pat
         assert all(a.rounds == 1 and a.max_train_examples <= 100 for a in runs)
 
 
-@pytest.mark.parametrize("mode, seeds, epsilons", [("QUICK", None, {1, 3, 8}),
-                                                   ("FULL", {0, 1, 2}, {1, 3, 8}),
+@pytest.mark.parametrize("mode, seeds, epsilons", [("QUICK", None, {1, 3, 8, 64}),
+                                                   ("FULL", {0, 1, 2}, {1, 3, 8, 64}),
                                                    ("TINY", {0}, {8}),
-                                                   ("AUTHORS", {0, 1, 2}, {1, 3, 8})])
+                                                   ("AUTHORS", {0, 1, 2}, {1, 3, 8, 64})])
 def test_privacy_stage_runs_every_dp_setting_for_the_compared_aggregators(tmp_path, mode, seeds,
                                                                           epsilons):
     """Stage 10, before the report: SST-2, per seed one run without DP and one with clipping

@@ -154,7 +154,7 @@ def figure(cells, keys, names: Names, metric: str, majority):
     """The metric against the epsilon spent (log x), one line per (aggregator, central or
     local) in the aggregator's colour, central solid and local dashed; no DP and clip only as
     horizontal lines in the aggregator's colour (dotted, dash-dot); the majority class grey."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     lines = {}
     for agg, mode, target in keys:
         xs = cells[(agg, mode, target)]
@@ -176,10 +176,13 @@ def figure(cells, keys, names: Names, metric: str, majority):
         ax.axhline(majority, color="gray", lw=0.8, label="majority class")
     if lines:
         ax.set_xscale("log")
+        ticks = sorted({round(p[0], 2) for pts in lines.values() for p in pts})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])   # the epsilons run, not powers of 10
+        ax.minorticks_off()
     ax.set_xlabel("ε after the last round (log; δ as in the table)")
     ax.set_ylabel(f"final dev {metric} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 

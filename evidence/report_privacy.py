@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 import statistics
 
-from evidence.report_common import (NOT_RUN, Names, Run, curve, describe, fmt_ms, load_runs,
-                                    mean_std, nanmean, plt, savefig, table)
+from evidence.report_common import (CENTRAL, NOT_RUN, Names, Run, curve, describe, fmt_ms,
+                                    load_runs, mean_std, nanmean, plt, savefig, table)
 
 LEARNED_MARGIN = 0.05   # a run "learned" when its final metric beats the majority by this
 MODES = {"none": "no DP", "clip": "clip only", "central": "central", "local": "local"}  # row order
@@ -94,14 +94,16 @@ def privacy_section(results: str, out_dir: str, names: Names) -> str:
         mode, target = setting(run)
         for agg, rows in run.by_aggregator().items():
             cell = cell_of(run, agg, rows, metric)
-            if cell is not None:
-                cells.setdefault((agg, mode, target), []).append(cell)
+            if cell is not None:    # a centralised reference (1 client, no DP): a row of its own
+                cells.setdefault((CENTRAL if run.centralised else agg, mode, target),
+                                 []).append(cell)
     registry = list(names.registry)
     place = lambda agg: registry.index(agg) if agg in registry else len(registry)  # noqa: E731
     keys = sorted(cells, key=lambda k: (place(k[0]), k[0], list(MODES).index(k[1]),
                                         k[2].startswith("σ"), float(k[2].lstrip("σ ") or 0)))
     dp = next((r.facts["dp"] for r in runs if "dp" in r.facts), None)
-    md.append(f"{task}, {metric}; {describe(runs[0].config)}. Seeds {seeds}"
+    fed = next((r for r in runs if not r.centralised), runs[0])
+    md.append(f"{task}, {metric}; {describe(fed.config)}. Seeds {seeds}"
               + (f"; majority-class {metric} {majority:.3f}" if majority is not None else "")
               + ".\n")
     if dp is not None:
@@ -130,7 +132,8 @@ def privacy_section(results: str, out_dir: str, names: Names) -> str:
                      fmt_ms([x["best"] for x in xs], len(seeds)),
                      "∞" if mode == "clip" else _fmt(eps, ".2f"), _fmt(sigma, ".3g"),
                      _fmt(clip, "g"), f"{statistics.median(norms):.3g}" if norms else "—",
-                     _fmt(ratio, ".3g"), f"{nanmean([x['mb'] for x in xs]):.3f}"])
+                     _fmt(ratio, ".3g"), "—" if agg == CENTRAL    # nothing travels
+                     else f"{nanmean([x['mb'] for x in xs]):.3f}"])
     md.append(table(["aggregator", "DP", "target ε", f"final {metric}", f"best {metric}",
                      "ε after last round", "σ", "C", "median change norm", "noise / signal",
                      "MB / round"], rows, "lllrrrrrrrr"))
@@ -198,8 +201,14 @@ def reading(cells, keys, names: Names, metric: str, majority) -> list[str]:
     out = []
     mean = lambda key: mean_std([x["final"] for x in cells[key]])  # noqa: E731
     unlearned: list[str] = []        # without DP: their clipped rows say nothing either
+    if (CENTRAL, "none", "") in cells and majority is not None:
+        c, _ = mean((CENTRAL, "none", ""))
+        out.append(f"The centralised reference (one client, the same examples) ends at {c:.3f}"
+                   + (f", within {LEARNED_MARGIN:g} of the majority class: this budget teaches "
+                      f"the model nothing, with or without federation."
+                      if c < majority + LEARNED_MARGIN else "."))
     for mode, what in (("none", "Without DP"), ("clip", "With clipping alone")):
-        aggs = [agg for agg, m, _ in keys if m == mode]
+        aggs = [agg for agg, m, _ in keys if m == mode and agg != CENTRAL]
         if majority is None or not aggs:
             continue
         low = [a for a in aggs if mean((a, mode, ""))[0] < majority + LEARNED_MARGIN]

@@ -46,7 +46,8 @@ def dp_run(res, name: str, seed: int, finals: dict, mode: str = "none", sigma: f
 def privacy(tmp_path_factory):
     """No DP and clipping alone (C 0.5) for FedIT, Toy and FLoRA-NA at seeds 0 and 1; central
     DP (sigma 4 at target 1, 1.5 at target 8) for FedIT and Toy at both seeds; local DP (sigma
-    2, target 8) for all three at seed 0 only. Majority class 0.5."""
+    2, target 8) for all three at seed 0 only; a centralised reference (1 client) at both
+    seeds. Majority class 0.5."""
     res = tmp_path_factory.mktemp("results")
     (res / "pipeline.json").write_text(json.dumps({"mode": "QUICK", "tiny": False}))
     (res / "stage_times.tsv").write_text(
@@ -64,6 +65,8 @@ def privacy(tmp_path_factory):
                mode="central", sigma=1.5, target=8.0)
     dp_run(res, "local_eps8_seed0", 0, {"fedit": 0.55, "toy": 0.56, "flora_na": 0.57},
            mode="local", sigma=2.0, target=8.0)
+    for s in (0, 1):    # the centralised reference: one client, no DP
+        dp_run(res, f"centralised_seed{s}", s, {"fedit": 0.90 + 0.02 * s}, clients=1)
     out = tmp_path_factory.mktemp("figures")
     return report.build_report(str(res), str(out), "flora_na", "fedit"), out
 
@@ -92,7 +95,11 @@ def test_privacy_table_cells_worked_out_by_hand(privacy):
     assert line(md, "| **FLoRA-NA** | local |") == [
         "| **FLoRA-NA** | local | 8 | 0.570 (n=1) | 0.570 (n=1) | 8.00 | 2 | 0.5 | 3.5 | 346 "
         "| 1.750 |"]
-    assert md.index("| FedIT | local") < md.index("| Toy | no DP") < md.index("| **FLoRA-NA** | no DP")
+    assert line(md, "| centralised (1 client, IID) |") == [
+        "| centralised (1 client, IID) | no DP | — | 0.910 ± 0.014 | 0.910 ± 0.014 | — | — | — "
+        "| — | — | — |"]                        # a row of its own, last, not FedIT's
+    assert md.index("| FedIT | local") < md.index("| Toy | no DP") < md.index(
+        "| **FLoRA-NA** | no DP") < md.index("| centralised")
     assert (privacy[1] / "privacy.png").stat().st_size > 0
     block = privacy[0].blocks["privacy"]
     assert block.startswith("## Privacy: client-level DP, accuracy against epsilon\n\n_Stage 10 "
@@ -102,11 +109,13 @@ def test_privacy_table_cells_worked_out_by_hand(privacy):
 
 
 def test_privacy_reading_follows_its_rules(privacy):
-    """No DP: all learned; clipping alone: FLoRA-NA within 0.05 of the majority; central DP, the
+    """The centralised reference's final metric first; no DP: all learned (the reference is no
+    aggregator); clipping alone: FLoRA-NA within 0.05 of the majority; central DP, the
     other aggregator against the baseline at each epsilon: ahead where the difference of the
     means exceeds the larger std over seeds, within it otherwise."""
     md = privacy[0].body
-    assert ("Without DP, every aggregator learned: final accuracy at least 0.05 above the "
+    assert ("The centralised reference (one client, the same examples) ends at 0.910. "
+            "Without DP, every aggregator learned: final accuracy at least 0.05 above the "
             "majority class. With clipping alone, FLoRA-NA stayed within 0.05 of the majority "
             "class: clipping already erases what they learn here, so their noised rows cannot "
             "show more. Under central DP, where arXiv 2403.12313 claims that the aggregator that "

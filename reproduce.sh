@@ -29,7 +29,8 @@
 #  10 privacy            SST-2 with client-level DP (train.py --dp): accuracy against epsilon
 #                        (target 1, 3, 8, 64) under central DP (FedIT, FFA-LoRA: the linear
 #                        aggregators) and local DP (FedIT, FFA-LoRA, FLoRA-NA), beside the same
-#                        aggregators without DP and with clipping alone (runs before 8)
+#                        aggregators without DP and with clipping alone, and a centralised
+#                        reference (1 client, same examples; runs before 8)
 #   8 report             python -m evidence.report -> results/<mode>/REPORT.md and its PNGs;
 #                        with --publish also RESULTS.md's generated part (figures in figures/)
 #                        and README.md's headline table (never from TINY)
@@ -196,6 +197,7 @@ if [[ $MODE == FULL ]]; then
               --batch-size 128 --optimizer sgd --lr 0.02 --max-length 128 --rank 8
               --lora-alpha 12 --eval-every 10)
     DP_CLIP=1; DP_SEEDS=${DP_SEEDS:-0 1 2}; T10="~22 GPU-h (78 aggregator runs)"
+    DP_CENTRAL_STEPS=30    # the centralised reference: 1 client x 30 steps = 3 clients x 10
 else
     GLUE_MODEL=(--model minilm)
     # 3 clients (the authors' default), 10 rounds x 6 local AdamW steps of batch 16 at lr 2e-3,
@@ -262,6 +264,7 @@ else
               --head-modules none --max-train-examples 6000 --max-eval-examples 400
               --eval-every 2)
     DP_CLIP=1.5; DP_SEEDS=${DP_SEEDS:-0}; T10="~22 min"
+    DP_CENTRAL_STEPS=120   # the centralised reference: 1 client x 120 steps = 40 clients x 3
 fi
 COMP_CODECS="none fp16 int8 int4 int2 topk0.1 topk0.01"; COMP_AWARE="int4 int2"
 # privacy: the reported delta, the target epsilons: 1, 3, 8 (the usual range) and 64, past it,
@@ -291,7 +294,7 @@ if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningles
     COMP_SEEDS="0"; COMP_CODECS="none int4 topk0.01"; COMP_AWARE="int4"
     DP_TRAIN=(--clients 2 --rounds 1 --local-steps 1 --batch-size 4 --lr 5e-3 --max-length 32
               --max-train-examples 60 --max-eval-examples 16 --eval-every 1)
-    DP_SEEDS="0"; DP_EPSILONS="8"
+    DP_SEEDS="0"; DP_EPSILONS="8"; DP_CENTRAL_STEPS=2
     T1="~20 s"; T2="~30 s"; T3="~1.5 min"; T5="~20 s"; T6="~1 min"; T7="~30 s"; T9="~40 s"
     T10="~40 s"
 fi
@@ -644,6 +647,12 @@ stage_10() {
         pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator "$DP_LOCAL_AGGS" \
             --dp local --dp-noise 0 "${dp[@]}" --seed "$seed" "${DP_TRAIN[@]}" "${COMMON[@]}" \
             --out "$out"
+        # centralised reference (the guide's check that this budget teaches at all): one client
+        # holding all the data, IID, as many examples a round as the m sampled clients together
+        out=$RUNS/privacy/centralised_seed$seed
+        pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" --aggregator "$BASELINE" \
+            --seed "$seed" "${DP_TRAIN[@]}" --clients 1 --participation 1 --dirichlet-alpha 0 \
+            --local-steps "$DP_CENTRAL_STEPS" "${COMMON[@]}" --out "$out"
         for eps in $DP_EPSILONS; do   # sigma calibrated to spend eps over the planned rounds
             out=$RUNS/privacy/local_eps${eps}_seed$seed
             pool_run "$out" "${TRAIN[@]}" --task sst2 "${GLUE_MODEL[@]}" \

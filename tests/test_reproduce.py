@@ -222,8 +222,10 @@ def test_privacy_stage_runs_every_dp_setting_for_the_compared_aggregators(tmp_pa
     alone (local, noise 0) of the local-DP aggregators, and per target epsilon one local-DP run
     of them and one central-DP run of the linear ones (FedIT, FFA-LoRA; the method only under
     local DP, the authors' variant in its place), each in its own folder under runs/privacy/
-    named for its setting; one clip C and delta 1e-5 throughout, one training budget; the TINY
-    runs are tiny. DP_CENTRAL_AGGS and DP_LOCAL_AGGS replace the aggregator lists."""
+    named for its setting; one clip C and delta 1e-5 throughout, one training budget; a
+    centralised reference per seed (FedIT, 1 client, IID, no DP) seeing as many examples a round
+    as the sampled clients together; the TINY runs are tiny. DP_CENTRAL_AGGS and DP_LOCAL_AGGS
+    replace the aggregator lists."""
     env = {"TINY": "1"} if mode == "TINY" else {"MODE": "FULL", "FLORA_NA_VARIANT": "authors"} \
         if mode == "AUTHORS" else {"MODE": mode}
     res = dry_run(tmp_path, "--only", "10", **env)
@@ -233,9 +235,17 @@ def test_privacy_stage_runs_every_dp_setting_for_the_compared_aggregators(tmp_pa
     method = "flora_na_authors" if mode == "AUTHORS" else fl.METHOD
     seeds = seeds if seeds is not None else {a.seed for a in runs}     # QUICK's: to be chosen
     assert seeds and {a.seed for a in runs} == seeds
-    expected = {f"{name}_seed{s}" for s in seeds for name in ["none", "clip"] + [
+    expected = {f"{name}_seed{s}" for s in seeds for name in ["none", "clip", "centralised"] + [
         f"{dp}_eps{e}" for e in epsilons for dp in ("central", "local")]}
     assert {os.path.basename(a.out) for a in runs} == expected and len(runs) == len(expected)
+    central = [a for a in runs if "/centralised_seed" in a.out]   # 1 client, same examples
+    runs = [a for a in runs if a not in central]
+    for c in central:
+        a = next(a for a in runs if a.seed == c.seed)
+        assert (c.aggregator, c.dp, c.clients, c.participation, c.dirichlet_alpha) == (
+            "fedit", "none", 1, 1.0, 0.0)
+        assert c.local_steps == a.local_steps * round(a.clients * a.participation)
+        assert (c.rounds, c.batch_size, c.lr, c.rank) == (a.rounds, a.batch_size, a.lr, a.rank)
     for a in runs:
         assert train.check_args(a) == a.aggregator.split(",")
         assert a.task == "sst2" and "/runs/privacy/" in a.out and a.resume
@@ -252,7 +262,8 @@ def test_privacy_stage_runs_every_dp_setting_for_the_compared_aggregators(tmp_pa
         assert all(a.clients == 2 and a.rounds == 1 and a.max_train_examples <= 100 for a in runs)
     res = dry_run(tmp_path, "--only", "10", DP_CENTRAL_AGGS="ffa", DP_LOCAL_AGGS=method, **env)
     runs = [train.parse_args(argv[2:]) for argv in commands(res) if argv[1] == "train.py"]
-    assert runs and all(a.aggregator == ("ffa" if a.dp == "central" else method) for a in runs)
+    assert runs and all(a.aggregator == ("ffa" if a.dp == "central" else method) for a in runs
+                        if a.clients > 1)
 
 
 def test_a_fresh_clone_stops_without_data_and_stays_clean_after_a_tiny_run(tmp_path):

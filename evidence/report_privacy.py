@@ -53,6 +53,7 @@ def cell_of(run: Run, agg: str, rows: list[dict], metric: str) -> dict | None:
         return None
     dp = run.facts.get("dp", {})
     return {"final": c.final, "best": c.best, "epsilon": rows[-1].get("epsilon"),
+            "majority": run.facts.get("majority_baseline"),      # of this seed's dev subset
             "sigma": dp.get("noise_multiplier"), "clip": dp.get("clip"),
             "norms": [n for r in rows for n in r.get("dp_norms") or []],
             "d": dp_values(run, agg, rows[0]), "m": len(rows[0]["clients"]),
@@ -87,7 +88,9 @@ def privacy_section(results: str, out_dir: str, names: Names) -> str:
     if not runs:
         return "\n".join(md) + NOT_RUN.format("runs/privacy/")
     task, metric = runs[0].task_name, runs[0].metric
-    majority = runs[0].facts.get("majority_baseline")
+    majorities = [r.facts["majority_baseline"] for r in runs
+                  if r.facts.get("majority_baseline") is not None]
+    majority = nanmean(majorities) if majorities else None   # the seeds' dev subsets differ
     seeds = sorted({r.config.get("seed") for r in runs})
     cells: dict[tuple[str, str, str], list[dict]] = {}
     for run in runs:
@@ -104,7 +107,8 @@ def privacy_section(results: str, out_dir: str, names: Names) -> str:
     dp = next((r.facts["dp"] for r in runs if "dp" in r.facts), None)
     fed = next((r for r in runs if not r.centralised), runs[0])
     md.append(f"{task}, {metric}; {describe(fed.config)}. Seeds {seeds}"
-              + (f"; majority-class {metric} {majority:.3f}" if majority is not None else "")
+              + (f"; majority-class {metric} {fmt_ms(majorities, len(seeds))} (each seed's dev "
+                 f"subset)" if majority is not None else "")
               + ".\n")
     if dp is not None:
         md.append(f"Client-level DP (train.py `--dp`, harness/privacy.py): each client's round "
@@ -191,7 +195,8 @@ def figure(cells, keys, names: Names, metric: str, majority):
 
 def reading(cells, keys, names: Names, metric: str, majority) -> list[str]:
     """What the table says, by rule: whether the runs without DP and with clipping alone
-    learned (final metric at least LEARNED_MARGIN above the majority class); and under central
+    learned (final metric at least LEARNED_MARGIN above the majority class of its seed's dev
+    subset, averaged over seeds); and under central
     DP, at each target epsilon, each aggregator against the baseline (or the first in registry
     order) when no baseline ran central: ahead or behind where the difference of the means
     exceeds the larger std over seeds, no verdict with one seed or with both near the majority
@@ -200,18 +205,21 @@ def reading(cells, keys, names: Names, metric: str, majority) -> list[str]:
         return []
     out = []
     mean = lambda key: mean_std([x["final"] for x in cells[key]])  # noqa: E731
+    # above its own seed's majority class, averaged over seeds (None: no majority known)
+    gain = lambda key: None if majority is None else nanmean(  # noqa: E731
+        [x["final"] - x["majority"] for x in cells[key] if x["majority"] is not None])
     unlearned: list[str] = []        # without DP: their clipped rows say nothing either
     if (CENTRAL, "none", "") in cells and majority is not None:
         c, _ = mean((CENTRAL, "none", ""))
         out.append(f"The centralised reference (one client, the same examples) ends at {c:.3f}"
                    + (f", within {LEARNED_MARGIN:g} of the majority class: this budget teaches "
                       f"the model nothing, with or without federation."
-                      if c < majority + LEARNED_MARGIN else "."))
+                      if gain((CENTRAL, "none", "")) < LEARNED_MARGIN else "."))
     for mode, what in (("none", "Without DP"), ("clip", "With clipping alone")):
         aggs = [agg for agg, m, _ in keys if m == mode and agg != CENTRAL]
         if majority is None or not aggs:
             continue
-        low = [a for a in aggs if mean((a, mode, ""))[0] < majority + LEARNED_MARGIN]
+        low = [a for a in aggs if gain((a, mode, "")) < LEARNED_MARGIN]
         named = ", ".join(names.display(a, False) for a in low if a not in unlearned)
         if not low:
             out.append(f"{what}, every aggregator learned: final {metric} at least "
@@ -235,7 +243,8 @@ def reading(cells, keys, names: Names, metric: str, majority) -> list[str]:
                 n = min(len(cells[(agg, "central", t)]), len(cells[(ref, "central", t)]))
                 std, diff = max(sx, sy), mx - my
                 text = f"at ε {t}: {mx:.3f} vs {my:.3f}"
-                if majority is not None and max(mx, my) < majority + LEARNED_MARGIN:
+                if majority is not None and max(gain((agg, "central", t)),
+                                                gain((ref, "central", t))) < LEARNED_MARGIN:
                     text += f", both within {LEARNED_MARGIN:g} of the majority class (no verdict)"
                 elif n < 2:
                     text += " (one seed: no verdict)"

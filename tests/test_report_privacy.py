@@ -146,6 +146,19 @@ def test_no_verdict_with_one_seed_or_near_the_majority_and_d_only_where_exact(tm
     assert line(md, "| Toy | central | 3 |")[0].endswith("| 2 | 0.5 | 3.5 | 171 | 1.750 |")
 
 
+def test_learned_is_judged_against_each_seeds_own_majority_class(tmp_path):
+    """The seeds' dev subsets differ, and so do their majority classes (0.5, 0.6): FedIT at 0.62
+    and 0.64 is 0.08 above on average (learned), Toy at 0.56 and 0.63 only 0.045 (not), though
+    both means clear the first seed's 0.5 by far; the header gives the majority over seeds."""
+    for s, majority in ((0, 0.5), (1, 0.6)):
+        dp_run(tmp_path, f"none_seed{s}", s, {"fedit": 0.62 - 0.04 * s + 0.06 * s,
+                                              "toy": 0.56 + 0.07 * s}, majority=majority)
+    md = privacy_section(str(tmp_path), str(tmp_path), Names(PRIVATE, None, "fedit"))
+    assert "majority-class accuracy 0.550 ± 0.071 (each seed's dev subset)" in md
+    assert ("Without DP, Toy stayed within 0.05 of the majority class: their DP rows say "
+            "nothing about DP's price.") in md
+
+
 def test_smoke_run_draws_no_conclusion_and_no_runs_say_not_run(built, tmp_path):
     """A TINY run's section has its table and figure but no reading; without runs/privacy/ the
     section says so and has no block for the results page."""

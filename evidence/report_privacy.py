@@ -54,6 +54,7 @@ def cell_of(run: Run, agg: str, rows: list[dict], metric: str) -> dict | None:
     dp = run.facts.get("dp", {})
     return {"final": c.final, "best": c.best, "epsilon": rows[-1].get("epsilon"),
             "majority": run.facts.get("majority_baseline"),      # of this seed's dev subset
+            "lr": run.config.get("lr"),
             "sigma": dp.get("noise_multiplier"), "clip": dp.get("clip"),
             "norms": [n for r in rows for n in r.get("dp_norms") or []],
             "d": dp_values(run, agg, rows[0]), "m": len(rows[0]["clients"]),
@@ -88,8 +89,8 @@ def privacy_section(results: str, out_dir: str, names: Names) -> str:
     if not runs:
         return "\n".join(md) + NOT_RUN.format("runs/privacy/")
     task, metric = runs[0].task_name, runs[0].metric
-    majorities = [r.facts["majority_baseline"] for r in runs
-                  if r.facts.get("majority_baseline") is not None]
+    majorities = list({r.config.get("seed"): r.facts["majority_baseline"] for r in runs
+                       if r.facts.get("majority_baseline") is not None}.values())   # one a seed
     majority = nanmean(majorities) if majorities else None   # the seeds' dev subsets differ
     seeds = sorted({r.config.get("seed") for r in runs})
     cells: dict[tuple[str, str, str], list[dict]] = {}
@@ -211,7 +212,11 @@ def reading(cells, keys, names: Names, metric: str, majority) -> list[str]:
     unlearned: list[str] = []        # without DP: their clipped rows say nothing either
     if (CENTRAL, "none", "") in cells and majority is not None:
         c, _ = mean((CENTRAL, "none", ""))
-        out.append(f"The centralised reference (one client, the same examples) ends at {c:.3f}"
+        lr = {x["lr"] for x in cells[(CENTRAL, "none", "")]}
+        own = lr - {x["lr"] for k, xs in cells.items() if k[0] != CENTRAL for x in xs}
+        out.append(f"The centralised reference (one client, the same examples"
+                   + (f", lr {', '.join(f'{v:g}' for v in sorted(own))}" if own else "")
+                   + f") ends at {c:.3f}"
                    + (f", within {LEARNED_MARGIN:g} of the majority class: this budget teaches "
                       f"the model nothing, with or without federation."
                       if gain((CENTRAL, "none", "")) < LEARNED_MARGIN else "."))

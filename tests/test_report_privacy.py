@@ -47,7 +47,7 @@ def privacy(tmp_path_factory):
     """No DP and clipping alone (C 0.5) for FedIT, Toy and FLoRA-NA at seeds 0 and 1; central
     DP (sigma 4 at target 1, 1.5 at target 8) for FedIT and Toy at both seeds; local DP (sigma
     2, target 8) for all three at seed 0 only; a centralised reference (1 client) at both
-    seeds. Majority class 0.5."""
+    seeds at its own lr. Majority class 0.5."""
     res = tmp_path_factory.mktemp("results")
     (res / "pipeline.json").write_text(json.dumps({"mode": "QUICK", "tiny": False}))
     (res / "stage_times.tsv").write_text(
@@ -66,7 +66,7 @@ def privacy(tmp_path_factory):
     dp_run(res, "local_eps8_seed0", 0, {"fedit": 0.55, "toy": 0.56, "flora_na": 0.57},
            mode="local", sigma=2.0, target=8.0)
     for s in (0, 1):    # the centralised reference: one client, no DP
-        dp_run(res, f"centralised_seed{s}", s, {"fedit": 0.90 + 0.02 * s}, clients=1)
+        dp_run(res, f"centralised_seed{s}", s, {"fedit": 0.90 + 0.02 * s}, clients=1, lr=5e-4)
     out = tmp_path_factory.mktemp("figures")
     return report.build_report(str(res), str(out), "flora_na", "fedit"), out
 
@@ -114,7 +114,7 @@ def test_privacy_reading_follows_its_rules(privacy):
     other aggregator against the baseline at each epsilon: ahead where the difference of the
     means exceeds the larger std over seeds, within it otherwise."""
     md = privacy[0].body
-    assert ("The centralised reference (one client, the same examples) ends at 0.910. "
+    assert ("The centralised reference (one client, the same examples, lr 0.0005) ends at 0.910. "
             "Without DP, every aggregator learned: final accuracy at least 0.05 above the "
             "majority class. With clipping alone, FLoRA-NA stayed within 0.05 of the majority "
             "class: clipping already erases what they learn here, so their noised rows cannot "

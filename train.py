@@ -435,24 +435,28 @@ def round_weights(n_u: torch.Tensor, dp: privacy.Settings) -> torch.Tensor:
     return torch.full_like(n_u, 1 / len(n_u)) if dp.on else n_u / n_u.sum()
 
 
-def dp_central(dp: privacy.Settings, entry: fl.Aggregator, state: dict, uploads: list,
-               heads: list, update: federation.RoundUpdate, head: dict, *, private_head: bool,
-               seed: int, round_: int) -> dict:
-    """Central DP's server side, in place: before aggregation (`update` None) every decoded
-    upload's change against the global state clipped to dp.clip again (a codec may have moved
-    its norm); after it, N(0, (dp.noise dp.clip / m)^2) added to the mean of the m uploads in
-    what travels (update.factors, the head unless clients keep their own), from a generator
-    seeded by seed and round. Returns the head."""
+def dp_reclip(dp: privacy.Settings, entry: fl.Aggregator, state: dict, uploads: list,
+              heads: list, *, private_head: bool, round_: int) -> None:
+    """Central DP's server side before aggregation, in place: every decoded upload's change in
+    what travels (the head unless clients keep their own) against the global state clipped to
+    dp.clip again (a codec may have moved its norm)."""
     parts, with_head = travelling(entry, round_), not private_head
     received = _flat(state["factors"], state["head"], parts, with_head)
-    if update is None:
-        for i in range(len(uploads)):
-            flat, _ = privacy.release(received, _flat(uploads[i], heads[i], parts, with_head),
-                                      dp.clip)
-            uploads[i], heads[i] = _unflat(flat, uploads[i], heads[i], with_head)
-        return head
+    for i in range(len(uploads)):
+        flat, _ = privacy.release(received, _flat(uploads[i], heads[i], parts, with_head),
+                                  dp.clip)
+        uploads[i], heads[i] = _unflat(flat, uploads[i], heads[i], with_head)
+
+
+def dp_noise(dp: privacy.Settings, entry: fl.Aggregator, m: int,
+             update: federation.RoundUpdate, head: dict, *, private_head: bool, seed: int,
+             round_: int) -> dict:
+    """Central DP's server side after aggregation, in place: N(0, (dp.noise dp.clip / m)^2)
+    added to the mean of the m uploads in what travels (update.factors, the head unless
+    clients keep their own), from a generator seeded by seed and round. Returns the head."""
+    parts, with_head = travelling(entry, round_), not private_head
     mean = _flat(update.factors, head, parts, with_head)
-    noise = privacy.gaussian(mean, dp.noise * dp.clip / len(uploads),
+    noise = privacy.gaussian(mean, dp.noise * dp.clip / m,
                              torch.Generator().manual_seed(_seed(seed, round_, 6)))
     update.factors, head = _unflat({k: v + noise[k] for k, v in mean.items()}, update.factors,
                                    head, with_head)
@@ -562,13 +566,12 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
     hold "uncompressed": FedIT's (of the decoded uploads) and the aggregate's against M of the
     raw ones (federation.uncompressed_divergences). variances: send_up's, per upload (the
     server-set option `variance`). Central DP (`dp`): the uploads are clipped again
-    and the mean noised (dp_central) before the download codec. Returns the round's relative
+    and the mean noised (dp_reclip, dp_noise) before the download codec. Returns the round's relative
     divergences."""
     entry = fl.AGGREGATORS[name]
     central = dp.mode == "central"
     if central:
-        dp_central(dp, entry, state, uploads, heads, None, {}, private_head=private_head,
-                   seed=seed, round_=round_)
+        dp_reclip(dp, entry, state, uploads, heads, private_head=private_head, round_=round_)
     update = federation.server_step(uploads, p, name, options, device=device, scales=scales,
                                     rank=rank, previous=state["factors"],
                                     trains=trained(entry, round_), variances=variances)
@@ -577,8 +580,8 @@ def server_update(name: str, state: dict, model, uploads: list, heads: list[dict
     # the head (and any other trainable non-LoRA parameter): averaged by p_u
     head = {k: fl.weighted_sum(p, [h[k] for h in heads]) for k in heads[0]}
     if central:
-        head = dp_central(dp, entry, state, uploads, heads, update, head,
-                          private_head=private_head, seed=seed, round_=round_)
+        head = dp_noise(dp, entry, len(uploads), update, head, private_head=private_head,
+                        seed=seed, round_=round_)
     if download.name != "none":
         if entry.restart:
             raise ValueError(f"--download-codec: {name} sends clients what its aggregate "
@@ -661,7 +664,7 @@ def run_aggregator(name: str, *, task: Task, data: TaskData, parts: list[list[in
     what travels goes through (none: the factors as they are, the aggregator's byte counts; the
     head always travels as it is). Returns its metrics (one dict per round); saves its run
     folder every round, topk's error feedback too (each client's in state["feedback_up"][u],
-    the server's in state["feedback_down"]). dp: client-level DP (dp_upload, dp_central)."""
+    the server's in state["feedback_down"]). dp: client-level DP (dp_upload, dp_reclip, dp_noise)."""
     entry = fl.AGGREGATORS[name]
     run_dir = os.path.join(out, name)
     os.makedirs(run_dir, exist_ok=True)

@@ -659,7 +659,7 @@ def test_every_process_is_stopped_when_the_block_fails(tmp_path):
 
 def test_dp_in_a_simulation_equals_train_py(tmp_path, bert_dir, glue_dir):
     """The run config's dp goes through train.py's own code (dp_upload on the client: the
-    clipping, and local DP's noise; round_weights and dp_central on the server): a simulation
+    clipping, and local DP's noise; round_weights, dp_reclip and dp_noise on the server): a simulation
     of 2 of 3 clients per round with central DP gives train.py's rows (epsilon and the
     clients' change norms included) and adapters. One simulation (~60 s): local DP differs
     only in dp_upload's noise, drawn by the same call on the client."""

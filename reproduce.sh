@@ -396,6 +396,7 @@ pool_start() {
     trap 'kill $(jobs -p) 2>/dev/null; wait; exit 130' INT TERM   # stop this stage's runs
 }
 pool_run() {   # pool_run OUT_DIR CMD...
+    if [[ $DRY_RUN == 1 ]]; then run "$@"; return 0; fi   # printed in order, not raced
     while (($(jobs -rp | wc -l) >= JOBS)); do wait -n 2>/dev/null || true; done
     ( run "$@" || echo "$1" >>"$POOL_FAILS" ) &
 }

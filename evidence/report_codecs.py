@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 
 from evidence.report_common import (NOT_RUN, Names, Run, curve, describe, finite, fmt_ms,
-                                    load_runs, mean_std, nanmean, plt, savefig, table)
+                                    load_runs, majority_note, mean_std, nanmean, plt, savefig,
+                                    seed_majorities, table)
 
 LEARNED_MARGIN = 0.05   # a codec-none run "learned" when its final metric beats the majority by this
 
@@ -68,7 +69,8 @@ def codecs_section(results: str, out_dir: str, names: Names) -> str:
     if not runs:
         return "\n".join(md) + NOT_RUN.format("runs/compression/")
     task, metric = runs[0].task_name, runs[0].metric
-    majority = runs[0].facts.get("majority_baseline")
+    majorities = seed_majorities(runs)          # the seeds' dev subsets differ
+    majority = nanmean(majorities) if majorities else None
     seeds = sorted({r.config.get("seed") for r in runs})
     cells: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
@@ -86,8 +88,7 @@ def codecs_section(results: str, out_dir: str, names: Names) -> str:
     md.append(f"{task}, {metric}; {describe(runs[0].config)}. Upload codecs (harness/codecs.py: "
               f"int: blockwise absmax, 64 values a scale, stochastic rounding unless marked; "
               f"top-k with error feedback); downloads uncompressed. Seeds {seeds}"
-              + (f"; majority-class {metric} {majority:.3f}" if majority is not None else "")
-              + ".\n")
+              f"{majority_note(runs, metric, seeds)}.\n")
     partial = [r.path.rsplit("/", 1)[-1] for r in runs if r.unfinished()]
     if partial:
         md.append(f"**Unfinished runs** (the table uses what exists): {', '.join(partial)}\n")

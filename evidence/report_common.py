@@ -196,6 +196,21 @@ def fmt_ms(xs: list[float], n_expected: int, digits: int = 3, bold: bool = False
     return text + (f" (n={len(xs)})" if len(xs) != n_expected else "")
 
 
+def seed_majorities(runs: list[Run]) -> list[float]:
+    """The majority-class metric of each seed's dev subset, once a seed (the subsets differ by
+    seed); empty where the task has none (regression)."""
+    return list({r.config.get("seed"): r.facts["majority_baseline"] for r in runs
+                 if r.facts.get("majority_baseline") is not None}.values())
+
+
+def majority_note(runs: list[Run], metric: str, seeds: list) -> str:
+    """'; majority-class accuracy 0.512 ± 0.007 (each seed's dev subset)' for a section's
+    header, or '' where the task has no majority class."""
+    majorities = seed_majorities(runs)
+    return (f"; majority-class {metric} {fmt_ms(majorities, len(seeds))} (each seed's dev subset)"
+            if majorities else "")
+
+
 def finite(xs) -> list[float]:
     return [x for x in xs if x == x]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import os
 
-from evidence.report_common import (NOT_RUN, Names, Run, nanmean, curve, describe, fmt_ms,
-                                    load_runs, mean_std, plt, savefig, table)
+from evidence.report_common import (NOT_RUN, Names, Run, curve, describe, fmt_ms, load_runs,
+                                    majority_note, mean_std, nanmean, plt, savefig,
+                                    seed_majorities, table)
 
 
 def mixed_rank_key(run: Run, agg: str) -> tuple[int, str]:
@@ -31,8 +32,7 @@ def mixed_ranks_section(results: str, out_dir: str, names: Names) -> str:
     md.append(f"{task}, {metric}; {describe(runs[0].config)}; client ranks from the "
               f"{' / '.join(map(str, profiles))} profile ({counts} per run; the global model has "
               f"rank {mixed[0].config['rank'] if mixed else '—'}); references: every client at "
-              f"one rank. Seeds {seeds}; majority-class {metric} "
-              f"{runs[0].facts['majority_baseline']:.3f}.\n")
+              f"one rank. Seeds {seeds}{majority_note(runs, metric, seeds)}.\n")
     partial = [f"{os.path.basename(r.path)} ({', '.join(r.unfinished())})"
                for r in runs if r.unfinished()]
     if partial:
@@ -80,7 +80,8 @@ def mixed_ranks_section(results: str, out_dir: str, names: Names) -> str:
     ax_acc.barh(range(len(order)), [b[0] for b in best], xerr=[b[1] for b in best], capsize=3,
                 color=[names.style(k[1])["color"] for k in order])
     ax_acc.set_yticks(range(len(order)), [r[0].replace("**", "") for r in rows], fontsize=8)
-    ax_acc.axvline(runs[0].facts["majority_baseline"], color="gray", ls=":", label="majority class")
+    if seed_majorities(runs):       # the mean over seeds of each dev subset's majority class
+        ax_acc.axvline(nanmean(seed_majorities(runs)), color="gray", ls=":", label="majority class")
     ax_acc.set_xlabel(f"best dev {metric} (mean ± std over seeds)")
     ax_acc.invert_yaxis()
     ax_acc.legend(fontsize=8)

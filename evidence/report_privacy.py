@@ -9,7 +9,8 @@ import math
 import statistics
 
 from evidence.report_common import (CENTRAL, NOT_RUN, Names, Run, curve, describe, fmt_ms,
-                                    load_runs, mean_std, nanmean, plt, savefig, table)
+                                    load_runs, majority_note, mean_std, nanmean, plt, savefig,
+                                    seed_majorities, table)
 
 LEARNED_MARGIN = 0.05   # a run "learned" when its final metric beats the majority by this
 MODES = {"none": "no DP", "clip": "clip only", "central": "central", "local": "local"}  # row order
@@ -89,9 +90,8 @@ def privacy_section(results: str, out_dir: str, names: Names) -> str:
     if not runs:
         return "\n".join(md) + NOT_RUN.format("runs/privacy/")
     task, metric = runs[0].task_name, runs[0].metric
-    majorities = list({r.config.get("seed"): r.facts["majority_baseline"] for r in runs
-                       if r.facts.get("majority_baseline") is not None}.values())   # one a seed
-    majority = nanmean(majorities) if majorities else None   # the seeds' dev subsets differ
+    majorities = seed_majorities(runs)          # the seeds' dev subsets differ
+    majority = nanmean(majorities) if majorities else None
     seeds = sorted({r.config.get("seed") for r in runs})
     cells: dict[tuple[str, str, str], list[dict]] = {}
     for run in runs:
@@ -108,9 +108,7 @@ def privacy_section(results: str, out_dir: str, names: Names) -> str:
     dp = next((r.facts["dp"] for r in runs if "dp" in r.facts), None)
     fed = next((r for r in runs if not r.centralised), runs[0])
     md.append(f"{task}, {metric}; {describe(fed.config)}. Seeds {seeds}"
-              + (f"; majority-class {metric} {fmt_ms(majorities, len(seeds))} (each seed's dev "
-                 f"subset)" if majority is not None else "")
-              + ".\n")
+              f"{majority_note(runs, metric, seeds)}.\n")
     if dp is not None:
         md.append(f"Client-level DP (train.py `--dp`, harness/privacy.py): each client's round "
                   f"change (the LoRA factors that travel, and the head where it travels) is "
@@ -214,7 +212,7 @@ def reading(cells, keys, names: Names, metric: str, majority) -> list[str]:
         c, _ = mean((CENTRAL, "none", ""))
         lr = {x["lr"] for x in cells[(CENTRAL, "none", "")]}
         own = lr - {x["lr"] for k, xs in cells.items() if k[0] != CENTRAL for x in xs}
-        out.append(f"The centralised reference (one client, the same examples"
+        out.append("The centralised reference (one client, the same examples"
                    + (f", lr {', '.join(f'{v:g}' for v in sorted(own))}" if own else "")
                    + f") ends at {c:.3f}"
                    + (f", within {LEARNED_MARGIN:g} of the majority class: this budget teaches "

@@ -41,7 +41,7 @@ def exact_divergences(A: Sequence[Tensor], B: Sequence[Tensor], p: Tensor,
     the factors' sizes, not to ||M||^2 as in the Gram expansion, so tiny divergences stay exact.
     An aggregate that changes the frozen weights (FedEx-LoRA, FLoRA) is compared densely."""
     p = p.to(torch.float64)
-    U, rank = len(A), max(a.shape[1] for a in A)
+    rank = max(a.shape[1] for a in A)
     A_bar = fl.weighted_sum(p, [a.double() for a in A])          # FedIT's, in exact arithmetic
     B_bar = fl.weighted_sum(p, [b.double() for b in B])
     extra_A = [A_bar] + ([agg.A.double()] if agg.A is not None else [])

@@ -35,3 +35,15 @@ def test_a_newly_registered_aggregator_appears_with_its_display_name_and_place(t
     assert names.style("zeta_lora")["color"] == report_common.PALETTE[0]
     assert names.style("toy")["color"] == report_common.PALETTE[3]
     assert names.style("flora_na")["color"] == "black"
+
+
+def test_the_majority_class_is_each_seeds_own():
+    """The seeds' dev subsets differ, so a section's majority class is counted once a seed
+    (not taken from whichever run comes first), and a task without one (regression) has none."""
+    run = lambda seed, maj: report_common.Run(f"r{seed}", {"seed": seed, "facts": {   # noqa: E731
+        "majority_baseline": maj}}, [])
+    runs = [run(0, 0.5125), run(0, 0.5125), run(1, 0.5025)]
+    assert report_common.seed_majorities(runs) == [0.5125, 0.5025]
+    assert report_common.majority_note(runs, "accuracy", [0, 1]) == \
+        "; majority-class accuracy 0.507 ± 0.007 (each seed's dev subset)"
+    assert report_common.majority_note([run(0, None)], "pearson", [0]) == ""

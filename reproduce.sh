@@ -189,7 +189,7 @@ if [[ $MODE == FULL ]]; then
     COMP_TRAIN=(--clients 3 --dirichlet-alpha 0.5 --rounds 100 --local-steps 10 --batch-size 128
                 --optimizer sgd --lr 0.02 --max-length 128 --rank 8 --lora-alpha 12
                 --eval-every 10)
-    COMP_SEEDS="0 1 2"; T9="~1 GPU-day (90 aggregator runs)"
+    COMP_SEEDS="0 1 2"; T9="~1.3 GPU-days (111 aggregator runs)"
     # privacy at the GLUE stage's settings, 100 rounds like compression (estimate: ~17 min per
     # aggregator run, 26 of them a seed); with 3 clients central DP's noise on the mean is
     # sigma C / 3 per value, so more clients (--clients) are what lets DP learn at this scale
@@ -244,13 +244,13 @@ else
                --max-train-examples 3000 --max-eval-examples 400 --eval-every 3)
     T1="~5 min"; T2="~25 min"; T3="~50 min"; T5="~3 min"; T6="~4 min"; T7="~12 min"
     # compression: 3 clients x 6 local steps x 3 rounds at lr 5e-3 (the regime study's fast
-    # learning side: FedIT reached ~0.7 with 60-120 steps), two seeds: per seed 7 codecs x 4
-    # aggregators of 54 steps plus evaluation, ~2 min a run and ~8 min a seed with 2 jobs on
-    # the idle EPYC (measured: 11 min for seed 0 under load); a third seed would pass 20 min
+    # learning side: FedIT reached ~0.7 with 60-120 steps), two seeds: per seed 7 codecs x 5
+    # aggregators of 54 steps plus evaluation, ~2.5 min a run and ~10 min a seed with 2 jobs on
+    # the idle EPYC; a third seed would pass 20 min
     COMP_TRAIN=(--clients 3 --dirichlet-alpha 0.5 --rounds 3 --local-steps 6 --batch-size 16
                 --lr 5e-3 --max-length 64 --max-train-examples 3000 --max-eval-examples 400
                 --eval-every 3)
-    COMP_SEEDS="0 1"; T9="~16 min"
+    COMP_SEEDS="0 1"; T9="~20 min"
     # privacy: cross-device-like, since client-level DP's noise on the mean shrinks with the
     # clients a round averages (m) and grows with the values each sends (d): 160 clients, a
     # quarter (m = 40) sampled each round (the accountant's amplification by sampling), IID,
@@ -301,7 +301,9 @@ if [[ $TINY == 1 ]]; then   # plumbing only: every code path, numbers meaningles
     T1="~20 s"; T2="~30 s"; T3="~1.5 min"; T5="~20 s"; T6="~1 min"; T7="~30 s"; T9="~40 s"
     T10="~40 s"
 fi
-COMP_AGGS=${COMP_AGGS:-$BASELINE,ffa,flexlora,$METHOD}   # every upload codec, these aggregators
+# every upload codec, these aggregators: the exact peers that send one factor (FFA-LoRA, RoLoRA)
+# or a rank-r SVD (FlexLoRA) beside the baseline and the method
+COMP_AGGS=${COMP_AGGS:-$BASELINE,ffa,flexlora,rolora,$METHOD}
 # privacy: central DP for aggregators whose release is linear in the uploads (train.py refuses
 # the others), local DP for any; both lists also run without DP and with clipping alone
 DP_CENTRAL_AGGS=${DP_CENTRAL_AGGS:-$BASELINE,ffa}

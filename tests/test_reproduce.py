@@ -113,11 +113,11 @@ def test_a_given_data_folder_reaches_every_run(tmp_path):
 def test_reproduce_sh_names_only_the_aggregators_it_compares():
     """No list of every aggregator: outside comments the script names the method, the
     baseline, FedIT for the centralised reference, FedSA-LoRA for the paper's GSM8K table and
-    FFA-LoRA and FlexLoRA for the compression stage (issue 23's comparison)."""
+    FFA-LoRA, FlexLoRA and RoLoRA for the compression stage (issue 23's comparison)."""
     code = "\n".join(line.split("#", 1)[0] for line in (HERE / "reproduce.sh").read_text().splitlines())
     # a name as a word of its own, not part of an option such as --flora-na-variant
     named = {name for name in fl.AGGREGATORS if re.search(rf"(?<![\w-]){name}(?![\w-])", code)}
-    assert named == {"fedit", "fedsa", "flora_na", "ffa", "flexlora"}
+    assert named == {"fedit", "fedsa", "flora_na", "ffa", "flexlora", "rolora"}
 
 
 def test_reproduce_sh_selects_stages_and_rejects_bad_options(tmp_path):
@@ -184,7 +184,7 @@ def test_regime_study_changes_one_factor_at_a_time_with_every_variant_tracked(tm
 @pytest.mark.parametrize("mode, seeds", [("QUICK", {0, 1}), ("FULL", {0, 1, 2}), ("TINY", {0})])
 def test_compression_stage_runs_every_codec_for_the_compared_aggregators(tmp_path, mode, seeds):
     """Stage 9, before the report: SST-2, one run per (upload codec, seed) of FedIT, FFA-LoRA,
-    FlexLoRA and FLoRA-NA (none, fp16, int8, int4, int2, top-k 10% and 1%; TINY: none, int4,
+    FlexLoRA, RoLoRA and FLoRA-NA (none, fp16, int8, int4, int2, top-k 10% and 1%; TINY: none, int4,
     top-k 1%), and FLoRA-NA alone with --upload-variance and its noise-aware Gram at int4 and
     int2 (TINY: int4), each in its own folder under runs/compression/; the TINY runs are tiny."""
     env = {"TINY": "1"} if mode == "TINY" else {"MODE": mode}
@@ -202,7 +202,7 @@ def test_compression_stage_runs_every_codec_for_the_compared_aggregators(tmp_pat
     spec = lambda a: a.upload_codec + (f"{a.topk_fraction:g}" if a.upload_codec == "topk" else "")  # noqa: E731
     assert {(spec(a), a.seed) for a in plain} == {(c, s) for c in codecs for s in seeds}
     assert len(plain) == len(codecs) * len(seeds)
-    assert all(a.aggregator == "fedit,ffa,flexlora,flora_na" for a in plain)
+    assert all(a.aggregator == "fedit,ffa,flexlora,rolora,flora_na" for a in plain)
     assert {(a.upload_codec, a.seed) for a in aware} == {
         (c, s) for c in ({"int4"} if mode == "TINY" else {"int4", "int2"}) for s in seeds}
     assert all(a.aggregator == "flora_na" and a.agg_option == ["flora_na.gram_correction=noise_aware"]

@@ -245,12 +245,12 @@ else
     T1="~5 min"; T2="~25 min"; T3="~50 min"; T5="~3 min"; T6="~4 min"; T7="~12 min"
     # compression: 3 clients x 6 local steps x 3 rounds at lr 5e-3 (the regime study's fast
     # learning side: FedIT reached ~0.7 with 60-120 steps), two seeds: per seed 7 codecs x 5
-    # aggregators of 54 steps plus evaluation, ~2.5 min a run and ~10 min a seed with 2 jobs on
-    # the idle EPYC; a third seed would pass 20 min
+    # aggregators of 54 steps plus evaluation, ~2.5 min a run and 18.3 min for both seeds with
+    # 2 jobs on the idle EPYC; a third seed would pass 20 min
     COMP_TRAIN=(--clients 3 --dirichlet-alpha 0.5 --rounds 3 --local-steps 6 --batch-size 16
                 --lr 5e-3 --max-length 64 --max-train-examples 3000 --max-eval-examples 400
                 --eval-every 3)
-    COMP_SEEDS="0 1"; T9="~20 min"
+    COMP_SEEDS="0 1"; T9="~18 min"
     # privacy: cross-device-like, since client-level DP's noise on the mean shrinks with the
     # clients a round averages (m) and grows with the values each sends (d): 160 clients, a
     # quarter (m = 40) sampled each round (the accountant's amplification by sampling), IID,

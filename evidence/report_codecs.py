@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 
-from evidence.report_common import (NOT_RUN, Names, Run, curve, describe, finite, fmt_ms,
-                                    load_runs, majority_note, mean_std, nanmean, plt, savefig,
-                                    seed_majorities, table)
+from evidence.report_common import (NOT_RUN, Names, Run, curve, describe, finite, fmt_ms, load_runs,
+                                    majority_note, mean_majority, mean_std, nanmean, plt, savefig,
+                                    table)
 
 LEARNED_MARGIN = 0.05   # a codec-none run "learned" when its final metric beats the majority by this
 
@@ -69,8 +69,7 @@ def codecs_section(results: str, out_dir: str, names: Names) -> str:
     if not runs:
         return "\n".join(md) + NOT_RUN.format("runs/compression/")
     task, metric = runs[0].task_name, runs[0].metric
-    majorities = seed_majorities(runs)          # the seeds' dev subsets differ
-    majority = nanmean(majorities) if majorities else None
+    majority = mean_majority(runs)              # the seeds' dev subsets differ
     seeds = sorted({r.config.get("seed") for r in runs})
     cells: dict[tuple[str, str], list[dict]] = {}
     for run in runs:

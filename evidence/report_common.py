@@ -203,6 +203,12 @@ def seed_majorities(runs: list[Run]) -> list[float]:
                  if r.facts.get("majority_baseline") is not None}.values())
 
 
+def mean_majority(runs: list[Run]) -> float | None:
+    """The mean over seeds of seed_majorities (the line figures draw), None where there is none."""
+    majorities = seed_majorities(runs)
+    return nanmean(majorities) if majorities else None
+
+
 def majority_note(runs: list[Run], metric: str, seeds: list) -> str:
     """'; majority-class accuracy 0.512 ± 0.007 (each seed's dev subset)' for a section's
     header, or '' where the task has no majority class."""

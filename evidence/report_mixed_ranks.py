@@ -6,8 +6,8 @@ import math
 import os
 
 from evidence.report_common import (NOT_RUN, Names, Run, curve, describe, fmt_ms, load_runs,
-                                    majority_note, mean_std, nanmean, plt, savefig,
-                                    seed_majorities, table)
+                                    majority_note, mean_majority, mean_std, nanmean, plt, savefig,
+                                    table)
 
 
 def mixed_rank_key(run: Run, agg: str) -> tuple[int, str]:
@@ -80,8 +80,9 @@ def mixed_ranks_section(results: str, out_dir: str, names: Names) -> str:
     ax_acc.barh(range(len(order)), [b[0] for b in best], xerr=[b[1] for b in best], capsize=3,
                 color=[names.style(k[1])["color"] for k in order])
     ax_acc.set_yticks(range(len(order)), [r[0].replace("**", "") for r in rows], fontsize=8)
-    if seed_majorities(runs):       # the mean over seeds of each dev subset's majority class
-        ax_acc.axvline(nanmean(seed_majorities(runs)), color="gray", ls=":", label="majority class")
+    majority = mean_majority(runs)  # the mean over seeds of each dev subset's majority class
+    if majority is not None:
+        ax_acc.axvline(majority, color="gray", ls=":", label="majority class")
     ax_acc.set_xlabel(f"best dev {metric} (mean ± std over seeds)")
     ax_acc.invert_yaxis()
     ax_acc.legend(fontsize=8)

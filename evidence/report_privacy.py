@@ -9,8 +9,8 @@ import math
 import statistics
 
 from evidence.report_common import (CENTRAL, NOT_RUN, Names, Run, curve, describe, fmt_ms,
-                                    load_runs, majority_note, mean_std, nanmean, plt, savefig,
-                                    seed_majorities, table)
+                                    load_runs, majority_note, mean_majority, mean_std, nanmean, plt,
+                                    savefig, table)
 
 LEARNED_MARGIN = 0.05   # a run "learned" when its final metric beats the majority by this
 MODES = {"none": "no DP", "clip": "clip only", "central": "central", "local": "local"}  # row order
@@ -90,8 +90,7 @@ def privacy_section(results: str, out_dir: str, names: Names) -> str:
     if not runs:
         return "\n".join(md) + NOT_RUN.format("runs/privacy/")
     task, metric = runs[0].task_name, runs[0].metric
-    majorities = seed_majorities(runs)          # the seeds' dev subsets differ
-    majority = nanmean(majorities) if majorities else None
+    majority = mean_majority(runs)              # the seeds' dev subsets differ
     seeds = sorted({r.config.get("seed") for r in runs})
     cells: dict[tuple[str, str, str], list[dict]] = {}
     for run in runs:

@@ -46,4 +46,6 @@ def test_the_majority_class_is_each_seeds_own():
     assert report_common.seed_majorities(runs) == [0.5125, 0.5025]
     assert report_common.majority_note(runs, "accuracy", [0, 1]) == \
         "; majority-class accuracy 0.507 ± 0.007 (each seed's dev subset)"
+    assert report_common.mean_majority(runs) == pytest.approx(0.5075)
     assert report_common.majority_note([run(0, None)], "pearson", [0]) == ""
+    assert report_common.mean_majority([run(0, None)]) is None
